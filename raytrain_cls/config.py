@@ -1,0 +1,459 @@
+"""Typed, validated run configuration.
+
+One dataclass per concern (data, aug, model, optim, ...). Every field has a name that is unique across groups and
+is the dest of timm's train.py flag where timm has one, so three spellings map onto one field:
+
+* grouped YAML, as written to a run's ``config.yaml``:  ``optim: {lr: 0.1}``
+* flat YAML, as in timm's ``args.yaml``:                 ``lr: 0.1``
+* the command line:                                     ``--lr 0.1``
+
+``validate()`` runs before any Ray work and names the key, the value and the reason for every problem. The config
+crosses process boundaries (driver -> Ray workers -> checkpoints) only as a plain dict (``to_dict``), never pickled
+as an object, so a checkpoint never needs an allow-listed class to load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+# The loss-like metrics are minimised; everything else (top1, top5) is maximised.
+EVAL_METRICS = ("top1", "top5", "loss")
+BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
+DATASET_ALIASES = {"": "folder", "imagefolder": "folder", "torch/fashion_mnist": "fashion_mnist",
+                   "fashion-mnist": "fashion_mnist", "sklearn/digits": "digits"}
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the key (dotted: ``optim.lr``), the offending value and why."""
+
+    def __init__(self, key: str, value: Any, reason: str):
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"config error: {key} = {value!r}: {reason}")
+
+
+def option(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (), choices: Optional[tuple] = None,
+        min: Optional[float] = None, gt: Optional[float] = None, max: Optional[float] = None,
+        nargs: Optional[int | str] = None, factory: Any = None):
+    """A config field with its CLI help, extra flags, allowed values and numeric bounds."""
+    meta = dict(help=help, flags=flags, choices=choices, min=min, gt=gt, max=max, nargs=nargs)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option("", "data set: '' or 'folder' = an ImageFolder tree at --data-dir (timm's default), "
+                           "'digits' (sklearn, bundled), 'fashion_mnist' (IDX files)")
+    data_dir: Optional[str] = option(None, "root of the data set (ImageFolder: train/ and validation/ inside; "
+                                        "fashion_mnist: the *-ubyte.gz files)")
+    train_split: str = option("train", "training split (folder name)")
+    val_split: str = option("validation", "validation split; timm's synonyms val/valid/test are searched too")
+    batch_size: int = option(128, "batch size per training worker", flags=("-b",), min=1)
+    validation_batch_size: Optional[int] = option(None, "validation batch size per worker (default: --batch-size)",
+                                               flags=("-vb",), min=1)
+    workers: int = option(4, "data-loading processes per training worker (not Ray workers: see --num-workers)",
+                       flags=("-j",), min=0)
+    pin_mem: bool = option(False, "pin CPU memory of loaded batches (faster host-to-GPU copies)")
+
+
+@dataclass
+class AugConfig:
+    no_aug: bool = option(False, "disable all training augmentation")
+    scale: list[float] = option(help="random-resized-crop scale range", nargs=2, factory=lambda: [0.08, 1.0])
+    ratio: list[float] = option(help="random-resized-crop aspect ratio range", nargs=2,
+                             factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    hflip: float = option(0.5, "horizontal flip probability", min=0, max=1)
+    vflip: float = option(0.0, "vertical flip probability", min=0, max=1)
+    color_jitter: float = option(0.4, "color jitter factor", min=0)
+    aa: Optional[str] = option(None, "auto-augment policy, e.g. rand-m9-mstd0.5-inc1, original, augmix-m5-w4-d2")
+    train_interpolation: str = option("random", "training interpolation",
+                                   choices=("random", "bilinear", "bicubic", "nearest"))
+    reprob: float = option(0.0, "random erase probability", min=0, max=1)
+    remode: str = option("pixel", "random erase mode", choices=("pixel", "const", "rand"))
+    recount: int = option(1, "random erase count", min=1)
+    mixup: float = option(0.0, "mixup alpha; mixup is on when > 0", min=0)
+    cutmix: float = option(0.0, "cutmix alpha; cutmix is on when > 0", min=0)
+    cutmix_minmax: Optional[list[float]] = option(None, "cutmix min/max ratio; overrides alpha when set", nargs=2)
+    mixup_prob: float = option(1.0, "probability of mixup or cutmix per batch", min=0, max=1)
+    mixup_switch_prob: float = option(0.5, "probability of switching to cutmix when both are on", min=0, max=1)
+    mixup_mode: str = option("batch", "how mixup/cutmix params are drawn", choices=("batch", "pair", "elem"))
+    mixup_off_epoch: int = option(0, "turn mixup off from this epoch (0 = never)", min=0)
+
+
+@dataclass
+class ModelConfig:
+    model: str = option("resnet50", "any timm model name")
+    pretrained: bool = option(False, "start from pretrained weights: needs --pretrained-path here (no downloads)")
+    pretrained_path: Optional[str] = option(None, "local file of pretrained weights (.safetensors or .pth)")
+    num_classes: Optional[int] = option(None, "number of classes (default: from the data set)", min=1)
+    gp: Optional[str] = option(None, "global pool type", choices=("fast", "avg", "max", "avgmax", "catavgmax"))
+    img_size: Optional[int] = option(None, "image size (default: the model's)", min=1)
+    in_chans: Optional[int] = option(None, "input channels (default: 3; grey data is converted to RGB)", min=1)
+    input_size: Optional[list[int]] = option(None, "input size as C H W (overrides --img-size)", nargs=3)
+    crop_pct: Optional[float] = option(None, "validation center-crop fraction", gt=0, max=1)
+    mean: Optional[list[float]] = option(None, "normalisation mean per channel", nargs="+")
+    std: Optional[list[float]] = option(None, "normalisation std per channel", nargs="+")
+    interpolation: str = option("", "validation resize interpolation (default: the model's)",
+                             choices=("", "bilinear", "bicubic", "nearest"))
+    drop: float = option(0.0, "dropout rate before the classifier", min=0, max=1)
+    drop_path: Optional[float] = option(None, "stochastic depth rate", min=0, max=1)
+    channels_last: bool = option(False, "use channels_last memory layout")
+    model_kwargs: dict = option(help="extra timm.create_model keyword arguments, k=v", nargs="*", factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    opt: str = option("sgd", "optimizer: any timm optimizer name (sgd, momentum, adamw, lamb, lion, ...)")
+    opt_eps: Optional[float] = option(None, "optimizer epsilon", gt=0)
+    opt_betas: Optional[list[float]] = option(None, "optimizer betas", nargs="+")
+    momentum: float = option(0.9, "SGD momentum", min=0)
+    weight_decay: float = option(2e-5, "weight decay (not applied to biases and norm layers)", min=0)
+    clip_grad: Optional[float] = option(None, "gradient clipping threshold (off when unset)", gt=0)
+    clip_mode: str = option("norm", "gradient clipping mode", choices=("norm", "value", "agc"))
+    lr: Optional[float] = option(None, "learning rate; unset = --lr-base scaled by the global batch, resolved once "
+                                    "on the driver and recorded", gt=0)
+    lr_base: float = option(0.1, "base learning rate for --lr-base-size samples", gt=0)
+    lr_base_size: int = option(256, "global batch size that --lr-base is given for", min=1)
+    lr_base_scale: str = option("", "lr scaling rule: linear or sqrt ('' = sqrt for adaptive optimizers, else linear)",
+                             choices=("", "linear", "sqrt"))
+    grad_accum_steps: int = option(1, "micro-batches per optimizer step", min=1)
+
+
+@dataclass
+class SchedConfig:
+    sched: str = option("cosine", "LR schedule",
+                     choices=("cosine", "tanh", "step", "multistep", "plateau", "poly", "none"))
+    epochs: int = option(300, "epochs to train (before cooldown)", min=1)
+    warmup_epochs: int = option(5, "LR warmup epochs", min=0)
+    warmup_lr: float = option(1e-5, "warmup starting LR", min=0)
+    warmup_prefix: bool = option(False, "exclude warmup from the decay schedule")
+    min_lr: float = option(0.0, "lower LR bound for cyclic schedules", min=0)
+    cooldown_epochs: int = option(0, "epochs at --min-lr after the schedule ends", min=0)
+    decay_epochs: float = option(90, "epoch interval to decay the LR (step)", gt=0)
+    decay_milestones: list[int] = option(help="epochs at which to decay the LR (multistep)", nargs="+",
+                                      factory=lambda: [90, 180, 270])
+    decay_rate: float = option(0.1, "LR decay rate (also the poly power)", gt=0)
+    patience_epochs: int = option(10, "patience epochs for the plateau schedule", min=0)
+    lr_noise: Optional[list[float]] = option(None, "LR noise on/off epoch fractions", nargs="+")
+    lr_noise_pct: float = option(0.67, "LR noise limit percent", min=0)
+    lr_noise_std: float = option(1.0, "LR noise standard deviation", min=0)
+    lr_cycle_mul: float = option(1.0, "LR cycle length multiplier", gt=0)
+    lr_cycle_decay: float = option(0.5, "LR decay per cycle", gt=0)
+    lr_cycle_limit: int = option(1, "LR cycle limit", min=1)
+    lr_k_decay: float = option(1.0, "LR k-decay for cosine/poly", gt=0)
+    sched_on_updates: bool = option(False, "step the LR schedule per optimizer update, not per epoch")
+
+
+@dataclass
+class LossConfig:
+    smoothing: float = option(0.1, "label smoothing", min=0, max=1)
+    bce_loss: bool = option(False, "binary cross entropy instead of softmax cross entropy")
+    bce_target_thresh: Optional[float] = option(None, "threshold that binarises soft BCE targets", min=0, max=1)
+
+
+@dataclass
+class EmaConfig:
+    model_ema: bool = option(False, "keep an exponential moving average of the weights")
+    model_ema_decay: float = option(0.9998, "EMA decay", gt=0, max=1)
+    model_ema_warmup: bool = option(False, "EMA decay warmup")
+    model_ema_force_cpu: bool = option(False, "keep the EMA on the CPU")
+
+
+@dataclass
+class PrecisionConfig:
+    amp: bool = option(False, "mixed precision autocast")
+    amp_dtype: str = option("float16", "autocast dtype (float16 uses a GradScaler and needs GPUs)",
+                         choices=("float16", "bfloat16"))
+
+
+@dataclass
+class CheckpointConfig:
+    output: str = option("", "where runs go (local path or URI); default ./output/train")
+    experiment: str = option("", "run name (default: a fresh unique name); the run directory is <output>/<experiment>")
+    checkpoint_hist: int = option(10, "best checkpoints to keep (plus the latest)", min=1)
+    eval_metric: str = option("top1", "metric that picks the best checkpoint", choices=EVAL_METRICS)
+    max_failures: int = option(0, "worker-group failures to recover from (Ray FailureConfig); -1 = unlimited", min=-1)
+
+
+@dataclass
+class RunConfig:
+    seed: int = option(42, "random seed (each worker uses seed + rank)")
+    log_interval: int = option(50, "steps between progress lines", min=1)
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: Optional[int] = option(None, "Ray training workers (processes, one per GPU); default: one per GPU "
+                                           "when using GPUs, else 2", min=1)
+    use_gpu: Optional[bool] = option(None, "train on GPUs (default: when the Ray cluster has them)")
+    resources_per_worker: Optional[dict] = option(None, "Ray resources per worker, e.g. CPU=4 GPU=1", nargs="*")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    # What the driver worked out once for the whole run (lr, epochs, workers, ...): never set by hand.
+    resolved: dict = field(default_factory=dict)
+
+    # ---- plain-dict round trip -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Config":
+        cfg = cls()
+        cfg.update(raw)
+        return cfg
+
+    def update(self, raw: dict) -> "Config":
+        """Apply a grouped or flat (timm args.yaml style) mapping, checking each key and value's type."""
+        if not isinstance(raw, dict):
+            raise ConfigError("<config>", raw, "expected a mapping of keys to values")
+        for key, value in raw.items():
+            if key == "resolved":
+                if not isinstance(value, dict):
+                    raise ConfigError(key, value, "expected a mapping")
+                self.resolved = dict(value)
+            elif key in GROUPS and isinstance(value, dict):
+                for name, v in value.items():
+                    if FIELDS.get(name, (None,))[0] != key:
+                        raise ConfigError(f"{key}.{name}", v, f"unknown key{_suggest(name, GROUP_FIELDS[key])}")
+                    self.set(name, v)
+            elif key in FIELDS:
+                self.set(key, value)
+            else:
+                raise ConfigError(str(key), value, f"unknown key{_suggest(str(key), list(FIELDS) + list(GROUPS))}")
+        return self
+
+    def set(self, name: str, value: Any) -> None:
+        group, f = FIELDS[name]
+        setattr(getattr(self, group), name, _coerce(f"{group}.{name}", value, _hint(group, name)))
+
+    def get(self, name: str) -> Any:
+        return getattr(getattr(self, FIELDS[name][0]), name)
+
+    def flat(self) -> dict:
+        return {name: self.get(name) for name in FIELDS}
+
+    # ---- checks ----------------------------------------------------------------------------------------------
+    def validate(self) -> "Config":
+        """Check every value and the combinations that cannot work; raise the first ConfigError found."""
+        for name, (group, f) in FIELDS.items():
+            _check_field(f"{group}.{name}", self.get(name), f)
+        d, a, m, o, s = self.data, self.aug, self.model, self.optim, self.sched
+        dataset = canonical_dataset(d.dataset)
+        if dataset not in BUILTIN_DATASETS:
+            raise ConfigError("data.dataset", d.dataset,
+                              f"unknown data set; choose one of {list(BUILTIN_DATASETS)}{_suggest(d.dataset, BUILTIN_DATASETS)}")
+        if dataset == "folder" and not d.data_dir:
+            raise ConfigError("data.data_dir", d.data_dir, "an ImageFolder data set needs --data-dir "
+                              "(or choose --dataset digits / fashion_mnist)")
+        for name, pair in (("aug.scale", a.scale), ("aug.ratio", a.ratio), ("aug.cutmix_minmax", a.cutmix_minmax)):
+            if pair is not None and not (0 < pair[0] <= pair[1]):
+                raise ConfigError(name, pair, "needs 0 < low <= high")
+        if a.scale[1] > 1:
+            raise ConfigError("aug.scale", a.scale, "a crop cannot be larger than the image (high <= 1)")
+        mixing = a.mixup > 0 or a.cutmix > 0 or a.cutmix_minmax is not None
+        if mixing and a.mixup_mode in ("batch", "pair") and d.batch_size % 2:
+            raise ConfigError("data.batch_size", d.batch_size, f"mixup/cutmix mode '{a.mixup_mode}' needs an even batch")
+        if m.pretrained and not m.pretrained_path:
+            raise ConfigError("model.pretrained", True, "this service never downloads weights: give the local file "
+                              "with --pretrained-path FILE")
+        if m.pretrained_path and not _is_uri(m.pretrained_path) and not Path(m.pretrained_path).is_file():
+            raise ConfigError("model.pretrained_path", m.pretrained_path, "no such file")
+        if m.input_size is not None and (len(m.input_size) != 3 or min(m.input_size) < 1):
+            raise ConfigError("model.input_size", m.input_size, "needs three positive numbers: C H W")
+        for name, val in (("model.mean", m.mean), ("model.std", m.std)):
+            chans = (m.input_size[0] if m.input_size else m.in_chans) or 3
+            if val is not None and len(val) not in (1, chans):
+                raise ConfigError(name, val, f"needs 1 or {chans} values (one per input channel)")
+        if m.std is not None and min(m.std) <= 0:
+            raise ConfigError("model.std", m.std, "every std must be > 0")
+        if o.opt_betas is not None and not all(0 <= b < 1 for b in o.opt_betas):
+            raise ConfigError("optim.opt_betas", o.opt_betas, "betas must lie in [0, 1)")
+        _check_optimizer("optim.opt", o.opt)
+        if s.sched == "multistep" and sorted(s.decay_milestones) != list(s.decay_milestones):
+            raise ConfigError("sched.decay_milestones", s.decay_milestones, "must be increasing")
+        if self.scaling.resources_per_worker is not None:
+            for k, v in self.scaling.resources_per_worker.items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                    raise ConfigError(f"scaling.resources_per_worker.{k}", v, "must be a number >= 0")
+        return self
+
+
+def canonical_dataset(name: str) -> str:
+    return DATASET_ALIASES.get(name.lower(), name.lower())
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _check_optimizer(key: str, name: str) -> None:
+    from timm.optim import list_optimizers  # local: keep `import raytrain_cls.config` cheap
+
+    known = list_optimizers()
+    base = name.lower().split("_")[-1] if name.lower().startswith("lookahead_") else name.lower()
+    if base not in known:
+        raise ConfigError(key, name, f"not a timm optimizer{_suggest(base, known)}")
+
+
+# ---- field registry ------------------------------------------------------------------------------------------
+# `from __future__ import annotations` leaves field types as strings; resolve them once here.
+GROUPS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(Config).items() if name != "resolved"}
+FIELDS: dict[str, tuple[str, dataclasses.Field]] = {}
+GROUP_FIELDS: dict[str, list[str]] = {}
+for _group, _cls in GROUPS.items():
+    GROUP_FIELDS[_group] = []
+    for _f in dataclasses.fields(_cls):
+        assert _f.name not in FIELDS, f"duplicate config field {_f.name}"
+        FIELDS[_f.name] = (_group, _f)
+        GROUP_FIELDS[_group].append(_f.name)
+
+
+_GROUP_HINTS = {group: typing.get_type_hints(cls) for group, cls in GROUPS.items()}
+
+
+def _hint(group: str, name: str) -> Any:
+    return _GROUP_HINTS[group][name]
+
+
+def iter_fields() -> Iterator[tuple[str, str, dataclasses.Field, Any]]:
+    """(group, name, field, type hint) for every config field, in declaration order."""
+    for name, (group, f) in FIELDS.items():
+        yield group, name, f, _hint(group, name)
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check a YAML/CLI value against the field's type; allow only lossless conversions (int -> float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, value, "expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(key, value, "expected a finite number")
+            return float(value)
+        raise ConfigError(key, value, "expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, value, "expected a string")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, list):
+            raise ConfigError(key, value, "expected a list")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "expected a mapping")
+        return dict(value)
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this module, not in the config
+
+
+def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(key, value, f"must be one of {list(meta['choices'])}{_suggest(str(value), meta['choices'])}")
+    nargs = meta.get("nargs")
+    if isinstance(nargs, int) and isinstance(value, list) and len(value) != nargs:
+        raise ConfigError(key, value, f"needs exactly {nargs} values")
+    for v in value if isinstance(value, list) else [value]:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if meta.get("min") is not None and v < meta["min"]:
+            raise ConfigError(key, value, f"must be >= {meta['min']}")
+        if meta.get("gt") is not None and v <= meta["gt"]:
+            raise ConfigError(key, value, f"must be > {meta['gt']}")
+        if meta.get("max") is not None and v > meta["max"]:
+            raise ConfigError(key, value, f"must be <= {meta['max']}")
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with the safe loader only (no Python object tags, ever)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", str(path), "no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", str(path), f"not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("--config", str(path), "the file must hold a mapping of keys to values")
+    return raw
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML file path, or the name of a recipe bundled with the package (e.g. 'digits')."""
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        return path
+    recipe = RECIPES_DIR / f"{name_or_path}.yaml"
+    if recipe.is_file():
+        return recipe
+    raise ConfigError("--config", name_or_path,
+                      f"neither a file nor a bundled recipe (recipes: {recipe_names()}){_suggest(name_or_path, recipe_names())}")
+
+
+def load_config(config: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
+    """Defaults (timm's) <- YAML file or recipe <- overrides (flat or grouped), then validate()."""
+    cfg = Config()
+    if config:
+        cfg.update(read_yaml(resolve_config_path(config)))
+    if overrides:
+        cfg.update(overrides)
+    return cfg.validate()
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
