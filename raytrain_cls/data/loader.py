@@ -1,0 +1,91 @@
+"""Per-worker DataLoaders: this rank's share of the data, timm transforms, deterministic augmentation.
+
+Augmentation randomness is a pure function of (seed, epoch, sample index): the training sampler yields
+(index, epoch) pairs and each sample re-seeds python/numpy/torch RNGs before its transform. So the augmented
+sample does not depend on the number of Ray workers, loader processes, or on where a resumed run restarted.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..config import Config
+from .sampler import ResumableDistributedSampler, ShardSampler
+from .sources import ImageDataset, Source
+from .transforms import build_transform
+
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread (seed, epoch, index) over seeds
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * _MIX) ^ (epoch * 0x85EBCA6B) ^ (index * 0xC2B2AE35)) % (2 ** 31)
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """Applies a transform in the loader process; for training, seeds the RNGs per (seed, epoch, index)."""
+
+    def __init__(self, base: ImageDataset, transform, img_mode: str, seed: int | None = None):
+        self.base, self.transform, self.img_mode, self.seed = base, transform, img_mode, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        img, target = self.base[index]
+        if img.mode != self.img_mode:
+            img = img.convert(self.img_mode)
+        if self.seed is not None:
+            s = sample_seed(self.seed, epoch, index)
+            random.seed(s)
+            np.random.seed(s)
+            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also touches CUDA, 100x slower
+        return self.transform(img), target
+
+
+class _EpochTagged(Sampler):
+    """Yields (index, epoch) so loader processes know which epoch a sample belongs to."""
+
+    def __init__(self, inner: ResumableDistributedSampler):
+        self.inner = inner
+
+    def __iter__(self):
+        epoch = self.inner.epoch
+        return ((i, epoch) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    train_sampler: ResumableDistributedSampler
+
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        self.train_sampler.set_epoch(epoch, consumed)
+
+
+def _img_mode(data_config: dict) -> str:
+    return "L" if data_config["input_size"][0] == 1 else "RGB"
+
+
+def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int) -> Loaders:
+    d = cfg.data
+    mode = _img_mode(data_config)
+    train_ds = TransformedDataset(source.train, build_transform(cfg, data_config, True), mode, seed=cfg.run.seed)
+    val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
+    sampler = ResumableDistributedSampler(len(train_ds), rank, world_size, seed=cfg.run.seed, shuffle=True)
+    common = dict(num_workers=d.workers, pin_memory=d.pin_mem, persistent_workers=d.workers > 0)
+    train = DataLoader(train_ds, batch_size=d.batch_size, sampler=_EpochTagged(sampler), drop_last=True, **common)
+    val = DataLoader(val_ds, batch_size=d.validation_batch_size or d.batch_size,
+                     sampler=ShardSampler(len(val_ds), rank, world_size), drop_last=False, **common)
+    if len(train) == 0:
+        raise ValueError(f"data.batch_size {d.batch_size} x {world_size} workers is larger than the "
+                         f"{len(train_ds)} training samples: no full batch per epoch")
+    return Loaders(train, val, sampler)
