@@ -1,0 +1,153 @@
+"""Everything a run must carry across a restart, registered in one place and written as one checkpoint directory.
+
+Layout of a checkpoint directory:
+    model.safetensors   the bare model's weights (no pickle)
+    ema.safetensors     the EMA weights, when EMA is on
+    state.pt            optimizer, LR scheduler, grad scaler, counters, RNG states, sampler position;
+                        only tensors and plain Python values, loaded with torch.load(weights_only=True)
+    meta.json           format version, the resolved config as a plain dict, epoch, metrics, best metric
+Loading never falls back to unrestricted unpickling.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import unwrap
+
+FORMAT_VERSION = 1
+MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = "model.safetensors", "ema.safetensors", "state.pt", "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """Write a state dict as safetensors; tensors that share storage are written once and re-linked on load."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in unwrap(module).state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases), "format": "pt"})
+
+
+def load_weights(module: torch.nn.Module, path: Path, strict: bool = True):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    tensors = load_file(str(path))
+    for name, target in aliases.items():
+        tensors[name] = tensors[target]
+    return unwrap(module).load_state_dict(tensors, strict=strict)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = dict(python=random.getstate(), torch=torch.get_rng_state(),
+                 numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)),
+                            pos=int(np_state[2]), has_gauss=int(np_state[3]), cached=float(np_state[4])))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class TrainState:
+    """The registry: model, EMA, optimizer, scheduler, scaler, counters. One save(), one load()."""
+
+    def __init__(self, config: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Optional[Any] = None, scaler: Optional[torch.amp.GradScaler] = None,
+                 ema: Optional[torch.nn.Module] = None):
+        self.config, self.model, self.optimizer = config, model, optimizer
+        self.scheduler, self.scaler, self.ema = scheduler, scaler, ema
+        self.epoch = -1  # last completed epoch
+        self.num_updates = 0
+        self.best_metric: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+
+    @property
+    def start_epoch(self) -> int:
+        return self.epoch + 1
+
+    def _state(self) -> dict:
+        return dict(optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                    counters=dict(epoch=self.epoch, num_updates=self.num_updates),
+                    best=dict(metric=self.best_metric, epoch=self.best_epoch),
+                    rng=rng_state())
+
+    def save(self, directory: str | Path, metrics: Optional[dict] = None) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_weights(self.model, d / MODEL_FILE)
+        if self.ema is not None:
+            save_weights(self.ema.module, d / EMA_FILE)
+        torch.save(self._state(), d / STATE_FILE)
+        meta = dict(format_version=FORMAT_VERSION, epoch=self.epoch, num_updates=self.num_updates,
+                    best_metric=self.best_metric, best_epoch=self.best_epoch, metrics=metrics or {},
+                    config=self.config)
+        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+        return d
+
+    def load(self, directory: str | Path, load_optimizer: bool = True) -> dict:
+        d = Path(directory)
+        meta = read_meta(d)
+        load_weights(self.model, d / MODEL_FILE)
+        if self.ema is not None and (d / EMA_FILE).is_file():
+            load_weights(self.ema.module, d / EMA_FILE)
+        state = _load_state(d / STATE_FILE)
+        if load_optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.num_updates = state["counters"]["epoch"], state["counters"]["num_updates"]
+        self.best_metric, self.best_epoch = state["best"]["metric"], state["best"]["epoch"]
+        set_rng_state(state["rng"])
+        return meta
+
+
+def read_meta(directory: Path) -> dict:
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory} is not a readable raytrain-cls checkpoint ({META_FILE}: {e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: checkpoint format {meta.get('format_version')} is not "
+                              f"{FORMAT_VERSION}, the one this version reads")
+    return meta
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # never retry with weights_only=False: that would run whatever the pickle says
+        raise CheckpointError(f"refusing to load {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
