@@ -1,0 +1,140 @@
+"""What a run tells its user: console lines on rank 0, summary.csv (timm's columns) and result.json.
+
+summary.csv is written by a Ray Train ``UserCallback``. It runs in the Train controller, on the driver's node,
+after every report, so the file grows live while the run trains and survives a dead driver. Rows are keyed by
+epoch: when a worker-group restart repeats an epoch, its row is replaced, never duplicated.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from ray.train import UserCallback
+
+SUMMARY_FILE = "summary.csv"
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.yaml"
+# timm's summary.csv columns, in timm's order.
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temp file in the same directory, then rename over the target: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a run file: atomically on local/NFS paths, as one object put on cloud storage (s3://, gs://)."""
+    if not is_uri(path):
+        atomic_write_text(path, text)
+        return
+    import pyarrow.fs
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(str(path))
+    with fs.open_output_stream(inner) as f:
+        f.write(text.encode())
+
+
+def read_text(path: str | Path) -> Optional[str]:
+    """A run file's text, or None when it does not exist yet."""
+    if not is_uri(path):
+        return Path(path).read_text() if Path(path).is_file() else None
+    import pyarrow.fs
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(str(path))
+    if fs.get_file_info(inner).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode()
+
+
+def join(run_dir: str | Path, name: str) -> str:
+    return f"{str(run_dir).rstrip('/')}/{name}"
+
+
+def step_line(m: dict, num_epochs: int) -> str:
+    pct = 100.0 * m["step"] / max(m["steps"], 1)
+    return (f"Train: {m['epoch']}/{num_epochs - 1} [{m['step']:>4d}/{m['steps']} ({pct:3.0f}%)]  "
+            f"loss {m['loss']:.4f}  lr {m['lr']:.3e}  {m['img_per_sec']:.0f} img/s  "
+            f"data {m['data_time']:.1f}s")
+
+
+def epoch_line(m: dict, num_epochs: int) -> str:
+    best = "" if m.get("best_metric") is None else f"  (best {m['best_metric']:.4f} @ epoch {m['best_epoch']})"
+    return (f"Epoch {m['epoch']}/{num_epochs - 1}: train_loss {m['train_loss']:.4f}  "
+            f"eval_loss {m['eval_loss']:.4f}  top1 {m['eval_top1']:.2f}  top5 {m['eval_top5']:.2f}  "
+            f"lr {m['lr']:.3e}  {m['img_per_sec']:.0f} img/s{best}")
+
+
+def read_summary(path: str | Path) -> dict[int, dict]:
+    text = read_text(path)
+    if not text:
+        return {}
+    return {int(row["epoch"]): row for row in csv.DictReader(io.StringIO(text))}
+
+
+def write_summary(path: str | Path, rows: dict[int, dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for epoch in sorted(rows):
+        writer.writerow(rows[epoch])
+    write_text(path, buf.getvalue())
+
+
+class SummaryCallback(UserCallback):
+    """Appends (or replaces) one summary.csv row per reported epoch; runs in Ray Train's controller."""
+
+    def __init__(self, run_dir: str):
+        self.path = join(run_dir, SUMMARY_FILE)
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not metrics or "epoch" not in metrics[0]:
+            return
+        m = metrics[0]  # rank 0's metrics; evaluation is already reduced across ranks
+        rows = read_summary(self.path)
+        rows[int(m["epoch"])] = {k: m.get(k) for k in SUMMARY_COLUMNS}
+        write_summary(self.path, rows)
+
+
+def build_result(result, metric: str, mode: str) -> dict:
+    """result.json: the metric, its best value and epoch, the last metrics and the checkpoint paths."""
+    last = dict(result.metrics or {})
+    best_ckpt: Optional[str] = None
+    best_metrics: dict = {}
+    if result.best_checkpoints:
+        ranked = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None]
+        if ranked:
+            pick = (min if mode == "min" else max)(ranked, key=lambda cm: cm[1][metric])
+            best_ckpt, best_metrics = pick[0].path, pick[1]
+    return dict(eval_metric=metric, mode=mode,
+                best_value=best_metrics.get(metric, last.get("best_metric")),
+                best_epoch=best_metrics.get("epoch", last.get("best_epoch")),
+                last_metrics=last,
+                latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
+                best_checkpoint=best_ckpt,
+                run_dir=result.path)
+
+
+def write_result(run_dir: str | Path, payload: dict) -> str:
+    path = join(run_dir, RESULT_FILE)
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    return path
