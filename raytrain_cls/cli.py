@@ -1,0 +1,126 @@
+"""raytrain-cls command line. The flags are generated from the config fields, so they keep timm's names and
+defaults and can never drift from what the YAML accepts.
+
+Precedence, lowest first: timm's defaults -> the config file or bundled recipe (-c) -> flags on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from typing import Optional, Sequence
+
+import yaml
+
+from .config import GROUPS, ConfigError, canonical_dataset, iter_fields, load_config, recipe_names
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+GROUP_TITLES = {
+    "data": "data (timm's dataset flags; -j/--workers = loader processes per training worker)",
+    "scaling": "Ray scaling (Ray's names: --num-workers = Ray training workers, one process per GPU)",
+}
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, yaml.safe_load(value)  # "4" -> 4, "true" -> True, "a" -> "a"
+
+
+class _KeyValues(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(values))
+
+
+def _scalar_type(hint):
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field: --kebab-case of the field name (plus timm's short forms)."""
+    groups = {name: parser.add_argument_group(GROUP_TITLES.get(name, name)) for name in GROUPS}
+    for group, name, f, hint in iter_fields():
+        meta = f.metadata
+        flags = [f"--{name.replace('_', '-')}", *meta.get("flags", ())]
+        shown = f.default_factory() if callable(f.default_factory) else f.default
+        help_text = meta.get("help", "")
+        if meta.get("choices"):
+            help_text += f" {{{', '.join(map(str, meta['choices']))}}}"
+        help_text += f" (default: {shown!r})"
+        kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+        base = _scalar_type(hint)
+        origin = typing.get_origin(base)
+        if base is bool and name.startswith("no_"):
+            kwargs["action"] = "store_true"  # --no-aug, not --no-aug / --no-no-aug
+        elif base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kwargs.update(nargs=meta.get("nargs") or "+", type=typing.get_args(base)[0], metavar=name.upper())
+        elif base is dict or origin is dict:
+            kwargs.update(nargs="*", type=_key_value, action=_KeyValues, metavar="KEY=VALUE")
+        else:
+            kwargs.update(type=base, metavar=name.upper())
+        groups[group].add_argument(*flags, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raytrain-cls",
+                                     description="timm image-classifier training on Ray Train.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser("train", help="train a model (no arguments: the bundled digits job on local Ray)",
+                           description="Train a timm model with Ray Train. Without -c, --dataset digits and "
+                                       "fashion_mnist start from their bundled recipe; an ImageFolder "
+                                       "(--data-dir) starts from timm's defaults.")
+    train.add_argument("-c", "--config", metavar="FILE|RECIPE",
+                       help=f"YAML config file, or a bundled recipe: {', '.join(recipe_names())}")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run named by --experiment from its latest checkpoint")
+    add_config_flags(train)
+    return parser
+
+
+def base_recipe(args: argparse.Namespace) -> Optional[str]:
+    """The config to start from: -c, else the bundled recipe of a built-in data set (digits by default)."""
+    if args.config:
+        return args.config
+    if getattr(args, "data_dir", None) and not hasattr(args, "dataset"):
+        return None  # an ImageFolder tree: timm's defaults
+    dataset = canonical_dataset(getattr(args, "dataset", "digits"))
+    return dataset if dataset in recipe_names() else None
+
+
+def overrides_of(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .trainer import TrainingError, train
+
+    try:
+        cfg = load_config(base_recipe(args), overrides_of(args))
+        train(cfg, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingError as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    parser.print_help()
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The driver side of a training run: connect to Ray, resolve the config once, build and fit the TorchTrainer.
+
+Everything that must be the same on every worker (LR, epoch count, class list, input size, normalisation,
+worker count) is worked out here, once, and travels to the workers in ``cfg.resolved``: a worker never
+re-derives it from its own view of the cluster.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError, dump_yaml
+from .data import DataError, build_source
+from .data.transforms import data_config_kwargs
+from .model import pretrained_cfg_of
+from .optim import resolve_lr, resolve_num_epochs
+from .report import CONFIG_FILE, build_result, is_uri, join, write_result, write_text
+
+DEFAULT_OUTPUT = "output/train"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it into a run directory it has started
+
+
+class TrainingError(RuntimeError):
+    """The run started but failed; the message names the failing rank and the worker's error."""
+
+
+@dataclass
+class RunPaths:
+    output: str      # Ray's storage_path
+    experiment: str  # Ray's RunConfig.name
+    run_dir: str     # <output>/<experiment>
+
+
+# ---- Ray connection ------------------------------------------------------------------------------------------
+def connect() -> dict:
+    """Attach to RAY_ADDRESS when set (a cluster, or the job's own cluster under `ray job submit`), else start a
+    private local Ray. Returns the cluster's total resources."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        # address="local" always starts a fresh cluster: a bare ray.init() would silently join any cluster
+        # running on this host, and trip over the stale address file of one that was stopped.
+        ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
+    return ray.cluster_resources()
+
+
+# ---- resolution ----------------------------------------------------------------------------------------------
+def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
+    """(use_gpu, num_workers) from the config and the cluster; fails early on what cannot be scheduled."""
+    s = cfg.scaling
+    gpus, cpus = int(cluster.get("GPU", 0)), cluster.get("CPU", 0)
+    use_gpu = s.use_gpu if s.use_gpu is not None else gpus > 0
+    if use_gpu and gpus == 0:
+        raise ConfigError("scaling.use_gpu", True, "the Ray cluster has no GPUs (drop --use-gpu to train on CPUs)")
+    num_workers = s.num_workers or (gpus if use_gpu else 2)
+    per_worker = dict(s.resources_per_worker or {})
+    need_gpu = per_worker.get("GPU", 1 if use_gpu else 0) * num_workers
+    need_cpu = per_worker.get("CPU", 1) * num_workers
+    if need_gpu > gpus:
+        raise ConfigError("scaling.num_workers", num_workers,
+                          f"needs {need_gpu:g} GPUs but the Ray cluster has {gpus}")
+    if need_cpu > cpus:
+        raise ConfigError("scaling.num_workers", num_workers,
+                          f"needs {need_cpu:g} CPUs ({per_worker.get('CPU', 1):g} per worker) but the Ray cluster "
+                          f"has {cpus:g}; lower --num-workers or resources_per_worker CPU")
+    if cfg.precision.amp and cfg.precision.amp_dtype == "float16" and not use_gpu:
+        raise ConfigError("precision.amp_dtype", "float16", "float16 AMP needs GPUs; use --amp-dtype bfloat16 on CPUs")
+    return use_gpu, num_workers
+
+
+def resolve_data_config(cfg: Config, num_classes: int) -> dict:
+    """timm's resolve_data_config from the model's defaults and the user's overrides, as plain lists."""
+    from timm.data import resolve_data_config as timm_resolve
+
+    dc = timm_resolve(args=data_config_kwargs(cfg), pretrained_cfg=pretrained_cfg_of(cfg, num_classes))
+    chans = dc["input_size"][0]
+    mean, std = list(dc["mean"]), list(dc["std"])
+    if len(mean) != chans:  # e.g. a grey (in_chans=1) model with ImageNet's RGB statistics: one averaged value
+        mean = [sum(mean) / len(mean)] * chans if len(mean) != 1 else mean * chans
+        std = [sum(std) / len(std)] * chans if len(std) != 1 else std * chans
+    return dict(input_size=list(dc["input_size"]), interpolation=dc["interpolation"], mean=mean, std=std,
+                crop_pct=float(dc["crop_pct"]), crop_mode=dc.get("crop_mode", "center"))
+
+
+def resolve(cfg: Config, cluster: dict) -> Config:
+    """Fill cfg.resolved with every run-wide decision; raise ConfigError / DataError before any worker starts."""
+    source = build_source(cfg)
+    num_classes = cfg.model.num_classes or source.num_classes
+    if num_classes < source.num_classes:
+        raise ConfigError("model.num_classes", num_classes, f"the data set has {source.num_classes} classes")
+    use_gpu, num_workers = resolve_scaling(cfg, cluster)
+    if cfg.data.batch_size * num_workers > len(source.train):
+        raise ConfigError("data.batch_size", cfg.data.batch_size,
+                          f"x {num_workers} workers is more than the {len(source.train)} training samples")
+    lr, lr_rule = resolve_lr(cfg, num_workers)
+    cfg.resolved = dict(use_gpu=use_gpu, num_workers=num_workers, lr=lr, lr_rule=lr_rule,
+                        num_epochs=resolve_num_epochs(cfg), num_classes=num_classes, classes=list(source.classes),
+                        train_samples=len(source.train), val_samples=len(source.val),
+                        data_config=resolve_data_config(cfg, num_classes))
+    return cfg
+
+
+# ---- run directory -------------------------------------------------------------------------------------------
+def default_experiment(cfg: Config) -> str:
+    """timm's naming: date-time, model, image size."""
+    size = cfg.model.img_size or (cfg.model.input_size[-1] if cfg.model.input_size else None)
+    parts = [time.strftime("%Y%m%d-%H%M%S"), re.sub(r"[^\w.-]", "_", cfg.model.model)]
+    if size:
+        parts.append(str(size))
+    return "-".join(parts)
+
+
+def _local_run_started(run_dir: str) -> bool:
+    return not is_uri(run_dir) and (Path(run_dir) / RAY_SNAPSHOT).exists()
+
+
+def run_paths(cfg: Config, resume: bool = False) -> RunPaths:
+    """Where the run goes. A new run never reuses a directory: Ray would silently resume whatever is there."""
+    c = cfg.checkpoint
+    output = c.output or DEFAULT_OUTPUT
+    if not is_uri(output):
+        output = str(Path(output).expanduser().resolve())
+    if c.experiment:
+        run_dir = join(output, c.experiment)
+        started = _local_run_started(run_dir)
+        if resume and not started and not is_uri(run_dir):
+            raise ConfigError("checkpoint.experiment", c.experiment, f"--resume: no run to resume in {run_dir}")
+        if started and not resume:
+            raise ConfigError("checkpoint.experiment", c.experiment,
+                              f"{run_dir} already holds a run; pass --resume to continue it, or pick another name")
+        return RunPaths(output, c.experiment, run_dir)
+    if resume:
+        raise ConfigError("checkpoint.experiment", "", "--resume needs --experiment NAME of the run to continue")
+    base = default_experiment(cfg)
+    name, n = base, 0
+    while not is_uri(output) and Path(output, name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return RunPaths(output, name, join(output, name))
+
+
+# ---- fit -----------------------------------------------------------------------------------------------------
+def build_trainer(cfg: Config, paths: RunPaths):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .report import SummaryCallback
+    from .worker import train_loop_per_worker
+
+    c, r = cfg.checkpoint, cfg.resolved
+    score_order = "min" if c.eval_metric == "loss" else "max"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=r["num_workers"], use_gpu=r["use_gpu"],
+                                               resources_per_worker=cfg.scaling.resources_per_worker),
+        run_config=ray.train.RunConfig(
+            name=paths.experiment, storage_path=paths.output,
+            failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=c.checkpoint_hist,
+                                                         checkpoint_score_attribute=f"eval_{c.eval_metric}",
+                                                         checkpoint_score_order=score_order),
+            callbacks=[SummaryCallback(paths.run_dir)],
+            # Our rank-0 progress lines are the console output; Ray's per-report INFO lines would drown them.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Ray's print patch sends worker prints through a logger that also echoes them: each line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+    )
+
+
+def explain_failure(err: BaseException) -> str:
+    """One readable line per failed rank (the worker's own exception, not Ray's wrapper traceback)."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        lines = []
+        for rank, exc in sorted(failures.items()):
+            text = str(exc).strip().splitlines()
+            lines.append(f"rank {rank}: {text[-1] if text else type(exc).__name__}")
+        return "; ".join(lines)
+    cause = getattr(err, "controller_failure", None) or err
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(cause).__name__
+
+
+def train(cfg: Config, resume: bool = False, echo=print) -> dict:
+    """Validate, resolve, fit. Returns the result.json payload. Raises ConfigError/DataError before any worker
+    starts, TrainingError when the run itself fails."""
+    import ray.train
+
+    cfg.validate()
+    paths = run_paths(cfg, resume=resume)  # before Ray: a name clash is a config error, not a cluster job
+    cluster = connect()
+    resolve(cfg, cluster)
+    r = cfg.resolved
+    r.update(output=paths.output, experiment=paths.experiment, run_dir=paths.run_dir)
+    write_text(join(paths.run_dir, CONFIG_FILE), dump_yaml(cfg))
+    echo(f"Run directory: {paths.run_dir}")
+    echo(f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r['train_samples']} train / "
+         f"{r['val_samples']} val images, {r['num_classes']} classes) with {r['num_workers']} "
+         f"{'GPU' if r['use_gpu'] else 'CPU'} workers for {r['num_epochs']} epochs; lr {r['lr']:.4g} ({r['lr_rule']})")
+    try:
+        result = build_trainer(cfg, paths).fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training failed: {explain_failure(e)} (run directory {paths.run_dir})") from e
+    metric = f"eval_{cfg.checkpoint.eval_metric}"
+    payload = build_result(result, metric, "min" if cfg.checkpoint.eval_metric == "loss" else "max")
+    payload["result_file"] = write_result(paths.run_dir, payload)
+    if payload["best_value"] is not None:
+        echo(f"Best {metric} {payload['best_value']:.4f} at epoch {payload['best_epoch']}; "
+             f"checkpoint {payload['best_checkpoint']}")
+    echo(f"Results: {payload['result_file']}")
+    return payload
+
