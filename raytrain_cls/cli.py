@@ -26,7 +26,10 @@ def _key_value(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key, yaml.safe_load(value)  # "4" -> 4, "true" -> True, "a" -> "a"
+    try:
+        return key, yaml.safe_load(value)  # "4" -> 4, "true" -> True, "a" -> "a"
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{key}: cannot read value {value!r}") from None
 
 
 class _KeyValues(argparse.Action):

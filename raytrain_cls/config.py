@@ -234,6 +234,8 @@ class Config:
                 if not isinstance(value, dict):
                     raise ConfigError(key, value, "expected a mapping")
                 self.resolved = dict(value)
+            elif key in GROUPS and value is None:
+                continue  # a section whose entries are all commented out
             elif key in GROUPS and isinstance(value, dict):
                 for name, v in value.items():
                     if FIELDS.get(name, (None,))[0] != key:
@@ -286,14 +288,16 @@ class Config:
         for name, val in (("model.mean", m.mean), ("model.std", m.std)):
             chans = (m.input_size[0] if m.input_size else m.in_chans) or 3
             if val is not None and len(val) not in (1, chans):
-                raise ConfigError(name, val, f"needs 1 or {chans} values (one per input channel)")
+                want = "1 value" if chans == 1 else f"1 or {chans} values (one per input channel)"
+                raise ConfigError(name, val, f"needs {want}")
         if m.std is not None and min(m.std) <= 0:
             raise ConfigError("model.std", m.std, "every std must be > 0")
         if o.opt_betas is not None and not all(0 <= b < 1 for b in o.opt_betas):
             raise ConfigError("optim.opt_betas", o.opt_betas, "betas must lie in [0, 1)")
         _check_optimizer("optim.opt", o.opt)
-        if s.sched == "multistep" and sorted(s.decay_milestones) != list(s.decay_milestones):
-            raise ConfigError("sched.decay_milestones", s.decay_milestones, "must be increasing")
+        ms = s.decay_milestones
+        if s.sched == "multistep" and not all(a < b for a, b in zip(ms, ms[1:])):
+            raise ConfigError("sched.decay_milestones", ms, "must be strictly increasing")
         if self.scaling.resources_per_worker is not None:
             for k, v in self.scaling.resources_per_worker.items():
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
@@ -401,6 +405,8 @@ def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
     nargs = meta.get("nargs")
     if isinstance(nargs, int) and isinstance(value, list) and len(value) != nargs:
         raise ConfigError(key, value, f"needs exactly {nargs} values")
+    if nargs == "+" and isinstance(value, list) and not value:
+        raise ConfigError(key, value, "needs at least one value")
     for v in value if isinstance(value, list) else [value]:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue

@@ -118,10 +118,10 @@ class TrainState:
     def load(self, directory: str | Path, load_optimizer: bool = True) -> dict:
         d = Path(directory)
         meta = read_meta(d)
+        state = _load_state(d / STATE_FILE)  # checked first: a refused or broken state.pt changes nothing
         load_weights(self.model, d / MODEL_FILE)
         if self.ema is not None and (d / EMA_FILE).is_file():
             load_weights(self.ema.module, d / EMA_FILE)
-        state = _load_state(d / STATE_FILE)
         if load_optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scaler is not None and state.get("scaler"):
@@ -140,14 +140,23 @@ def read_meta(directory: Path) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{directory} is not a readable raytrain-cls checkpoint ({META_FILE}: {e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{directory}: {META_FILE} is not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{directory}: checkpoint format {meta.get('format_version')} is not "
                               f"{FORMAT_VERSION}, the one this version reads")
     return meta
 
 
+STATE_KEYS = ("optimizer", "counters", "best", "rng")
+
+
 def _load_state(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # never retry with weights_only=False: that would run whatever the pickle says
         raise CheckpointError(f"refusing to load {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a raytrain-cls training state (missing {', '.join(missing)})")
+    return state
