@@ -1,0 +1,93 @@
+"""Driver-side decisions made before any Ray work: scaling, run directory, data config, failure messages."""
+from pathlib import Path
+
+import pytest
+
+from raytrain_cls.config import Config, ConfigError, load_config
+from raytrain_cls.trainer import RAY_SNAPSHOT, explain_failure, resolve, resolve_data_config, resolve_scaling, run_paths
+
+
+def _cfg(**overrides) -> Config:
+    return load_config("digits", overrides)
+
+
+def test_cpu_cluster_defaults_to_two_cpu_workers():
+    assert resolve_scaling(_cfg(), {"CPU": 2.0}) == (False, 2)
+
+
+def test_gpu_cluster_defaults_to_one_worker_per_gpu():
+    assert resolve_scaling(_cfg(), {"CPU": 16.0, "GPU": 4.0}) == (True, 4)
+
+
+def test_no_use_gpu_on_a_gpu_cluster_trains_on_cpus():
+    assert resolve_scaling(_cfg(use_gpu=False, num_workers=3), {"CPU": 16.0, "GPU": 4.0}) == (False, 3)
+
+
+@pytest.mark.parametrize("overrides, cluster, key, reason", [
+    (dict(use_gpu=True), {"CPU": 8.0}, "scaling.use_gpu", "no GPUs"),
+    (dict(use_gpu=True, num_workers=3), {"CPU": 8.0, "GPU": 2.0}, "scaling.num_workers", "needs 3 GPUs"),
+    (dict(num_workers=3), {"CPU": 2.0}, "scaling.num_workers", "needs 3 CPUs"),
+    (dict(num_workers=2, resources_per_worker={"CPU": 2}), {"CPU": 2.0}, "scaling.num_workers", "needs 4 CPUs"),
+    (dict(amp=True, amp_dtype="float16"), {"CPU": 2.0}, "precision.amp_dtype", "needs GPUs"),
+])
+def test_unschedulable_runs_fail_before_any_worker_starts(overrides, cluster, key, reason):
+    with pytest.raises(ConfigError) as e:
+        resolve_scaling(_cfg(**overrides), cluster)
+    assert e.value.key == key and reason in str(e.value)
+
+
+def test_resolve_records_every_run_wide_decision():
+    cfg = resolve(_cfg(lr=None, lr_base=0.1, lr_base_size=256, batch_size=32), {"CPU": 2.0})
+    r = cfg.resolved
+    assert r["num_workers"] == 2 and r["use_gpu"] is False
+    assert r["lr"] == pytest.approx(0.1 * 64 / 256)  # timm's linear rule on the *global* batch
+    assert r["num_classes"] == 10 and len(r["classes"]) == 10
+    assert r["num_epochs"] == cfg.sched.epochs
+    assert r["data_config"]["input_size"] == [3, 32, 32]
+
+
+def test_batch_larger_than_the_data_is_a_config_error():
+    with pytest.raises(ConfigError) as e:
+        resolve(_cfg(batch_size=1000), {"CPU": 2.0})
+    assert e.value.key == "data.batch_size"
+
+
+def test_grey_model_gets_one_averaged_mean_and_std():
+    dc = resolve_data_config(_cfg(in_chans=1), 10)
+    assert dc["input_size"][0] == 1 and len(dc["mean"]) == 1 and len(dc["std"]) == 1
+    assert dc["mean"][0] == pytest.approx((0.485 + 0.456 + 0.406) / 3)
+
+
+def test_run_paths_default_name_is_unique_and_timm_style(tmp_path):
+    cfg = _cfg(output=str(tmp_path))
+    first = run_paths(cfg)
+    assert first.output == str(tmp_path) and first.experiment.endswith("-resnet10t-32")
+    Path(first.run_dir).mkdir()
+    second = run_paths(cfg)
+    assert second.run_dir != first.run_dir
+
+
+def test_run_paths_refuses_to_reuse_a_started_run(tmp_path):
+    run_dir = tmp_path / "exp"
+    run_dir.mkdir()
+    (run_dir / RAY_SNAPSHOT).write_text("{}")
+    cfg = _cfg(output=str(tmp_path), experiment="exp")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_paths(cfg)
+    assert run_paths(cfg, resume=True).run_dir == str(run_dir)
+
+
+def test_resume_needs_an_existing_run(tmp_path):
+    with pytest.raises(ConfigError, match="no run to resume"):
+        run_paths(_cfg(output=str(tmp_path), experiment="nope"), resume=True)
+    with pytest.raises(ConfigError, match="needs --experiment"):
+        run_paths(_cfg(output=str(tmp_path)), resume=True)
+
+
+def test_failure_message_names_each_rank_and_its_own_error():
+    class WorkerGroupFailure(Exception):
+        worker_failures = {1: RuntimeError("Traceback ...\n  File x\nValueError: bad shard"),
+                           0: RuntimeError("NonFiniteLossError: loss is nan")}
+
+    msg = explain_failure(WorkerGroupFailure())
+    assert msg == "rank 0: NonFiniteLossError: loss is nan; rank 1: ValueError: bad shard"
