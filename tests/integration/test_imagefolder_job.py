@@ -1,0 +1,47 @@
+"""A user's ImageFolder tree (timm's default dataset type) trains through --data-dir with timm's defaults."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from raytrain_cls.cli import EXIT_OK, main
+
+pytestmark = pytest.mark.integration
+CLASSES = ["one", "seven", "zero"]  # folder names, deliberately not in digit order
+
+
+@pytest.fixture(scope="module")
+def folder_tree(tmp_path_factory):
+    """train/<class>/*.png and val/<class>/*.png (timm finds 'val' when 'validation' is absent)."""
+    root = tmp_path_factory.mktemp("pets")
+    digits = load_digits()
+    wanted = {"zero": 0, "one": 1, "seven": 7}
+    for name, label in wanted.items():
+        idx = np.flatnonzero(digits.target == label)
+        for split, part in (("train", idx[:60]), ("val", idx[60:80])):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in part:
+                img = (digits.images[i] * 255 / 16).astype(np.uint8)
+                Image.fromarray(img, "L").resize((24, 24)).save(d / f"{i}.png")
+    return root
+
+
+def test_imagefolder_run_uses_the_tree_classes(ray_local, folder_tree, tmp_path, capsys):
+    code = main(["train", "--data-dir", str(folder_tree), "--model", "test_resnet", "--img-size", "32",
+                 "--epochs", "2", "-b", "16", "-j", "0", "--output", str(tmp_path), "--experiment", "pets"])
+    assert code == EXIT_OK, capsys.readouterr().err
+    run_dir = tmp_path / "pets"
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["data"]["dataset"] == "" and cfg["model"]["model"] == "test_resnet"
+    assert cfg["resolved"]["classes"] == sorted(CLASSES) and cfg["resolved"]["num_classes"] == 3
+    assert cfg["resolved"]["train_samples"] == 180 and cfg["resolved"]["val_samples"] == 60
+    # timm's rule with --lr unset: lr_base 0.1 x (16 x 2 workers) / 256
+    assert cfg["resolved"]["lr"] == pytest.approx(0.1 * 32 / 256)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["last_metrics"]["epoch"] == 1 and result["last_metrics"]["eval_samples"] == 60
+    out = capsys.readouterr().out
+    assert f"Run directory: {run_dir}" in out and "Best eval_top1" in out

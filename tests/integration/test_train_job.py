@@ -1,0 +1,96 @@
+"""The embedded default job, run as a user runs it (the CLI), on a private local Ray with 2 CPU workers (gloo)."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from raytrain_cls.cli import EXIT_OK, main
+from raytrain_cls.config import Config
+from raytrain_cls.data import build_loaders, build_source
+from raytrain_cls.engine import autocast_factory, evaluate
+from raytrain_cls.model import build_model
+from raytrain_cls.report import SUMMARY_COLUMNS
+from raytrain_cls.state import MODEL_FILE, load_weights, read_meta
+
+pytestmark = pytest.mark.integration
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def default_run(ray_local, tmp_path_factory):
+    """`raytrain-cls train` with no data/model arguments: the digits recipe, shortened to a few epochs."""
+    output = tmp_path_factory.mktemp("runs")
+    code = main(["train", "--epochs", str(EPOCHS), "--output", str(output), "--experiment", "default"])
+    return code, output / "default"
+
+
+def test_default_job_succeeds_and_learns(default_run):
+    code, run_dir = default_run
+    assert code == EXIT_OK
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["eval_metric"] == "eval_top1"
+    # 10 classes: chance is 10 %. Four short epochs on digits already get far above it.
+    assert result["best_value"] >= 80.0, result
+    assert result["last_metrics"]["epoch"] == EPOCHS - 1
+    assert 0 <= result["best_epoch"] < EPOCHS
+    assert Path(result["latest_checkpoint"]).is_dir()
+    assert Path(result["best_checkpoint"]).is_dir()
+
+
+def test_summary_csv_has_timm_columns_one_row_per_epoch(default_run):
+    _, run_dir = default_run
+    with (run_dir / "summary.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == SUMMARY_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
+    assert all(0 <= float(r["eval_top1"]) <= 100 and float(r["lr"]) > 0 for r in rows)
+
+
+def test_config_yaml_is_the_resolved_config(default_run):
+    _, run_dir = default_run
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = Config.from_dict(raw).validate()
+    assert cfg.data.dataset == "digits" and cfg.sched.epochs == EPOCHS
+    r = cfg.resolved
+    assert r["num_workers"] == 2 and r["use_gpu"] is False
+    assert r["num_classes"] == 10 and r["num_epochs"] == EPOCHS
+    assert r["data_config"]["input_size"] == [3, 32, 32]
+    assert r["run_dir"] == str(run_dir)
+
+
+def test_best_checkpoint_loads_and_reproduces_its_accuracy(default_run):
+    """The best checkpoint is a complete, safely loadable model: evaluating it gives the reported top-1."""
+    _, run_dir = default_run
+    result = json.loads((run_dir / "result.json").read_text())
+    ckpt = Path(result["best_checkpoint"])
+    meta = read_meta(ckpt)
+    cfg = Config.from_dict(meta["config"])
+    model = build_model(cfg, cfg.resolved["num_classes"], torch.device("cpu"))
+    load_weights(model, ckpt / MODEL_FILE)
+    cfg.data.workers = 0
+    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], rank=0, world_size=1)
+    no_amp = autocast_factory(torch.device("cpu"), False, torch.float32)
+    metrics = evaluate(model, loaders.val, torch.device("cpu"), no_amp)
+    assert metrics["samples"] == cfg.resolved["val_samples"]
+    assert abs(metrics["top1"] - result["best_value"]) <= 100.0 / metrics["samples"] + 1e-6
+
+
+def test_reusing_a_run_name_is_refused_before_any_work(default_run, capsys):
+    """Ray would silently resume a finished run under the same name; a new run must not."""
+    _, run_dir = default_run
+    code = main(["train", "--epochs", "1", "--output", str(run_dir.parent), "--experiment", "default"])
+    assert code == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_a_failing_run_exits_1_naming_the_rank_and_its_error(ray_local, tmp_path, capsys):
+    """An absurd LR blows the loss up inside the workers: the command says so and exits 1, no traceback dump."""
+    code = main(["train", "--epochs", "1", "--lr", "1e30", "--warmup-epochs", "0", "--output", str(tmp_path),
+                 "--experiment", "diverges"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "training failed: rank 0: " in err and "NonFiniteLossError" in err, err
