@@ -130,24 +130,30 @@ def test_base_recipe_explicit_config_wins():
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
-def test_invalid_value_is_a_usage_error_before_ray(capsys):
-    """A bad value fails validation with exit code 2, the dotted key on stderr, and Ray never started."""
-    import ray
+@pytest.fixture
+def ray_forbidden(monkeypatch):
+    """Fails the test if the command tries to connect to Ray (a session-wide Ray may already be up, so
+    `ray.is_initialized()` alone would prove nothing)."""
+    import raytrain_cls.trainer
 
+    def refuse():
+        raise AssertionError("Ray was contacted before the config error was reported")
+
+    monkeypatch.setattr(raytrain_cls.trainer, "connect", refuse)
+
+
+def test_invalid_value_is_a_usage_error_before_ray(capsys, ray_forbidden):
+    """A bad value fails validation with exit code 2, the dotted key on stderr, and Ray never contacted."""
     code = main(["train", "--lr", "-1"])
     err = capsys.readouterr().err
     assert code == EXIT_USAGE == 2
     assert "optim.lr" in err and "-1" in err and "must be > 0" in err
-    assert not ray.is_initialized()
 
 
-def test_unknown_recipe_is_a_usage_error(capsys):
-    import ray
-
+def test_unknown_recipe_is_a_usage_error(capsys, ray_forbidden):
     assert main(["train", "-c", "digitz"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "--config" in err and "did you mean 'digits'" in err
-    assert not ray.is_initialized()
 
 
 def test_unknown_flag_exits_2(capsys):
