@@ -123,7 +123,9 @@ def build_result(result, metric: str, mode: str) -> dict:
     if result.best_checkpoints:
         ranked = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None]
         if ranked:
-            pick = (min if mode == "min" else max)(ranked, key=lambda cm: cm[1][metric])
+            # Ties go to the later epoch, as in the worker's best tracking and Ray's retention.
+            sign = -1 if mode == "min" else 1
+            pick = max(ranked, key=lambda cm: (sign * cm[1][metric], cm[1].get("epoch", -1)))
             best_ckpt, best_metrics = pick[0].path, pick[1]
     return dict(eval_metric=metric, mode=mode,
                 best_value=best_metrics.get(metric, last.get("best_metric")),

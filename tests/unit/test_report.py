@@ -120,6 +120,13 @@ def test_build_result_picks_best_by_mode():
     assert hi["latest_checkpoint"] == "/runs/x/epoch-2" and hi["run_dir"] == "/runs/x"
 
 
+def test_build_result_breaks_ties_toward_the_later_epoch():
+    """Matches the worker's best tracking, so result.json and the epoch lines name the same best epoch."""
+    best = [("/c8", {"epoch": 8, "top1": 99.7, "loss": 0.2}), ("/c9", {"epoch": 9, "top1": 99.7, "loss": 0.2})]
+    assert build_result(_result(best), "top1", "max")["best_checkpoint"] == "/c9"
+    assert build_result(_result(best), "loss", "min")["best_checkpoint"] == "/c9"
+
+
 def test_build_result_without_checkpoints_falls_back_to_metrics():
     res = _result([], metrics={"epoch": 4, "best_metric": 77.0, "best_epoch": 3})
     out = build_result(res, "top1", "max")
