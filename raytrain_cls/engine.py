@@ -71,22 +71,43 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return sum(lrs) / len(lrs)
 
 
+@dataclass
+class EpochProgress:
+    """Where this rank stands in the epoch; handed to ``on_update`` so a recovery checkpoint can record it."""
+    batches_done: int  # batches of the epoch done by every rank (same count on all ranks)
+    total_batches: int
+    num_updates: int
+    loss_sum: torch.Tensor  # device scalar: sum over this rank's finite-loss samples
+    seen: torch.Tensor  # device scalar: samples counted in loss_sum
+
+
 def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, use_mixup: bool = True,
-                    log_interval: int = 50, log: Optional[LogFn] = None) -> tuple[dict, int]:
-    """One pass over this rank's share of the data. Returns (metrics averaged over all ranks, num_updates)."""
+                    log_interval: int = 50, log: Optional[LogFn] = None, start_batch: int = 0,
+                    carry: tuple[float, float] = (0.0, 0.0), nan_patience: int = 5,
+                    on_update: Optional[Callable[[EpochProgress], None]] = None) -> tuple[dict, int]:
+    """One pass over this rank's share of the data. Returns (metrics averaged over all ranks, num_updates).
+
+    ``start_batch``/``carry`` continue an epoch that a recovery checkpoint interrupted: the loader then yields only
+    the remaining batches, and ``carry`` is this rank's (loss_sum, seen) so far. A non-finite loss is tolerated
+    for fewer than ``nan_patience`` consecutive steps (an fp16 GradScaler skips those steps); the streak lives on
+    the device and is read only every ``nan_patience`` steps, at log lines and at the end, never once per step.
+    """
     p = parts
     p.model.train()
     accum = p.accum_steps
-    num_batches = len(loader)
+    num_batches = start_batch + len(loader)
     updates_per_epoch = (num_batches + accum - 1) // accum
     last_accum = num_batches % accum or accum  # micro-batches in the epoch's final, possibly short, update
-    loss_sum = torch.zeros((), device=p.device, dtype=torch.float64)
-    seen = 0
+    loss_sum = torch.tensor(float(carry[0]), device=p.device, dtype=torch.float64)
+    seen = torch.tensor(float(carry[1]), device=p.device, dtype=torch.float64)
+    streak = torch.zeros((), device=p.device, dtype=torch.int64)  # consecutive non-finite losses
+    worst = torch.zeros((), device=p.device, dtype=torch.int64)
+    local_seen = 0
     start = last_log = time.perf_counter()
     data_time = 0.0
     tick = time.perf_counter()
     p.optimizer.zero_grad(set_to_none=True)
-    for batch_idx, (x, y) in enumerate(loader):
+    for batch_idx, (x, y) in enumerate(loader, start=start_batch):
         data_time += time.perf_counter() - tick
         final_group = batch_idx >= num_batches - last_accum
         group_size = last_accum if final_group else accum
@@ -107,26 +128,42 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
                 p.ema.update(p.model, step=num_updates)
             if p.scheduler is not None:
                 p.scheduler.step_update(num_updates=num_updates)
-        loss_sum += loss.detach().double() * x.shape[0]
-        seen += x.shape[0]
-        if log is not None and ((batch_idx + 1) % log_interval == 0 or batch_idx == num_batches - 1):
+        finite = torch.isfinite(loss.detach())
+        streak = torch.where(finite, torch.zeros_like(streak), streak + 1)
+        worst = torch.maximum(worst, streak)
+        loss_sum += torch.where(finite, loss.detach().double() * x.shape[0], 0.0)
+        seen += finite.double() * x.shape[0]
+        local_seen += x.shape[0]
+        step = batch_idx + 1
+        logging_now = log is not None and (step % log_interval == 0 or batch_idx == num_batches - 1)
+        if logging_now or step % nan_patience == 0:
+            _check_finite(worst, nan_patience, epoch, step)
+        if logging_now:
             now = time.perf_counter()
-            batch_loss = loss.item()  # the only host sync, once per log interval
-            if not math.isfinite(batch_loss):
-                raise NonFiniteLossError(f"loss is {batch_loss} at epoch {epoch} step {batch_idx}")
-            log(dict(epoch=epoch, step=batch_idx + 1, steps=num_batches, loss=batch_loss,
-                     lr=current_lr(p.optimizer), img_per_sec=seen * world_size() / max(now - start, 1e-9),
+            log(dict(epoch=epoch, step=step, steps=num_batches, loss=loss.item(),
+                     lr=current_lr(p.optimizer), img_per_sec=local_seen * world_size() / max(now - start, 1e-9),
                      data_time=data_time, elapsed=now - start, interval=now - last_log))
             last_log = now
+        if stepping and on_update is not None:
+            on_update(EpochProgress(step, num_batches, num_updates, loss_sum, seen))
         tick = time.perf_counter()
-    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=p.device, dtype=torch.float64)]))
+    _check_finite(worst, nan_patience, epoch, num_batches)
+    totals = all_reduce_sum(torch.stack([loss_sum, seen]))
     elapsed = time.perf_counter() - start
     train_loss = (totals[0] / totals[1].clamp(min=1)).item()
-    if not math.isfinite(train_loss):
-        raise NonFiniteLossError(f"training loss is {train_loss} in epoch {epoch}")
+    if totals[1].item() == 0:
+        raise NonFiniteLossError(f"every training loss in epoch {epoch} was non-finite")
     return dict(train_loss=train_loss, lr=current_lr(p.optimizer), train_samples=int(totals[1].item()),
-                train_time=elapsed, img_per_sec=totals[1].item() / max(elapsed, 1e-9),
+                train_time=elapsed, img_per_sec=local_seen * world_size() / max(elapsed, 1e-9),
                 updates_per_epoch=updates_per_epoch), num_updates
+
+
+def _check_finite(worst: torch.Tensor, patience: int, epoch: int, step: int) -> None:
+    n = int(worst.item())
+    if n >= patience:
+        raise NonFiniteLossError(f"the loss was NaN/Inf for {n} consecutive steps (--nan-patience {patience}), "
+                                 f"last seen by epoch {epoch} step {step}: lower the LR, enable --clip-grad, or "
+                                 f"check the data")
 
 
 def _optimizer_step(p: TrainParts) -> None:

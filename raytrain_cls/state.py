@@ -21,12 +21,21 @@ from safetensors.torch import load_file, save_file
 
 from .model import unwrap
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-rank RNG and loss sums, mid-epoch position
 MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = "model.safetensors", "ema.safetensors", "state.pt", "meta.json"
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def non_finite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of floating-point weights/buffers holding NaN or Inf (one host sync for the whole model)."""
+    items = [(n, t) for n, t in unwrap(module).state_dict().items() if t.is_floating_point() and t.numel()]
+    if not items:
+        return []
+    flags = torch.stack([torch.isfinite(t).all() for _, t in items]).cpu()
+    return [n for (n, _), ok in zip(items, flags.tolist()) if not ok]
 
 
 def save_weights(module: torch.nn.Module, path: Path) -> None:
@@ -46,9 +55,12 @@ def save_weights(module: torch.nn.Module, path: Path) -> None:
 def load_weights(module: torch.nn.Module, path: Path, strict: bool = True):
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    tensors = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        tensors = load_file(str(path))
+    except Exception as e:  # truncated, tampered or missing: name the file, never half-load
+        raise CheckpointError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
     for name, target in aliases.items():
         tensors[name] = tensors[target]
     return unwrap(module).load_state_dict(tensors, strict=strict)
@@ -78,7 +90,12 @@ def _as_tuple(x):
 
 
 class TrainState:
-    """The registry: model, EMA, optimizer, scheduler, scaler, counters. One save(), one load()."""
+    """The registry: model, EMA, optimizer, scheduler, scaler, counters, position in the epoch, per-rank RNG.
+
+    One save(), one load(): anything a resumed run needs is an attribute here, so resume is complete by construction.
+    ``in_epoch`` is set only for mid-epoch (recovery) checkpoints: where in the epoch's global sample order the run
+    stood. ``rank_states`` holds, per rank, that rank's RNG states and its running loss sums for the epoch.
+    """
 
     def __init__(self, config: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Optional[Any] = None, scaler: Optional[torch.amp.GradScaler] = None,
@@ -89,33 +106,47 @@ class TrainState:
         self.num_updates = 0
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
+        self.in_epoch: Optional[dict] = None  # {epoch, batches, samples, world_size, batch_size} mid-epoch only
+        self.rank_states: Optional[list[dict]] = None  # [{rng, loss_sum, seen}] indexed by rank
 
     @property
     def start_epoch(self) -> int:
         return self.epoch + 1
 
     def _state(self) -> dict:
+        ranks = self.rank_states if self.rank_states is not None else [dict(rng=rng_state(), loss_sum=0.0, seen=0)]
         return dict(optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     counters=dict(epoch=self.epoch, num_updates=self.num_updates),
                     best=dict(metric=self.best_metric, epoch=self.best_epoch),
-                    rng=rng_state())
+                    position=dict(self.in_epoch or {}),
+                    ranks=ranks)
 
     def save(self, directory: str | Path, metrics: Optional[dict] = None) -> Path:
+        """Write the complete state into ``directory`` (a fresh temp dir: Ray only sees it once complete)."""
+        bad = non_finite_tensors(self.model)
+        if bad:  # a checkpoint is something to resume from: never one with NaN/Inf weights
+            raise CheckpointError(f"refusing to checkpoint non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_weights(self.model, d / MODEL_FILE)
-        if self.ema is not None:
-            save_weights(self.ema.module, d / EMA_FILE)
-        torch.save(self._state(), d / STATE_FILE)
-        meta = dict(format_version=FORMAT_VERSION, epoch=self.epoch, num_updates=self.num_updates,
-                    best_metric=self.best_metric, best_epoch=self.best_epoch, metrics=metrics or {},
-                    config=self.config)
-        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            save_weights(self.model, d / MODEL_FILE)
+            if self.ema is not None:
+                save_weights(self.ema.module, d / EMA_FILE)
+            torch.save(self._state(), d / STATE_FILE)
+            meta = dict(format_version=FORMAT_VERSION, epoch=self.epoch, num_updates=self.num_updates,
+                        in_epoch=self.in_epoch, best_metric=self.best_metric, best_epoch=self.best_epoch,
+                        metrics=metrics or {}, config=self.config)
+            (d / META_FILE).write_text(json.dumps(meta, indent=1))  # last: a directory without it is no checkpoint
+        except OSError as e:  # e.g. ENOSPC: this directory is a fresh temp dir, earlier checkpoints are untouched
+            raise CheckpointError(f"could not write the checkpoint ({e}); earlier checkpoints are untouched") from e
         return d
 
-    def load(self, directory: str | Path, load_optimizer: bool = True) -> dict:
+    def load(self, directory: str | Path, load_optimizer: bool = True, rank: int = 0,
+             world_size: Optional[int] = None) -> dict:
+        """Restore everything from ``directory``. This rank's RNG states are restored when the checkpoint was written
+        by as many ranks as there are now (or ``world_size`` is None); otherwise the caller re-seeds."""
         d = Path(directory)
         meta = read_meta(d)
         state = _load_state(d / STATE_FILE)  # checked first: a refused or broken state.pt changes nothing
@@ -130,7 +161,10 @@ class TrainState:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.num_updates = state["counters"]["epoch"], state["counters"]["num_updates"]
         self.best_metric, self.best_epoch = state["best"]["metric"], state["best"]["epoch"]
-        set_rng_state(state["rng"])
+        self.in_epoch = dict(state["position"]) or None
+        self.rank_states = list(state["ranks"])
+        if world_size is None or len(self.rank_states) == world_size:
+            set_rng_state(self.rank_states[min(rank, len(self.rank_states) - 1)]["rng"])
         return meta
 
 
@@ -148,7 +182,7 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
-STATE_KEYS = ("optimizer", "counters", "best", "rng")
+STATE_KEYS = ("optimizer", "counters", "best", "position", "ranks")
 
 
 def _load_state(path: Path) -> dict:

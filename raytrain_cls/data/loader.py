@@ -39,12 +39,26 @@ class TransformedDataset(torch.utils.data.Dataset):
         img, target = self.base[index]
         if img.mode != self.img_mode:
             img = img.convert(self.img_mode)
-        if self.seed is not None:
-            s = sample_seed(self.seed, epoch, index)
-            random.seed(s)
-            np.random.seed(s)
-            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also touches CUDA, 100x slower
-        return self.transform(img), target
+        if self.seed is None:
+            return self.transform(img), target
+        if torch.utils.data.get_worker_info() is None:
+            # Loading in the training process itself (-j 0): leave the training RNG streams (mixup, dropout)
+            # exactly as they were, so they do not depend on how the data was loaded.
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+            try:
+                return self._seeded_transform(img, epoch, index), target
+            finally:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+        return self._seeded_transform(img, epoch, index), target
+
+    def _seeded_transform(self, img, epoch: int, index: int):
+        s = sample_seed(self.seed, epoch, index)
+        random.seed(s)
+        np.random.seed(s)
+        torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also touches CUDA, 100x slower
+        return self.transform(img)
 
 
 class _EpochTagged(Sampler):
@@ -81,7 +95,10 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
     train_ds = TransformedDataset(source.train, build_transform(cfg, data_config, True), mode, seed=cfg.run.seed)
     val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
     sampler = ResumableDistributedSampler(len(train_ds), rank, world_size, seed=cfg.run.seed, shuffle=True)
-    common = dict(num_workers=d.workers, pin_memory=d.pin_mem, persistent_workers=d.workers > 0)
+    # The loader's own generator: otherwise each new iterator draws its base seed from the global torch RNG,
+    # which would shift the training RNG stream by where a resumed run restarted.
+    common = dict(num_workers=d.workers, pin_memory=d.pin_mem, persistent_workers=d.workers > 0,
+                  generator=torch.Generator().manual_seed(cfg.run.seed))
     train = DataLoader(train_ds, batch_size=d.batch_size, sampler=_EpochTagged(sampler), drop_last=True, **common)
     val = DataLoader(val_ds, batch_size=d.validation_batch_size or d.batch_size,
                      sampler=ShardSampler(len(val_ds), rank, world_size), drop_last=False, **common)

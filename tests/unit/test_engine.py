@@ -99,22 +99,45 @@ def test_grad_accumulation_short_last_group():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_nan_loss_raises_at_the_logged_step():
+def test_nan_loss_stops_the_run_after_nan_patience_steps():
+    """A NaN poisons the weights, every later loss is NaN too: the streak reaches the patience and the run stops."""
     model = linear_model()
-    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
     x[0, 0] = float("nan")
     logged = []
-    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 3 step 0"):
-        train_one_epoch(3, batches(x, y, 4), parts_for(model), 0, log_interval=1, log=logged.append)
-    assert logged == []  # raised before the bad step was reported as progress
+    with pytest.raises(NonFiniteLossError, match="NaN/Inf for 2 consecutive steps"):
+        train_one_epoch(3, batches(x, y, 4), parts_for(model), 0, log_interval=10, log=logged.append,
+                        nan_patience=2)
+    assert logged == []  # stopped at step 2 of 4, before any progress line
 
 
-def test_nan_loss_raises_at_epoch_end_without_logging():
+def test_an_epoch_of_only_non_finite_losses_fails_even_below_the_patience():
     model = linear_model()
     x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
-    x[5, 0] = float("inf") * 0
-    with pytest.raises(NonFiniteLossError, match="training loss is nan in epoch 0"):
-        train_one_epoch(0, batches(x, y, 4), parts_for(model), 0)
+    x[0, 0] = float("inf") * 0
+    with pytest.raises(NonFiniteLossError, match="every training loss in epoch 0 was non-finite"):
+        train_one_epoch(0, batches(x, y, 4), parts_for(model), 0, nan_patience=5)
+
+
+def test_an_epoch_continued_from_its_middle_matches_the_straight_epoch():
+    """What a mid-epoch recovery checkpoint relies on: stop after 2 of 4 batches, hand over the progress (the
+    position and this rank's running loss sums), continue with the rest: same weights, same epoch loss."""
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    straight = linear_model()
+    full, n_full = _train(straight, batches(x, y, 4), 1)
+
+    resumed = linear_model()
+    progress = []
+    p = parts_for(resumed)
+    train_one_epoch(0, batches(x, y, 4)[:2], p, 0, on_update=lambda pr: progress.append(
+        (pr.batches_done, pr.num_updates, pr.loss_sum.item(), pr.seen.item())))
+    done, updates, loss_sum, seen = progress[-1]
+    assert (done, updates, seen) == (2, 2, 8)
+    rest, n_rest = train_one_epoch(0, batches(x, y, 4)[2:], p, updates, start_batch=done, carry=(loss_sum, seen))
+    assert n_rest == n_full == 4
+    assert rest["train_loss"] == pytest.approx(full["train_loss"], rel=1e-12)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_log_lines_every_interval_and_at_the_end():

@@ -1,0 +1,113 @@
+"""A checkpoint write that fails, weights that went non-finite, a damaged file, per-rank RNG: nothing is lost."""
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from raytrain_cls.config import Config
+from raytrain_cls.export import CONFIG_JSON, export_checkpoint
+from raytrain_cls.optim import build_optimizer
+from raytrain_cls.state import META_FILE, MODEL_FILE, CheckpointError, TrainState, non_finite_tensors, rng_state
+
+CFG = Config().update({"dataset": "digits", "model": "test_resnet", "lr": 0.1, "img_size": 16}).validate()
+CFG.resolved = dict(num_classes=4, classes=["a", "b", "c", "d"],
+                    data_config=dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3))
+
+
+def new_state(seed: int = 0) -> TrainState:
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=4)
+    return TrainState(CFG.to_dict(), model, build_optimizer(CFG, model))
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    state = new_state()
+    state.epoch = 3
+    good = state.save(tmp_path / "epoch-0003")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    state.epoch = 4
+    with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are untouched"):
+        state.save(tmp_path / "epoch-0004")
+    assert not (tmp_path / "epoch-0004" / META_FILE).exists()  # never mistaken for a complete checkpoint
+    monkeypatch.undo()
+    restored = new_state(seed=1)
+    restored.load(good)
+    assert restored.epoch == 3
+    for a, b in zip(state.model.state_dict().values(), restored.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    state = new_state()
+    assert non_finite_tensors(state.model) == []
+    with torch.no_grad():
+        next(state.model.parameters())[0].fill_(float("nan"))
+    assert len(non_finite_tensors(state.model)) == 1
+    with pytest.raises(CheckpointError, match="non-finite weights"):
+        state.save(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_truncated_weights_file_is_refused_by_name(tmp_path):
+    ckpt = new_state().save(tmp_path / "ckpt")
+    data = (ckpt / MODEL_FILE).read_bytes()
+    (ckpt / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read weights .*model.safetensors"):
+        new_state().load(ckpt)
+
+
+def test_each_rank_gets_its_own_rng_stream_back(tmp_path):
+    state = new_state()
+    torch.manual_seed(11)
+    rank0 = rng_state()
+    torch.manual_seed(22)
+    rank1 = rng_state()
+    state.rank_states = [dict(rng=rank0, loss_sum=1.0, seen=2.0), dict(rng=rank1, loss_sum=3.0, seen=4.0)]
+    ckpt = state.save(tmp_path / "ckpt")
+    torch.manual_seed(22)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    new_state().load(ckpt, rank=1, world_size=2)
+    assert torch.equal(torch.rand(3), expected)
+    # Another world size: the streams do not map onto ranks; the RNG is left for the caller to seed.
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    loaded = new_state()
+    torch.manual_seed(5)
+    loaded.load(ckpt, rank=0, world_size=3)
+    assert torch.equal(torch.rand(3), expected)
+    assert [r["seen"] for r in loaded.rank_states] == [2.0, 4.0]
+
+
+def test_export_rebuilds_with_timm_alone(tmp_path):
+    state = new_state()
+    state.epoch = 7
+    ckpt = state.save(tmp_path / "epoch-0007", metrics={"eval_top1": 50.0})
+    info = export_checkpoint(ckpt, tmp_path / "export")
+    cfg = json.loads((tmp_path / "export" / CONFIG_JSON).read_text())
+    assert cfg == json.loads(json.dumps(info))
+    assert cfg["architecture"] == "test_resnet" and cfg["label_names"] == ["a", "b", "c", "d"]
+    assert cfg["epoch"] == 7 and cfg["metrics"]["eval_top1"] == 50.0 and cfg["weights"] == [MODEL_FILE]
+    model = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"], **cfg["model_args"])
+    model.load_state_dict(load_file(str(tmp_path / "export" / MODEL_FILE)))  # strict
+    x = torch.randn(2, 3, 16, 16)
+    state.model.eval(), model.eval()
+    assert torch.equal(model(x), state.model(x))
+
+
+def test_export_of_a_damaged_checkpoint_fails_cleanly(tmp_path):
+    ckpt = new_state().save(tmp_path / "ckpt")
+    (ckpt / META_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError):
+        export_checkpoint(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out" / MODEL_FILE).exists()
