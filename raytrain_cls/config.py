@@ -183,6 +183,12 @@ class CheckpointConfig:
     checkpoint_hist: int = option(10, "best checkpoints to keep (plus the latest)", min=1)
     eval_metric: str = option("top1", "metric that picks the best checkpoint", choices=EVAL_METRICS)
     max_failures: int = option(0, "worker-group failures to recover from (Ray FailureConfig); -1 = unlimited", min=-1)
+    recovery_interval: int = option(0, "also checkpoint every N optimizer updates inside an epoch (0 = off); resuming "
+                                       "from one continues that epoch exactly where it stopped", min=0)
+    resume: str = option("", "continue a run (its directory, or its name under --output), or start a new run from "
+                             "a checkpoint directory (weights, optimizer, epoch)")
+    no_resume_opt: bool = option(False, "with --resume CHECKPOINT: restore the weights but not the optimizer state")
+    nan_patience: int = option(5, "stop the run after this many consecutive NaN/Inf losses", min=1)
 
 
 @dataclass

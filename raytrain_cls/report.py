@@ -107,8 +107,8 @@ class SummaryCallback(UserCallback):
         self.path = join(run_dir, SUMMARY_FILE)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if not metrics or "epoch" not in metrics[0]:
-            return
+        if not metrics or "epoch" not in metrics[0] or metrics[0].get("recovery"):
+            return  # mid-epoch recovery checkpoints have no evaluation: no summary row
         m = metrics[0]  # rank 0's metrics; evaluation is already reduced across ranks
         rows = read_summary(self.path)
         rows[int(m["epoch"])] = {k: m.get(k) for k in SUMMARY_COLUMNS}
@@ -121,7 +121,7 @@ def build_result(result, metric: str, mode: str) -> dict:
     best_ckpt: Optional[str] = None
     best_metrics: dict = {}
     if result.best_checkpoints:
-        ranked = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None]
+        ranked = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None and not m.get("recovery")]
         if ranked:
             # Ties go to the later epoch, as in the worker's best tracking and Ray's retention.
             sign = -1 if mode == "min" else 1

@@ -10,18 +10,19 @@ from __future__ import annotations
 import math
 import random
 import tempfile
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .config import Config
 from .data import build_loaders, build_source
-from .engine import TrainParts, autocast_factory, evaluate, train_one_epoch
+from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train_one_epoch
 from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model
 from .optim import build_optimizer, build_scheduler
 from .report import epoch_line, step_line
-from .state import TrainState
+from .state import TrainState, rng_state
 
 CHECKPOINT_PREFIX = "epoch-"
 
@@ -52,6 +53,29 @@ def quiet_per_report_logs() -> None:
     logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
 
 
+def recovery_score(metric: str) -> float:
+    """The score a mid-epoch recovery checkpoint carries for Ray's retention: worse than any real evaluation, so it
+    is never kept as a "best" checkpoint (only as the latest, until the next one replaces it)."""
+    return 1e30 if metric == "loss" else -1.0
+
+
+def restore(state: TrainState, cfg: Config, rank: int, world: int) -> Optional[str]:
+    """Load Ray's latest registered checkpoint (a restarted worker group, a resumed run), else the checkpoint given
+    with --resume CHECKPOINT (a new run started from it). Returns what was loaded, or None for a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state.load(d, load_optimizer=True, rank=rank, world_size=world)
+        return checkpoint.path
+    init = cfg.resolved.get("init_checkpoint")
+    if init:
+        state.load(init, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
+        return init
+    return None
+
+
 def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
@@ -75,14 +99,19 @@ def train_loop_per_worker(config: dict) -> dict:
     scaler = torch.amp.GradScaler("cuda") if cfg.precision.amp and amp_dtype == torch.float16 else None
     state = TrainState(config, model, optimizer, scheduler, scaler, ema)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state.load(d)
+    loaded = restore(state, cfg, rank, world)
+    resumed_from = state.num_updates if loaded else -1
+    if loaded:
+        if state.rank_states is not None and len(state.rank_states) != world:
+            # Written by a different number of ranks: no RNG stream to continue, start fresh ones for this point.
+            seed_everything(cfg.run.seed + rank + 7919 * state.num_updates)
         if rank == 0:
-            print(f"Resumed from {checkpoint.path} after epoch {state.epoch}", flush=True)
-    if scheduler is not None and state.start_epoch > 0:
-        scheduler.step(state.start_epoch)  # put the optimizer's LR where the schedule says for this epoch
+            where = (f"epoch {state.in_epoch['epoch']} after batch {state.in_epoch['batches']}" if state.in_epoch
+                     else f"the end of epoch {state.epoch}")
+            print(f"Resumed from {loaded} at {where} (update {state.num_updates})", flush=True)
+        if (scheduler is not None and cfg.checkpoint.no_resume_opt and not state.in_epoch
+                and cfg.sched.sched != "plateau"):
+            scheduler.step(state.start_epoch)  # the optimizer's LR was not restored: set it from the schedule
 
     train_model = model
     if world > 1:
@@ -96,14 +125,33 @@ def train_loop_per_worker(config: dict) -> dict:
                        accum_steps=cfg.optim.grad_accum_steps, channels_last=cfg.model.channels_last)
     num_epochs = res["num_epochs"]
     metric = cfg.checkpoint.eval_metric
+    batch = cfg.data.batch_size
     log = (lambda m: print(step_line(m, num_epochs), flush=True)) if rank == 0 else None
     last = {}
     for epoch in range(state.start_epoch, num_epochs):
-        loaders.set_epoch(epoch)
+        position = state.in_epoch if state.in_epoch and state.in_epoch["epoch"] == epoch else None
+        consumed = position["samples"] if position else 0  # global samples of this epoch already trained on
+        start_batch, carry = _continue_epoch(position, state.rank_states, rank, world, batch)
+        loaders.set_epoch(epoch, consumed)
         mixing = cfg.aug.mixup_off_epoch == 0 or epoch < cfg.aug.mixup_off_epoch
+
+        def on_update(progress: EpochProgress, epoch=epoch, consumed=consumed, start_batch=start_batch) -> None:
+            interval = cfg.checkpoint.recovery_interval
+            if not interval or progress.num_updates % interval or progress.batches_done >= progress.total_batches:
+                return
+            state.num_updates = progress.num_updates
+            state.in_epoch = dict(epoch=epoch, batches=progress.batches_done, world_size=world, batch_size=batch,
+                                  samples=consumed + (progress.batches_done - start_batch) * batch * world)
+            metrics = dict(epoch=epoch, step=progress.batches_done, num_updates=progress.num_updates, recovery=1,
+                           resumed_from=resumed_from, **{f"eval_{metric}": recovery_score(metric)})
+            report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}-step-{progress.num_updates:07d}",
+                   progress.loss_sum.item(), progress.seen.item())
+
         train_metrics, state.num_updates = train_one_epoch(
-            epoch, loaders.train, parts, state.num_updates, use_mixup=mixing,
-            log_interval=cfg.run.log_interval, log=log)
+            epoch, loaders.train, parts, state.num_updates, use_mixup=mixing, log_interval=cfg.run.log_interval,
+            log=log, start_batch=start_batch, carry=carry, nan_patience=cfg.checkpoint.nan_patience,
+            on_update=on_update)
+        state.in_epoch = None
         eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last)
         metrics = dict(epoch=epoch, **train_metrics)
         if ema is not None:
@@ -116,18 +164,43 @@ def train_loop_per_worker(config: dict) -> dict:
         state.epoch = epoch
         if is_better(metric, eval_metrics[metric], state.best_metric):
             state.best_metric, state.best_epoch = eval_metrics[metric], epoch
-        metrics.update(num_updates=state.num_updates, best_metric=state.best_metric, best_epoch=state.best_epoch)
+        metrics.update(num_updates=state.num_updates, best_metric=state.best_metric, best_epoch=state.best_epoch,
+                       resumed_from=resumed_from)
         if rank == 0:
             print(epoch_line(metrics, num_epochs), flush=True)
-        report(state, metrics, rank, f"{CHECKPOINT_PREFIX}{epoch:04d}")
+        report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}")
         last = metrics
     return last
 
 
-def report(state: TrainState, metrics: dict, rank: int, name: str) -> None:
-    """Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint, written complete beforehand."""
-    import ray.train
+def _continue_epoch(position: Optional[dict], rank_states: Optional[list], rank: int, world: int,
+                    batch: int) -> tuple[int, tuple[float, float]]:
+    """(first batch index, this rank's (loss_sum, seen) so far) for an epoch a recovery checkpoint interrupted."""
+    if not position:
+        return 0, (0.0, 0.0)
+    ranks = rank_states or []
+    if position["world_size"] == world and position["batch_size"] == batch and len(ranks) == world:
+        return position["batches"], (ranks[rank]["loss_sum"], ranks[rank]["seen"])
+    # Another worker count: the epoch continues from the same global sample; the running sums are reduced
+    # across ranks at the end of the epoch anyway, so rank 0 carries them all.
+    carry = (sum(r["loss_sum"] for r in ranks), sum(r["seen"] for r in ranks)) if rank == 0 else (0.0, 0.0)
+    return position["samples"] // (batch * world), carry
 
+
+def report(state: TrainState, metrics: dict, rank: int, world: int, name: str,
+           loss_sum: float = 0.0, seen: float = 0.0) -> None:
+    """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, complete, into a fresh temp dir
+    and only then hands it to Ray. Each rank's RNG states and running loss sums are gathered into it first."""
+    import ray.train
+    import torch.distributed as dist
+
+    mine = dict(rng=rng_state(), loss_sum=float(loss_sum), seen=float(seen))
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    state.rank_states = gathered
     with tempfile.TemporaryDirectory(prefix="raytrain-cls-ckpt-") as tmp:
         checkpoint = None
         if rank == 0:
