@@ -80,16 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(--data-dir) starts from timm's defaults.")
     train.add_argument("-c", "--config", metavar="FILE|RECIPE",
                        help=f"YAML config file, or a bundled recipe: {', '.join(recipe_names())}")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run named by --experiment from its latest checkpoint")
     add_config_flags(train)
+    export = sub.add_parser("export", help="write a checkpoint's model as safetensors + config.json (timm rebuilds it)")
+    export.add_argument("checkpoint", help="a checkpoint directory (e.g. <run>/epoch-0009)")
+    export.add_argument("out_dir", help="where to write model.safetensors, ema.safetensors, config.json")
     return parser
 
 
 def base_recipe(args: argparse.Namespace) -> Optional[str]:
-    """The config to start from: -c, else the bundled recipe of a built-in data set (digits by default)."""
+    """The config to start from: -c; else, continuing a run, that run's config.yaml; else the bundled recipe of a
+    built-in data set (digits by default)."""
     if args.config:
         return args.config
+    if getattr(args, "resume", None):
+        from .trainer import find_resume_target, resolve_output, run_config_file
+
+        kind, target = find_resume_target(args.resume, resolve_output(getattr(args, "output", "")))
+        if kind == "run" and run_config_file(target):
+            return run_config_file(target)
     if getattr(args, "data_dir", None) and not hasattr(args, "dataset"):
         return None  # an ImageFolder tree: timm's defaults
     dataset = canonical_dataset(getattr(args, "dataset", "digits"))
@@ -97,17 +105,18 @@ def base_recipe(args: argparse.Namespace) -> Optional[str]:
 
 
 def overrides_of(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config")}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import DataError
+    from .state import CheckpointError
     from .trainer import TrainingError, train
 
     try:
         cfg = load_config(base_recipe(args), overrides_of(args))
-        train(cfg, resume=args.resume)
-    except (ConfigError, DataError) as e:
+        train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"raytrain-cls: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingError as e:
@@ -116,11 +125,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+    from .state import CheckpointError
+
+    try:
+        info = export_checkpoint(args.checkpoint, args.out_dir)
+    except CheckpointError as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"Exported {info['architecture']} ({info['num_classes']} classes, epoch {info['epoch']}): "
+          f"{', '.join(info['weights'])} and config.json in {args.out_dir}")
+    return EXIT_OK
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "export":
+        return cmd_export(args)
     parser.print_help()
     return EXIT_USAGE
 

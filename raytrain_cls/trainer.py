@@ -11,6 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .config import Config, ConfigError, dump_yaml
 from .data import DataError, build_source
@@ -18,6 +19,7 @@ from .data.transforms import data_config_kwargs
 from .model import pretrained_cfg_of
 from .optim import resolve_lr, resolve_num_epochs
 from .report import CONFIG_FILE, build_result, is_uri, join, write_result, write_text
+from .state import META_FILE, read_meta
 
 DEFAULT_OUTPUT = "output/train"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it into a run directory it has started
@@ -118,29 +120,68 @@ def _local_run_started(run_dir: str) -> bool:
     return not is_uri(run_dir) and (Path(run_dir) / RAY_SNAPSHOT).exists()
 
 
-def run_paths(cfg: Config, resume: bool = False) -> RunPaths:
+def resolve_output(output: str) -> str:
+    """--output as Ray's storage_path: a URI as given, a local path made absolute (default ./output/train)."""
+    output = output or DEFAULT_OUTPUT
+    return output if is_uri(output) else str(Path(output).expanduser().resolve())
+
+
+def find_resume_target(resume: str, output: str) -> tuple[str, str]:
+    """What --resume names: ("run", run_dir) to continue a run, or ("checkpoint", dir) to start from one."""
+    if is_uri(resume):
+        return "run", resume.rstrip("/")
+    for candidate in (Path(resume).expanduser(), None if is_uri(output) else Path(output) / resume):
+        if candidate is None:
+            continue
+        if (candidate / RAY_SNAPSHOT).is_file():
+            return "run", str(candidate.resolve())
+        if (candidate / META_FILE).is_file():
+            return "checkpoint", str(candidate.resolve())
+    if is_uri(output) and "/" not in resume:
+        return "run", join(output, resume)
+    raise ConfigError("checkpoint.resume", resume, "neither a run directory (with Ray's "
+                      f"{RAY_SNAPSHOT}), a run name under {output}, nor a checkpoint directory (with {META_FILE})")
+
+
+def run_paths(cfg: Config) -> RunPaths:
     """Where the run goes. A new run never reuses a directory: Ray would silently resume whatever is there."""
     c = cfg.checkpoint
-    output = c.output or DEFAULT_OUTPUT
-    if not is_uri(output):
-        output = str(Path(output).expanduser().resolve())
+    output = resolve_output(cfg.checkpoint.output)
+    if c.resume:
+        kind, target = find_resume_target(c.resume, output)
+        if kind == "run":  # continue it: same storage, same name, so Ray restores its checkpoint history
+            parent, name = target.rstrip("/").rsplit("/", 1)
+            return RunPaths(parent, name, target)
     if c.experiment:
         run_dir = join(output, c.experiment)
-        started = _local_run_started(run_dir)
-        if resume and not started and not is_uri(run_dir):
-            raise ConfigError("checkpoint.experiment", c.experiment, f"--resume: no run to resume in {run_dir}")
-        if started and not resume:
+        if _local_run_started(run_dir):
             raise ConfigError("checkpoint.experiment", c.experiment,
-                              f"{run_dir} already holds a run; pass --resume to continue it, or pick another name")
+                              f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                              f"or pick another --experiment name")
         return RunPaths(output, c.experiment, run_dir)
-    if resume:
-        raise ConfigError("checkpoint.experiment", "", "--resume needs --experiment NAME of the run to continue")
     base = default_experiment(cfg)
     name, n = base, 0
     while not is_uri(output) and Path(output, name).exists():
         n += 1
         name = f"{base}-{n}"
     return RunPaths(output, name, join(output, name))
+
+
+def init_checkpoint(cfg: Config) -> Optional[str]:
+    """The checkpoint a new run starts from (--resume CHECKPOINT), checked readable before any Ray work."""
+    if not cfg.checkpoint.resume:
+        return None
+    kind, target = find_resume_target(cfg.checkpoint.resume, resolve_output(cfg.checkpoint.output))
+    if kind != "checkpoint":
+        return None
+    read_meta(Path(target))  # CheckpointError now, not inside the workers
+    return target
+
+
+def run_config_file(run_dir: str) -> Optional[str]:
+    """The config.yaml of an existing run, to continue it with the same settings."""
+    path = join(run_dir, CONFIG_FILE)
+    return path if not is_uri(path) and Path(path).is_file() else None
 
 
 # ---- fit -----------------------------------------------------------------------------------------------------
@@ -186,17 +227,20 @@ def explain_failure(err: BaseException) -> str:
     return text[-1] if text else type(cause).__name__
 
 
-def train(cfg: Config, resume: bool = False, echo=print) -> dict:
+def train(cfg: Config, echo=print) -> dict:
     """Validate, resolve, fit. Returns the result.json payload. Raises ConfigError/DataError before any worker
     starts, TrainingError when the run itself fails."""
     import ray.train
 
     cfg.validate()
-    paths = run_paths(cfg, resume=resume)  # before Ray: a name clash is a config error, not a cluster job
+    paths = run_paths(cfg)  # before Ray: a name clash is a config error, not a cluster job
+    start_from = init_checkpoint(cfg)
     cluster = connect()
     resolve(cfg, cluster)
     r = cfg.resolved
     r.update(output=paths.output, experiment=paths.experiment, run_dir=paths.run_dir)
+    if start_from:
+        r["init_checkpoint"] = start_from
     write_text(join(paths.run_dir, CONFIG_FILE), dump_yaml(cfg))
     echo(f"Run directory: {paths.run_dir}")
     echo(f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r['train_samples']} train / "

@@ -35,12 +35,14 @@ def test_overrides_hold_only_given_flags():
                                   "model_kwargs": {"a": 1, "b": "x"}, "use_gpu": True, "num_workers": 3,
                                   "workers": 2}
     assert overrides_of(parse()) == {}
-    assert overrides_of(parse("-c", "digits", "--resume")) == {}
+    assert overrides_of(parse("-c", "digits")) == {}
+    assert overrides_of(parse("-c", "digits", "--resume", "runs/a")) == {"resume": "runs/a"}
 
 
 def test_other_short_flags():
-    args = parse("-vb", "64", "-c", "my.yaml", "--resume")
-    assert args.validation_batch_size == 64 and args.config == "my.yaml" and args.resume is True
+    args = parse("-vb", "64", "-c", "my.yaml", "--resume", "runs/a", "--no-resume-opt")
+    assert args.validation_batch_size == 64 and args.config == "my.yaml" and args.resume == "runs/a"
+    assert args.no_resume_opt is True
 
 
 def test_model_kwargs_value_needs_equals():

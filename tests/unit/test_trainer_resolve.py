@@ -1,10 +1,13 @@
 """Driver-side decisions made before any Ray work: scaling, run directory, data config, failure messages."""
+import json
 from pathlib import Path
 
 import pytest
 
 from raytrain_cls.config import Config, ConfigError, load_config
-from raytrain_cls.trainer import RAY_SNAPSHOT, explain_failure, resolve, resolve_data_config, resolve_scaling, run_paths
+from raytrain_cls.state import FORMAT_VERSION, META_FILE, CheckpointError
+from raytrain_cls.trainer import (RAY_SNAPSHOT, explain_failure, init_checkpoint, resolve, resolve_data_config,
+                                  resolve_scaling, run_config_file, run_paths)
 
 
 def _cfg(**overrides) -> Config:
@@ -67,21 +70,52 @@ def test_run_paths_default_name_is_unique_and_timm_style(tmp_path):
     assert second.run_dir != first.run_dir
 
 
-def test_run_paths_refuses_to_reuse_a_started_run(tmp_path):
-    run_dir = tmp_path / "exp"
+def _started_run(tmp_path, name="exp"):
+    run_dir = tmp_path / name
     run_dir.mkdir()
     (run_dir / RAY_SNAPSHOT).write_text("{}")
-    cfg = _cfg(output=str(tmp_path), experiment="exp")
-    with pytest.raises(ConfigError, match="already holds a run"):
-        run_paths(cfg)
-    assert run_paths(cfg, resume=True).run_dir == str(run_dir)
+    (run_dir / "config.yaml").write_text("data: {dataset: digits}\n")
+    return run_dir
 
 
-def test_resume_needs_an_existing_run(tmp_path):
-    with pytest.raises(ConfigError, match="no run to resume"):
-        run_paths(_cfg(output=str(tmp_path), experiment="nope"), resume=True)
-    with pytest.raises(ConfigError, match="needs --experiment"):
-        run_paths(_cfg(output=str(tmp_path)), resume=True)
+def test_run_paths_refuses_to_reuse_a_started_run(tmp_path):
+    run_dir = _started_run(tmp_path)
+    with pytest.raises(ConfigError, match=f"already holds a run; continue it with --resume {run_dir}"):
+        run_paths(_cfg(output=str(tmp_path), experiment="exp"))
+
+
+@pytest.mark.parametrize("how", ["dir", "name"])
+def test_resume_continues_the_run_in_place(tmp_path, how):
+    run_dir = _started_run(tmp_path)
+    resume = str(run_dir) if how == "dir" else "exp"
+    paths = run_paths(_cfg(output=str(tmp_path), resume=resume))
+    assert (paths.output, paths.experiment, paths.run_dir) == (str(tmp_path), "exp", str(run_dir))
+    assert init_checkpoint(_cfg(output=str(tmp_path), resume=resume)) is None
+    assert run_config_file(str(run_dir)) == str(run_dir / "config.yaml")
+
+
+def test_resume_from_a_checkpoint_starts_a_new_run_from_it(tmp_path):
+    ckpt = tmp_path / "old" / "epoch-0003"
+    ckpt.mkdir(parents=True)
+    (ckpt / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
+    cfg = _cfg(output=str(tmp_path / "runs"), resume=str(ckpt))
+    paths = run_paths(cfg)
+    assert paths.output == str(tmp_path / "runs") and not Path(paths.run_dir).exists()
+    assert init_checkpoint(cfg) == str(ckpt)
+
+
+def test_resume_of_a_tampered_checkpoint_fails_before_ray(tmp_path):
+    ckpt = tmp_path / "epoch-0001"
+    ckpt.mkdir()
+    (ckpt / META_FILE).write_text(json.dumps({"format_version": 999}))
+    with pytest.raises(CheckpointError, match="format 999"):
+        init_checkpoint(_cfg(output=str(tmp_path), resume=str(ckpt)))
+
+
+def test_resume_of_nothing_names_what_it_looked_for(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        run_paths(_cfg(output=str(tmp_path), resume="nope"))
+    assert e.value.key == "checkpoint.resume" and RAY_SNAPSHOT in str(e.value) and META_FILE in str(e.value)
 
 
 def test_failure_message_names_each_rank_and_its_own_error():
