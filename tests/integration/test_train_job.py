@@ -1,6 +1,7 @@
 """The embedded default job, run as a user runs it (the CLI), on a private local Ray with 2 CPU workers (gloo)."""
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,22 @@ def test_a_failing_run_exits_1_naming_the_rank_and_its_error(ray_local, tmp_path
     err = capsys.readouterr().err
     assert code == 1
     assert "training failed: rank 0: " in err and "NonFiniteLossError" in err, err
+    assert "consecutive steps" in err
+    assert not list((tmp_path / "diverges").glob("epoch-*")), "a checkpoint with non-finite weights was written"
+
+
+def test_asking_for_gpus_on_a_cpu_cluster_fails_at_once(ray_local, tmp_path, capsys):
+    """Ray would retry placing GPU workers forever; the driver checks the cluster first and says why."""
+    started = time.monotonic()
+    assert main(["train", "--use-gpu", "--output", str(tmp_path)]) == 2
+    assert "scaling.use_gpu" in capsys.readouterr().err and time.monotonic() - started < 30
+    assert not list(tmp_path.iterdir())  # nothing was started, nothing written
+
+
+def test_export_cli_writes_a_model_timm_can_rebuild(default_run, tmp_path, capsys):
+    _, run_dir = default_run
+    best = json.loads((run_dir / "result.json").read_text())["best_checkpoint"]
+    assert main(["export", best, str(tmp_path / "export")]) == EXIT_OK
+    info = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert info["architecture"] == "resnet10t" and info["num_classes"] == 10
+    assert (tmp_path / "export" / MODEL_FILE).is_file() and "Exported resnet10t" in capsys.readouterr().out
