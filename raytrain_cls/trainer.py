@@ -198,7 +198,8 @@ def build_trainer(cfg: Config, paths: RunPaths):
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=r["num_workers"], use_gpu=r["use_gpu"],
-                                               resources_per_worker=cfg.scaling.resources_per_worker),
+                                               resources_per_worker=cfg.scaling.resources_per_worker,
+                                               placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=paths.experiment, storage_path=paths.output,
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures),

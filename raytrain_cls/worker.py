@@ -99,6 +99,9 @@ def train_loop_per_worker(config: dict) -> dict:
     scaler = torch.amp.GradScaler("cuda") if cfg.precision.amp and amp_dtype == torch.float16 else None
     state = TrainState(config, model, optimizer, scheduler, scaler, ema)
 
+    nodes = _count_nodes(world)
+    if rank == 0:
+        print(f"{world} training worker(s) on {nodes} node(s), device {device}", flush=True)
     loaded = restore(state, cfg, rank, world)
     resumed_from = state.num_updates if loaded else -1
     if loaded:
@@ -165,12 +168,25 @@ def train_loop_per_worker(config: dict) -> dict:
         if is_better(metric, eval_metrics[metric], state.best_metric):
             state.best_metric, state.best_epoch = eval_metrics[metric], epoch
         metrics.update(num_updates=state.num_updates, best_metric=state.best_metric, best_epoch=state.best_epoch,
-                       resumed_from=resumed_from)
+                       resumed_from=resumed_from, num_nodes=nodes)
         if rank == 0:
             print(epoch_line(metrics, num_epochs), flush=True)
         report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}")
         last = metrics
     return last
+
+
+def _count_nodes(world: int) -> int:
+    """How many Ray nodes this worker group spans (shown to the user, reported with every epoch)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return 1
+    ids = [None] * world
+    dist.all_gather_object(ids, node)
+    return len(set(ids))
 
 
 def _continue_epoch(position: Optional[dict], rank_states: Optional[list], rank: int, world: int,
