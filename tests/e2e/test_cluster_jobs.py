@@ -1,0 +1,144 @@
+"""End to end through a real local cluster: cluster/local scripts, `ray job submit` with token auth, a second
+node, and the loss of that node mid-run. Each cluster is stopped by its own process ids only."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL = ROOT / "cluster" / "local"
+PORT, DASH, WORKER_BASE = 6397, 8297, 6600
+JOB_ADDRESS = f"http://127.0.0.1:{DASH}"
+
+
+def sh(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "RAY_AUTH_MODE": "token", **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(list(args), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def cluster_processes() -> list[int]:
+    """Pids whose command line mentions this test cluster's state directory (all its Ray processes do)."""
+    marker = f"raytrain-cls-cluster-{PORT}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = sh("bash", str(LOCAL / "start-head.sh"), "--port", str(PORT), "--dashboard-port", str(DASH),
+                 "--num-cpus", "2", timeout=180)
+    try:
+        yield started.stdout
+    finally:
+        sh("bash", str(LOCAL / "stop.sh"), "--port", str(PORT), timeout=120, check=False)
+        deadline = time.monotonic() + 30
+        while cluster_processes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not cluster_processes(), "the cluster's processes outlived stop.sh"
+
+
+def test_start_script_prints_where_everything_is(cluster):
+    assert f"http://127.0.0.1:{DASH}" in cluster and "token file:" in cluster and "stop.sh --port" in cluster
+
+
+def test_dashboard_listens_on_loopback_only(cluster):
+    with socket.create_connection(("127.0.0.1", DASH), timeout=5):
+        pass
+    if not shutil.which("hostname"):
+        pytest.skip("no hostname command to list this host's addresses")
+    ips = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    external = [ip for ip in ips if not ip.startswith("127.") and ":" not in ip]
+    if not external:
+        pytest.skip("this host has no non-loopback IPv4 address to probe")
+    with pytest.raises(OSError):
+        socket.create_connection((external[0], DASH), timeout=5).close()
+
+
+def test_jobs_api_refuses_requests_without_the_token(cluster):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{JOB_ADDRESS}/api/jobs/", timeout=10)
+    assert e.value.code == 401
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"RAY_AUTH_MODE": "disabled"}, "no authentication token was found"),
+    ({"RAY_AUTH_TOKEN": "not-the-token"}, "invalid or incorrect"),
+])
+def test_submission_without_the_right_token_is_refused(cluster, env, reason):
+    proc = sh("ray", "job", "submit", "--address", JOB_ADDRESS, "--", "echo", "should-not-run",
+              env=env, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert reason in proc.stdout + proc.stderr
+
+
+def test_digits_smoke_job_through_ray_job_submit(cluster, tmp_path):
+    job_id = f"raytrain-smoke-{int(time.time())}"
+    sh("ray", "job", "submit", "--address", JOB_ADDRESS, "--submission-id", job_id, "--working-dir", ".",
+       "--", "raytrain-cls", "train", "-c", "jobs/digits_smoke.yaml", "--output", str(tmp_path),
+       "--experiment", "smoke", timeout=600)
+    status = sh("ray", "job", "status", "--address", JOB_ADDRESS, job_id).stdout
+    assert "succeeded" in status.lower()
+    logs = sh("ray", "job", "logs", "--address", JOB_ADDRESS, job_id).stdout
+    assert "Best eval_top1" in logs and "Epoch 3/3" in logs
+    run_dir = tmp_path / "smoke"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["best_value"] > 80 and Path(result["best_checkpoint"]).is_dir()
+    assert (Path(result["best_checkpoint"]) / "model.safetensors").is_file()
+
+
+def test_two_nodes_spread_then_losing_one_node(cluster, tmp_path):
+    """2 workers SPREAD over head + a second node; the second node is killed mid-run and restarted; the run
+    finishes from its checkpoint."""
+    add = ("bash", str(LOCAL / "add-worker.sh"), "--port", str(PORT), "--name", "w1", "--num-cpus", "2",
+           "--base-port", str(WORKER_BASE))
+    sh(*add, timeout=180)
+    run_dir = tmp_path / "twonode"
+    log = tmp_path / "driver.log"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{PORT}"}
+    with log.open("w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "raytrain_cls", "train", "-c", "jobs/digits_smoke.yaml",
+                                   "--placement-strategy", "SPREAD", "--epochs", "5", "--recovery-interval", "5",
+                                   "--max-failures", "2", "--output", str(tmp_path), "--experiment", "twonode"],
+                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "epoch-0000").is_dir():
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.2)
+        assert "2 training worker(s) on 2 node(s)" in log.read_text()
+        sh("bash", str(LOCAL / "stop.sh"), "--port", str(PORT), "--node", "w1", "--kill")  # a lost machine
+        time.sleep(2)
+        sh(*add, timeout=180)
+        assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        sh("bash", str(LOCAL / "stop.sh"), "--port", str(PORT), "--node", "w1", check=False)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["last_metrics"]["resumed_from"] > 0, "the run was not resumed from a checkpoint"
+    with (run_dir / "summary.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(5))
