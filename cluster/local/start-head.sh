@@ -6,15 +6,17 @@
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
 
-port=6390 dash=8290 cpus=2
+port=6390 dash=8290 cpus=2 agent=""
 while [ $# -gt 0 ]; do
     case $1 in
         --port) port=$2; shift 2 ;;
         --dashboard-port) dash=$2; shift 2 ;;
         --num-cpus) cpus=$2; shift 2 ;;
+        --agent-port) agent=$2; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
+agent=${agent:-$((dash + 10))}  # the head's dashboard agent, which runs submitted jobs
 command -v ray >/dev/null || { echo "ray is not on PATH: activate the project's venv first" >&2; exit 1; }
 
 dir=$(state_dir "$port")
@@ -28,7 +30,8 @@ ray get-auth-token --generate >/dev/null  # creates ~/.ray/auth_token when missi
 # --block keeps `ray start` in the foreground as the parent of every Ray process of this node: SIGTERM to it
 # shuts the node down cleanly, and setsid gives it its own process group for a hard kill (see stop.sh).
 setsid ray start --head --block --port "$port" --num-cpus "$cpus" \
-    --dashboard-host 127.0.0.1 --dashboard-port "$dash" --disable-usage-stats \
+    --dashboard-host 127.0.0.1 --dashboard-port "$dash" --dashboard-agent-listen-port "$agent" \
+    --disable-usage-stats \
     --temp-dir "$dir/ray" > "$dir/head.log" 2>&1 < /dev/null &
 echo $! > "$dir/head.pid"
 
@@ -41,6 +44,15 @@ for _ in $(seq 120); do
     sleep 0.5
 done
 [ "$code" = 200 ] || { echo "the dashboard did not come up on 127.0.0.1:$dash; see $dir/head.log" >&2; exit 1; }
+# The job server answers before the agent that runs jobs is up; a submission in between gets "No available
+# agent". Wait for the agent's health check too.
+for _ in $(seq 240); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(ray get-auth-token 2>/dev/null)" \
+        "http://127.0.0.1:$agent/api/healthz" || true)
+    [ "$code" = 200 ] && break
+    sleep 0.5
+done
+[ "$code" = 200 ] || { echo "the job agent did not come up on port $agent; see $dir/head.log" >&2; exit 1; }
 
 ip=$(ray get-head-ip 2>/dev/null || hostname -I 2>/dev/null | awk '{print $1}')
 cat <<MSG
