@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,8 @@ class CheckpointConfig:
     resume: str = option("", "continue a run (its directory, or its name under --output), or start a new run from "
                              "a checkpoint directory (weights, optimizer, epoch)")
     no_resume_opt: bool = option(False, "with --resume CHECKPOINT: restore the weights but not the optimizer state")
+    initial_checkpoint: str = option("", "start from these weights only (a checkpoint directory or .safetensors "
+                                         "file), at epoch 0 with a fresh optimizer, as timm's --initial-checkpoint")
     nan_patience: int = option(5, "stop the run after this many consecutive NaN/Inf losses", min=1)
 
 
@@ -291,6 +294,9 @@ class Config:
                               "with --pretrained-path FILE")
         if m.pretrained_path and not _is_uri(m.pretrained_path) and not Path(m.pretrained_path).is_file():
             raise ConfigError("model.pretrained_path", m.pretrained_path, "no such file")
+        init = self.checkpoint.initial_checkpoint
+        if init and not _is_uri(init) and not Path(init).exists():
+            raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")
         if m.input_size is not None and (len(m.input_size) != 3 or min(m.input_size) < 1):
             raise ConfigError("model.input_size", m.input_size, "needs three positive numbers: C H W")
         for name, val in (("model.mean", m.mean), ("model.std", m.std)):
@@ -361,6 +367,9 @@ def _suggest(word: str, candidates) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check a YAML/CLI value against the field's type; allow only lossless conversions (int -> float)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -380,6 +389,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return int(value)
         raise ConfigError(key, value, "expected an integer")
     if hint is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ConfigError(key, value, "expected a finite number")

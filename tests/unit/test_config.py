@@ -269,7 +269,7 @@ def test_resolved_must_be_a_mapping():
     ({"epochs": True}, "sched.epochs", "expected an integer"),
     ({"epochs": 1.5}, "sched.epochs", "expected an integer"),
     ({"batch_size": None}, "data.batch_size", "expected an integer"),
-    ({"lr": "0.1"}, "optim.lr", "expected a number"),
+    ({"lr": "0.1x"}, "optim.lr", "expected a number"),
     ({"hflip": True}, "aug.hflip", "expected a number"),
     ({"lr": float("nan")}, "optim.lr", "expected a finite number"),
     ({"weight_decay": float("inf")}, "optim.weight_decay", "expected a finite number"),
@@ -513,3 +513,13 @@ def test_a_yaml_section_with_everything_commented_out_is_empty(tmp_path):
     path.write_text("data: {dataset: digits}\naug:\n  # mixup: 0.2\noptim:\n  lr: 0.5\n")
     cfg = load_config(str(path))
     assert cfg.optim.lr == 0.5 and cfg.aug.mixup == 0.0
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `lr: 1e-4` as the string '1e-4'; a timm user means the number."""
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: digits\nlr: 1e-4\nweight_decay: 5E-5\nscale: [8e-2, 1]\n")
+    cfg = load_config(str(path))
+    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 5e-5 and cfg.aug.scale == [0.08, 1.0]
+    with pytest.raises(ConfigError):
+        load_config(str(path), {"lr": "fast"})
