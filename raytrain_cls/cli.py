@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
+from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
@@ -43,10 +44,12 @@ def _scalar_type(hint):
     return hint
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """One flag per config field: --kebab-case of the field name (plus timm's short forms)."""
     groups = {name: parser.add_argument_group(GROUP_TITLES.get(name, name)) for name in GROUPS}
     for group, name, f, hint in iter_fields():
+        if name in exclude:
+            continue
         meta = f.metadata
         flags = [f"--{name.replace('_', '-')}", *meta.get("flags", ())]
         shown = f.default_factory() if callable(f.default_factory) else f.default
@@ -81,10 +84,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-c", "--config", metavar="FILE|RECIPE",
                        help=f"YAML config file, or a bundled recipe: {', '.join(recipe_names())}")
     add_config_flags(train)
+    tune = sub.add_parser("tune", help="Ray Tune search over any config key, each trial a Ray Train run",
+                          description="Search with Ray Tune. -c takes a training config with a `search:` block; "
+                                      "--search KEY=KIND:ARGS adds dimensions (uniform, loguniform, quniform, "
+                                      "qloguniform, randint, qrandint: numbers separated by ':'; choice, grid: "
+                                      "values separated by ','). Default space: lr, mixup, smoothing.")
+    tune.add_argument("-c", "--config", metavar="FILE|RECIPE", help="search YAML, or a training config/recipe")
+    tune.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search")
+    tune.add_argument("--search", action="append", metavar="KEY=KIND:ARGS", help="a search dimension (repeatable)")
+    opts = tune.add_argument_group("search")
+    for flag, kind, text in SEARCH_FLAGS:
+        opts.add_argument(f"--{flag}", dest=f"search__{flag.replace('-', '_')}", type=kind, default=argparse.SUPPRESS, metavar="N" if kind is not str else "NAME",
+                          help=text)
+    add_config_flags(tune, exclude=("resume", "no_resume_opt", "initial_checkpoint"))
     export = sub.add_parser("export", help="write a checkpoint's model as safetensors + config.json (timm rebuilds it)")
     export.add_argument("checkpoint", help="a checkpoint directory (e.g. <run>/epoch-0009)")
     export.add_argument("out_dir", help="where to write model.safetensors, ema.safetensors, config.json")
     return parser
+
+
+SEARCH_FLAGS = (
+    ("num-samples", int, "trials to sample (default 8; with grid dimensions: repeats of the grid)"),
+    ("metric", str, "metric to optimise (default eval_<--eval-metric>)"),
+    ("mode", str, "min or max (default: min for a loss, else max)"),
+    ("scheduler", str, "asha (default: stops bad trials early) or fifo"),
+    ("grace-period", int, "ASHA: epochs every trial runs before it can be stopped (default 1)"),
+    ("reduction-factor", float, "ASHA: keep 1/N of the trials at each rung (default 2)"),
+    ("searcher", str, "random (default) or optuna (pip install 'raytrain-cls[optuna]')"),
+    ("max-concurrent-trials", int, "trials running at once (default: as many as the cluster fits)"),
+    ("workers-per-trial", int, "Ray Train workers per trial (default 1)"),
+    ("cpus-per-worker", float, "CPUs per trial worker (default 1)"),
+    ("gpus-per-worker", float, "GPUs per trial worker; fractions such as 0.25 share a GPU (default 0)"),
+)
 
 
 def base_recipe(args: argparse.Namespace) -> Optional[str]:
@@ -105,7 +136,9 @@ def base_recipe(args: argparse.Namespace) -> Optional[str]:
 
 
 def overrides_of(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return {k: v for k, v in vars(args).items()
+            if k not in ("command", "config", "search") and not k.startswith("search__")
+            and not (args.command == "tune" and k == "resume")}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -122,6 +155,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"raytrain-cls: {e}", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .config import Config, read_yaml, resolve_config_path
+    from .data import DataError
+    from .tune import SEARCH_FILE, load_search_file, parse_search, space_from_cli, tune_search
+
+    try:
+        if args.resume:
+            raw, search = load_search_file(str(Path(args.resume) / SEARCH_FILE))
+        elif args.config:
+            raw, search = load_search_file(str(resolve_config_path(args.config)))
+        else:
+            recipe = base_recipe(args)
+            raw, search = (read_yaml(resolve_config_path(recipe)) if recipe else {}), {}
+        base = Config().update(raw)
+        if not args.resume:
+            base.update(overrides_of(args))
+        cli = {k[len("search__"):]: v for k, v in vars(args).items() if k.startswith("search__")}
+        spec = parse_search(search, space_from_cli(args.search), cli)
+        tune_search(base, spec, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -146,6 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_train(args)
     if args.command == "export":
         return cmd_export(args)
+    if args.command == "tune":
+        return cmd_tune(args)
     parser.print_help()
     return EXIT_USAGE
 

@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .config import Config, ConfigError, dump_yaml
 from .data import DataError, build_source
@@ -185,7 +185,7 @@ def run_config_file(run_dir: str) -> Optional[str]:
 
 
 # ---- fit -----------------------------------------------------------------------------------------------------
-def build_trainer(cfg: Config, paths: RunPaths):
+def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -206,7 +206,7 @@ def build_trainer(cfg: Config, paths: RunPaths):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=c.checkpoint_hist,
                                                          checkpoint_score_attribute=f"eval_{c.eval_metric}",
                                                          checkpoint_score_order=score_order),
-            callbacks=[SummaryCallback(paths.run_dir)],
+            callbacks=[SummaryCallback(paths.run_dir), *extra_callbacks],
             # Our rank-0 progress lines are the console output; Ray's per-report INFO lines would drown them.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             # Ray's print patch sends worker prints through a logger that also echoes them: each line twice.
@@ -231,11 +231,17 @@ def explain_failure(err: BaseException) -> str:
 def train(cfg: Config, echo=print) -> dict:
     """Validate, resolve, fit. Returns the result.json payload. Raises ConfigError/DataError before any worker
     starts, TrainingError when the run itself fails."""
-    import ray.train
-
     cfg.validate()
     paths = run_paths(cfg)  # before Ray: a name clash is a config error, not a cluster job
     start_from = init_checkpoint(cfg)
+    return fit_run(cfg, paths, start_from=start_from, echo=echo)
+
+
+def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extra_callbacks: Sequence = (),
+            echo=print) -> dict:
+    """Resolve the config on this cluster, write config.yaml, fit, write result.json. Also a Tune trial's body."""
+    import ray.train
+
     cluster = connect()
     resolve(cfg, cluster)
     r = cfg.resolved
@@ -248,7 +254,7 @@ def train(cfg: Config, echo=print) -> dict:
          f"{r['val_samples']} val images, {r['num_classes']} classes) with {r['num_workers']} "
          f"{'GPU' if r['use_gpu'] else 'CPU'} workers for {r['num_epochs']} epochs; lr {r['lr']:.4g} ({r['lr_rule']})")
     try:
-        result = build_trainer(cfg, paths).fit()
+        result = build_trainer(cfg, paths, extra_callbacks).fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"training failed: {explain_failure(e)} (run directory {paths.run_dir})") from e
     metric = f"eval_{cfg.checkpoint.eval_metric}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import tempfile
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -22,7 +23,7 @@ from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model
 from .optim import build_optimizer, build_scheduler
 from .report import epoch_line, step_line
-from .state import TrainState, rng_state
+from .state import MODEL_FILE, TrainState, load_weights, rng_state
 
 CHECKPOINT_PREFIX = "epoch-"
 
@@ -73,6 +74,14 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int) -> Optional[s
     if init:
         state.load(init, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
         return init
+    weights = cfg.checkpoint.initial_checkpoint
+    if weights:  # weights only: the run itself starts at epoch 0 (so this is not a "resume")
+        path = Path(weights)
+        load_weights(state.model, path / MODEL_FILE if path.is_dir() else path)
+        if state.ema is not None:
+            state.ema.set(state.model)
+        if rank == 0:
+            print(f"Initial weights from {weights}", flush=True)
     return None
 
 

@@ -13,13 +13,26 @@ from raytrain_cls.cli import build_parser, overrides_of
 from raytrain_cls.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+JOBS = sorted(p for p in (ROOT / "jobs").glob("*.yaml") if not p.stem.startswith("tune_"))
+SEARCHES = sorted((ROOT / "jobs").glob("tune_*.yaml"))
 AUTOSCALER = ROOT / "cluster" / "autoscaler" / "aws-gpu.yaml"
 KUBERAY = ROOT / "cluster" / "kuberay"
 
 
 def test_the_product_job_configs_are_all_there():
     assert {p.stem for p in JOBS} >= {"digits_smoke", "fashion_mnist_resnet18", "imagenet_resnet50"}
+    assert {p.stem for p in SEARCHES} >= {"tune_fashion_mnist"}
+
+
+@pytest.mark.parametrize("path", SEARCHES, ids=lambda p: p.stem)
+def test_every_search_config_validates(path):
+    from raytrain_cls.config import Config
+    from raytrain_cls.tune import load_search_file, parse_search, validate_search
+
+    raw, search = load_search_file(str(path))
+    base = Config().update(raw).validate()
+    spec = validate_search(parse_search(search), base)
+    assert spec.num_samples >= 1 and spec.space
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.stem)

@@ -1,0 +1,492 @@
+"""`raytrain-cls tune`: a Ray Tune search over any config key, each trial a full Ray Train run.
+
+Ray 2.60 (Train V2) cannot take a trainer as a Tune trainable; a trial is a plain function that builds and fits a
+TorchTrainer (trainer.fit_run) and forwards each epoch's metrics to Tune through a Train callback. Each trial's
+Train run is named after its trial id under <search dir>/trials/, so a resumed search resumes each unfinished
+trial from its own checkpoints. Everything in the search spec is checked before any trial starts.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .config import FIELDS, Config, ConfigError, _suggest, read_yaml
+from .report import atomic_write_text, is_uri, join
+
+SEARCH_FILE, TRIALS_FILE, BEST_FILE, PLOT_FILE = "search.yaml", "trials.csv", "best.yaml", "trials.png"
+DEFAULT_OUTPUT = "output/tune"
+# kind -> number of numeric arguments (None: a list of values)
+SPACE_KINDS = {"uniform": 2, "loguniform": 2, "quniform": 3, "qloguniform": 3, "randint": 2, "qrandint": 3,
+               "choice": None, "grid": None}
+DEFAULT_SPACE = {"lr": "loguniform:1e-4:1e-1", "mixup": "uniform:0:0.4", "smoothing": "uniform:0:0.2"}
+SCHEDULERS = ("asha", "fifo", "pbt")
+SEARCHERS = ("random", "optuna")
+
+
+@dataclass
+class SearchSpec:
+    space: dict = field(default_factory=dict)  # config key -> (kind, args)
+    num_samples: int = 8
+    metric: str = ""  # default: eval_<checkpoint.eval_metric>
+    mode: str = ""  # default: min for a loss, else max
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    searcher: str = "random"
+    max_concurrent_trials: int = 0  # 0: as many as the cluster fits
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # fractions (0.25) let small trials share a GPU
+
+
+SPEC_KEYS = [f.name for f in dataclasses.fields(SearchSpec)]
+
+
+# ---- parsing -------------------------------------------------------------------------------------------------
+def parse_dimension(key: str, spec: Any) -> tuple[str, list]:
+    """'loguniform:1e-4:1e-1' | {'loguniform': [1e-4, 1e-1]} | [a, b, c] (a choice) -> (kind, args)."""
+    where = f"search.space.{key}"
+    if isinstance(spec, list):
+        return "choice", list(spec)
+    if isinstance(spec, dict) and len(spec) == 1:
+        kind, args = next(iter(spec.items()))
+        args = list(args) if isinstance(args, (list, tuple)) else [args]
+    elif isinstance(spec, str) and ":" in spec:
+        kind, _, rest = spec.partition(":")
+        sep = "," if kind in ("choice", "grid") else ":"
+        args = [_scalar(a) for a in rest.split(sep)]
+    else:
+        raise ConfigError(where, spec, "expected KIND:ARGS (e.g. loguniform:1e-4:1e-1, choice:sgd,adamw), "
+                                       "{KIND: [args]} or a list of choices")
+    if kind not in SPACE_KINDS:
+        raise ConfigError(where, spec, f"unknown distribution '{kind}'; choose one of {list(SPACE_KINDS)}"
+                                       f"{_suggest(kind, SPACE_KINDS)}")
+    return kind, args
+
+
+def _scalar(text: str) -> Any:
+    """'1e-4' -> 0.0001 (PyYAML reads it as a string), '32' -> 32, 'sgd' -> 'sgd', 'true' -> True."""
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_search(raw: Optional[dict], cli_space: Optional[dict] = None, cli: Optional[dict] = None) -> SearchSpec:
+    """The `search:` block of a search YAML, then command-line --search / options on top."""
+    raw = dict(raw or {})
+    spec = SearchSpec()
+    for key, value in {**raw, **(cli or {})}.items():
+        if key == "space":
+            continue
+        if key not in SPEC_KEYS:
+            raise ConfigError(f"search.{key}", value, f"unknown key{_suggest(key, SPEC_KEYS)}")
+        default = getattr(spec, key)
+        if isinstance(default, (int, float)) and not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"search.{key}", value, "expected a number")
+        setattr(spec, key, type(default)(value) if isinstance(default, (int, float, str)) else value)
+    space = raw.get("space") or {}
+    if not isinstance(space, dict):
+        raise ConfigError("search.space", space, "expected a mapping of config keys to distributions")
+    space = {**space, **(cli_space or {})} or dict(DEFAULT_SPACE)
+    spec.space = {key: parse_dimension(key, value) for key, value in space.items()}
+    return spec
+
+
+# ---- validation (before any Ray work) ------------------------------------------------------------------------
+def _probe(base: Config, key: str, value: Any, where: str) -> None:
+    """Apply one value of the space to a copy of the base config and validate it."""
+    cfg = Config.from_dict(copy.deepcopy(base.to_dict()))
+    try:
+        cfg.set(key, value)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(where, value, f"this value does not make a valid training config: {e.reason}") from None
+
+
+def validate_search(spec: SearchSpec, base: Config) -> SearchSpec:
+    if not spec.space:
+        raise ConfigError("search.space", {}, "nothing to search")
+    for key, (kind, args) in spec.space.items():
+        where = f"search.space.{key}"
+        if key not in FIELDS:
+            raise ConfigError(where, key, f"not a config key{_suggest(key, FIELDS)}")
+        need = SPACE_KINDS[kind]
+        if need is None:
+            if not args:
+                raise ConfigError(where, args, f"{kind} needs at least one value")
+            for value in args:
+                _probe(base, key, value, where)
+            continue
+        if len(args) != need or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise ConfigError(where, args, f"{kind} needs {need} numbers: low, high" + (", q" if need == 3 else ""))
+        lo, hi = args[0], args[1]
+        if not lo < hi:
+            raise ConfigError(where, args, "needs low < high")
+        if "log" in kind and lo <= 0:
+            raise ConfigError(where, args, "a log-uniform range needs low > 0")
+        if need == 3 and args[2] <= 0:
+            raise ConfigError(where, args, "the quantum q must be > 0")
+        if kind.endswith("randint") and not all(float(a).is_integer() for a in args):
+            raise ConfigError(where, args, "randint bounds must be integers")
+        for value in (lo, hi):
+            _probe(base, key, int(value) if kind.endswith("randint") else value, where)
+    if spec.num_samples < 1:
+        raise ConfigError("search.num_samples", spec.num_samples, "must be >= 1")
+    if spec.scheduler not in SCHEDULERS:
+        raise ConfigError("search.scheduler", spec.scheduler,
+                          f"choose one of {list(SCHEDULERS)}{_suggest(spec.scheduler, SCHEDULERS)}")
+    if spec.scheduler == "pbt":
+        raise ConfigError("search.scheduler", "pbt", "not supported: PBT exploits Tune-level checkpoints, and a "
+                          "Ray Train V2 trial reports its checkpoints to Train, not to Tune; use asha or fifo")
+    if spec.searcher not in SEARCHERS:
+        raise ConfigError("search.searcher", spec.searcher,
+                          f"choose one of {list(SEARCHERS)}{_suggest(spec.searcher, SEARCHERS)}")
+    if spec.searcher == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("search.searcher", "optuna", "Optuna is not installed: "
+                              "pip install 'raytrain-cls[optuna]' (or use the default random searcher)") from None
+        if any(kind == "grid" for kind, _ in spec.space.values()):
+            raise ConfigError("search.searcher", "optuna", "Optuna cannot take grid dimensions; use choice")
+    if spec.grace_period < 1:
+        raise ConfigError("search.grace_period", spec.grace_period, "must be >= 1")
+    if spec.reduction_factor <= 1:
+        raise ConfigError("search.reduction_factor", spec.reduction_factor, "must be > 1")
+    if spec.max_concurrent_trials < 0:
+        raise ConfigError("search.max_concurrent_trials", spec.max_concurrent_trials, "must be >= 0 (0 = auto)")
+    if spec.workers_per_trial < 1:
+        raise ConfigError("search.workers_per_trial", spec.workers_per_trial, "must be >= 1")
+    if spec.cpus_per_worker <= 0:
+        raise ConfigError("search.cpus_per_worker", spec.cpus_per_worker, "must be > 0")
+    g = spec.gpus_per_worker
+    if g < 0 or (g > 1 and not float(g).is_integer()):
+        raise ConfigError("search.gpus_per_worker", g, "must be a fraction in [0, 1] or a whole number")
+    if spec.mode and spec.mode not in ("min", "max"):
+        raise ConfigError("search.mode", spec.mode, "must be min or max")
+    return spec
+
+
+def metric_and_mode(spec: SearchSpec, base: Config) -> tuple[str, str]:
+    metric = spec.metric or f"eval_{base.checkpoint.eval_metric}"
+    return metric, spec.mode or ("min" if metric.endswith("loss") else "max")
+
+
+def trial_base(base: Config, spec: SearchSpec) -> Config:
+    """The base config with the per-trial scaling applied (each trial a Ray Train run of this size)."""
+    cfg = Config.from_dict(copy.deepcopy(base.to_dict()))
+    cfg.scaling.num_workers = spec.workers_per_trial
+    cfg.scaling.use_gpu = spec.gpus_per_worker > 0
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_worker:
+        resources["GPU"] = spec.gpus_per_worker
+    cfg.scaling.resources_per_worker = resources
+    cfg.checkpoint.experiment = ""
+    cfg.checkpoint.resume = ""
+    cfg.resolved = {}
+    return cfg
+
+
+def max_epochs(base: Config, spec: SearchSpec) -> int:
+    """ASHA's max_t: the longest schedule any trial can run (cooldown included), resolved without a model."""
+    from .optim import resolve_num_epochs
+
+    longest = 0
+    candidates = [{}]
+    for key in ("epochs", "cooldown_epochs"):
+        if key in spec.space:
+            kind, args = spec.space[key]
+            values = args if SPACE_KINDS[kind] is None else args[:2]
+            candidates = [{**c, key: int(v)} for c in candidates for v in values]
+    for overrides in candidates:
+        cfg = Config.from_dict(copy.deepcopy(base.to_dict())).update(overrides)
+        longest = max(longest, resolve_num_epochs(cfg))
+    return longest
+
+
+# ---- Ray Tune ------------------------------------------------------------------------------------------------
+def to_tune_space(spec: SearchSpec) -> dict:
+    from ray import tune
+
+    out = {}
+    for key, (kind, args) in spec.space.items():
+        if kind in ("choice", "grid"):
+            out[key] = tune.choice(args) if kind == "choice" else tune.grid_search(args)
+        elif kind.endswith("randint"):
+            out[key] = getattr(tune, kind)(*[int(a) for a in args])
+        else:
+            out[key] = getattr(tune, kind)(*args)
+    return out
+
+
+def _epoch_report_callback():
+    """Tune's Train->Tune bridge, minus our mid-epoch recovery reports: one Tune iteration = one epoch."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("recovery"):
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReportCallback()
+
+
+def run_trial(params: dict, base: dict, trials_dir: str) -> None:
+    """One Tune trial: the base config with this trial's values, trained by Ray Train like `raytrain-cls train`."""
+    from ray import tune
+
+    from .trainer import RunPaths, fit_run
+
+    cfg = Config.from_dict(base)
+    for key, value in params.items():
+        cfg.set(key, value)
+    cfg.validate()
+    name = f"trial-{tune.get_context().get_trial_id()}"
+    # A stable name per trial: when a search is resumed, Ray Train resumes this trial from its own checkpoints.
+    paths = RunPaths(trials_dir, name, join(trials_dir, name))
+    done = finished_run(paths.run_dir, cfg)
+    if done is not None:
+        # Finished before the search driver died, but Tune had not yet recorded it: hand Tune the final
+        # result instead of starting workers for nothing.
+        tune.report(dict(done["last_metrics"], checkpoint_path=done["latest_checkpoint"]))
+        return
+    fit_run(cfg, paths, extra_callbacks=[_epoch_report_callback()], echo=lambda *a: None)
+
+
+def finished_run(run_dir: str, cfg: Config) -> Optional[dict]:
+    """A trial run's result.json when the run trained all its epochs, else None."""
+    import json
+
+    from .optim import resolve_num_epochs
+    from .report import RESULT_FILE, read_text
+
+    text = read_text(join(run_dir, RESULT_FILE))
+    if not text:
+        return None
+    result = json.loads(text)
+    last = result.get("last_metrics") or {}
+    return result if last.get("epoch") == resolve_num_epochs(cfg) - 1 else None
+
+
+def default_concurrency(spec: SearchSpec, cluster: dict) -> int:
+    per_trial_cpu = spec.workers_per_trial * spec.cpus_per_worker
+    fits = int(cluster.get("CPU", 1) // per_trial_cpu)
+    if spec.gpus_per_worker:
+        fits = min(fits, int(cluster.get("GPU", 0) // (spec.workers_per_trial * spec.gpus_per_worker)))
+    return max(1, fits)
+
+
+def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, name: str, cluster: dict,
+                resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    metric, mode = metric_and_mode(spec, base)
+    trainable = tune.with_parameters(run_trial, base=trial_base(base, spec).to_dict(),
+                                     trials_dir=join(search_dir, "trials"))
+    # The trial function only drives; its TorchTrainer reserves the workers' CPUs/GPUs itself.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+    if resume:
+        return tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = None
+    if spec.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(base, spec),
+                                  grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+    search_alg = None
+    if spec.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=base.run.seed)
+    concurrency = spec.max_concurrent_trials or default_concurrency(spec, cluster)
+    return tune.Tuner(
+        trainable, param_space=to_tune_space(spec),
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=spec.num_samples,
+                                    max_concurrent_trials=concurrency, scheduler=scheduler,
+                                    search_alg=search_alg),
+        run_config=tune.RunConfig(name=name, storage_path=output,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+
+
+# ---- outputs -------------------------------------------------------------------------------------------------
+@dataclass
+class TrialRow:
+    trial_id: str
+    status: str  # completed | stopped (early, by the scheduler) | error
+    params: dict
+    best: Optional[float]
+    best_epoch: Optional[int]
+    epochs: int
+    checkpoint: Optional[str]
+    curve: list  # the metric per epoch
+
+
+def summarize(results, spec: SearchSpec, base: Config, max_t: int) -> list[TrialRow]:
+    metric, mode = metric_and_mode(spec, base)
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and "epoch" in df:
+            df = df.drop_duplicates(subset="epoch", keep="last").reset_index(drop=True)  # a resumed trial repeats
+        curve = [] if df is None or metric not in df else [float(v) for v in df[metric].tolist()]
+        trial_id = (r.metrics or {}).get("trial_id") or Path(str(r.path)).name
+        best = best_epoch = checkpoint = None
+        if curve:
+            pick = (min if mode == "min" else max)(range(len(curve)), key=lambda i: curve[i])
+            best, best_epoch = curve[pick], int(df["epoch"].iloc[pick]) if "epoch" in df else pick
+            if "checkpoint_path" in df:
+                checkpoint = df["checkpoint_path"].iloc[pick]
+        status = "error" if r.error else ("completed" if len(curve) >= max_t else "stopped")
+        params = {k: r.config.get(k) for k in spec.space}
+        rows.append(TrialRow(str(trial_id), status, params, best, best_epoch, len(curve), checkpoint, curve))
+    reverse = mode == "max"
+    return sorted(rows, key=lambda t: (t.best is None, -t.best if reverse and t.best is not None else t.best or 0))
+
+
+def write_trials_csv(path: str, rows: list[TrialRow], keys: list[str], metric: str) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["trial_id", "status", *keys, f"best_{metric}", "best_epoch", "epochs", "checkpoint"])
+    for t in rows:
+        writer.writerow([t.trial_id, t.status, *[t.params.get(k) for k in keys], t.best, t.best_epoch, t.epochs,
+                         t.checkpoint or ""])
+    atomic_write_text(path, buf.getvalue())
+
+
+def best_config_yaml(base: Config, best: TrialRow, max_t: int) -> str:
+    cfg = Config.from_dict(copy.deepcopy(base.to_dict()))
+    for key, value in best.params.items():
+        cfg.set(key, value)
+    cfg.resolved = {}
+    cfg.checkpoint.experiment = ""
+    cfg.validate()
+    raw = cfg.to_dict()
+    raw.pop("resolved")
+    header = (f"# Best trial {best.trial_id}: {', '.join(f'{k}={v}' for k, v in best.params.items())}\n"
+              f"# best metric {best.best} at epoch {best.best_epoch} ({best.epochs} of {max_t} epochs run)\n"
+              f"# Retrain from scratch:      raytrain-cls train -c best.yaml\n"
+              f"# Start from its weights:    raytrain-cls train -c best.yaml --initial-checkpoint {best.checkpoint}\n"
+              f"# Continue that very run:    raytrain-cls train -c best.yaml --resume {best.checkpoint}\n")
+    return header + yaml.safe_dump(raw, sort_keys=False, default_flow_style=None)
+
+
+def plot_trials(path: str, rows: list[TrialRow], metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for t in rows:
+        if not t.curve:
+            continue
+        style = "-" if t.status == "completed" else ":"
+        label = f"{t.trial_id} ({t.status}) " + " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+        ax.plot(range(len(t.curve)), t.curve, style, marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("trials (dotted: stopped early)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+def search_paths(base: Config, resume: Optional[str]) -> tuple[str, str, str]:
+    """(output, name, search_dir): a new search never reuses a directory; --resume names an existing one."""
+    from .trainer import resolve_output
+
+    if resume:
+        path = Path(resume).expanduser().resolve()
+        if not (path / SEARCH_FILE).is_file():
+            raise ConfigError("--resume", resume, f"not a search directory (no {SEARCH_FILE})")
+        return str(path.parent), path.name, str(path)
+    output = resolve_output(base.checkpoint.output or DEFAULT_OUTPUT)
+    name = base.checkpoint.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-search-{base.model.model}"
+    search_dir = join(output, name)
+    if not is_uri(search_dir) and Path(search_dir).exists():
+        raise ConfigError("checkpoint.experiment", name, f"{search_dir} already exists; continue it with "
+                          f"`raytrain-cls tune --resume {search_dir}` or pick another --experiment")
+    return output, name, search_dir
+
+
+def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, echo=print) -> dict:
+    """Validate everything, run (or resume) the search, write trials.csv / best.yaml / the plot."""
+    from .trainer import connect
+
+    base.validate()
+    validate_search(spec, base)
+    output, name, search_dir = search_paths(base, resume)
+    metric, mode = metric_and_mode(spec, base)
+    max_t = max_epochs(base, spec)
+    if not resume:
+        raw = base.to_dict()
+        raw.pop("resolved")
+        raw["search"] = dict(dataclasses.asdict(spec), space={k: {kind: args} for k, (kind, args) in
+                                                               spec.space.items()})
+        Path(search_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(join(search_dir, SEARCH_FILE), yaml.safe_dump(raw, sort_keys=False))
+    cluster = connect()
+    echo(f"Search directory: {search_dir}")
+    echo(f"Searching {', '.join(spec.space)} over {spec.num_samples} trial(s), {spec.scheduler} scheduler, "
+         f"{metric} ({mode}), up to {max_t} epochs per trial, {spec.workers_per_trial} worker(s) per trial")
+    results = build_tuner(base, spec, search_dir, output, name, cluster, bool(resume)).fit()
+    rows = summarize(results, spec, base, max_t)
+    keys = list(spec.space)
+    write_trials_csv(join(search_dir, TRIALS_FILE), rows, keys, metric)
+    plot_trials(join(search_dir, PLOT_FILE), rows, metric)
+    scored = [t for t in rows if t.best is not None]
+    echo(f"{'trial':<12} {'status':<10} {metric:>12} {'epochs':>6}  params")
+    for t in rows[:10]:
+        best = "-" if t.best is None else f"{t.best:.4f}"
+        echo(f"{t.trial_id:<12} {t.status:<10} {best:>12} {t.epochs:>6}  "
+             + " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items()))
+    summary = dict(search_dir=search_dir, trials=len(rows), completed=sum(t.status == "completed" for t in rows),
+                   stopped=sum(t.status == "stopped" for t in rows), errors=sum(t.status == "error" for t in rows))
+    if not scored:
+        raise ConfigError("search", name, "no trial reported a metric; see the trial errors above")
+    best = scored[0]
+    atomic_write_text(join(search_dir, BEST_FILE), best_config_yaml(trial_base(base, spec), best, max_t))
+    summary.update(best_trial=best.trial_id, best_value=best.best, best_params=best.params,
+                   best_checkpoint=best.checkpoint, best_config=join(search_dir, BEST_FILE))
+    echo(f"Best: trial {best.trial_id} {metric} {best.best:.4f}; config {summary['best_config']}; "
+         f"checkpoint {best.checkpoint}")
+    return summary
+
+
+def load_search_file(path: str) -> tuple[dict, dict]:
+    """A search YAML -> (training config mapping, search block)."""
+    raw = read_yaml(path)
+    search = raw.pop("search", None) or {}
+    if not isinstance(search, dict):
+        raise ConfigError("search", search, "expected a mapping")
+    return raw, search
+
+
+def space_from_cli(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, spec = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--search", item, "expected KEY=KIND:ARGS, e.g. lr=loguniform:1e-4:1e-1")
+        out[key.strip()] = spec.strip()
+    return out
+

@@ -1,0 +1,91 @@
+"""Ray Tune searches on the shared local Ray: ASHA stopping bad trials, best.yaml closing the loop, and an
+interrupted search resumed without rerunning finished trials."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytrain_cls.cli import EXIT_OK, main
+from raytrain_cls.config import load_config
+
+pytestmark = pytest.mark.integration
+TINY = ["--model", "test_resnet", "--warmup-epochs", "0", "--log-interval", "1000", "--checkpoint-hist", "1"]
+
+
+def trials(search_dir: Path) -> list[dict]:
+    with (search_dir / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def asha_search(ray_local, tmp_path_factory):
+    """4 trials one after another, two good LRs and two hopeless ones: ASHA must stop the hopeless ones."""
+    out = tmp_path_factory.mktemp("tune")
+    code = main(["tune", *TINY, "--epochs", "4", "--search", "lr=grid:0.1,0.0000005,0.05,0.0000001",
+                 "--num-samples", "1", "--max-concurrent-trials", "1", "--scheduler", "asha", "--grace-period", "1",
+                 "--reduction-factor", "2", "--output", str(out), "--experiment", "asha"])
+    return code, out / "asha"
+
+
+def test_asha_search_stops_bad_trials_early(asha_search):
+    code, search_dir = asha_search
+    assert code == EXIT_OK
+    rows = trials(search_dir)
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"completed", "stopped"}
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert stopped, rows
+    assert all(int(r["epochs"]) < 4 for r in stopped)
+    assert float(rows[0]["lr"]) in (0.1, 0.05)  # sorted best first
+    assert (search_dir / "trials.png").stat().st_size > 10_000
+    for r in rows:  # every trial is a full training run with its own run directory
+        run_dir = search_dir / "trials" / f"trial-{r['trial_id']}"
+        assert (run_dir / "summary.csv").is_file() and (run_dir / "config.yaml").is_file()
+
+
+def test_best_yaml_closes_the_loop(asha_search, tmp_path):
+    _, search_dir = asha_search
+    best = trials(search_dir)[0]
+    cfg = load_config(str(search_dir / "best.yaml"))
+    assert cfg.optim.lr == float(best["lr"])
+    assert Path(best["checkpoint"]).is_dir()
+    code = main(["train", "-c", str(search_dir / "best.yaml"), "--epochs", "1", "--initial-checkpoint",
+                 best["checkpoint"], "--output", str(tmp_path), "--experiment", "from-best"])
+    assert code == EXIT_OK
+    assert (tmp_path / "from-best" / "result.json").is_file()
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
+    search_dir = tmp_path / "resumable"
+    cmd = [sys.executable, "-m", "raytrain_cls", "tune", *TINY, "--epochs", "3", "--search",
+           "lr=grid:0.1,0.05,0.02", "--num-samples", "1", "--max-concurrent-trials", "1", "--scheduler", "fifo",
+           "--output", str(tmp_path), "--experiment", "resumable"]
+    # The search driver joins the shared cluster (one Ray per host: Train's placement-group cleaner needs that).
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    trials_dir = search_dir / "trials"
+    try:
+        deadline = time.monotonic() + 300
+        while not (list(trials_dir.glob("trial-*/result.json")) and len(list(trials_dir.glob("trial-*"))) >= 2):
+            assert proc.poll() is None, "the search ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no finished trial after 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; the cluster (and its storage) survive
+        proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in trials_dir.glob("trial-*/result.json")}
+    time.sleep(3)  # let the cluster reap the dead driver's trial actors
+
+    assert main(["tune", "--resume", str(search_dir)]) == EXIT_OK
+    rows = trials(search_dir)
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows
+    for name, mtime in finished.items():  # a finished trial's run was not redone
+        assert (trials_dir / name / "result.json").stat().st_mtime_ns == mtime
+    for r in rows:
+        with (trials_dir / f"trial-{r['trial_id']}" / "summary.csv").open() as f:
+            assert [int(x["epoch"]) for x in csv.DictReader(f)] == [0, 1, 2]

@@ -1,0 +1,106 @@
+"""The search spec: every form of a dimension, and every invalid spec refused before any trial starts."""
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from raytrain_cls.config import ConfigError, load_config
+from raytrain_cls.tune import (DEFAULT_SPACE, SearchSpec, TrialRow, best_config_yaml, max_epochs, parse_dimension,
+                               parse_search, space_from_cli, summarize, trial_base, validate_search,
+                               write_trials_csv)
+
+BASE = load_config("digits", {"epochs": 6})
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("loguniform:1e-4:1e-1", ("loguniform", [1e-4, 1e-1])),
+    ({"uniform": [0, 0.4]}, ("uniform", [0, 0.4])),
+    ("choice:sgd,adamw", ("choice", ["sgd", "adamw"])),
+    ("grid:16,32", ("grid", [16, 32])),
+    ([0.0, 0.1], ("choice", [0.0, 0.1])),
+    ("qrandint:16:64:16", ("qrandint", [16, 64, 16])),
+])
+def test_dimension_forms(spec, expected):
+    assert parse_dimension("k", spec) == expected
+
+
+def test_default_space_is_lr_mixup_smoothing():
+    spec = validate_search(parse_search(None), BASE)
+    assert set(spec.space) == set(DEFAULT_SPACE) == {"lr", "mixup", "smoothing"}
+
+
+def test_cli_dimensions_and_options_override_the_file():
+    spec = parse_search({"space": {"lr": "uniform:0.01:0.1"}, "num_samples": 4},
+                        space_from_cli(["mixup=uniform:0:0.3"]), {"num_samples": 2, "scheduler": "fifo"})
+    assert set(spec.space) == {"lr", "mixup"} and spec.num_samples == 2 and spec.scheduler == "fifo"
+
+
+@pytest.mark.parametrize("search, key, reason", [
+    ({"space": {"lrr": "uniform:0.1:0.2"}}, "search.space.lrr", "did you mean 'lr'"),
+    ({"space": {"lr": "uniform:0.2:0.1"}}, "search.space.lr", "low < high"),
+    ({"space": {"lr": "loguniform:0:0.1"}}, "search.space.lr", "low > 0"),
+    ({"space": {"lr": "normal:0:1"}}, "search.space.lr", "unknown distribution"),
+    ({"space": {"lr": "uniform:-0.1:0.2"}}, "search.space.lr", "must be > 0"),
+    ({"space": {"opt": "choice:sgd,adamx"}}, "search.space.opt", "not a timm optimizer"),
+    ({"space": {"batch_size": "qrandint:16:64:0"}}, "search.space.batch_size", "q must be > 0"),
+    ({"space": {"mixup": "uniform:0"}}, "search.space.mixup", "needs 2 numbers"),
+    ({"space": {"lr": "0.1"}}, "search.space.lr", "expected KIND:ARGS"),
+    ({"scheduler": "pbt"}, "search.scheduler", "not supported"),
+    ({"scheduler": "hyperband"}, "search.scheduler", "choose one of"),
+    ({"searcher": "optuna"}, "search.searcher", "pip install"),
+    ({"num_samples": 0}, "search.num_samples", ">= 1"),
+    ({"gpus_per_worker": 1.5}, "search.gpus_per_worker", "fraction"),
+    ({"reduction_factor": 1}, "search.reduction_factor", "> 1"),
+    ({"num_sample": 3}, "search.num_sample", "did you mean 'num_samples'"),
+])
+def test_invalid_specs_are_refused_with_key_and_reason(search, key, reason):
+    with pytest.raises(ConfigError) as e:
+        validate_search(parse_search(search), BASE)
+    assert e.value.key == key and reason in str(e.value), str(e.value)
+
+
+def test_asha_max_t_is_the_longest_schedule_in_the_space():
+    assert max_epochs(BASE, parse_search({"space": {"lr": "uniform:0.01:0.1"}})) == 6
+    spec = parse_search({"space": {"epochs": "choice:3,9", "cooldown_epochs": "choice:0,2"}})
+    assert max_epochs(BASE, spec) == 11
+
+
+def test_trials_run_with_the_per_trial_scaling():
+    spec = SearchSpec(workers_per_trial=2, cpus_per_worker=3, gpus_per_worker=0.25)
+    cfg = trial_base(BASE, spec)
+    assert cfg.scaling.num_workers == 2 and cfg.scaling.use_gpu is True
+    assert cfg.scaling.resources_per_worker == {"CPU": 3, "GPU": 0.25}
+
+
+def _result(trial_id, lrs_metric, error=None, lr=0.1):
+    import pandas as pd
+
+    df = pd.DataFrame({"epoch": list(range(len(lrs_metric))), "eval_top1": lrs_metric,
+                       "checkpoint_path": [f"/runs/{trial_id}/epoch-{i:04d}" for i in range(len(lrs_metric))]})
+    return SimpleNamespace(metrics_dataframe=df, metrics={"trial_id": trial_id}, error=error, config={"lr": lr},
+                           path=f"/tune/{trial_id}")
+
+
+def test_summary_orders_by_best_and_marks_early_stops(tmp_path):
+    spec = parse_search({"space": {"lr": "uniform:0.01:0.1"}})
+    rows = summarize([_result("a", [50, 60], lr=0.01), _result("b", [40, 70, 90, 85], lr=0.1),
+                      _result("c", [], error=RuntimeError("boom"))], spec, BASE, max_t=4)
+    assert [(r.trial_id, r.status) for r in rows] == [("b", "completed"), ("a", "stopped"), ("c", "error")]
+    assert rows[0].best == 90 and rows[0].best_epoch == 2 and rows[0].checkpoint == "/runs/b/epoch-0002"
+    write_trials_csv(str(tmp_path / "trials.csv"), rows, ["lr"], "eval_top1")
+    with (tmp_path / "trials.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert table[0]["trial_id"] == "b" and table[1]["status"] == "stopped" and table[0]["epochs"] == "4"
+
+
+def test_best_yaml_is_a_complete_training_config(tmp_path):
+    best = TrialRow("b", "completed", {"lr": 0.05, "mixup": 0.2}, 91.0, 3, 4, "/runs/b/epoch-0003", [])
+    text = best_config_yaml(BASE, best, 4)
+    assert "--initial-checkpoint /runs/b/epoch-0003" in text
+    path = tmp_path / "best.yaml"
+    path.write_text(text)
+    cfg = load_config(str(path))
+    assert cfg.optim.lr == 0.05 and cfg.aug.mixup == 0.2 and "resolved" not in yaml.safe_load(text)
