@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .config import GROUPS, ConfigError, canonical_dataset, iter_fields, load_config, recipe_names
+from .config import GROUPS, Config, ConfigError, canonical_dataset, iter_fields, load_config, recipe_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -97,6 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
         opts.add_argument(f"--{flag}", dest=f"search__{flag.replace('-', '_')}", type=kind, default=argparse.SUPPRESS, metavar="N" if kind is not str else "NAME",
                           help=text)
     add_config_flags(tune, exclude=("resume", "no_resume_opt", "initial_checkpoint"))
+    ev = sub.add_parser("eval", help="evaluate a checkpoint or exported model: loss, top-1/5, per class",
+                        description="timm validate.py for raytrain-cls checkpoints (in-process, one device). "
+                                    "By default on the validation split of the data set the model was trained on.")
+    ev.add_argument("checkpoint", help="a checkpoint directory or an exported model directory")
+    ev.add_argument("--dataset", help="evaluate on this data set instead (digits, fashion_mnist, folder)")
+    ev.add_argument("--data-dir", help="data set root (ImageFolder tree or IDX files)")
+    ev.add_argument("--val-split", help="validation split folder name")
+    ev.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
+    ev.add_argument("--tta", type=int, default=0, help="test-time augmentation: > 0 averages with flipped images")
+    ev.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the model's)")
+    ev.add_argument("-b", "--batch-size", type=int, default=256)
+    ev.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
+    ev.add_argument("--results-file", help="write the results as .json or .csv (per class)")
+    pr = sub.add_parser("predict", help="top-k classes for images or folders of images")
+    pr.add_argument("checkpoint", help="a checkpoint directory or an exported model directory")
+    pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("-b", "--batch-size", type=int, default=64)
+    pr.add_argument("--use-ema", action="store_true", help="use the EMA weights")
+    pr.add_argument("--format", choices=("csv", "json"), default="csv")
+    pr.add_argument("--out", help="write here instead of standard output")
+    pl = sub.add_parser("plot", help="PNG plots of a run (loss, accuracy, lr) or of a search (trial curves)")
+    pl.add_argument("directory", help="a run directory or a search directory")
+    dr = sub.add_parser("doctor", help="check versions, GPUs, the Ray cluster and token, storage and data")
+    dr.add_argument("-c", "--config", metavar="FILE|RECIPE", help="check the data and output of this config")
+    dr.add_argument("--dataset")
+    dr.add_argument("--data-dir")
+    dr.add_argument("--output", help="storage path or URI to check (default ./output/train)")
     export = sub.add_parser("export", help="write a checkpoint's model as safetensors + config.json (timm rebuilds it)")
     export.add_argument("checkpoint", help="a checkpoint directory (e.g. <run>/epoch-0009)")
     export.add_argument("out_dir", help="where to write model.safetensors, ema.safetensors, config.json")
@@ -183,6 +211,88 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .inference import evaluate_checkpoint, write_eval_results
+    from .state import CheckpointError
+
+    overrides = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir),
+                                   ("val_split", args.val_split)) if v is not None}
+    try:
+        res = evaluate_checkpoint(args.checkpoint, overrides, use_ema=args.use_ema, tta=args.tta,
+                                  crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{res['samples']} images: loss {res['loss']:.4f}  top1 {res['top1']:.2f}  top5 {res['top5']:.2f}"
+          f"{'  (EMA)' if res['use_ema'] else ''}{'  (TTA)' if res['tta'] else ''}")
+    worst = sorted(res["per_class"].items(), key=lambda kv: kv[1]["top1"])[:5]
+    print("lowest per-class top-1: " + ", ".join(f"{k} {v['top1']:.1f}" for k, v in worst))
+    if args.results_file:
+        write_eval_results(res, args.results_file)
+        print(f"Results: {args.results_file}")
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .inference import format_predictions, predict
+    from .report import atomic_write_text
+    from .state import CheckpointError
+
+    try:
+        rows = predict(args.checkpoint, args.inputs, topk=args.topk, batch_size=args.batch_size,
+                       use_ema=args.use_ema)
+    except (DataError, CheckpointError) as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    text = format_predictions(rows, args.format)
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"{len(rows)} predictions: {args.out}")
+    else:
+        sys.stdout.write(text)
+    failed = sum(1 for r in rows if "error" in r)
+    if failed:
+        print(f"raytrain-cls: {failed} image(s) could not be read (see the error column)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run, plot_search
+
+    d = Path(args.directory)
+    try:
+        written = [plot_search(d)] if (d / "trials.csv").is_file() else plot_run(d)
+    except FileNotFoundError as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    overrides = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir),
+                                   ("output", args.output)) if v is not None}
+    try:
+        recipe = args.config or (None if args.data_dir and not args.dataset else
+                                 (canonical_dataset(args.dataset or "digits")
+                                  if canonical_dataset(args.dataset or "digits") in recipe_names() else None))
+        cfg = load_config(recipe, overrides) if recipe else Config().update(overrides)
+    except ConfigError as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    checks = run_doctor(cfg)
+    for c in checks:
+        print(c.line())
+    failed = [c for c in checks if not c.ok and not c.warn]
+    print(f"{len(failed)} problem(s) found" if failed else "everything needed for a run is in place")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
     from .state import CheckpointError
@@ -206,6 +316,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_export(args)
     if args.command == "tune":
         return cmd_tune(args)
+    commands = {"eval": cmd_eval, "predict": cmd_predict, "plot": cmd_plot, "doctor": cmd_doctor}
+    if args.command in commands:
+        return commands[args.command](args)
     parser.print_help()
     return EXIT_USAGE
 

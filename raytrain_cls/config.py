@@ -198,6 +198,9 @@ class CheckpointConfig:
 class RunConfig:
     seed: int = option(42, "random seed (each worker uses seed + rank)")
     log_interval: int = option(50, "steps between progress lines", min=1)
+    log_tensorboard: bool = option(True, "write TensorBoard event files to <run dir>/tensorboard (rank 0)")
+    log_mlflow: bool = option(False, "also log params and epoch metrics to MLflow (pip install mlflow; "
+                                     "MLFLOW_TRACKING_URI picks the server)")
 
 
 @dataclass
@@ -312,6 +315,12 @@ class Config:
         ms = s.decay_milestones
         if s.sched == "multistep" and not all(a < b for a, b in zip(ms, ms[1:])):
             raise ConfigError("sched.decay_milestones", ms, "must be strictly increasing")
+        if self.run.log_mlflow:
+            try:
+                import mlflow  # noqa: F401
+            except ImportError:
+                raise ConfigError("run.log_mlflow", True, "MLflow is not installed: pip install mlflow "
+                                  "(or drop --log-mlflow)") from None
         if self.scaling.resources_per_worker is not None:
             for k, v in self.scaling.resources_per_worker.items():
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:

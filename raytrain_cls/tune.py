@@ -383,26 +383,11 @@ def best_config_yaml(base: Config, best: TrialRow, max_t: int) -> str:
 
 
 def plot_trials(path: str, rows: list[TrialRow], metric: str) -> None:
-    import matplotlib
+    from .plots import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for t in rows:
-        if not t.curve:
-            continue
-        style = "-" if t.status == "completed" else ":"
-        label = f"{t.trial_id} ({t.status}) " + " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
-        ax.plot(range(len(t.curve)), t.curve, style, marker="o", markersize=3, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title("trials (dotted: stopped early)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    curves = [(f"{t.trial_id} ({t.status}) " + " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items()),
+               t.status == "completed", t.curve) for t in rows]
+    plot_curves(path, curves, metric)
 
 
 def _fmt(v: Any) -> str:

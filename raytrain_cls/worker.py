@@ -24,6 +24,7 @@ from .model import build_ema, build_model
 from .optim import build_optimizer, build_scheduler
 from .report import epoch_line, step_line
 from .state import MODEL_FILE, TrainState, load_weights, rng_state
+from .tracking import Trackers
 
 CHECKPOINT_PREFIX = "epoch-"
 
@@ -138,7 +139,13 @@ def train_loop_per_worker(config: dict) -> dict:
     num_epochs = res["num_epochs"]
     metric = cfg.checkpoint.eval_metric
     batch = cfg.data.batch_size
-    log = (lambda m: print(step_line(m, num_epochs), flush=True)) if rank == 0 else None
+    trackers = Trackers(cfg) if rank == 0 else None
+
+    def log_step(m: dict) -> None:
+        print(step_line(m, num_epochs), flush=True)
+        trackers.step(m)
+
+    log = log_step if rank == 0 else None
     last = {}
     for epoch in range(state.start_epoch, num_epochs):
         position = state.in_epoch if state.in_epoch and state.in_epoch["epoch"] == epoch else None
@@ -180,8 +187,11 @@ def train_loop_per_worker(config: dict) -> dict:
                        resumed_from=resumed_from, num_nodes=nodes)
         if rank == 0:
             print(epoch_line(metrics, num_epochs), flush=True)
+            trackers.epoch(metrics)
         report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}")
         last = metrics
+    if trackers is not None:
+        trackers.close()
     return last
 
 

@@ -114,3 +114,45 @@ def test_export_cli_writes_a_model_timm_can_rebuild(default_run, tmp_path, capsy
     info = json.loads((tmp_path / "export" / "config.json").read_text())
     assert info["architecture"] == "resnet10t" and info["num_classes"] == 10
     assert (tmp_path / "export" / MODEL_FILE).is_file() and "Exported resnet10t" in capsys.readouterr().out
+
+
+def test_eval_cli_reproduces_the_runs_top1(default_run, tmp_path, capsys):
+    _, run_dir = default_run
+    result = json.loads((run_dir / "result.json").read_text())
+    out = tmp_path / "eval.json"
+    assert main(["eval", result["best_checkpoint"], "-j", "0", "--results-file", str(out)]) == EXIT_OK
+    ev = json.loads(out.read_text())
+    assert ev["samples"] == 359 and sum(c["samples"] for c in ev["per_class"].values()) == 359
+    assert abs(ev["top1"] - result["best_value"]) <= 100.0 / 359 + 1e-6
+    assert "top1" in capsys.readouterr().out
+
+
+def test_predict_cli_names_the_classes_of_known_images(default_run, tmp_path, capsys):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    _, run_dir = default_run
+    best = json.loads((run_dir / "result.json").read_text())["best_checkpoint"]
+    digits = load_digits()
+    for i in range(1500, 1520):  # validation images of the fixed split are among the last 20 %
+        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8"), "L").save(tmp_path / f"{digits.target[i]}-{i}.png")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", best, str(tmp_path), "--topk", "3", "--out", str(out)]) == EXIT_OK
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and all(0.0 <= float(r["prob1"]) <= 1.0 for r in rows)
+    right = sum(Path(r["path"]).name.split("-")[0] == r["class1"] for r in rows)
+    assert right >= 16, rows  # a model at >= 80 % top-1 names most of them
+
+
+def test_run_writes_tensorboard_events_and_plots(default_run, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = default_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    top1 = events.Scalars("epoch/eval_top1")
+    assert [e.step for e in top1] == list(range(EPOCHS)) and "train_step/loss" in events.Tags()["scalars"]
+    assert main(["plot", str(run_dir)]) == EXIT_OK
+    for name in ("loss.png", "accuracy.png", "lr.png"):
+        assert (run_dir / name).stat().st_size > 10_000

@@ -1,0 +1,149 @@
+"""`raytrain-cls doctor`: check the environment a run needs and say what is wrong and how to fix it."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import socket
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import Config
+from .report import is_uri
+
+# What this release is tested with (pyproject's bounds); outside them, a warning, not a failure.
+SUPPORTED = {"torch": ("2.11", "2.15"), "torchvision": ("0.26", "0.30"), "timm": ("1.0.29", "2"),
+             "ray": ("2.60", "2.61"), "pyarrow": ("14", None), "safetensors": ("0.4", None)}
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    warn: bool = False  # a problem that does not stop a run
+
+    def line(self) -> str:
+        tag = "ok  " if self.ok else ("warn" if self.warn else "FAIL")
+        text = f"[{tag}] {self.name}: {self.detail}"
+        return text + (f"\n       fix: {self.fix}" if self.fix and not self.ok else "")
+
+
+def _version_tuple(v: str) -> tuple:
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def check_versions() -> list[Check]:
+    checks = [Check("python", sys.version_info >= (3, 10), sys.version.split()[0], "use Python 3.10 or newer")]
+    for pkg, (low, high) in SUPPORTED.items():
+        try:
+            v = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            checks.append(Check(pkg, False, "not installed", "pip install -e . (from the repository root)"))
+            continue
+        inside = _version_tuple(v) >= _version_tuple(low) and (high is None or _version_tuple(v) < _version_tuple(high))
+        bounds = f">={low}" + (f",<{high}" if high else "")
+        checks.append(Check(pkg, inside, f"{v} (tested {bounds})", f"pip install '{pkg}{bounds}'", warn=True))
+    try:
+        importlib.metadata.version("ray")
+        import ray.dashboard  # noqa: F401  (ray[default]: job submission and Tune's cleanup need it)
+        import aiohttp  # noqa: F401
+        checks.append(Check("ray[default]", True, "dashboard and job server available"))
+    except ImportError:
+        checks.append(Check("ray[default]", False, "missing: `ray job submit` and Tune early stopping need it",
+                            "pip install 'ray[default,train,tune]==2.60.*'"))
+    return checks
+
+
+def check_gpu() -> Check:
+    import torch
+
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        return Check("gpu", True, f"{torch.cuda.device_count()} visible: {names}")
+    return Check("gpu", True, "none visible: training runs on CPU workers (gloo)")
+
+
+def token_source() -> Optional[str]:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return path if Path(path).is_file() and Path(path).read_text().strip() else None
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() and default.read_text().strip() else None
+
+
+def check_cluster() -> list[Check]:
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        return [Check("ray cluster", True, "RAY_ADDRESS unset: `train` starts a private local Ray")]
+    checks = []
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5):
+            checks.append(Check("ray cluster", True, f"{address} reachable"))
+    except (OSError, ValueError) as e:
+        checks.append(Check("ray cluster", False, f"{address} not reachable ({e})",
+                            "start the cluster (cluster/local/start-head.sh) or fix RAY_ADDRESS"))
+    source = token_source()
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    if source is None:
+        checks.append(Check("auth token", False, "no token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH and "
+                            "~/.ray/auth_token are all unset or empty",
+                            "run `ray get-auth-token` on the head node and export RAY_AUTH_TOKEN=<token>"))
+    elif mode != "token":
+        checks.append(Check("auth token", False, f"found ({source}) but RAY_AUTH_MODE={mode or 'unset'}",
+                            "export RAY_AUTH_MODE=token", warn=True))
+    else:
+        checks.append(Check("auth token", True, f"from {source}"))
+    return checks
+
+
+def check_storage(output: str) -> Check:
+    from .trainer import resolve_output
+
+    target = resolve_output(output)
+    probe = f".raytrain-cls-doctor-{uuid.uuid4().hex[:8]}"
+    try:
+        if is_uri(target):
+            import pyarrow.fs
+
+            fs, inner = pyarrow.fs.FileSystem.from_uri(target)
+            fs.create_dir(inner, recursive=True)
+            with fs.open_output_stream(f"{inner}/{probe}") as f:
+                f.write(b"ok")
+            fs.delete_file(f"{inner}/{probe}")
+        else:
+            Path(target).mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=target, prefix=probe):
+                pass
+    except Exception as e:
+        return Check("storage", False, f"{target} is not writable ({type(e).__name__}: {e})",
+                     "pick another --output, or fix its permissions / credentials")
+    return Check("storage", True, f"{target} writable")
+
+
+def check_data(cfg: Config) -> Check:
+    from .data import DataError, build_source
+
+    try:
+        cfg.validate()
+        src = build_source(cfg)
+    except (DataError, ValueError) as e:
+        return Check("data", False, str(e), "fix --dataset/--data-dir (see the message)")
+    return Check("data", True, f"{cfg.data.dataset or 'folder'}: {len(src.train)} train / {len(src.val)} val images, "
+                               f"{src.num_classes} classes")
+
+
+def run_doctor(cfg: Config) -> list[Check]:
+    return [*check_versions(), check_gpu(), *check_cluster(), check_storage(cfg.checkpoint.output), check_data(cfg)]

@@ -1,0 +1,198 @@
+"""`raytrain-cls eval` (timm's validate.py) and `raytrain-cls predict`, in-process on one device.
+
+Both take a training checkpoint directory (meta.json + model.safetensors) or an exported model directory
+(config.json + model.safetensors, from `raytrain-cls export`). Nothing here unpickles anything.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from timm.data import create_transform
+
+from .config import Config
+from .data.sources import IMAGE_EXTENSIONS, DataError, build_source
+from .model import model_kwargs
+from .report import atomic_write_text
+from .state import EMA_FILE, META_FILE, MODEL_FILE, CheckpointError, load_weights, read_meta
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    data_config: dict  # input_size, interpolation, mean, std, crop_pct, crop_mode
+    classes: list
+    config: Optional[Config]  # the training config, for checkpoints (None for an exported model)
+
+
+def load_model(path: str | Path, use_ema: bool = False, device: str = "cpu") -> LoadedModel:
+    path = Path(path)
+    weights = path / (EMA_FILE if use_ema else MODEL_FILE)
+    if use_ema and not weights.is_file():
+        raise CheckpointError(f"{path} has no EMA weights ({EMA_FILE}); drop --use-ema")
+    if (path / META_FILE).is_file():
+        cfg = Config.from_dict(read_meta(path)["config"])
+        r = cfg.resolved
+        kwargs = {k: v for k, v in model_kwargs(cfg, r["num_classes"]).items()
+                  if k not in ("pretrained", "pretrained_cfg_overlay")}
+        model = timm.create_model(cfg.model.model, pretrained=False, **kwargs)
+        load_weights(model, weights)
+        data_config, classes = dict(r["data_config"]), list(r.get("classes") or [])
+    elif (path / "config.json").is_file():
+        info = json.loads((path / "config.json").read_text())
+        model = timm.create_model(info["architecture"], pretrained=False, num_classes=info["num_classes"],
+                                  **info.get("model_args", {}))
+        try:
+            model.load_state_dict(load_file(str(weights)))
+        except Exception as e:
+            raise CheckpointError(f"cannot load {weights}: {type(e).__name__}: {e}") from None
+        data_config, classes, cfg = dict(info["pretrained_cfg"]), list(info.get("label_names") or []), None
+    else:
+        raise CheckpointError(f"{path} is neither a checkpoint ({META_FILE}) nor an exported model (config.json)")
+    model.to(device).eval()
+    return LoadedModel(model, data_config, classes, cfg)
+
+
+def eval_transform(data_config: dict, crop_pct: Optional[float] = None):
+    return create_transform(input_size=tuple(data_config["input_size"]), is_training=False,
+                            interpolation=data_config.get("interpolation", "bilinear"),
+                            mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                            crop_pct=crop_pct or data_config.get("crop_pct"),
+                            crop_mode=data_config.get("crop_mode", "center"))
+
+
+def _image_mode(data_config: dict) -> str:
+    return "L" if data_config["input_size"][0] == 1 else "RGB"
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
+    """Logits; with --tta > 0, averaged with those of the horizontally flipped images (timm's flip TTA)."""
+    out = model(x).float()
+    if tta > 0:
+        out = (out + model(torch.flip(x, dims=[3])).float()) / 2
+    return out
+
+
+def evaluate_checkpoint(path: str, cfg_overrides: Optional[dict] = None, use_ema: bool = False, tta: int = 0,
+                        crop_pct: Optional[float] = None, batch_size: int = 256, workers: int = 2,
+                        device: str = "cpu") -> dict:
+    """Loss, top-1, top-5 (percent) and per-class accuracy on the checkpoint's validation split (or the data set
+    the overrides name)."""
+    loaded = load_model(path, use_ema, device)
+    cfg = loaded.config or Config()
+    if cfg_overrides:
+        cfg.update(cfg_overrides)
+    cfg.validate()
+    source = build_source(cfg)
+    if loaded.classes and source.classes != loaded.classes:
+        raise DataError(f"the data set's classes {source.classes[:5]}... differ from the model's "
+                        f"{loaded.classes[:5]}...: evaluate on data labelled like the training set")
+    transform, mode = eval_transform(loaded.data_config, crop_pct), _image_mode(loaded.data_config)
+
+    class _Val(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(source.val)
+
+        def __getitem__(self, i):
+            img, target = source.val[i]
+            return transform(img.convert(mode) if img.mode != mode else img), target
+
+    loader = torch.utils.data.DataLoader(_Val(), batch_size=batch_size, num_workers=workers)
+    n_classes = len(source.classes)
+    hits1 = torch.zeros(n_classes, dtype=torch.long)
+    counts = torch.zeros(n_classes, dtype=torch.long)
+    loss_sum, top5 = 0.0, 0
+    for x, y in loader:
+        logits = logits_of(loaded.model, x.to(device), tta).cpu()
+        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top.eq(y[:, None])
+        top5 += int(hit.any(dim=1).sum())
+        counts += torch.bincount(y, minlength=n_classes)
+        hits1 += torch.bincount(y[hit[:, 0]], minlength=n_classes)
+    total = int(counts.sum())
+    per_class = {name: dict(top1=100.0 * int(hits1[i]) / max(int(counts[i]), 1), samples=int(counts[i]))
+                 for i, name in enumerate(source.classes)}
+    return dict(checkpoint=str(path), use_ema=use_ema, tta=tta, samples=total, loss=loss_sum / max(total, 1),
+                top1=100.0 * int(hits1.sum()) / max(total, 1), top5=100.0 * top5 / max(total, 1),
+                per_class=per_class)
+
+
+def write_eval_results(results: dict, out: str) -> None:
+    if out.endswith(".csv"):
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["class", "top1", "samples"])
+        w.writerow(["__all__", results["top1"], results["samples"]])
+        for name, m in results["per_class"].items():
+            w.writerow([name, m["top1"], m["samples"]])
+        atomic_write_text(out, buf.getvalue())
+    else:
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+
+
+def find_images(inputs: Sequence[str]) -> list[Path]:
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{item}: no such image or folder")
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(inputs)}")
+    return files
+
+
+@torch.no_grad()
+def predict(path: str, inputs: Sequence[str], topk: int = 5, batch_size: int = 64, use_ema: bool = False,
+            device: Optional[str] = None) -> list[dict]:
+    """Top-k classes and probabilities per image. Unreadable images get an error row instead of a guess."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(path, use_ema, device)
+    transform, mode = eval_transform(loaded.data_config), _image_mode(loaded.data_config)
+    files = find_images(inputs)
+    rows: list[dict] = []
+    for start in range(0, len(files), batch_size):
+        batch, names = [], []
+        for f in files[start:start + batch_size]:
+            try:
+                with Image.open(f) as img:
+                    img.load()
+                    batch.append(transform(img.convert(mode)))
+                names.append(f)
+            except OSError as e:
+                rows.append(dict(path=str(f), error=f"{type(e).__name__}: {e}"))
+        if not batch:
+            continue
+        probs = loaded.model(torch.stack(batch).to(device)).float().softmax(dim=1).cpu()
+        k = min(topk, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        for f, v, idx in zip(names, values.tolist(), indices.tolist()):
+            labels = [loaded.classes[i] if i < len(loaded.classes) else str(i) for i in idx]
+            rows.append(dict(path=str(f), classes=labels, probs=v))
+    return rows
+
+
+def format_predictions(rows: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    k = max((len(r.get("classes", [])) for r in rows), default=0)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", *[c for i in range(1, k + 1) for c in (f"class{i}", f"prob{i}")], "error"])
+    for r in rows:
+        pairs = [x for c, p in zip(r.get("classes", []), r.get("probs", [])) for x in (c, f"{p:.6f}")]
+        w.writerow([r["path"], *pairs, *[""] * (2 * k - len(pairs)), r.get("error", "")])
+    return buf.getvalue()

@@ -1,0 +1,91 @@
+"""PNG plots of a run (loss, accuracy, lr per epoch) and of a search (each trial's metric curve)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence
+
+from .report import SUMMARY_FILE, read_summary
+
+RUN_PLOTS = ("loss.png", "accuracy.png", "lr.png")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """loss.png (train and eval), accuracy.png (top-1, top-5), lr.png, from the run's summary.csv."""
+    run_dir = Path(run_dir)
+    rows = read_summary(run_dir / SUMMARY_FILE)
+    if not rows:
+        raise FileNotFoundError(f"{run_dir / SUMMARY_FILE} is missing or empty: not a run directory with epochs")
+    epochs = sorted(rows)
+
+    def col(name):
+        return [float(rows[e][name]) for e in epochs]
+
+    plt = _pyplot()
+    out = []
+    for name, series, ylabel in (("loss.png", ("train_loss", "eval_loss"), "loss"),
+                                 ("accuracy.png", ("eval_top1", "eval_top5"), "accuracy (%)"),
+                                 ("lr.png", ("lr",), "learning rate")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for s in series:
+            ax.plot(epochs, col(s), marker="o", markersize=3, label=s)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{run_dir.name}: {ylabel}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        _save(fig, run_dir / name)
+        out.append(run_dir / name)
+    return out
+
+
+def plot_curves(path: str | Path, curves: Sequence[tuple[str, bool, list]], metric: str) -> Path:
+    """One line per trial: (label, completed, values per epoch); stopped trials dotted, so visibly shorter."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, completed, values in curves:
+        if values:
+            ax.plot(range(len(values)), values, "-" if completed else ":", marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("trials (dotted: stopped early)")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7, loc="best")
+    _save(fig, Path(path))
+    return Path(path)
+
+
+def plot_search(search_dir: str | Path) -> Path:
+    """trials.png from a search's trials.csv and each trial's summary.csv."""
+    search_dir = Path(search_dir)
+    table = search_dir / "trials.csv"
+    if not table.is_file():
+        raise FileNotFoundError(f"{table} is missing: not a finished search directory")
+    with table.open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        metric = next((c[len("best_"):] for c in reader.fieldnames or [] if c.startswith("best_")
+                       and c != "best_epoch"), "eval_top1")
+    curves = []
+    for r in rows:
+        summary = read_summary(search_dir / "trials" / f"trial-{r['trial_id']}" / SUMMARY_FILE)
+        values = [float(summary[e][metric]) for e in sorted(summary)] if metric in next(iter(summary.values()), {}) \
+            else []
+        curves.append((f"{r['trial_id']} ({r['status']})", r["status"] == "completed", values))
+    return plot_curves(search_dir / "trials.png", curves, metric)

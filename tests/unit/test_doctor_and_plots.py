@@ -1,0 +1,96 @@
+"""doctor names each broken prerequisite with a fix; plot writes real PNGs; trackers refuse a missing MLflow."""
+from __future__ import annotations
+
+import csv
+import socket
+
+import pytest
+
+from raytrain_cls.cli import main
+from raytrain_cls.config import ConfigError, load_config
+from raytrain_cls.doctor import check_cluster, check_data, check_storage
+from raytrain_cls.plots import plot_run, plot_search
+from raytrain_cls.report import write_summary
+
+
+@pytest.fixture
+def listening_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_doctor_reports_a_missing_token(monkeypatch, tmp_path, listening_port):
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{listening_port}")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    reach, token = check_cluster()
+    assert reach.ok
+    assert not token.ok and "no token" in token.detail and "ray get-auth-token" in token.fix
+
+
+def test_doctor_reports_an_unreachable_cluster(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert not check_cluster()[0].ok
+
+
+def test_doctor_reports_unwritable_storage(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    check = check_storage(str(blocker / "runs"))
+    assert not check.ok and "not writable" in check.detail
+    assert check_storage(str(tmp_path / "runs")).ok
+
+
+def test_doctor_reports_a_missing_data_set(tmp_path):
+    check = check_data(load_config("fashion_mnist", {"data_dir": str(tmp_path / "none")}))
+    assert not check.ok and "apt-get install dataset-fashion-mnist" in check.detail
+    assert check_data(load_config("digits")).ok
+
+
+def test_doctor_cli_exits_1_on_a_problem(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["doctor", "--output", str(tmp_path / "ok")]) == 0
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["doctor", "--output", str(blocker / "runs")]) == 1
+    assert "[FAIL] storage" in capsys.readouterr().out
+
+
+def test_log_mlflow_without_mlflow_is_a_config_error():
+    try:
+        import mlflow  # noqa: F401
+        pytest.skip("mlflow is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="pip install mlflow"):
+        load_config("digits", {"log_mlflow": True})
+
+
+def test_plot_run_writes_three_pngs(tmp_path):
+    rows = {e: dict(epoch=e, train_loss=2 - e * 0.3, eval_loss=2.1 - e * 0.3, eval_top1=30 + 10 * e,
+                    eval_top5=70 + 5 * e, lr=0.1 / (e + 1)) for e in range(5)}
+    write_summary(tmp_path / "summary.csv", rows)
+    written = plot_run(tmp_path)
+    assert [p.name for p in written] == ["loss.png", "accuracy.png", "lr.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in written)
+
+
+def test_plot_search_draws_every_trial(tmp_path):
+    with (tmp_path / "trials.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial_id", "status", "lr", "best_eval_top1", "best_epoch", "epochs", "checkpoint"])
+        w.writerow(["a", "completed", 0.1, 90, 3, 4, ""])
+        w.writerow(["b", "stopped", 1e-5, 20, 0, 1, ""])
+    for trial, n in (("a", 4), ("b", 1)):
+        rows = {e: dict(epoch=e, train_loss=1, eval_loss=1, eval_top1=20 + 20 * e, eval_top5=90, lr=0.1)
+                for e in range(n)}
+        write_summary(tmp_path / "trials" / f"trial-{trial}" / "summary.csv", rows)
+    path = plot_search(tmp_path)
+    assert path.name == "trials.png" and path.stat().st_size > 10_000
+
+
+def test_plot_of_a_non_run_directory_is_a_clear_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
