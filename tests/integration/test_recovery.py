@@ -26,15 +26,19 @@ COMMON = ["--model", "test_resnet", "--epochs", str(EPOCHS), "--recovery-interva
           "--max-failures", "1", "--log-interval", "100"]
 
 
-def ray_processes(title: str) -> list[int]:
-    """Pids of this host's processes whose title starts with `title` (Ray names actor processes ray::<Class>)."""
+def ray_processes(title: str, session: str) -> list[int]:
+    """Pids of processes titled `title` (Ray names actor processes ray::<Class>) whose parent is the raylet of
+    the Ray session `session`: never another cluster's workers on the same host."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "cmdline").read_bytes().startswith(title.encode()):
+                if not (entry / "cmdline").read_bytes().startswith(title.encode()):
+                    continue
+                ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                if session.encode() in Path(f"/proc/{ppid}/cmdline").read_bytes():
                     pids.append(int(entry.name))
-            except OSError:
+            except (OSError, IndexError):
                 pass
     return pids
 
@@ -72,7 +76,7 @@ def straight_run(ray_local, tmp_path_factory):
     return out / "straight"
 
 
-def test_a_killed_worker_is_replaced_and_the_result_is_bitwise_the_same(straight_run, tmp_path):
+def test_a_killed_worker_is_replaced_and_the_result_is_bitwise_the_same(ray_local, straight_run, tmp_path):
     codes = []
     runner = threading.Thread(target=lambda: codes.append(
         main(["train", *COMMON, "--output", str(tmp_path), "--experiment", "faulted"])))
@@ -80,7 +84,8 @@ def test_a_killed_worker_is_replaced_and_the_result_is_bitwise_the_same(straight
     run_dir = tmp_path / "faulted"
     # Kill a training worker from outside, mid-epoch, once epoch 1 has written a recovery checkpoint.
     wait_for(lambda: list(run_dir.glob("epoch-0001-step-*")), 120, "a recovery checkpoint in epoch 1")
-    victims = ray_processes("ray::RayTrainWorker")
+    session = ray_local._private.worker.global_worker.node.session_name
+    victims = ray_processes("ray::RayTrainWorker", session)
     assert victims, "no Ray Train worker process found"
     os.kill(victims[-1], signal.SIGKILL)
     runner.join(timeout=300)
