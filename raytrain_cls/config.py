@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,17 @@ EVAL_METRICS = ("top1", "top5", "loss")
 BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
 DATASET_ALIASES = {"": "folder", "imagefolder": "folder", "torch/fashion_mnist": "fashion_mnist",
                    "fashion-mnist": "fashion_mnist", "sklearn/digits": "digits"}
+
+
+# Keys of timm's args.yaml that only mean something to torchrun/SLURM or to timm's own loader: a Ray run has no
+# use for them, so they are accepted (with a note) and ignored rather than rejected.
+TIMM_IGNORED_KEYS = {
+    "local_rank": "Ray assigns ranks", "device": "Ray assigns devices", "device_modules": "Ray assigns devices",
+    "dist_backend": "Ray creates the process group", "dist_url": "Ray creates the process group",
+    "distributed": "Ray decides", "world_size": "set --num-workers", "rank": "Ray assigns ranks",
+    "prefetcher": "not needed", "no_prefetcher": "not needed", "no_ddp_bb": "not needed",
+    "synchronize_step": "not needed", "worker_seeding": "augmentation is seeded per sample",
+}
 
 
 class ConfigError(ValueError):
@@ -108,6 +120,15 @@ class ModelConfig:
                              choices=("", "bilinear", "bicubic", "nearest"))
     drop: float = option(0.0, "dropout rate before the classifier", min=0, max=1)
     drop_path: Optional[float] = option(None, "stochastic depth rate", min=0, max=1)
+    drop_block: Optional[float] = option(None, "drop block rate", min=0, max=1)
+    bn_momentum: Optional[float] = option(None, "BatchNorm momentum override", gt=0, max=1)
+    bn_eps: Optional[float] = option(None, "BatchNorm epsilon override", gt=0)
+    grad_checkpointing: bool = option(False, "activation (gradient) checkpointing: less memory, more compute")
+    torchcompile: Optional[str] = option(None, "torch.compile the model with this backend (e.g. inductor)")
+    torchcompile_mode: Optional[str] = option(None, "torch.compile mode (default, reduce-overhead, max-autotune)")
+    sync_bn: bool = option(False, "synchronised BatchNorm across workers (GPU workers only)")
+    dist_bn: str = option("reduce", "BatchNorm stats across workers after each epoch: reduce (average), broadcast "
+                                    "(rank 0's) or '' (leave)", choices=("reduce", "broadcast", ""))
     channels_last: bool = option(False, "use channels_last memory layout")
     model_kwargs: dict = option(help="extra timm.create_model keyword arguments, k=v", nargs="*", factory=dict)
 
@@ -123,6 +144,8 @@ class OptimConfig:
     clip_mode: str = option("norm", "gradient clipping mode", choices=("norm", "value", "agc"))
     lr: Optional[float] = option(None, "learning rate; unset = --lr-base scaled by the global batch, resolved once "
                                     "on the driver and recorded", gt=0)
+    layer_decay: Optional[float] = option(None, "layer-wise LR decay (e.g. 0.65 for ViT fine-tuning)", gt=0, max=1)
+    opt_kwargs: dict = option(help="extra optimizer keyword arguments, k=v", nargs="*", factory=dict)
     lr_base: float = option(0.1, "base learning rate for --lr-base-size samples", gt=0)
     lr_base_size: int = option(256, "global batch size that --lr-base is given for", min=1)
     lr_base_scale: str = option("", "lr scaling rule: linear or sqrt ('' = sqrt for adaptive optimizers, else linear)",
@@ -257,6 +280,11 @@ class Config:
                     self.set(name, v)
             elif key in FIELDS:
                 self.set(key, value)
+            elif key in TIMM_IGNORED_KEYS:
+                print(f"note: ignoring timm key '{key}' ({TIMM_IGNORED_KEYS[key]})", file=sys.stderr)
+            elif key == "data" and (value is None or isinstance(value, str)):
+                if value and not self.data.data_dir:  # timm's deprecated positional data dir
+                    self.set("data_dir", value)
             else:
                 raise ConfigError(str(key), value, f"unknown key{_suggest(str(key), list(FIELDS) + list(GROUPS))}")
         return self
@@ -297,6 +325,13 @@ class Config:
                               "with --pretrained-path FILE")
         if m.pretrained_path and not _is_uri(m.pretrained_path) and not Path(m.pretrained_path).is_file():
             raise ConfigError("model.pretrained_path", m.pretrained_path, "no such file")
+        if m.torchcompile:
+            from torch._dynamo import list_backends
+
+            backends = list_backends(exclude_tags=())
+            if m.torchcompile not in backends:
+                raise ConfigError("model.torchcompile", m.torchcompile,
+                                  f"not a torch.compile backend{_suggest(m.torchcompile, backends)}")
         init = self.checkpoint.initial_checkpoint
         if init and not _is_uri(init) and not Path(init).exists():
             raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")

@@ -19,6 +19,8 @@ def model_kwargs(cfg: Config, num_classes: int) -> dict:
         kwargs["drop_path_rate"] = m.drop_path
     if m.gp is not None:
         kwargs["global_pool"] = m.gp
+    if m.drop_block is not None:
+        kwargs["drop_block_rate"] = m.drop_block
     in_chans = m.input_size[0] if m.input_size else m.in_chans
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
@@ -46,8 +48,25 @@ def pretrained_cfg_of(cfg: Config, num_classes: int) -> dict:
     return dict(model.pretrained_cfg)
 
 
+def set_bn(model: torch.nn.Module, momentum: Optional[float], eps: Optional[float]) -> int:
+    """timm's --bn-momentum/--bn-eps, applied to every BatchNorm layer; returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            if momentum is not None:
+                module.momentum = momentum
+            if eps is not None:
+                module.eps = eps
+            changed += 1
+    return changed
+
+
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
-    model = timm.create_model(cfg.model.model, **model_kwargs(cfg, num_classes))
+    m = cfg.model
+    model = timm.create_model(m.model, **model_kwargs(cfg, num_classes))
+    set_bn(model, m.bn_momentum, m.bn_eps)
+    if m.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     model.to(device)
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -60,6 +79,20 @@ def build_ema(cfg: Config, model: torch.nn.Module) -> Optional[ModelEmaV3]:
         return None
     return ModelEmaV3(model, decay=e.model_ema_decay, use_warmup=e.model_ema_warmup,
                       device=torch.device("cpu") if e.model_ema_force_cpu else None)
+
+
+def prepare_for_workers(cfg: Config, model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """Sync-BN conversion, done on the bare model after EMA/optimizer creation would be too late: call it before."""
+    if cfg.model.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def compile_model(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    """timm's --torchcompile [backend] --torchcompile-mode; the compiled module shares the bare model's weights."""
+    if not cfg.model.torchcompile:
+        return model
+    return torch.compile(model, backend=cfg.model.torchcompile, mode=cfg.model.torchcompile_mode)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

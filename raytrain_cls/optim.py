@@ -34,6 +34,9 @@ def optimizer_kwargs(cfg: Config) -> dict:
         kwargs["eps"] = o.opt_eps
     if o.opt_betas is not None:
         kwargs["betas"] = tuple(o.opt_betas)
+    if o.layer_decay is not None:
+        kwargs["layer_decay"] = o.layer_decay
+    kwargs.update(o.opt_kwargs)
     return kwargs
 
 

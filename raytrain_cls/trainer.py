@@ -69,6 +69,9 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
         raise ConfigError("scaling.num_workers", num_workers,
                           f"needs {need_cpu:g} CPUs ({per_worker.get('CPU', 1):g} per worker) but the Ray cluster "
                           f"has {cpus:g}; lower --num-workers or resources_per_worker CPU")
+    if cfg.model.sync_bn and not use_gpu:
+        raise ConfigError("model.sync_bn", True, "torch's SyncBatchNorm runs only on GPU workers; on CPU workers "
+                          "--dist-bn reduce (the default) averages BatchNorm statistics after each epoch instead")
     if cfg.precision.amp and cfg.precision.amp_dtype == "float16" and not use_gpu:
         raise ConfigError("precision.amp_dtype", "float16", "float16 AMP needs GPUs; use --amp-dtype bfloat16 on CPUs")
     return use_gpu, num_workers

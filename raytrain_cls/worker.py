@@ -15,12 +15,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+from timm.utils import distribute_bn
 
 from .config import Config
 from .data import build_loaders, build_source
 from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train_one_epoch
 from .loss import build_mixup, build_train_loss
-from .model import build_ema, build_model
+from .model import build_ema, build_model, compile_model, prepare_for_workers
 from .optim import build_optimizer, build_scheduler
 from .report import epoch_line, step_line
 from .state import MODEL_FILE, TrainState, load_weights, rng_state
@@ -100,7 +101,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     source = build_source(cfg)
     loaders = build_loaders(cfg, source, res["data_config"], rank, world)
-    model = build_model(cfg, res["num_classes"], device)
+    model = prepare_for_workers(cfg, build_model(cfg, res["num_classes"], device), world)
     ema = build_ema(cfg, model)
     optimizer = build_optimizer(cfg, model)
     updates_per_epoch = math.ceil(len(loaders.train) / cfg.optim.grad_accum_steps)
@@ -130,6 +131,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = compile_model(cfg, train_model)  # after DDP, as timm does
     autocast = autocast_factory(device, cfg.precision.amp, amp_dtype)
     parts = TrainParts(model=train_model, optimizer=optimizer, loss_fn=build_train_loss(cfg).to(device),
                        device=device, autocast=autocast, scaler=scaler,
@@ -171,6 +173,11 @@ def train_loop_per_worker(config: dict) -> dict:
             log=log, start_batch=start_batch, carry=carry, nan_patience=cfg.checkpoint.nan_patience,
             on_update=on_update)
         state.in_epoch = None
+        if world > 1 and cfg.model.dist_bn:
+            # As timm: make every rank's BatchNorm statistics the same before evaluating and checkpointing.
+            distribute_bn(model, world, cfg.model.dist_bn == "reduce")
+            if ema is not None:
+                distribute_bn(ema, world, cfg.model.dist_bn == "reduce")
         eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last)
         metrics = dict(epoch=epoch, **train_metrics)
         if ema is not None:
