@@ -157,10 +157,16 @@ def base_recipe(args: argparse.Namespace) -> Optional[str]:
         kind, target = find_resume_target(args.resume, resolve_output(getattr(args, "output", "")))
         if kind == "run" and run_config_file(target):
             return run_config_file(target)
-    if getattr(args, "data_dir", None) and not hasattr(args, "dataset"):
-        return None  # an ImageFolder tree: timm's defaults
-    dataset = canonical_dataset(getattr(args, "dataset", "digits"))
-    return dataset if dataset in recipe_names() else None
+    return default_recipe(getattr(args, "dataset", None), getattr(args, "data_dir", None))
+
+
+def default_recipe(dataset: Optional[str], data_dir: Optional[str]) -> Optional[str]:
+    """The bundled recipe of a built-in data set (digits when nothing is named); None for an ImageFolder tree
+    (--data-dir without --dataset), which starts from timm's defaults."""
+    if data_dir and dataset is None:
+        return None
+    name = canonical_dataset(dataset or "digits")
+    return name if name in recipe_names() else None
 
 
 def overrides_of(args: argparse.Namespace) -> dict:
@@ -278,9 +284,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir),
                                    ("output", args.output)) if v is not None}
     try:
-        recipe = args.config or (None if args.data_dir and not args.dataset else
-                                 (canonical_dataset(args.dataset or "digits")
-                                  if canonical_dataset(args.dataset or "digits") in recipe_names() else None))
+        recipe = args.config or default_recipe(args.dataset, args.data_dir)
         cfg = load_config(recipe, overrides) if recipe else Config().update(overrides)
     except ConfigError as e:
         print(f"raytrain-cls: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import Config
-from .model import model_kwargs
+from .model import architecture_kwargs
 from .report import atomic_write_text
 from .state import EMA_FILE, MODEL_FILE, load_weights, read_meta
 
@@ -26,8 +26,7 @@ CONFIG_JSON = "config.json"
 
 
 def _rebuild(cfg: Config, num_classes: int) -> tuple[torch.nn.Module, dict]:
-    kwargs = {k: v for k, v in model_kwargs(cfg, num_classes).items()
-              if k not in ("pretrained", "pretrained_cfg_overlay", "num_classes")}
+    kwargs = {k: v for k, v in architecture_kwargs(cfg, num_classes).items() if k != "num_classes"}
     return timm.create_model(cfg.model.model, pretrained=False, num_classes=num_classes, **kwargs), kwargs
 
 

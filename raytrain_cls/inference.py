@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from timm.data import create_transform
 
 from .config import Config
+from .data.loader import image_mode
 from .data.sources import IMAGE_EXTENSIONS, DataError, build_source
-from .model import model_kwargs
+from .model import architecture_kwargs
 from .report import atomic_write_text
 from .state import EMA_FILE, META_FILE, MODEL_FILE, CheckpointError, load_weights, read_meta
 
@@ -41,9 +42,7 @@ def load_model(path: str | Path, use_ema: bool = False, device: str = "cpu") -> 
     if (path / META_FILE).is_file():
         cfg = Config.from_dict(read_meta(path)["config"])
         r = cfg.resolved
-        kwargs = {k: v for k, v in model_kwargs(cfg, r["num_classes"]).items()
-                  if k not in ("pretrained", "pretrained_cfg_overlay")}
-        model = timm.create_model(cfg.model.model, pretrained=False, **kwargs)
+        model = timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, r["num_classes"]))
         load_weights(model, weights)
         data_config, classes = dict(r["data_config"]), list(r.get("classes") or [])
     elif (path / "config.json").is_file():
@@ -69,10 +68,6 @@ def eval_transform(data_config: dict, crop_pct: Optional[float] = None):
                             crop_mode=data_config.get("crop_mode", "center"))
 
 
-def _image_mode(data_config: dict) -> str:
-    return "L" if data_config["input_size"][0] == 1 else "RGB"
-
-
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
     """Logits; with --tta > 0, averaged with those of the horizontally flipped images (timm's flip TTA)."""
@@ -96,7 +91,7 @@ def evaluate_checkpoint(path: str, cfg_overrides: Optional[dict] = None, use_ema
     if loaded.classes and source.classes != loaded.classes:
         raise DataError(f"the data set's classes {source.classes[:5]}... differ from the model's "
                         f"{loaded.classes[:5]}...: evaluate on data labelled like the training set")
-    transform, mode = eval_transform(loaded.data_config, crop_pct), _image_mode(loaded.data_config)
+    transform, mode = eval_transform(loaded.data_config, crop_pct), image_mode(loaded.data_config)
 
     class _Val(torch.utils.data.Dataset):
         def __len__(self):
@@ -161,7 +156,7 @@ def predict(path: str, inputs: Sequence[str], topk: int = 5, batch_size: int = 6
     """Top-k classes and probabilities per image. Unreadable images get an error row instead of a guess."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(path, use_ema, device)
-    transform, mode = eval_transform(loaded.data_config), _image_mode(loaded.data_config)
+    transform, mode = eval_transform(loaded.data_config), image_mode(loaded.data_config)
     files = find_images(inputs)
     rows: list[dict] = []
     for start in range(0, len(files), batch_size):

@@ -30,6 +30,11 @@ def model_kwargs(cfg: Config, num_classes: int) -> dict:
     return kwargs
 
 
+def architecture_kwargs(cfg: Config, num_classes: int) -> dict:
+    """model_kwargs without the pretrained-weights loading: rebuild the architecture, then load our own weights."""
+    return {k: v for k, v in model_kwargs(cfg, num_classes).items() if k not in ("pretrained", "pretrained_cfg_overlay")}
+
+
 def check_model_name(name: str) -> None:
     """Fail on a model name timm does not know, suggesting the closest one."""
     arch = name.split(".")[0]
@@ -42,9 +47,8 @@ def check_model_name(name: str) -> None:
 def pretrained_cfg_of(cfg: Config, num_classes: int) -> dict:
     """The model's default data settings (input size, mean, std, crop) without allocating its weights."""
     check_model_name(cfg.model.model)
-    kwargs = {k: v for k, v in model_kwargs(cfg, num_classes).items() if k not in ("pretrained", "pretrained_cfg_overlay")}
     with torch.device("meta"):
-        model = timm.create_model(cfg.model.model, pretrained=False, **kwargs)
+        model = timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, num_classes))
     return dict(model.pretrained_cfg)
 
 

@@ -188,7 +188,7 @@ STATE_KEYS = ("optimizer", "counters", "best", "position", "ranks")
 def _load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # never retry with weights_only=False: that would run whatever the pickle says
+    except Exception as e:  # never fall back to unrestricted unpickling: that would run whatever the pickle says
         raise CheckpointError(f"refusing to load {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:

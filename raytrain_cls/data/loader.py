@@ -85,13 +85,14 @@ class Loaders:
         self.train_sampler.set_epoch(epoch, consumed)
 
 
-def _img_mode(data_config: dict) -> str:
+def image_mode(data_config: dict) -> str:
+    """PIL mode the model's input wants: grey for one input channel, else RGB."""
     return "L" if data_config["input_size"][0] == 1 else "RGB"
 
 
 def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int) -> Loaders:
     d = cfg.data
-    mode = _img_mode(data_config)
+    mode = image_mode(data_config)
     train_ds = TransformedDataset(source.train, build_transform(cfg, data_config, True), mode, seed=cfg.run.seed)
     val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
     sampler = ResumableDistributedSampler(len(train_ds), rank, world_size, seed=cfg.run.seed, shuffle=True)
