@@ -67,3 +67,46 @@ def load_source_sizes():
 
     src = build_source(load_config("digits"))
     return src.train, src.val
+
+
+def _evaluate_on_ranks(config: dict) -> dict:
+    import ray.train
+    import torch
+
+    from raytrain_cls.config import Config
+    from raytrain_cls.data import build_loaders, build_source
+    from raytrain_cls.engine import autocast_factory, evaluate
+    from raytrain_cls.model import build_model
+
+    cfg = Config.from_dict(config)
+    ctx = ray.train.get_context()
+    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], ctx.get_world_rank(),
+                            ctx.get_world_size())
+    torch.manual_seed(0)  # the same (untrained, so often wrong) model on every rank
+    model = build_model(cfg, 10, torch.device("cpu"))
+    return evaluate(model, loaders.val, torch.device("cpu"), autocast_factory(torch.device("cpu"), False, None))
+
+
+def test_top1_over_two_ranks_equals_one_rank_on_an_odd_validation_set(ray_local, tmp_path):
+    """359 validation images split 180/179: exact metrics, no sample padded in or counted twice."""
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+
+    from raytrain_cls.data import build_loaders, build_source
+    from raytrain_cls.engine import autocast_factory, evaluate
+    from raytrain_cls.model import build_model
+
+    cfg = load_config("digits", {"workers": 0, "model": "test_resnet"})
+    cfg.resolved = dict(data_config=dict(input_size=[3, 32, 32], interpolation="bicubic", mean=[0.5] * 3,
+                                         std=[0.5] * 3, crop_pct=1.0, crop_mode="center"))
+    two = TorchTrainer(_evaluate_on_ranks, train_loop_config=cfg.to_dict(),
+                       scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+                       run_config=ray.train.RunConfig(name="eval2", storage_path=str(tmp_path))).fit().return_value
+    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], 0, 1)
+    torch.manual_seed(0)
+    model = build_model(cfg, 10, torch.device("cpu"))
+    one = evaluate(model, loaders.val, torch.device("cpu"), autocast_factory(torch.device("cpu"), False, None))
+    assert one["samples"] == two["samples"] == 359
+    assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
