@@ -256,6 +256,10 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def copy(self) -> "Config":
+        """An independent copy (to_dict already deep-copies every value)."""
+        return Config.from_dict(self.to_dict())
+
     @classmethod
     def from_dict(cls, raw: dict) -> "Config":
         cfg = cls()

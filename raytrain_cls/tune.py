@@ -7,7 +7,6 @@ trial from its own checkpoints. Everything in the search spec is checked before 
 """
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import io
@@ -107,7 +106,7 @@ def parse_search(raw: Optional[dict], cli_space: Optional[dict] = None, cli: Opt
 # ---- validation (before any Ray work) ------------------------------------------------------------------------
 def _probe(base: Config, key: str, value: Any, where: str) -> None:
     """Apply one value of the space to a copy of the base config and validate it."""
-    cfg = Config.from_dict(copy.deepcopy(base.to_dict()))
+    cfg = base.copy()
     try:
         cfg.set(key, value)
         cfg.validate()
@@ -186,7 +185,7 @@ def metric_and_mode(spec: SearchSpec, base: Config) -> tuple[str, str]:
 
 def trial_base(base: Config, spec: SearchSpec) -> Config:
     """The base config with the per-trial scaling applied (each trial a Ray Train run of this size)."""
-    cfg = Config.from_dict(copy.deepcopy(base.to_dict()))
+    cfg = base.copy()
     cfg.scaling.num_workers = spec.workers_per_trial
     cfg.scaling.use_gpu = spec.gpus_per_worker > 0
     resources = {"CPU": spec.cpus_per_worker}
@@ -211,7 +210,7 @@ def max_epochs(base: Config, spec: SearchSpec) -> int:
             values = args if SPACE_KINDS[kind] is None else args[:2]
             candidates = [{**c, key: int(v)} for c in candidates for v in values]
     for overrides in candidates:
-        cfg = Config.from_dict(copy.deepcopy(base.to_dict())).update(overrides)
+        cfg = base.copy().update(overrides)
         longest = max(longest, resolve_num_epochs(cfg))
     return longest
 
@@ -366,7 +365,7 @@ def write_trials_csv(path: str, rows: list[TrialRow], keys: list[str], metric: s
 
 
 def best_config_yaml(base: Config, best: TrialRow, max_t: int) -> str:
-    cfg = Config.from_dict(copy.deepcopy(base.to_dict()))
+    cfg = base.copy()
     for key, value in best.params.items():
         cfg.set(key, value)
     cfg.resolved = {}
