@@ -29,9 +29,11 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 # The loss-like metrics are minimised; everything else (top1, top5) is maximised.
 EVAL_METRICS = ("top1", "top5", "loss")
-BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
+BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder", "parquet", "synthetic")
 DATASET_ALIASES = {"": "folder", "imagefolder": "folder", "torch/fashion_mnist": "fashion_mnist",
-                   "fashion-mnist": "fashion_mnist", "sklearn/digits": "digits"}
+                   "fashion-mnist": "fashion_mnist", "sklearn/digits": "digits", "shards": "parquet"}
+# PIL's own default for Image.MAX_IMAGE_PIXELS: larger images are refused as possible decompression bombs.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 # Keys of timm's args.yaml that only mean something to torchrun/SLURM or to timm's own loader: a Ray run has no
@@ -66,11 +68,29 @@ def option(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (), 
 @dataclass
 class DataConfig:
     dataset: str = option("", "data set: '' or 'folder' = an ImageFolder tree at --data-dir (timm's default), "
-                           "'digits' (sklearn, bundled), 'fashion_mnist' (IDX files)")
+                           "'parquet' (shards written by `raytrain-cls prepare`), 'digits' (sklearn, bundled), "
+                           "'fashion_mnist' (IDX files), 'synthetic' (random images, for throughput only)")
     data_dir: Optional[str] = option(None, "root of the data set (ImageFolder: train/ and validation/ inside; "
+                                        "parquet: the folder or URI (s3://...) holding manifest.json; "
                                         "fashion_mnist: the *-ubyte.gz files)")
     train_split: str = option("train", "training split (folder name)")
     val_split: str = option("validation", "validation split; timm's synonyms val/valid/test are searched too")
+    class_map: Optional[str] = option(None, "file pinning class names to indices: one class per line (timm's "
+                                         ".txt), or a YAML/JSON list or {name: index} mapping")
+    synthetic_samples: int = option(10000, "synthetic data set: training images (validation gets a tenth)", min=1)
+    loader: str = option("torch", "input pipeline: 'torch' = a DataLoader per training worker (exact mid-epoch "
+                            "resume, any worker count); 'ray' = Ray Data streaming_split from Parquet shards, "
+                            "preprocessing on any node's CPUs (needs CPUs left free; resumes at epoch starts)",
+                         choices=("torch", "ray"))
+    gpu_decode: bool = option(False, "decode and augment on the training device in batches: the loader "
+                                   "processes only read encoded bytes (JPEG decode on the GPU)")
+    max_bad_fraction: float = option(0.01, "unreadable images are skipped and counted; fail when more than "
+                                         "this fraction of an epoch's samples is bad", min=0, max=1)
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "images with more pixels are refused as possible "
+                                                           "decompression bombs (PIL's default)", min=1)
+    shuffle_window: int = option(8, "parquet: the shards' order is shuffled each epoch and samples are shuffled "
+                                 "within windows of this many shards (bounded memory and reads); 0 = one "
+                                 "shuffle over the whole split", min=0)
     batch_size: int = option(128, "batch size per training worker", flags=("-b",), min=1)
     validation_batch_size: Optional[int] = option(None, "validation batch size per worker (default: --batch-size)",
                                                flags=("-vb",), min=1)
@@ -313,9 +333,33 @@ class Config:
         if dataset not in BUILTIN_DATASETS:
             raise ConfigError("data.dataset", d.dataset,
                               f"unknown data set; choose one of {list(BUILTIN_DATASETS)}{_suggest(d.dataset, BUILTIN_DATASETS)}")
-        if dataset == "folder" and not d.data_dir:
-            raise ConfigError("data.data_dir", d.data_dir, "an ImageFolder data set needs --data-dir "
+        if dataset in ("folder", "parquet") and not d.data_dir:
+            what = "an ImageFolder data set" if dataset == "folder" else "a Parquet shard data set"
+            raise ConfigError("data.data_dir", d.data_dir, f"{what} needs --data-dir "
                               "(or choose --dataset digits / fashion_mnist)")
+        if d.class_map and not _is_uri(d.class_map) and not Path(d.class_map).is_file():
+            raise ConfigError("data.class_map", d.class_map, "no such file")
+        if d.class_map and dataset != "folder":
+            raise ConfigError("data.class_map", d.class_map, f"only ImageFolder trees take a class map ({dataset} "
+                              "data sets carry their own class list)")
+        if d.loader == "ray":
+            if dataset != "parquet":
+                raise ConfigError("data.loader", d.loader, "Ray Data reads Parquet shards: convert the data with "
+                                  "`raytrain-cls prepare SRC DST` and pass --dataset parquet --data-dir DST")
+            if self.checkpoint.recovery_interval:
+                raise ConfigError("checkpoint.recovery_interval", self.checkpoint.recovery_interval,
+                                  "Ray Data streams have no resumable position: mid-epoch recovery checkpoints "
+                                  "need --loader torch")
+            if d.gpu_decode:
+                raise ConfigError("data.gpu_decode", True, "Ray Data preprocesses on CPUs: --gpu-decode needs "
+                                  "--loader torch")
+        if d.gpu_decode:
+            if dataset not in ("folder", "parquet", "synthetic"):
+                raise ConfigError("data.gpu_decode", True, f"the {dataset} data set holds decoded pixels, not "
+                                  "encoded images: use --dataset parquet or folder")
+            if a.aa:
+                raise ConfigError("aug.aa", a.aa, "auto-augment policies run on PIL images on the CPU: drop --aa "
+                                  "or --gpu-decode")
         for name, pair in (("aug.scale", a.scale), ("aug.ratio", a.ratio), ("aug.cutmix_minmax", a.cutmix_minmax)):
             if pair is not None and not (0 < pair[0] <= pair[1]):
                 raise ConfigError(name, pair, "needs 0 < low <= high")

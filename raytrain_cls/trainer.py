@@ -69,6 +69,11 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
         raise ConfigError("scaling.num_workers", num_workers,
                           f"needs {need_cpu:g} CPUs ({per_worker.get('CPU', 1):g} per worker) but the Ray cluster "
                           f"has {cpus:g}; lower --num-workers or resources_per_worker CPU")
+    if cfg.data.loader == "ray" and cpus - need_cpu < 1:
+        raise ConfigError("data.loader", "ray", f"Ray Data needs at least one CPU the training workers do not "
+                          f"reserve, or it waits forever: the workers take {need_cpu:g} of the cluster's {cpus:g} "
+                          "CPUs; lower resources_per_worker CPU (e.g. --resources-per-worker CPU=0.5) or "
+                          "--num-workers, or add a CPU node")
     if cfg.model.sync_bn and not use_gpu:
         raise ConfigError("model.sync_bn", True, "torch's SyncBatchNorm runs only on GPU workers; on CPU workers "
                           "--dist-bn reduce (the default) averages BatchNorm statistics after each epoch instead")
@@ -197,9 +202,15 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
 
     c, r = cfg.checkpoint, cfg.resolved
     score_order = "min" if c.eval_metric == "loss" else "max"
+    datasets = {}
+    if cfg.data.loader == "ray":
+        from .data.ray_data import DATASET_NAME, train_dataset
+
+        datasets[DATASET_NAME] = train_dataset(cfg)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
+        datasets=datasets or None,
         scaling_config=ray.train.ScalingConfig(num_workers=r["num_workers"], use_gpu=r["use_gpu"],
                                                resources_per_worker=cfg.scaling.resources_per_worker,
                                                placement_strategy=cfg.scaling.placement_strategy),

@@ -18,7 +18,10 @@ import torch
 from timm.utils import distribute_bn
 
 from .config import Config
-from .data import build_loaders, build_source
+from .data import DataError, build_loaders, build_source
+from .data.loader import BadSampleLog
+from .data.ray_data import DATASET_NAME as RAY_DATASET
+from .data.ray_data import RayDataLoader, rows_per_worker
 from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train_one_epoch
 from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model, compile_model, prepare_for_workers
@@ -101,6 +104,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     source = build_source(cfg)
     loaders = build_loaders(cfg, source, res["data_config"], rank, world)
+    if cfg.data.loader == "ray":
+        loaders.train = ray_data_loader(cfg, world, device)
     model = prepare_for_workers(cfg, build_model(cfg, res["num_classes"], device), world)
     ema = build_ema(cfg, model)
     optimizer = build_optimizer(cfg, model)
@@ -173,13 +178,19 @@ def train_loop_per_worker(config: dict) -> dict:
             log=log, start_batch=start_batch, carry=carry, nan_patience=cfg.checkpoint.nan_patience,
             on_update=on_update)
         state.in_epoch = None
+        dealt = (len(loaders.train) + start_batch) * batch * world - consumed
+        train_bad = check_bad_samples("training", loaders.train.bad, dealt, cfg.data.max_bad_fraction, epoch,
+                                      rank, world)
         if world > 1 and cfg.model.dist_bn:
             # As timm: make every rank's BatchNorm statistics the same before evaluating and checkpointing.
             distribute_bn(model, world, cfg.model.dist_bn == "reduce")
             if ema is not None:
                 distribute_bn(ema, world, cfg.model.dist_bn == "reduce")
+        loaders.val.bad.reset()
         eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last)
-        metrics = dict(epoch=epoch, **train_metrics)
+        val_bad = check_bad_samples("validation", loaders.val.bad, res["val_samples"], cfg.data.max_bad_fraction,
+                                    epoch, rank, world)
+        metrics = dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad, eval_bad_samples=val_bad)
         if ema is not None:
             # As timm does: the EMA's accuracy is the run's accuracy; the raw model's is kept alongside.
             metrics.update({f"model_eval_{k}": v for k, v in eval_metrics.items()})
@@ -200,6 +211,38 @@ def train_loop_per_worker(config: dict) -> dict:
     if trackers is not None:
         trackers.close()
     return last
+
+
+def ray_data_loader(cfg: Config, world: int, device: torch.device) -> RayDataLoader:
+    """This worker's streaming_split share of the Ray Dataset the driver passed to the trainer."""
+    import ray.train
+
+    a, res = cfg.aug, cfg.resolved
+    return RayDataLoader(ray.train.get_dataset_shard(RAY_DATASET), rows_per_worker(res["train_samples"], world),
+                         cfg.data.batch_size, res["data_config"], device, re_prob=a.reprob, re_mode=a.remode,
+                         re_count=a.recount)
+
+
+def check_bad_samples(split: str, log: BadSampleLog, dealt: int, max_fraction: float, epoch: int, rank: int,
+                      world: int) -> int:
+    """All ranks' unreadable samples of this epoch: logged with examples on rank 0, an error past the limit.
+    Every rank takes the same decision from the same gathered numbers, so no rank is left waiting."""
+    import torch.distributed as dist
+
+    mine = (log.count, log.examples)
+    gathered = [mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    count = sum(c for c, _ in gathered)
+    examples = [e for _, ex in gathered for e in ex][:BadSampleLog.KEEP]
+    if count > max_fraction * max(dealt, 1):
+        raise DataError(f"{count} of {dealt} {split} samples in epoch {epoch} could not be read, more than "
+                        f"--max-bad-fraction {max_fraction}: " + "; ".join(examples))
+    if count and rank == 0:
+        print(f"Skipped {count} unreadable {split} image(s) in epoch {epoch}: " + "; ".join(examples[:5]),
+              flush=True)
+    return count
 
 
 def _count_nodes(world: int) -> int:

@@ -13,6 +13,12 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Never attach to a cluster someone else started on this host.
 os.environ.pop("RAY_ADDRESS", None)
 
+# s3:// tests talk to a local moto S3 server; Ray workers inherit these from the process that starts Ray, so they
+# are set before any cluster exists. setdefault: real credentials of a developer stay untouched (moto takes any).
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+    os.environ.setdefault(_key, _value)
+
 RAY_CPUS = 2
 
 
@@ -24,3 +30,32 @@ def ray_local():
     ray.init(address="local", num_cpus=RAY_CPUS, log_to_driver=True, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3 API (moto) for the whole session: returns "host:port" for ?endpoint_override=...&scheme=http."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_upload(s3_endpoint):
+    """upload(local_dir, prefix) -> the s3:// URI (with the endpoint query) of a copy in the moto bucket."""
+    from pyarrow import fs
+
+    query = f"endpoint_override={s3_endpoint}&scheme=http"
+    s3, _ = fs.FileSystem.from_uri(f"s3://data?{query}&allow_bucket_creation=true")
+    s3.create_dir("data")
+
+    def upload(local_dir, prefix: str) -> str:
+        fs.copy_files(str(local_dir), f"data/{prefix}", source_filesystem=fs.LocalFileSystem(),
+                      destination_filesystem=s3)
+        return f"s3://data/{prefix}?{query}"
+
+    return upload

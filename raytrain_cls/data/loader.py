@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 from ..config import Config
 from .sampler import ResumableDistributedSampler, ShardSampler
-from .sources import ImageDataset, Source
+from .sources import BadImageError, DataError, ImageDataset, ParquetImages, Source
 from .transforms import build_transform
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread (seed, epoch, index) over seeds
@@ -36,7 +36,10 @@ class TransformedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        img, target = self.base[index]
+        try:
+            img, target = self.base[index]
+        except BadImageError as e:
+            return BadSample(e.where, e.reason)
         if img.mode != self.img_mode:
             img = img.convert(self.img_mode)
         if self.seed is None:
@@ -61,6 +64,73 @@ class TransformedDataset(torch.utils.data.Dataset):
         return self.transform(img)
 
 
+@dataclass(frozen=True)
+class BadSample:
+    """Stands in for a sample that could not be decoded, so the batch can be assembled without it."""
+    where: str
+    reason: str
+
+
+def collate_skipping_bad(samples: list):
+    """(inputs, targets, bad samples): the readable samples collated as usual, the unreadable ones listed."""
+    bad = [s for s in samples if isinstance(s, BadSample)]
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    if not good:
+        return None, None, bad
+    x, y = default_collate(good)
+    return x, y, bad
+
+
+class BadSampleLog:
+    """Unreadable samples seen by this rank: a count and the first few (path, reason) as examples."""
+
+    KEEP = 10
+
+    def __init__(self):
+        self.count, self.examples = 0, []
+
+    def add(self, bad: list[BadSample]) -> None:
+        self.count += len(bad)
+        for b in bad[:max(0, self.KEEP - len(self.examples))]:
+            self.examples.append(f"{b.where} ({b.reason})")
+
+    def reset(self) -> None:
+        self.count, self.examples = 0, []
+
+
+class SkippingLoader:
+    """Iterates a DataLoader built with collate_skipping_bad, yielding (inputs, targets) and logging bad samples.
+
+    Training batches keep their full size: the readable samples of a batch are repeated to replace the skipped
+    ones, so every rank takes the same steps with the same shapes (DDP, mixup pairs, compiled graphs). A training
+    batch with no readable sample at all is an error; a validation batch shrinks (every sample counted once).
+    """
+
+    def __init__(self, loader: DataLoader, fill: bool):
+        self.loader, self.fill, self.bad = loader, fill, BadSampleLog()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    def __iter__(self):
+        for x, y, bad in self.loader:
+            if bad:
+                self.bad.add(bad)
+            if x is None:
+                if self.fill:
+                    raise DataError(f"every sample of a training batch was unreadable, e.g. {bad[0].where} "
+                                    f"({bad[0].reason}): check the data set")
+                continue
+            if self.fill and bad:
+                refill = torch.arange(len(bad)) % len(y)
+                x, y = torch.cat([x, x[refill]]), torch.cat([y, y[refill]])
+            yield x, y
+
+
 class _EpochTagged(Sampler):
     """Yields (index, epoch) so loader processes know which epoch a sample belongs to."""
 
@@ -77,12 +147,14 @@ class _EpochTagged(Sampler):
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
+    train: SkippingLoader
+    val: SkippingLoader
     train_sampler: ResumableDistributedSampler
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
         self.train_sampler.set_epoch(epoch, consumed)
+        self.train.bad.reset()
+        self.val.bad.reset()
 
 
 def image_mode(data_config: dict) -> str:
@@ -95,15 +167,25 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
     mode = image_mode(data_config)
     train_ds = TransformedDataset(source.train, build_transform(cfg, data_config, True), mode, seed=cfg.run.seed)
     val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
-    sampler = ResumableDistributedSampler(len(train_ds), rank, world_size, seed=cfg.run.seed, shuffle=True)
+    sampler = ResumableDistributedSampler(len(train_ds), rank, world_size, seed=cfg.run.seed, shuffle=True,
+                                          **_shard_order(source.train, d.shuffle_window))
     # The loader's own generator: otherwise each new iterator draws its base seed from the global torch RNG,
     # which would shift the training RNG stream by where a resumed run restarted.
     common = dict(num_workers=d.workers, pin_memory=d.pin_mem, persistent_workers=d.workers > 0,
-                  generator=torch.Generator().manual_seed(cfg.run.seed))
+                  generator=torch.Generator().manual_seed(cfg.run.seed), collate_fn=collate_skipping_bad)
     train = DataLoader(train_ds, batch_size=d.batch_size, sampler=_EpochTagged(sampler), drop_last=True, **common)
     val = DataLoader(val_ds, batch_size=d.validation_batch_size or d.batch_size,
                      sampler=ShardSampler(len(val_ds), rank, world_size), drop_last=False, **common)
     if len(train) == 0:
         raise ValueError(f"data.batch_size {d.batch_size} x {world_size} workers is larger than the "
                          f"{len(train_ds)} training samples: no full batch per epoch")
-    return Loaders(train, val, sampler)
+    return Loaders(SkippingLoader(train, fill=True), SkippingLoader(val, fill=False), sampler)
+
+
+def _shard_order(dataset: ImageDataset, window: int) -> dict:
+    """Sampler arguments for sharded data (shuffle shards, then samples within a window of shards), and a shard
+    cache big enough for the window a loader process is in plus the next one."""
+    if not isinstance(dataset, ParquetImages):
+        return {}
+    dataset.reader.cache_shards = max(2, 2 * window)
+    return dict(blocks=dataset.reader.split.shard_sizes(), window=window)

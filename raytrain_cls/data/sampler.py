@@ -7,15 +7,39 @@ Validation: rank r takes samples r, r + world, ... with no padding, so summed co
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 from torch.utils.data import Sampler
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
     if not shuffle:
         return torch.arange(num_samples)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_samples, generator=gen)
+    return torch.randperm(num_samples, generator=_generator(seed, epoch))
+
+
+def block_order(block_sizes: Sequence[int], seed: int, epoch: int, window: int) -> torch.Tensor:
+    """A two-level shuffle for sharded data: the blocks' (shards') order is shuffled, then the samples within
+    each run of ``window`` consecutive blocks. A reader then needs only a window's blocks at a time, while the
+    order still depends on nothing but (seed, epoch). ``window`` 0 (or >= the block count) = a full shuffle."""
+    total = int(sum(block_sizes))
+    if window <= 0 or window >= len(block_sizes):
+        return epoch_order(total, seed, epoch)
+    gen = _generator(seed, epoch)
+    starts = [0]
+    for size in block_sizes:
+        starts.append(starts[-1] + int(size))
+    blocks = torch.randperm(len(block_sizes), generator=gen).tolist()
+    parts = []
+    for w in range(0, len(blocks), window):
+        ids = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in blocks[w:w + window]])
+        parts.append(ids[torch.randperm(len(ids), generator=gen)])
+    return torch.cat(parts)
 
 
 class ResumableDistributedSampler(Sampler[int]):
@@ -25,18 +49,25 @@ class ResumableDistributedSampler(Sampler[int]):
     (DDP ranks must take the same number of steps), as torch's DistributedSampler does.
     """
 
-    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int = 0, shuffle: bool = True,
+                 blocks: Optional[Sequence[int]] = None, window: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if blocks is not None and sum(blocks) != num_samples:
+            raise ValueError(f"block sizes add up to {sum(blocks)}, not {num_samples}")
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        self.blocks, self.window = (list(blocks) if blocks is not None else None), window
         self.epoch, self.consumed = 0, 0
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
         self.epoch, self.consumed = epoch, consumed
 
     def _indices(self) -> torch.Tensor:
-        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
+        if self.shuffle and self.blocks is not None:
+            order = block_order(self.blocks, self.seed, self.epoch, self.window)
+        else:
+            order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
         remaining = order[self.consumed:]
         pad = (-len(remaining)) % self.world_size
         if pad:

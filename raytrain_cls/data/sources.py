@@ -7,15 +7,19 @@ each split on its own.
 from __future__ import annotations
 
 import gzip
+import io
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image
+import yaml
+from PIL import Image, UnidentifiedImageError
 
-from ..config import Config, ConfigError, canonical_dataset
+from ..config import DEFAULT_MAX_IMAGE_PIXELS, Config, ConfigError, canonical_dataset
+from .shards import MANIFEST, ShardError, ShardReader, SplitInfo, read_manifest
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
@@ -30,6 +34,14 @@ class DataError(RuntimeError):
     """A data set that cannot be used as configured; the message says what is wrong and how to fix it."""
 
 
+class BadImageError(DataError):
+    """One sample that cannot be decoded (truncated, empty, not an image, too many pixels): skipped and counted."""
+
+    def __init__(self, where: str, reason: str):
+        self.where, self.reason = where, reason
+        super().__init__(f"cannot read image {where}: {reason}")
+
+
 @dataclass
 class Source:
     train: "ImageDataset"
@@ -41,31 +53,141 @@ class Source:
         return len(self.classes)
 
 
-class ImageDataset:
-    """A map-style data set of (image, label) pairs; ``transform`` turns the PIL image into a tensor."""
+def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Encoded bytes -> RGB PIL image, fully decoded inside the guard (Image.open alone is lazy and would miss a
+    truncated file). Every mode (L, RGBA, CMYK, P, I;16, ...) is converted; the pixel count is checked from the
+    header before anything is decompressed. LOAD_TRUNCATED_IMAGES is never switched on."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise BadImageError(where, f"{w}x{h} = {w * h:,} pixels, more than --max-image-pixels "
+                                               f"{max_pixels:,} (a possible decompression bomb)")
+                img.load()
+                return img.convert("RGB")
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError(where, "empty file" if not data else "not an image in a format Pillow reads") from None
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        reason = f"{type(e).__name__}: {e}"
+        raise BadImageError(where, reason) from None
 
-    def __init__(self, load: Callable[[int], Image.Image], targets: Sequence[int], describe: Callable[[int], str]):
-        self._load, self.targets, self._describe = load, np.asarray(targets, dtype=np.int64), describe
-        self.transform: Optional[Callable] = None
+
+class ImageDataset:
+    """A map-style data set: ``ds[i]`` is (RGB PIL image, label); ``ds.encoded(i)`` is (encoded bytes, label)
+    for sources that hold encoded images (the --gpu-decode path). A sample that cannot be decoded raises
+    BadImageError naming it (``describe(i)``)."""
+
+    holds_encoded = False
+    max_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int):
-        img = self._load(index)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.targets[index])
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        raise DataError(f"{type(self).__name__} holds decoded pixels, not encoded images")
 
     def describe(self, index: int) -> str:
-        return self._describe(index)
+        return f"{type(self).__name__}[{index}]"
+
+
+class ArrayImages(ImageDataset):
+    """Grey uint8 images (N, H, W) held in memory, served as RGB PIL images (timm models take 3 channels)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
+        self.images, self.targets, self.name = images, np.asarray(labels, dtype=np.int64), name
+
+    def __getitem__(self, index: int):
+        return Image.fromarray(self.images[index], mode="L").convert("RGB"), int(self.targets[index])
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
 
 
 def array_dataset(images: np.ndarray, labels: np.ndarray, name: str) -> ImageDataset:
-    """Grey uint8 images (N, H, W) held in memory, served as RGB PIL images (timm models take 3 channels)."""
-    def load(i: int) -> Image.Image:
-        return Image.fromarray(images[i], mode="L").convert("RGB")
-    return ImageDataset(load, labels, lambda i: f"{name}[{i}]")
+    return ArrayImages(images, labels, name)
+
+
+class FileImages(ImageDataset):
+    """Image files on a (local or mounted) file system, one label each."""
+
+    holds_encoded = True
+
+    def __init__(self, files: Sequence[Path], targets: Sequence[int]):
+        self.files, self.targets = list(files), np.asarray(targets, dtype=np.int64)
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        try:
+            return self.files[index].read_bytes(), int(self.targets[index])
+        except OSError as e:
+            raise BadImageError(str(self.files[index]), f"{type(e).__name__}: {e}") from None
+
+    def __getitem__(self, index: int):
+        data, label = self.encoded(index)
+        return decode_image(data, str(self.files[index]), self.max_pixels), label
+
+    def describe(self, index: int) -> str:
+        return str(self.files[index])
+
+
+class ParquetImages(ImageDataset):
+    """One split of Parquet shards (see shards.py); each shard is read whole, verified, and cached."""
+
+    holds_encoded = True
+
+    def __init__(self, root: str, split: SplitInfo, cache_shards: int = 8):
+        self.reader = ShardReader(root, split, cache_shards)
+        self._targets: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def targets(self) -> np.ndarray:
+        if self._targets is None:
+            self._targets = self.reader.labels()
+        return self._targets
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        data, label, _ = self.reader.row(index)
+        return data, label
+
+    def __getitem__(self, index: int):
+        data, label, path = self.reader.row(index)
+        return decode_image(data, f"{path} (row {index} of {self.reader.root})", self.max_pixels), label
+
+    def describe(self, index: int) -> str:
+        return f"row {index} of {self.reader.root}"
+
+
+class SyntheticImages(ImageDataset):
+    """Random images for throughput measurements only (never for accuracy): a pool of 64 distinct images and
+    their JPEG encodings, sample i = pool[i % 64] with label i % num_classes."""
+
+    holds_encoded = True
+    POOL = 64
+
+    def __init__(self, num_samples: int, num_classes: int, size: int, seed: int):
+        rng = np.random.RandomState(seed)
+        self.targets = np.arange(num_samples, dtype=np.int64) % num_classes
+        self.pool = [Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(self.POOL)]
+        self.jpegs = []
+        for img in self.pool:
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            self.jpegs.append(buf.getvalue())
+
+    def __getitem__(self, index: int):
+        return self.pool[index % self.POOL].copy(), int(self.targets[index])
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        return self.jpegs[index % self.POOL], int(self.targets[index])
 
 
 def load_digits_source() -> Source:
@@ -133,44 +255,100 @@ def _scan_classes(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_files(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+def _scan_files(split_dir: Path, classes: list[str], pinned: bool = False) -> tuple[list[Path], list[int]]:
+    """Every image under each class folder, labelled by its index in ``classes`` (the training class list). With
+    a pinned class map a class may have no folder in this split; an existing but empty folder is always an error."""
     files, targets = [], []
     for idx, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        folder = split_dir / name
+        if pinned and not folder.is_dir():
+            continue
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not found:
-            raise DataError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"class folder {folder} (class '{name}') holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         files += found
         targets += [idx] * len(found)
     return files, targets
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, inside the guard: Image.open alone is lazy and misses truncated files
-            return img.convert("RGB")
-    except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, ...
-        raise DataError(f"cannot read image {path}: {e}") from e
+def load_class_map(path: str) -> list[str]:
+    """Class names in index order from timm's .txt (one name per line) or a YAML/JSON list or {name: index}."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".txt"):
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        raw = yaml.safe_load(text)  # JSON is YAML
+        if isinstance(raw, dict):
+            indices = sorted(raw.values()) if all(isinstance(v, int) for v in raw.values()) else None
+            if indices != list(range(len(raw))):
+                raise DataError(f"class map {path}: the indices must be 0..{len(raw) - 1}, each once")
+            names = sorted(raw, key=raw.get)
+        elif isinstance(raw, list):
+            names = [str(n) for n in raw]
+        else:
+            raise DataError(f"class map {path}: expected a list of class names or a {{name: index}} mapping")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if not names or duplicates:
+        raise DataError(f"class map {path}: " + (f"names {duplicates} appear twice" if names else "no classes"))
+    return [str(n) for n in names]
 
 
-def load_folder_source(data_dir: str, train_split: str, val_split: str) -> Source:
+def load_folder_source(data_dir: str, train_split: str, val_split: str, class_map: Optional[str] = None) -> Source:
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"--data-dir {root} is not a folder")
+    if (root / MANIFEST).is_file():
+        raise DataError(f"{root} holds Parquet shards ({MANIFEST}): pass --dataset parquet")
     train_dir, val_dir = find_split(root, train_split), find_split(root, val_split)
-    classes = _scan_classes(train_dir)
-    if not classes:
-        raise DataError(f"{train_dir} holds no class folders")
-    val_classes = _scan_classes(val_dir)
-    if set(val_classes) != set(classes):
-        missing, extra = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
-        raise DataError(f"the classes of {val_dir} differ from those of {train_dir}: missing from validation "
-                        f"{missing}, only in validation {extra}")
-    splits = []
-    for split_dir in (train_dir, val_dir):
-        files, targets = _scan_files(split_dir, classes)
-        splits.append(ImageDataset(lambda i, f=files: _open_rgb(f[i]), targets, lambda i, f=files: str(f[i])))
+    if class_map:
+        classes = load_class_map(class_map)
+        for split_dir in (train_dir, val_dir):
+            unknown = sorted(set(_scan_classes(split_dir)) - set(classes))
+            if unknown:
+                raise DataError(f"class folders {unknown} of {split_dir} are not in the class map {class_map}")
+    else:
+        classes = _scan_classes(train_dir)
+        if not classes:
+            raise DataError(f"{train_dir} holds no class folders")
+        val_classes = _scan_classes(val_dir)
+        if set(val_classes) != set(classes):
+            missing, extra = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+            raise DataError(f"the classes of {val_dir} differ from those of {train_dir}: missing from validation "
+                            f"{missing}, only in validation {extra} (a --class-map file pins the classes and "
+                            "allows splits without some of them)")
+    splits = [FileImages(*_scan_files(split_dir, classes, pinned=bool(class_map))) for split_dir in (train_dir, val_dir)]
+    if len(splits[0]) == 0:
+        raise DataError(f"{train_dir} holds no images of the classes in {class_map}")
     return Source(splits[0], splits[1], classes)
+
+
+def load_parquet_source(data_dir: str, train_split: str, val_split: str) -> Source:
+    try:
+        manifest = read_manifest(data_dir)
+    except ShardError as e:
+        raise DataError(str(e)) from None
+    found = []
+    for split in (train_split, val_split):
+        name = next((n for n in SPLIT_SYNONYMS.get(split, (split,)) if n in manifest.splits), None)
+        if name is None:
+            raise DataError(f"{data_dir} has no '{split}' split (it has {sorted(manifest.splits)})")
+        found.append(ParquetImages(data_dir, manifest.splits[name]))
+    return Source(found[0], found[1], manifest.classes)
+
+
+def synthetic_size(cfg: Config) -> int:
+    m = cfg.model
+    if m.input_size:
+        return int(m.input_size[-1])
+    return int(m.img_size or 224)
+
+
+def load_synthetic_source(cfg: Config) -> Source:
+    n, classes = cfg.data.synthetic_samples, cfg.model.num_classes or 1000
+    size = synthetic_size(cfg)
+    names = [f"class_{i:04d}" for i in range(classes)]
+    return Source(SyntheticImages(n, classes, size, seed=0), SyntheticImages(max(1, n // 10), classes, size, seed=1),
+                  names)
 
 
 def build_source(cfg: Config) -> Source:
@@ -178,9 +356,17 @@ def build_source(cfg: Config) -> Source:
     d = cfg.data
     kind = canonical_dataset(d.dataset)
     if kind == "digits":
-        return load_digits_source()
-    if kind == "fashion_mnist":
-        return load_fashion_mnist_source(d.data_dir)
-    if kind == "folder":
-        return load_folder_source(d.data_dir, d.train_split, d.val_split)
-    raise ConfigError("data.dataset", d.dataset, "unknown data set")
+        source = load_digits_source()
+    elif kind == "fashion_mnist":
+        source = load_fashion_mnist_source(d.data_dir)
+    elif kind == "folder":
+        source = load_folder_source(d.data_dir, d.train_split, d.val_split, d.class_map)
+    elif kind == "parquet":
+        source = load_parquet_source(d.data_dir, d.train_split, d.val_split)
+    elif kind == "synthetic":
+        source = load_synthetic_source(cfg)
+    else:
+        raise ConfigError("data.dataset", d.dataset, "unknown data set")
+    for ds in (source.train, source.val):
+        ds.max_pixels = d.max_image_pixels
+    return source

@@ -244,7 +244,7 @@ def test_folder_empty_class_folder(tmp_path):
     for f in (tmp_path / "train" / "cat").iterdir():
         f.unlink()
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError, match=r"class folder .*cat holds no images"):
+    with pytest.raises(DataError, match=r"class folder .*cat \(class .cat.\) holds no images"):
         load_folder_source(str(tmp_path), "train", "validation")
 
 

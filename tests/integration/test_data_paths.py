@@ -1,0 +1,123 @@
+"""Real Ray Train runs over the data paths of issue 4: bad images skipped and counted (and the run failed past
+--max-bad-fraction), Parquet shards through the DataLoader path, and the Ray Data path on 2 CPU workers with a
+CPU left free for Ray Data."""
+import io
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from raytrain_cls.cli import EXIT_FAILED, EXIT_OK, main
+from raytrain_cls.data.shards import Manifest, ShardWriter
+
+pytestmark = pytest.mark.integration
+CLASSES = ["one", "seven", "zero"]
+WANTED = {"zero": 0, "one": 1, "seven": 7}
+
+
+def digit_png(img8: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((img8 * 255 / 16).astype(np.uint8), "L").resize((24, 24)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digit_samples():
+    """(split, class, index, png bytes): 60 training and 20 validation digits per class."""
+    digits = load_digits()
+    for name, label in WANTED.items():
+        idx = np.flatnonzero(digits.target == label)
+        for split, part in (("train", idx[:60]), ("validation", idx[60:80])):
+            for i in part:
+                yield split, name, int(i), digit_png(digits.images[i])
+
+
+BAD = {"truncated.png": lambda good: good[: len(good) // 2], "empty.png": lambda good: b"",
+       "notes.png": lambda good: b"plain text\n"}
+
+
+@pytest.fixture(scope="module")
+def tree_with_bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-tree")
+    good = None
+    for split, name, i, data in digit_samples():
+        d = root / split / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.png").write_bytes(data)
+        good = data
+    for fname, make in BAD.items():  # 3 of 183 training files: 1.6 %, above the default 1 % limit
+        (root / "train" / "seven" / fname).write_bytes(make(good))
+    return root
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory):
+    """The same digits as Parquet shards of 50 rows, written with the shard writer `prepare` uses."""
+    root = tmp_path_factory.mktemp("shards")
+    writers = {split: ShardWriter(str(root), split, shard_size=50, num_classes=3) for split in ("train", "validation")}
+    for split, name, i, data in digit_samples():
+        writers[split].add(data, CLASSES.index(name), f"{split}/{name}/{i}.png")
+    splits = {split: w.close() for split, w in writers.items()}
+    (root / "manifest.json").write_text(Manifest(CLASSES, splits).to_json())
+    return root
+
+
+def run(tmp_path, name, *args):
+    # The digits recipe's mild augmentation: 15 steps are enough to leave chance (33 %) far behind.
+    return main(["train", "--model", "resnet10t", "--img-size", "32", "--crop-pct", "1", "-b", "16", "-j", "0",
+                 "--scale", "0.6", "1", "--hflip", "0", "--color-jitter", "0", "--opt", "sgd", "--lr", "0.1",
+                 "--warmup-epochs", "0", "--output", str(tmp_path), "--experiment", name, *args])
+
+
+def test_bad_images_are_skipped_counted_and_logged(ray_local, tree_with_bad_files, tmp_path, capsys):
+    code = run(tmp_path, "bad", "--data-dir", str(tree_with_bad_files), "--epochs", "1", "--max-bad-fraction", "0.05")
+    captured = capsys.readouterr()
+    assert code == EXIT_OK, captured.err
+    metrics = json.loads((tmp_path / "bad" / "result.json").read_text())["last_metrics"]
+    # 183 training files dealt as 5 full batches of 16 per worker (160 samples): the bad ones among them counted.
+    assert 0 < metrics["train_bad_samples"] <= 3 and metrics["eval_bad_samples"] == 0
+    assert metrics["eval_samples"] == 60
+    assert "unreadable training image(s) in epoch 0" in captured.out
+    assert any(n in captured.out for n in BAD)
+
+
+def test_too_many_bad_images_fail_the_run_with_examples(ray_local, tree_with_bad_files, tmp_path, capsys):
+    code = run(tmp_path, "too-bad", "--data-dir", str(tree_with_bad_files), "--epochs", "1", "--seed", "3",
+               "--max-bad-fraction", "0.001")
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED
+    assert "could not be read, more than --max-bad-fraction 0.001" in err
+    assert "seven/" in err and any(n in err for n in BAD)
+
+
+def test_parquet_shards_train_through_the_dataloader_path(ray_local, digit_shards, tmp_path, capsys):
+    code = run(tmp_path, "pq", "--dataset", "parquet", "--data-dir", str(digit_shards), "--epochs", "3",
+               "--shuffle-window", "2")
+    assert code == EXIT_OK, capsys.readouterr().err
+    run_dir = tmp_path / "pq"
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["resolved"]["classes"] == CLASSES
+    assert (cfg["resolved"]["train_samples"], cfg["resolved"]["val_samples"]) == (180, 60)
+    metrics = json.loads((run_dir / "result.json").read_text())["last_metrics"]
+    assert metrics["eval_samples"] == 60
+
+
+def test_ray_data_path_trains_with_a_cpu_left_free(ray_local, digit_shards, tmp_path, capsys):
+    code = run(tmp_path, "raydata", "--dataset", "parquet", "--data-dir", str(digit_shards), "--epochs", "3",
+               "--loader", "ray", "--num-workers", "2", "--resources-per-worker", "CPU=0.5")
+    captured = capsys.readouterr()
+    assert code == EXIT_OK, captured.err
+    metrics = json.loads((tmp_path / "raydata" / "result.json").read_text())["last_metrics"]
+    # streaming_split(equal=True): 90 rows per worker -> 5 batches of 16 per worker, 160 samples an epoch.
+    assert metrics["train_samples"] == 160 and metrics["updates_per_epoch"] == 5
+    assert metrics["eval_samples"] == 60
+
+
+def test_ray_data_path_without_a_free_cpu_is_refused_before_training(ray_local, digit_shards, tmp_path, capsys):
+    code = run(tmp_path, "raydata-full", "--dataset", "parquet", "--data-dir", str(digit_shards),
+               "--loader", "ray", "--num-workers", "2")
+    err = capsys.readouterr().err
+    assert code == 2 and "Ray Data needs at least one CPU" in err
+    assert not (tmp_path / "raydata-full" / "result.json").exists()
