@@ -128,7 +128,40 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a checkpoint's model as safetensors + config.json (timm rebuilds it)")
     export.add_argument("checkpoint", help="a checkpoint directory (e.g. <run>/epoch-0009)")
     export.add_argument("out_dir", help="where to write model.safetensors, ema.safetensors, config.json")
+    add_prepare_parser(sub)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_prepare_parser(sub) -> None:
+    from .config import DEFAULT_MAX_IMAGE_PIXELS
+
+    pp = sub.add_parser("prepare", help="convert an ImageFolder tree, digits or fashion_mnist into Parquet shards",
+                        description="Write SRC as Parquet shards + manifest.json in the local folder DST (replaced "
+                                    "only once the new one is complete). Train from it with --dataset parquet "
+                                    "--data-dir DST, or copy DST to object storage (aws s3 sync DST s3://...) and "
+                                    "pass --data-dir s3://...")
+    pp.add_argument("src", metavar="SRC", help="an ImageFolder tree, or 'digits' or 'fashion_mnist'")
+    pp.add_argument("dst", metavar="DST", help="the local output folder")
+    pp.add_argument("--dataset", type=canonical_dataset, choices=("folder", "digits", "fashion_mnist"),
+                    help="what SRC is (default: digits/fashion_mnist by name, else folder); with fashion_mnist, "
+                         "SRC may be a folder holding the *-ubyte.gz files")
+    pp.add_argument("--shard-size", type=_positive_int, default=1024, metavar="N",
+                    help="images per shard (default 1024)")
+    pp.add_argument("--class-map", metavar="FILE", help="class names in index order (.txt, YAML or JSON)")
+    pp.add_argument("-j", "--workers", type=int, metavar="N",
+                    help="processes that check/encode images (default: one per CPU)")
+    pp.add_argument("--max-image-pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                    help="larger images are skipped as possible decompression bombs "
+                         f"(default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    pp.add_argument("--train-split", default="train", help="training split folder (default train)")
+    pp.add_argument("--val-split", default="validation", help="validation split folder (default validation)")
 
 
 SEARCH_FLAGS = (
@@ -311,6 +344,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare
+    from .data.shards import ShardError
+    from .data.sources import DataError
+
+    try:
+        prepare(args.src, args.dst, dataset=args.dataset, shard_size=args.shard_size, class_map=args.class_map,
+                train_split=args.train_split, val_split=args.val_split, max_image_pixels=args.max_image_pixels,
+                workers=args.workers)
+    except (DataError, ShardError) as e:
+        print(f"raytrain-cls prepare: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # disk full, permissions: DST was left as it was
+        print(f"raytrain-cls prepare: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -320,7 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_export(args)
     if args.command == "tune":
         return cmd_tune(args)
-    commands = {"eval": cmd_eval, "predict": cmd_predict, "plot": cmd_plot, "doctor": cmd_doctor}
+    commands = {"eval": cmd_eval, "predict": cmd_predict, "plot": cmd_plot, "doctor": cmd_doctor,
+                "prepare": cmd_prepare}
     if args.command in commands:
         return commands[args.command](args)
     parser.print_help()
