@@ -92,27 +92,50 @@ def test_too_many_bad_images_fail_the_run_with_examples(ray_local, tree_with_bad
     assert "seven/" in err and any(n in err for n in BAD)
 
 
-def test_parquet_shards_train_through_the_dataloader_path(ray_local, digit_shards, tmp_path, capsys):
-    code = run(tmp_path, "pq", "--dataset", "parquet", "--data-dir", str(digit_shards), "--epochs", "3",
-               "--shuffle-window", "2")
+@pytest.fixture(scope="module")
+def prepared_digits(tmp_path_factory):
+    """`raytrain-cls prepare digits DST`: the bundled default data set as Parquet shards of 500 rows."""
+    dst = tmp_path_factory.mktemp("prepared") / "digits"
+    assert main(["prepare", "digits", str(dst), "--shard-size", "500", "-j", "0"]) == EXIT_OK
+    return dst
+
+
+def recipe_run(tmp_path, name, data_dir, *args):
+    """The digits recipe (the default job) for 3 of its 10 epochs, on Parquet shards."""
+    return main(["train", "-c", "digits", "--dataset", "parquet", "--data-dir", str(data_dir), "--epochs", "3",
+                 "--warmup-epochs", "0", "--output", str(tmp_path), "--experiment", name, *args])
+
+
+def test_prepared_shards_train_through_the_dataloader_path(ray_local, prepared_digits, tmp_path, capsys):
+    code = recipe_run(tmp_path, "pq", prepared_digits, "--shuffle-window", "2")
     assert code == EXIT_OK, capsys.readouterr().err
     run_dir = tmp_path / "pq"
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert cfg["resolved"]["classes"] == CLASSES
-    assert (cfg["resolved"]["train_samples"], cfg["resolved"]["val_samples"]) == (180, 60)
+    assert cfg["resolved"]["classes"] == [str(i) for i in range(10)]
+    assert (cfg["resolved"]["train_samples"], cfg["resolved"]["val_samples"]) == (1438, 359)
     metrics = json.loads((run_dir / "result.json").read_text())["last_metrics"]
-    assert metrics["eval_samples"] == 60
+    assert metrics["eval_samples"] == 359 and metrics["eval_top1"] > 90.0  # the in-memory digits reach ~97 here
 
 
-def test_ray_data_path_trains_with_a_cpu_left_free(ray_local, digit_shards, tmp_path, capsys):
-    code = run(tmp_path, "raydata", "--dataset", "parquet", "--data-dir", str(digit_shards), "--epochs", "3",
-               "--loader", "ray", "--num-workers", "2", "--resources-per-worker", "CPU=0.5")
+def test_ray_data_path_trains_with_a_cpu_left_free(ray_local, prepared_digits, tmp_path, capsys):
+    code = recipe_run(tmp_path, "raydata", prepared_digits, "--loader", "ray", "--num-workers", "2",
+                      "--resources-per-worker", "CPU=0.5")
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     metrics = json.loads((tmp_path / "raydata" / "result.json").read_text())["last_metrics"]
-    # streaming_split(equal=True): 90 rows per worker -> 5 batches of 16 per worker, 160 samples an epoch.
-    assert metrics["train_samples"] == 160 and metrics["updates_per_epoch"] == 5
-    assert metrics["eval_samples"] == 60
+    # streaming_split(equal=True): 719 rows per worker -> 22 batches of 32 per worker, 1408 samples an epoch.
+    assert metrics["train_samples"] == 1408 and metrics["updates_per_epoch"] == 22
+    assert metrics["eval_samples"] == 359 and metrics["eval_top1"] > 90.0
+
+
+def test_shards_on_s3_train(ray_local, digit_shards, s3_upload, tmp_path, capsys):
+    """Training workers (other processes) read the shards from an s3:// URI: a local moto S3 server."""
+    uri = s3_upload(digit_shards, "integration/digit-shards")
+    code = run(tmp_path, "s3", "--dataset", "parquet", "--data-dir", uri, "--epochs", "1")
+    assert code == EXIT_OK, capsys.readouterr().err
+    cfg = yaml.safe_load((tmp_path / "s3" / "config.yaml").read_text())
+    assert cfg["data"]["data_dir"] == uri and cfg["resolved"]["train_samples"] == 180
+    assert json.loads((tmp_path / "s3" / "result.json").read_text())["last_metrics"]["eval_samples"] == 60
 
 
 def test_ray_data_path_without_a_free_cpu_is_refused_before_training(ray_local, digit_shards, tmp_path, capsys):
