@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint directory (e.g. <run>/epoch-0009)")
     export.add_argument("out_dir", help="where to write model.safetensors, ema.safetensors, config.json")
     add_prepare_parser(sub)
+    sub.add_parser("bench", help="input-path benchmarks: make-data | loader | train (prints JSON lines; "
+                                 "`raytrain-cls bench --help`)")
     return parser
 
 
@@ -363,6 +365,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser (argparse would take `bench --help` for the top-level help)
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":

@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict) -> dict:
     seed_everything(cfg.run.seed + rank)
 
     source = build_source(cfg)
-    loaders = build_loaders(cfg, source, res["data_config"], rank, world)
+    loaders = build_loaders(cfg, source, res["data_config"], rank, world, device)
     if cfg.data.loader == "ray":
         loaders.train = ray_data_loader(cfg, world, device)
     model = prepare_for_workers(cfg, build_model(cfg, res["num_classes"], device), world)

@@ -98,6 +98,51 @@ class BadSampleLog:
         self.count, self.examples = 0, []
 
 
+class EncodedDataset(torch.utils.data.Dataset):
+    """--gpu-decode: the loader process only reads the encoded bytes; decoding and augmentation happen on the
+    training device (DeviceTransform) with the same per-(seed, epoch, index) seeds as the CPU path."""
+
+    def __init__(self, base: ImageDataset, seed: int | None = None):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        try:
+            data, target = self.base.encoded(index)
+        except BadImageError as e:
+            return BadSample(e.where, e.reason)
+        seed = sample_seed(self.seed, epoch, index) if self.seed is not None else 0
+        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return tensor, target, seed, self.base.describe(index)
+
+
+def collate_encoded(samples: list):
+    """(encoded byte tensors, targets, seeds, where each came from, bad samples): nothing decoded yet."""
+    bad = [s for s in samples if isinstance(s, BadSample)]
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    return ([s[0] for s in good], torch.tensor([s[1] for s in good], dtype=torch.int64), [s[2] for s in good],
+            [s[3] for s in good], bad)
+
+
+class DeviceDecode:
+    """Turns a collate_encoded batch into (inputs on the device, targets, bad samples) with a DeviceTransform."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, batch):
+        encoded, targets, seeds, wheres, bad = batch
+        if not encoded:
+            return None, None, bad
+        x, y, failed = self.transform(encoded, targets, seeds)
+        bad = bad + [BadSample(wheres[i], "cannot be decoded (corrupt, truncated, not an image, or more than "
+                                          "--max-image-pixels)") for i in failed]
+        return (x, y, bad) if len(y) else (None, None, bad)
+
+
 class SkippingLoader:
     """Iterates a DataLoader built with collate_skipping_bad, yielding (inputs, targets) and logging bad samples.
 
@@ -106,8 +151,8 @@ class SkippingLoader:
     batch with no readable sample at all is an error; a validation batch shrinks (every sample counted once).
     """
 
-    def __init__(self, loader: DataLoader, fill: bool):
-        self.loader, self.fill, self.bad = loader, fill, BadSampleLog()
+    def __init__(self, loader: DataLoader, fill: bool, decode=None):
+        self.loader, self.fill, self.decode, self.bad = loader, fill, decode, BadSampleLog()
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -117,7 +162,8 @@ class SkippingLoader:
         return self.loader.dataset
 
     def __iter__(self):
-        for x, y, bad in self.loader:
+        for batch in self.loader:
+            x, y, bad = self.decode(batch) if self.decode is not None else batch
             if bad:
                 self.bad.add(bad)
             if x is None:
@@ -126,7 +172,7 @@ class SkippingLoader:
                                     f"({bad[0].reason}): check the data set")
                 continue
             if self.fill and bad:
-                refill = torch.arange(len(bad)) % len(y)
+                refill = torch.arange(len(bad), device=y.device) % len(y)
                 x, y = torch.cat([x, x[refill]]), torch.cat([y, y[refill]])
             yield x, y
 
@@ -162,24 +208,34 @@ def image_mode(data_config: dict) -> str:
     return "L" if data_config["input_size"][0] == 1 else "RGB"
 
 
-def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int) -> Loaders:
+def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int,
+                  device: torch.device | str = "cpu") -> Loaders:
     d = cfg.data
-    mode = image_mode(data_config)
-    train_ds = TransformedDataset(source.train, build_transform(cfg, data_config, True), mode, seed=cfg.run.seed)
-    val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
+    if d.gpu_decode:
+        from .device_transform import build_device_transform
+
+        train_ds, val_ds = EncodedDataset(source.train, seed=cfg.run.seed), EncodedDataset(source.val)
+        collate = collate_encoded
+        decode = [DeviceDecode(build_device_transform(cfg, data_config, training, device)) for training in (1, 0)]
+    else:
+        mode = image_mode(data_config)
+        train_ds = TransformedDataset(source.train, build_transform(cfg, data_config, True), mode, seed=cfg.run.seed)
+        val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
+        collate, decode = collate_skipping_bad, [None, None]
     sampler = ResumableDistributedSampler(len(train_ds), rank, world_size, seed=cfg.run.seed, shuffle=True,
                                           **_shard_order(source.train, d.shuffle_window))
     # The loader's own generator: otherwise each new iterator draws its base seed from the global torch RNG,
     # which would shift the training RNG stream by where a resumed run restarted.
-    common = dict(num_workers=d.workers, pin_memory=d.pin_mem, persistent_workers=d.workers > 0,
-                  generator=torch.Generator().manual_seed(cfg.run.seed), collate_fn=collate_skipping_bad)
+    common = dict(num_workers=d.workers, pin_memory=d.pin_mem and not d.gpu_decode, persistent_workers=d.workers > 0,
+                  generator=torch.Generator().manual_seed(cfg.run.seed), collate_fn=collate)
     train = DataLoader(train_ds, batch_size=d.batch_size, sampler=_EpochTagged(sampler), drop_last=True, **common)
     val = DataLoader(val_ds, batch_size=d.validation_batch_size or d.batch_size,
                      sampler=ShardSampler(len(val_ds), rank, world_size), drop_last=False, **common)
     if len(train) == 0:
         raise ValueError(f"data.batch_size {d.batch_size} x {world_size} workers is larger than the "
                          f"{len(train_ds)} training samples: no full batch per epoch")
-    return Loaders(SkippingLoader(train, fill=True), SkippingLoader(val, fill=False), sampler)
+    return Loaders(SkippingLoader(train, fill=True, decode=decode[0]), SkippingLoader(val, fill=False, decode=decode[1]),
+                   sampler)
 
 
 def _shard_order(dataset: ImageDataset, window: int) -> dict:

@@ -1,0 +1,153 @@
+"""Benchmarks of the input paths on the same data (commands that print numbers; never timed tests).
+
+    python -m raytrain_cls.bench make-data /data/bench-jpegs --images 4096 --size 500x375
+    raytrain-cls prepare /data/bench-jpegs /data/bench-shards
+    python -m raytrain_cls.bench loader --data-dir /data/bench-shards --paths torch,gpu -b 256 -j 16 --device cuda
+    python -m raytrain_cls.bench train --data-dir /data/bench-shards --paths torch,gpu,ray --model resnet50 \\
+        -- --amp --amp-dtype bfloat16 --channels-last --use-gpu -b 256 -j 16
+
+``loader`` times this process iterating the training loader of each path (the DataLoader with timm's CPU
+transforms, or the --gpu-decode path ending in normalised batches on --device); ``train`` runs one real epoch
+per path through Ray Train and reports its training img/s. Every result is one JSON line, with the device and
+versions, for the benchmark doc (docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+PATHS = ("torch", "gpu", "ray")
+
+
+def environment(device: str = "cpu") -> dict:
+    import torch
+    import torchvision
+
+    name = platform.processor() or platform.machine()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(device))
+    import os
+
+    return dict(device=name, cpus=os.cpu_count(), torch=torch.__version__, torchvision=torchvision.__version__,
+                date=time.strftime("%Y-%m-%d"))
+
+
+def make_data(dst: str, images: int, size: tuple[int, int], classes: int, val_fraction: float = 0.1) -> None:
+    """An ImageFolder tree of photo-like JPEGs (realistic file sizes) for throughput runs."""
+    import numpy as np
+
+    from .bench_decode import photo_like
+
+    rng = np.random.default_rng(0)
+    root = Path(dst)
+    n_val = max(classes, int(images * val_fraction))
+    for i in range(images + n_val):
+        split = "train" if i < images else "validation"
+        folder = root / split / f"class_{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        photo_like(size[0], size[1], rng).save(folder / f"{i:07d}.jpg", "JPEG", quality=90)
+    print(json.dumps(dict(made=str(root), train=images, validation=n_val, size=list(size), classes=classes)))
+
+
+def _config(data_dir: str, dataset: str, path: str, overrides: Sequence[str]):
+    from .cli import build_parser, overrides_of
+    from .config import Config
+
+    args = build_parser().parse_args(["train", *overrides])
+    cfg = Config().update({"dataset": dataset, "data_dir": data_dir}).update(overrides_of(args))
+    cfg.update({"gpu_decode": path == "gpu", "loader": "ray" if path == "ray" else "torch"})
+    return cfg.validate()
+
+
+def bench_loader(cfg, device: str, batches: int) -> dict:
+    """img/s of iterating this rank's training loader (world size 1) into normalised batches on ``device``."""
+    import torch
+
+    from .data import build_loaders, build_source
+    from .trainer import resolve_data_config
+
+    source = build_source(cfg)
+    data_config = resolve_data_config(cfg, cfg.model.num_classes or source.num_classes)
+    loaders = build_loaders(cfg, source, data_config, rank=0, world_size=1, device=torch.device(device))
+    loaders.set_epoch(0)
+    it = iter(loaders.train)
+    # Start-up is not throughput, and the batches the loader processes prefetched meanwhile would flatter it.
+    for _ in range(1 + 2 * cfg.data.workers):
+        next(it)
+    count, start = 0, time.perf_counter()
+    for x, _ in it:
+        x = x.to(device, non_blocking=True)
+        count += x.shape[0]
+        if count >= batches * cfg.data.batch_size:
+            break
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return dict(img_per_sec=round(count / elapsed, 1), images=count, seconds=round(elapsed, 2),
+                bad=loaders.train.bad.count)
+
+
+def bench_train(cfg) -> dict:
+    """One epoch through Ray Train; the epoch's training img/s (all workers) as the run itself reports it."""
+    from .trainer import train
+
+    with tempfile.TemporaryDirectory(prefix="raytrain-cls-bench-") as out:
+        cfg.update({"output": out, "experiment": f"bench-{int(time.time())}", "epochs": 1, "warmup_epochs": 0})
+        result = train(cfg, echo=lambda *_: None)
+    m = result["last_metrics"]
+    return dict(img_per_sec=round(m["img_per_sec"], 1), train_samples=m["train_samples"],
+                train_seconds=round(m["train_time"], 2), bad=m.get("train_bad_samples", 0))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="raytrain-cls bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    mk = sub.add_parser("make-data", help="an ImageFolder of photo-like JPEGs")
+    mk.add_argument("dst")
+    mk.add_argument("--images", type=int, default=4096)
+    mk.add_argument("--size", default="500x375", help="WxH")
+    mk.add_argument("--classes", type=int, default=10)
+    for name in ("loader", "train"):
+        b = sub.add_parser(name, help=f"{name} img/s of each input path on the same data")
+        b.add_argument("--data-dir", required=True)
+        b.add_argument("--dataset", default="parquet", choices=("parquet", "folder", "synthetic"))
+        b.add_argument("--paths", default="torch,gpu" if name == "loader" else "torch,gpu,ray")
+        b.add_argument("overrides", nargs="*", help="train flags after --, e.g. -- -b 256 -j 16 --model resnet50")
+        if name == "loader":
+            b.add_argument("--device", default="cpu")
+            b.add_argument("--batches", type=int, default=20)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.what == "make-data":
+        w, h = (int(v) for v in args.size.lower().split("x"))
+        make_data(args.dst, args.images, (w, h), args.classes)
+        return 0
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise SystemExit(f"unknown paths {unknown}: choose from {list(PATHS)}")
+    if args.what == "loader" and "ray" in paths:
+        raise SystemExit("the Ray Data path runs inside Ray Train: measure it with `bench train --paths ray`")
+    for path in paths:
+        cfg = _config(args.data_dir, args.dataset, path, args.overrides)
+        if args.what == "loader":
+            numbers = bench_loader(cfg, args.device, args.batches)
+            env = environment(args.device)
+        else:
+            numbers = bench_train(cfg)
+            env = environment("cuda" if cfg.resolved.get("use_gpu") else "cpu")
+        print(json.dumps(dict(bench=args.what, path=path, model=cfg.model.model, batch_size=cfg.data.batch_size,
+                              loader_workers=cfg.data.workers, **numbers, **env)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
