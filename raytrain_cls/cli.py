@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="timm validate.py for raytrain-cls checkpoints (in-process, one device). "
                                     "By default on the validation split of the data set the model was trained on.")
     ev.add_argument("checkpoint", help="a checkpoint directory or an exported model directory")
-    ev.add_argument("--dataset", help="evaluate on this data set instead (digits, fashion_mnist, folder)")
-    ev.add_argument("--data-dir", help="data set root (ImageFolder tree or IDX files)")
+    ev.add_argument("--dataset", help="evaluate on this data set instead (digits, fashion_mnist, folder, parquet)")
+    ev.add_argument("--data-dir", help="data set root (ImageFolder tree, Parquet shards (path or URI), IDX files)")
     ev.add_argument("--val-split", help="validation split folder name")
     ev.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
     ev.add_argument("--tta", type=int, default=0, help="test-time augmentation: > 0 averages with flipped images")
@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-b", "--batch-size", type=int, default=256)
     ev.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
     ev.add_argument("--results-file", help="write the results as .json or .csv (per class)")
-    pr = sub.add_parser("predict", help="top-k classes for images or folders of images")
+    pr = sub.add_parser("predict", help="top-k classes for images, folders of images or Parquet shards")
     pr.add_argument("checkpoint", help="a checkpoint directory or an exported model directory")
-    pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    pr.add_argument("inputs", nargs="+", help="image files, folders (searched recursively), prepared Parquet "
+                                              "shard folders or URIs (every row)")
     pr.add_argument("--topk", type=int, default=5)
     pr.add_argument("-b", "--batch-size", type=int, default=64)
     pr.add_argument("--use-ema", action="store_true", help="use the EMA weights")
@@ -269,6 +270,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{'  (EMA)' if res['use_ema'] else ''}{'  (TTA)' if res['tta'] else ''}")
     worst = sorted(res["per_class"].items(), key=lambda kv: kv[1]["top1"])[:5]
     print("lowest per-class top-1: " + ", ".join(f"{k} {v['top1']:.1f}" for k, v in worst))
+    if res["skipped"]:
+        print(f"raytrain-cls: skipped {res['skipped']} unreadable image(s), e.g. "
+              + "; ".join(res["skipped_examples"][:3]), file=sys.stderr)
     if args.results_file:
         write_eval_results(res, args.results_file)
         print(f"Results: {args.results_file}")

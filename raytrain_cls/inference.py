@@ -10,17 +10,17 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from timm.data import create_transform
 
-from .config import Config
-from .data.loader import image_mode
-from .data.sources import IMAGE_EXTENSIONS, DataError, build_source
+from .config import DEFAULT_MAX_IMAGE_PIXELS, Config
+from .data.loader import SkippingLoader, TransformedDataset, collate_skipping_bad, image_mode
+from .data.shards import MANIFEST, ShardError, ShardReader, read_manifest
+from .data.sources import IMAGE_EXTENSIONS, BadImageError, DataError, build_source, decode_image
 from .model import architecture_kwargs
 from .report import atomic_write_text
 from .state import EMA_FILE, META_FILE, MODEL_FILE, CheckpointError, load_weights, read_meta
@@ -91,17 +91,11 @@ def evaluate_checkpoint(path: str, cfg_overrides: Optional[dict] = None, use_ema
     if loaded.classes and source.classes != loaded.classes:
         raise DataError(f"the data set's classes {source.classes[:5]}... differ from the model's "
                         f"{loaded.classes[:5]}...: evaluate on data labelled like the training set")
-    transform, mode = eval_transform(loaded.data_config, crop_pct), image_mode(loaded.data_config)
-
-    class _Val(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(source.val)
-
-        def __getitem__(self, i):
-            img, target = source.val[i]
-            return transform(img.convert(mode) if img.mode != mode else img), target
-
-    loader = torch.utils.data.DataLoader(_Val(), batch_size=batch_size, num_workers=workers)
+    dataset = TransformedDataset(source.val, eval_transform(loaded.data_config, crop_pct),
+                                 image_mode(loaded.data_config))
+    # Unreadable images are skipped and counted, as in training: every readable sample counted once.
+    loader = SkippingLoader(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                                        collate_fn=collate_skipping_bad), fill=False)
     n_classes = len(source.classes)
     hits1 = torch.zeros(n_classes, dtype=torch.long)
     counts = torch.zeros(n_classes, dtype=torch.long)
@@ -119,7 +113,7 @@ def evaluate_checkpoint(path: str, cfg_overrides: Optional[dict] = None, use_ema
                  for i, name in enumerate(source.classes)}
     return dict(checkpoint=str(path), use_ema=use_ema, tta=tta, samples=total, loss=loss_sum / max(total, 1),
                 top1=100.0 * int(hits1.sum()) / max(total, 1), top5=100.0 * top5 / max(total, 1),
-                per_class=per_class)
+                skipped=loader.bad.count, skipped_examples=loader.bad.examples, per_class=per_class)
 
 
 def write_eval_results(results: dict, out: str) -> None:
@@ -135,48 +129,77 @@ def write_eval_results(results: dict, out: str) -> None:
         atomic_write_text(out, json.dumps(results, indent=2) + "\n")
 
 
-def find_images(inputs: Sequence[str]) -> list[Path]:
-    files = []
+@dataclass
+class PredictInput:
+    """One image to classify: where it came from, and how to get its bytes."""
+    path: str
+    read: Callable[[], bytes]
+
+
+def find_images(inputs: Sequence[str]) -> list[PredictInput]:
+    """Image files, folders of them (searched recursively) and prepared Parquet shard folders or URIs (every row
+    of every split, named by the row's original path)."""
+    found: list[PredictInput] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if "://" in item or (p.is_dir() and (p / MANIFEST).is_file()):
+            found += _shard_rows(item)
+        elif p.is_dir():
+            found += [PredictInput(str(f), f.read_bytes) for f in sorted(p.rglob("*"))
+                      if f.suffix.lower() in IMAGE_EXTENSIONS]
         elif p.is_file():
-            files.append(p)
+            found.append(PredictInput(str(p), p.read_bytes))
         else:
             raise DataError(f"{item}: no such image or folder")
-    if not files:
+    if not found:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(inputs)}")
-    return files
+    return found
+
+
+def _shard_rows(root: str) -> list[PredictInput]:
+    try:
+        manifest = read_manifest(root)
+    except ShardError as e:
+        raise DataError(str(e)) from None
+    rows = []
+    for split in manifest.splits.values():
+        reader = ShardReader(root, split, cache_shards=2)
+        for i in range(len(reader)):
+            shard, offset = reader.locate(i)
+            rows.append(PredictInput(f"{root}/{split.shards[shard].file}#{offset}",
+                                     lambda r=reader, i=i: r.row(i)[0]))
+    return rows
 
 
 @torch.no_grad()
 def predict(path: str, inputs: Sequence[str], topk: int = 5, batch_size: int = 64, use_ema: bool = False,
-            device: Optional[str] = None) -> list[dict]:
+            device: Optional[str] = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[dict]:
     """Top-k classes and probabilities per image. Unreadable images get an error row instead of a guess."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(path, use_ema, device)
     transform, mode = eval_transform(loaded.data_config), image_mode(loaded.data_config)
-    files = find_images(inputs)
+    items = find_images(inputs)
     rows: list[dict] = []
-    for start in range(0, len(files), batch_size):
-        batch, names = [], []
-        for f in files[start:start + batch_size]:
+    for start in range(0, len(items), batch_size):
+        chunk = [dict(path=item.path) for item in items[start:start + batch_size]]  # output keeps input order
+        batch, slots = [], []
+        for row, item in zip(chunk, items[start:start + batch_size]):
             try:
-                with Image.open(f) as img:
-                    img.load()
-                    batch.append(transform(img.convert(mode)))
-                names.append(f)
-            except OSError as e:
-                rows.append(dict(path=str(f), error=f"{type(e).__name__}: {e}"))
-        if not batch:
-            continue
-        probs = loaded.model(torch.stack(batch).to(device)).float().softmax(dim=1).cpu()
-        k = min(topk, probs.shape[1])
-        values, indices = probs.topk(k, dim=1)
-        for f, v, idx in zip(names, values.tolist(), indices.tolist()):
-            labels = [loaded.classes[i] if i < len(loaded.classes) else str(i) for i in idx]
-            rows.append(dict(path=str(f), classes=labels, probs=v))
+                try:
+                    data = item.read()
+                except OSError as e:
+                    raise BadImageError(item.path, f"{type(e).__name__}: {e}") from None
+                img = decode_image(data, item.path, max_pixels)
+                batch.append(transform(img.convert(mode) if img.mode != mode else img))
+                slots.append(row)
+            except BadImageError as e:
+                row["error"] = e.reason
+        if batch:
+            probs = loaded.model(torch.stack(batch).to(device)).float().softmax(dim=1).cpu()
+            values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+            for row, v, idx in zip(slots, values.tolist(), indices.tolist()):
+                row.update(classes=[loaded.classes[i] if i < len(loaded.classes) else str(i) for i in idx], probs=v)
+        rows += chunk
     return rows
 
 

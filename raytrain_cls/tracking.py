@@ -8,7 +8,8 @@ from .config import Config
 from .report import is_uri
 
 TENSORBOARD_DIR = "tensorboard"
-EPOCH_SCALARS = ("train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "img_per_sec", "model_eval_top1")
+EPOCH_SCALARS = ("train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "img_per_sec", "model_eval_top1",
+                 "train_bad_samples", "eval_bad_samples")
 
 
 class Trackers:

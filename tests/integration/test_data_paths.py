@@ -128,13 +128,15 @@ def test_ray_data_path_trains_with_a_cpu_left_free(ray_local, prepared_digits, t
     assert metrics["eval_samples"] == 359 and metrics["eval_top1"] > 90.0
 
 
-def test_shards_on_s3_train(ray_local, digit_shards, s3_upload, tmp_path, capsys):
-    """Training workers (other processes) read the shards from an s3:// URI: a local moto S3 server."""
+def test_shards_on_s3_train_with_device_decode(ray_local, digit_shards, s3_upload, tmp_path, capsys):
+    """Training workers (other processes) read the shards from an s3:// URI (a local moto S3 server) and decode
+    them with the --gpu-decode path, here on their CPU device."""
     uri = s3_upload(digit_shards, "integration/digit-shards")
-    code = run(tmp_path, "s3", "--dataset", "parquet", "--data-dir", uri, "--epochs", "1")
+    code = run(tmp_path, "s3", "--dataset", "parquet", "--data-dir", uri, "--epochs", "1", "--gpu-decode")
     assert code == EXIT_OK, capsys.readouterr().err
     cfg = yaml.safe_load((tmp_path / "s3" / "config.yaml").read_text())
     assert cfg["data"]["data_dir"] == uri and cfg["resolved"]["train_samples"] == 180
+    assert cfg["data"]["gpu_decode"] is True
     assert json.loads((tmp_path / "s3" / "result.json").read_text())["last_metrics"]["eval_samples"] == 60
 
 

@@ -145,6 +145,32 @@ def test_predict_cli_names_the_classes_of_known_images(default_run, tmp_path, ca
     assert right >= 16, rows  # a model at >= 80 % top-1 names most of them
 
 
+def test_eval_and_predict_read_prepared_shards(default_run, tmp_path, capsys):
+    """The same validation digits as Parquet shards (PNG, lossless) give the same top-1; predict reads every
+    row of the shards, and an unreadable file in a folder gets an error row, not a guess."""
+    _, run_dir = default_run
+    result = json.loads((run_dir / "result.json").read_text())
+    best = result["best_checkpoint"]
+    shards = tmp_path / "shards"
+    assert main(["prepare", "digits", str(shards), "-j", "0"]) == EXIT_OK
+    out = tmp_path / "eval.json"
+    assert main(["eval", best, "--dataset", "parquet", "--data-dir", str(shards), "-j", "0",
+                 "--results-file", str(out)]) == EXIT_OK
+    ev = json.loads(out.read_text())
+    assert ev["samples"] == 359 and ev["skipped"] == 0
+    assert abs(ev["top1"] - result["best_value"]) <= 100.0 / 359 + 1e-6
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "broken.png").write_bytes(b"not a png")
+    preds = tmp_path / "preds.json"
+    assert main(["predict", best, str(shards), str(tmp_path / "junk"), "--format", "json",
+                 "--out", str(preds)]) == EXIT_OK
+    rows = json.loads(preds.read_text())
+    assert len(rows) == 1797 + 1
+    assert rows[-1]["path"].endswith("broken.png") and "not an image" in rows[-1]["error"]
+    assert rows[0]["path"].endswith("train-00000.parquet#0") and len(rows[0]["classes"]) == 5
+    assert "1 image(s) could not be read" in capsys.readouterr().err
+
+
 def test_run_writes_tensorboard_events_and_plots(default_run, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
