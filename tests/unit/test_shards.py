@@ -184,3 +184,15 @@ def test_loader_uses_the_shard_window_and_reads_few_shards(tmp_path, monkeypatch
     assert batches == 10
     train_reads = [r for r in reads if r.startswith("train")]
     assert sorted(train_reads) == sorted(f"train-{i:05d}.parquet" for i in range(8))  # each shard read once
+
+
+# ---- synthetic (throughput only) ------------------------------------------------------------------------------
+def test_synthetic_source_sizes_labels_and_encoded_jpegs():
+    cfg = Config().update({"dataset": "synthetic", "synthetic_samples": 50, "num_classes": 7, "img_size": 16})
+    src = build_source(cfg.validate())
+    assert (len(src.train), len(src.val)) == (50, 5) and src.num_classes == 7
+    img, label = src.train[9]
+    assert img.size == (16, 16) and label == 9 % 7
+    data, label = src.train.encoded(9)
+    assert data[:2] == b"\xff\xd8" and label == 2  # a JPEG, for the --gpu-decode path
+    assert Image.open(io.BytesIO(data)).size == (16, 16)
