@@ -9,17 +9,15 @@ The output needs neither this package nor Ray:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .config import Config
 from .model import architecture_kwargs
-from .report import atomic_write_text
+from .report import atomic_write_bytes, atomic_write_text
 from .state import EMA_FILE, MODEL_FILE, load_weights, read_meta
 
 CONFIG_JSON = "config.json"
@@ -33,14 +31,7 @@ def _rebuild(cfg: Config, num_classes: int) -> tuple[torch.nn.Module, dict]:
 def _save_plain(module: torch.nn.Module, path: Path) -> None:
     """Every state-dict entry as its own tensor (tied weights copied), written to a temp file then renamed."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict:

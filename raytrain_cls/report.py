@@ -23,34 +23,42 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same directory, then rename over the target: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
 def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_bytes(path: str | Path, data: bytes) -> None:
     """Write a run file: atomically on local/NFS paths, as one object put on cloud storage (s3://, gs://)."""
     if not is_uri(path):
-        atomic_write_text(path, text)
+        atomic_write_bytes(path, data)
         return
     import pyarrow.fs
 
     fs, inner = pyarrow.fs.FileSystem.from_uri(str(path))
     with fs.open_output_stream(inner) as f:
-        f.write(text.encode())
+        f.write(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
 
 
 def read_text(path: str | Path) -> Optional[str]:
