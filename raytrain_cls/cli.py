@@ -218,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(base_recipe(args), overrides_of(args))
-        train(cfg)
+        train(cfg, console=sys.stdout)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"raytrain-cls: {e}", file=sys.stderr)
         return EXIT_USAGE

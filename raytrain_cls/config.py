@@ -97,6 +97,8 @@ class DataConfig:
     workers: int = option(4, "data-loading processes per training worker (not Ray workers: see --num-workers)",
                        flags=("-j",), min=0)
     pin_mem: bool = option(False, "pin CPU memory of loaded batches (faster host-to-GPU copies)")
+    epoch_repeats: float = option(0.0, "train on this many passes over the data per epoch (fresh shuffles; "
+                                       "0 = one pass)", min=0, max=1000)
 
 
 @dataclass
@@ -144,6 +146,11 @@ class ModelConfig:
     bn_momentum: Optional[float] = option(None, "BatchNorm momentum override", gt=0, max=1)
     bn_eps: Optional[float] = option(None, "BatchNorm epsilon override", gt=0)
     grad_checkpointing: bool = option(False, "activation (gradient) checkpointing: less memory, more compute")
+    head_init_scale: Optional[float] = option(None, "multiply the classifier's initial weights and bias by this")
+    head_init_bias: Optional[float] = option(None, "set the classifier's initial bias to this value")
+    fast_norm: bool = option(False, "timm's fast (lower-precision under AMP) LayerNorm/GroupNorm kernels")
+    torchscript: bool = option(False, "torch.jit.script the model (not with --torchcompile, --sync-bn, "
+                                      "--grad-checkpointing)")
     torchcompile: Optional[str] = option(None, "torch.compile the model with this backend (e.g. inductor)")
     torchcompile_mode: Optional[str] = option(None, "torch.compile mode (default, reduce-overhead, max-autotune)")
     sync_bn: bool = option(False, "synchronised BatchNorm across workers (GPU workers only)")
@@ -203,6 +210,9 @@ class LossConfig:
     smoothing: float = option(0.1, "label smoothing", min=0, max=1)
     bce_loss: bool = option(False, "binary cross entropy instead of softmax cross entropy")
     bce_target_thresh: Optional[float] = option(None, "threshold that binarises soft BCE targets", min=0, max=1)
+    bce_sum: bool = option(False, "BCE: sum over the classes, then average over the batch (timm --bce-sum)")
+    bce_pos_weight: Optional[float] = option(None, "BCE: weight of the positive class (timm --bce-pos-weight)",
+                                             gt=0)
 
 
 @dataclass
@@ -241,6 +251,11 @@ class CheckpointConfig:
 class RunConfig:
     seed: int = option(42, "random seed (each worker uses seed + rank)")
     log_interval: int = option(50, "steps between progress lines", min=1)
+    save_images: bool = option(False, "save the training batch at every log line as a JPEG grid in "
+                                      "<run dir>/images (to check the augmentation)")
+    progress: str = option("auto", "console progress: 'bar' = a live bar per epoch with loss, lr, img/s and ETA "
+                                   "(drawn by the driver), 'lines' = a plain line every --log-interval steps, "
+                                   "'auto' = the bar on a terminal, lines otherwise", choices=("auto", "bar", "lines"))
     log_tensorboard: bool = option(True, "write TensorBoard event files to <run dir>/tensorboard (rank 0)")
     log_mlflow: bool = option(False, "also log params and epoch metrics to MLflow (pip install mlflow; "
                                      "MLFLOW_TRACKING_URI picks the server)")
@@ -383,6 +398,11 @@ class Config:
         init = self.checkpoint.initial_checkpoint
         if init and not _is_uri(init) and not Path(init).exists():
             raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")
+        if m.torchscript:
+            for key, clash in (("model.torchcompile", m.torchcompile), ("model.sync_bn", m.sync_bn),
+                               ("model.grad_checkpointing", m.grad_checkpointing)):
+                if clash:
+                    raise ConfigError(key, clash, "cannot be combined with --torchscript (as in timm)")
         if m.input_size is not None and (len(m.input_size) != 3 or min(m.input_size) < 1):
             raise ConfigError("model.input_size", m.input_size, "needs three positive numbers: C H W")
         for name, val in (("model.mean", m.mean), ("model.std", m.std)):

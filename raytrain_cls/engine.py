@@ -84,13 +84,17 @@ class EpochProgress:
 def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, use_mixup: bool = True,
                     log_interval: int = 50, log: Optional[LogFn] = None, start_batch: int = 0,
                     carry: tuple[float, float] = (0.0, 0.0), nan_patience: int = 5,
-                    on_update: Optional[Callable[[EpochProgress], None]] = None) -> tuple[dict, int]:
+                    on_update: Optional[Callable[[EpochProgress], None]] = None,
+                    on_step: Optional[Callable[[int, int, float], None]] = None,
+                    on_log_batch: Optional[Callable[[torch.Tensor, int, int], None]] = None) -> tuple[dict, int]:
     """One pass over this rank's share of the data. Returns (metrics averaged over all ranks, num_updates).
 
     ``start_batch``/``carry`` continue an epoch that a recovery checkpoint interrupted: the loader then yields only
     the remaining batches, and ``carry`` is this rank's (loss_sum, seen) so far. A non-finite loss is tolerated
     for fewer than ``nan_patience`` consecutive steps (an fp16 GradScaler skips those steps); the streak lives on
     the device and is read only every ``nan_patience`` steps, at log lines and at the end, never once per step.
+    ``on_step(step, steps, elapsed)`` is told the position after every batch (no device value: no sync);
+    ``on_log_batch(inputs, epoch, step)`` sees the batch (after mixup) at every log line (timm's --save-images).
     """
     p = parts
     p.model.train()
@@ -144,8 +148,12 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
                      lr=current_lr(p.optimizer), img_per_sec=local_seen * world_size() / max(now - start, 1e-9),
                      data_time=data_time, elapsed=now - start, interval=now - last_log))
             last_log = now
+            if on_log_batch is not None:
+                on_log_batch(x.detach(), epoch, step)
         if stepping and on_update is not None:
             on_update(EpochProgress(step, num_batches, num_updates, loss_sum, seen))
+        if on_step is not None:
+            on_step(step, num_batches, time.perf_counter() - start)
         tick = time.perf_counter()
     _check_finite(worst, nan_patience, epoch, num_batches)
     totals = all_reduce_sum(torch.stack([loss_sum, seen]))

@@ -32,7 +32,8 @@ def build_train_loss(cfg: Config) -> torch.nn.Module:
     if cfg.loss.bce_loss:
         # With mixup the targets are already smoothed; BCE must not smooth them again.
         return BinaryCrossEntropy(smoothing=0.0 if mixup_active(cfg) else smoothing,
-                                  target_threshold=cfg.loss.bce_target_thresh)
+                                  target_threshold=cfg.loss.bce_target_thresh, sum_classes=cfg.loss.bce_sum,
+                                  pos_weight=cfg.loss.bce_pos_weight)
     if mixup_active(cfg):
         return SoftTargetCrossEntropy()
     if smoothing:

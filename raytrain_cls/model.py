@@ -65,15 +65,36 @@ def set_bn(model: torch.nn.Module, momentum: Optional[float], eps: Optional[floa
     return changed
 
 
+def init_head(model: torch.nn.Module, scale: Optional[float], bias: Optional[float]) -> None:
+    """timm's --head-init-scale / --head-init-bias on the classifier (nothing to do for a model without one)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, torch.nn.Module) or getattr(head, "weight", None) is None:
+        return
+    with torch.no_grad():
+        if scale is not None:
+            head.weight.mul_(scale)
+            if head.bias is not None:
+                head.bias.mul_(scale)
+        if bias is not None and head.bias is not None:
+            head.bias.fill_(bias)
+
+
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
     m = cfg.model
+    if m.fast_norm:
+        from timm.layers import set_fast_norm
+
+        set_fast_norm(True)  # read when the norm layers are created, so before create_model
     model = timm.create_model(m.model, **model_kwargs(cfg, num_classes))
     set_bn(model, m.bn_momentum, m.bn_eps)
+    init_head(model, m.head_init_scale, m.head_init_bias)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
+    if m.torchscript:
+        model = torch.jit.script(model)
     return model
 
 

@@ -11,9 +11,10 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TextIO
 
 from .config import Config, ConfigError, dump_yaml
+from .console import start_live_display, use_bar
 from .data import DataError, build_source
 from .data.transforms import data_config_kwargs
 from .model import pretrained_cfg_of
@@ -242,17 +243,17 @@ def explain_failure(err: BaseException) -> str:
     return text[-1] if text else type(cause).__name__
 
 
-def train(cfg: Config, echo=print) -> dict:
+def train(cfg: Config, echo=print, console: Optional[TextIO] = None) -> dict:
     """Validate, resolve, fit. Returns the result.json payload. Raises ConfigError/DataError before any worker
-    starts, TrainingError when the run itself fails."""
+    starts, TrainingError when the run itself fails. ``console``: the stream a live progress bar may use."""
     cfg.validate()
     paths = run_paths(cfg)  # before Ray: a name clash is a config error, not a cluster job
     start_from = init_checkpoint(cfg)
-    return fit_run(cfg, paths, start_from=start_from, echo=echo)
+    return fit_run(cfg, paths, start_from=start_from, echo=echo, console=console)
 
 
 def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extra_callbacks: Sequence = (),
-            echo=print) -> dict:
+            echo=print, console: Optional[TextIO] = None) -> dict:
     """Resolve the config on this cluster, write config.yaml, fit, write result.json. Also a Tune trial's body."""
     import ray.train
 
@@ -267,16 +268,35 @@ def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extr
     echo(f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r['train_samples']} train / "
          f"{r['val_samples']} val images, {r['num_classes']} classes) with {r['num_workers']} "
          f"{'GPU' if r['use_gpu'] else 'CPU'} workers for {r['num_epochs']} epochs; lr {r['lr']:.4g} ({r['lr_rule']})")
+    stop_display = None
+    r["progress_board"] = None
+    if use_bar(cfg.run.progress, console):
+        r["progress_board"], stop_display = start_live_display(r["num_epochs"], console)
     try:
         result = build_trainer(cfg, paths, extra_callbacks).fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"training failed: {explain_failure(e)} (run directory {paths.run_dir})") from e
+    finally:
+        if stop_display is not None:
+            stop_display()
     metric = f"eval_{cfg.checkpoint.eval_metric}"
     payload = build_result(result, metric, "min" if cfg.checkpoint.eval_metric == "loss" else "max")
     payload["result_file"] = write_result(paths.run_dir, payload)
-    if payload["best_value"] is not None:
-        echo(f"Best {metric} {payload['best_value']:.4f} at epoch {payload['best_epoch']}; "
-             f"checkpoint {payload['best_checkpoint']}")
-    echo(f"Results: {payload['result_file']}")
+    echo(summary_table(payload, paths.run_dir))
     return payload
+
+
+def summary_table(payload: dict, run_dir: str) -> str:
+    """The run's last words: best metric and epoch, where the run and its best checkpoint are."""
+    rows = []
+    if payload["best_value"] is not None:
+        rows.append((f"Best {payload['eval_metric']}", f"{payload['best_value']:.4f} at epoch {payload['best_epoch']}"))
+    last = payload.get("last_metrics") or {}
+    if "eval_top1" in last:
+        rows.append(("Last epoch", f"{last.get('epoch')}: top1 {last['eval_top1']:.2f}  top5 "
+                                   f"{last.get('eval_top5', float('nan')):.2f}  eval_loss {last.get('eval_loss', float('nan')):.4f}"))
+    rows += [("Run directory", run_dir), ("Best checkpoint", str(payload.get("best_checkpoint"))),
+             ("Results", str(payload["result_file"]))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -26,7 +26,7 @@ from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train
 from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model, compile_model, prepare_for_workers
 from .optim import build_optimizer, build_scheduler
-from .report import epoch_line, step_line
+from .console import WorkerConsole
 from .state import MODEL_FILE, TrainState, load_weights, rng_state
 from .tracking import Trackers
 
@@ -65,7 +65,7 @@ def recovery_score(metric: str) -> float:
     return 1e30 if metric == "loss" else -1.0
 
 
-def restore(state: TrainState, cfg: Config, rank: int, world: int) -> Optional[str]:
+def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) -> Optional[str]:
     """Load Ray's latest registered checkpoint (a restarted worker group, a resumed run), else the checkpoint given
     with --resume CHECKPOINT (a new run started from it). Returns what was loaded, or None for a fresh start."""
     import ray.train
@@ -86,7 +86,7 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int) -> Optional[s
         if state.ema is not None:
             state.ema.set(state.model)
         if rank == 0:
-            print(f"Initial weights from {weights}", flush=True)
+            say(f"Initial weights from {weights}")
     return None
 
 
@@ -116,9 +116,10 @@ def train_loop_per_worker(config: dict) -> dict:
     state = TrainState(config, model, optimizer, scheduler, scaler, ema)
 
     nodes = _count_nodes(world)
+    console = WorkerConsole(res.get("progress_board"), res["num_epochs"]) if rank == 0 else None
     if rank == 0:
-        print(f"{world} training worker(s) on {nodes} node(s), device {device}", flush=True)
-    loaded = restore(state, cfg, rank, world)
+        console.say(f"{world} training worker(s) on {nodes} node(s), device {device}")
+    loaded = restore(state, cfg, rank, world, console.say if console else print)
     resumed_from = state.num_updates if loaded else -1
     if loaded:
         if state.rank_states is not None and len(state.rank_states) != world:
@@ -127,7 +128,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if rank == 0:
             where = (f"epoch {state.in_epoch['epoch']} after batch {state.in_epoch['batches']}" if state.in_epoch
                      else f"the end of epoch {state.epoch}")
-            print(f"Resumed from {loaded} at {where} (update {state.num_updates})", flush=True)
+            console.say(f"Resumed from {loaded} at {where} (update {state.num_updates})")
         if (scheduler is not None and cfg.checkpoint.no_resume_opt and not state.in_epoch
                 and cfg.sched.sched != "plateau"):
             scheduler.step(state.start_epoch)  # the optimizer's LR was not restored: set it from the schedule
@@ -149,7 +150,7 @@ def train_loop_per_worker(config: dict) -> dict:
     trackers = Trackers(cfg) if rank == 0 else None
 
     def log_step(m: dict) -> None:
-        print(step_line(m, num_epochs), flush=True)
+        console.step(m)
         trackers.step(m)
 
     log = log_step if rank == 0 else None
@@ -176,11 +177,15 @@ def train_loop_per_worker(config: dict) -> dict:
         train_metrics, state.num_updates = train_one_epoch(
             epoch, loaders.train, parts, state.num_updates, use_mixup=mixing, log_interval=cfg.run.log_interval,
             log=log, start_batch=start_batch, carry=carry, nan_patience=cfg.checkpoint.nan_patience,
-            on_update=on_update)
+            on_update=on_update,
+            on_step=(lambda step, steps, elapsed, e=epoch, b=start_batch: console.tick(e, step, steps, elapsed, b))
+            if rank == 0 else None,
+            on_log_batch=save_batch_images(res["run_dir"]) if rank == 0 and cfg.run.save_images else None)
         state.in_epoch = None
         dealt = (len(loaders.train) + start_batch) * batch * world - consumed
+        say = console.say if console else print
         train_bad = check_bad_samples("training", loaders.train.bad, dealt, cfg.data.max_bad_fraction, epoch,
-                                      rank, world)
+                                      rank, world, say)
         if world > 1 and cfg.model.dist_bn:
             # As timm: make every rank's BatchNorm statistics the same before evaluating and checkpointing.
             distribute_bn(model, world, cfg.model.dist_bn == "reduce")
@@ -189,7 +194,7 @@ def train_loop_per_worker(config: dict) -> dict:
         loaders.val.bad.reset()
         eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last)
         val_bad = check_bad_samples("validation", loaders.val.bad, res["val_samples"], cfg.data.max_bad_fraction,
-                                    epoch, rank, world)
+                                    epoch, rank, world, say)
         metrics = dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad, eval_bad_samples=val_bad)
         if ema is not None:
             # As timm does: the EMA's accuracy is the run's accuracy; the raw model's is kept alongside.
@@ -204,13 +209,29 @@ def train_loop_per_worker(config: dict) -> dict:
         metrics.update(num_updates=state.num_updates, best_metric=state.best_metric, best_epoch=state.best_epoch,
                        resumed_from=resumed_from, num_nodes=nodes)
         if rank == 0:
-            print(epoch_line(metrics, num_epochs), flush=True)
+            console.epoch(metrics)
             trackers.epoch(metrics)
         report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}")
         last = metrics
     if trackers is not None:
         trackers.close()
     return last
+
+
+def save_batch_images(run_dir: str):
+    """timm's --save-images: the batch as a JPEG grid (min-max normalised, as timm does) under <run dir>/images."""
+    import io
+
+    import torchvision
+
+    from .report import join, write_bytes
+
+    def save(x: torch.Tensor, epoch: int, step: int) -> None:
+        buf = io.BytesIO()
+        torchvision.utils.save_image(x.float().cpu(), buf, format="jpeg", padding=0, normalize=True)
+        write_bytes(join(run_dir, f"images/train-{epoch:04d}-{step:06d}.jpg"), buf.getvalue())
+
+    return save
 
 
 def ray_data_loader(cfg: Config, world: int, device: torch.device) -> RayDataLoader:
@@ -224,7 +245,7 @@ def ray_data_loader(cfg: Config, world: int, device: torch.device) -> RayDataLoa
 
 
 def check_bad_samples(split: str, log: BadSampleLog, dealt: int, max_fraction: float, epoch: int, rank: int,
-                      world: int) -> int:
+                      world: int, say=print) -> int:
     """All ranks' unreadable samples of this epoch: logged with examples on rank 0, an error past the limit.
     Every rank takes the same decision from the same gathered numbers, so no rank is left waiting."""
     import torch.distributed as dist
@@ -240,8 +261,7 @@ def check_bad_samples(split: str, log: BadSampleLog, dealt: int, max_fraction: f
         raise DataError(f"{count} of {dealt} {split} samples in epoch {epoch} could not be read, more than "
                         f"--max-bad-fraction {max_fraction}: " + "; ".join(examples))
     if count and rank == 0:
-        print(f"Skipped {count} unreadable {split} image(s) in epoch {epoch}: " + "; ".join(examples[:5]),
-              flush=True)
+        say(f"Skipped {count} unreadable {split} image(s) in epoch {epoch}: " + "; ".join(examples[:5]))
     return count
 
 

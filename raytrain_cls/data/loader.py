@@ -161,6 +161,10 @@ class SkippingLoader:
     def dataset(self):
         return self.loader.dataset
 
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
     def __iter__(self):
         for batch in self.loader:
             x, y, bad = self.decode(batch) if self.decode is not None else batch
@@ -223,7 +227,7 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
         val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
         collate, decode = collate_skipping_bad, [None, None]
     sampler = ResumableDistributedSampler(len(train_ds), rank, world_size, seed=cfg.run.seed, shuffle=True,
-                                          **_shard_order(source.train, d.shuffle_window))
+                                          repeats=d.epoch_repeats, **_shard_order(source.train, d.shuffle_window))
     # The loader's own generator: otherwise each new iterator draws its base seed from the global torch RNG,
     # which would shift the training RNG stream by where a resumed run restarted.
     common = dict(num_workers=d.workers, pin_memory=d.pin_mem and not d.gpu_decode, persistent_workers=d.workers > 0,

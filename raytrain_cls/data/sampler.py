@@ -7,10 +7,14 @@ Validation: rank r takes samples r, r + world, ... with no padding, so summed co
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import Sampler
+
+
+PASSES_MAX = 1000  # --epoch-repeats is capped there, so (epoch, pass) keys never collide
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:
@@ -50,7 +54,7 @@ class ResumableDistributedSampler(Sampler[int]):
     """
 
     def __init__(self, num_samples: int, rank: int, world_size: int, seed: int = 0, shuffle: bool = True,
-                 blocks: Optional[Sequence[int]] = None, window: int = 0):
+                 blocks: Optional[Sequence[int]] = None, window: int = 0, repeats: float = 0.0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if blocks is not None and sum(blocks) != num_samples:
@@ -58,16 +62,23 @@ class ResumableDistributedSampler(Sampler[int]):
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.blocks, self.window = (list(blocks) if blocks is not None else None), window
+        # timm's --epoch-repeats: an epoch is this many passes, each with its own shuffle (0 = one pass)
+        self.epoch_length = int(round(num_samples * repeats)) if repeats > 0 else num_samples
+        self.passes = max(1, math.ceil(self.epoch_length / num_samples)) if num_samples else 1
         self.epoch, self.consumed = 0, 0
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
         self.epoch, self.consumed = epoch, consumed
 
-    def _indices(self) -> torch.Tensor:
+    def _pass_order(self, p: int) -> torch.Tensor:
+        # Pass p of epoch e shuffles like "epoch e * PASSES_MAX + p": one pass per epoch keeps the plain order.
+        key = self.epoch if self.passes == 1 else self.epoch * PASSES_MAX + p
         if self.shuffle and self.blocks is not None:
-            order = block_order(self.blocks, self.seed, self.epoch, self.window)
-        else:
-            order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
+            return block_order(self.blocks, self.seed, key, self.window)
+        return epoch_order(self.num_samples, self.seed, key, self.shuffle)
+
+    def _indices(self) -> torch.Tensor:
+        order = torch.cat([self._pass_order(p) for p in range(self.passes)])[:self.epoch_length]
         remaining = order[self.consumed:]
         pad = (-len(remaining)) % self.world_size
         if pad:
@@ -78,7 +89,7 @@ class ResumableDistributedSampler(Sampler[int]):
         return iter(self._indices().tolist())
 
     def __len__(self) -> int:
-        return -(-(self.num_samples - self.consumed) // self.world_size)
+        return -(-(self.epoch_length - self.consumed) // self.world_size)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}

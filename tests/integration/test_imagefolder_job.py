@@ -32,7 +32,8 @@ def folder_tree(tmp_path_factory):
 
 def test_imagefolder_run_uses_the_tree_classes(ray_local, folder_tree, tmp_path, capsys):
     code = main(["train", "--data-dir", str(folder_tree), "--model", "test_resnet", "--img-size", "32",
-                 "--epochs", "2", "-b", "16", "-j", "0", "--output", str(tmp_path), "--experiment", "pets"])
+                 "--epochs", "2", "-b", "16", "-j", "0", "--output", str(tmp_path), "--experiment", "pets",
+                 "--progress", "bar", "--log-interval", "2"])
     assert code == EXIT_OK, capsys.readouterr().err
     run_dir = tmp_path / "pets"
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -45,3 +46,7 @@ def test_imagefolder_run_uses_the_tree_classes(ray_local, folder_tree, tmp_path,
     assert result["last_metrics"]["epoch"] == 1 and result["last_metrics"]["eval_samples"] == 60
     out = capsys.readouterr().out
     assert f"Run directory: {run_dir}" in out and "Best eval_top1" in out
+    # --progress bar: the driver draws a redrawn bar per epoch and prints the epoch lines itself
+    assert "\rEpoch 0/1 [" in out and "ETA" in out and " loss " in out
+    assert "\r\x1b[KEpoch 1/1: train_loss" in out
+    assert "Train: 0/1 [" not in out  # rank 0's plain step lines are replaced by the bar, not doubled

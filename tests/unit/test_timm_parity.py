@@ -93,3 +93,97 @@ def test_a_timm_args_yaml_loads(tmp_path, capsys):
     assert "ignoring timm key 'local_rank'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(str(tmp_path / "args.yaml"), {"jsd_loss_typo": True})
+
+
+# ---- loss, head init, fast norm, torchscript, epoch repeats, save-images ---------------------------------------
+def test_bce_sum_and_pos_weight_change_the_loss():
+    from raytrain_cls.loss import build_train_loss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 10), torch.tensor([0, 3, 5, 9])
+    plain = build_train_loss(cfg_with(bce_loss=True, smoothing=0.0))(logits, target)
+    summed = build_train_loss(cfg_with(bce_loss=True, smoothing=0.0, bce_sum=True))(logits, target)
+    weighted = build_train_loss(cfg_with(bce_loss=True, smoothing=0.0, bce_pos_weight=5.0))(logits, target)
+    assert torch.allclose(summed, plain * 10)  # summed over the 10 classes instead of averaged
+    assert weighted > plain
+    with pytest.raises(ConfigError, match="loss.bce_pos_weight"):
+        cfg_with(bce_pos_weight=0.0).validate()
+
+
+def test_head_init_scale_and_bias_reach_the_classifier():
+    torch.manual_seed(3)
+    ref = build_model(cfg_with(), 10, CPU).get_classifier()
+    torch.manual_seed(3)
+    head = build_model(cfg_with(head_init_scale=0.01, head_init_bias=-2.0), 10, CPU).get_classifier()
+    assert torch.allclose(head.weight, ref.weight * 0.01)
+    assert torch.equal(head.bias, torch.full((10,), -2.0))
+
+
+def test_fast_norm_switches_timm_norm_layers():
+    from timm.layers import set_fast_norm
+
+    try:
+        model = build_model(load_config("digits", {"model": "test_vit", "fast_norm": True}), 10, CPU)
+        norms = [m for m in model.modules() if hasattr(m, "_fast_norm")]
+        assert norms and all(m._fast_norm for m in norms)
+    finally:
+        set_fast_norm(False)
+    model = build_model(load_config("digits", {"model": "test_vit"}), 10, CPU)
+    assert not any(m._fast_norm for m in model.modules() if hasattr(m, "_fast_norm"))
+
+
+def test_torchscript_model_trains_and_refuses_what_timm_refuses():
+    torch.manual_seed(0)
+    model = build_model(load_config("digits", {"model": "test_resnet", "torchscript": True}), 10, CPU)
+    assert isinstance(model, torch.jit.ScriptModule)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    before = torch.nn.functional.cross_entropy(model(x), y)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert torch.nn.functional.cross_entropy(model(x), y) < before
+    for clash in ({"torchcompile": "inductor"}, {"grad_checkpointing": True}):
+        with pytest.raises(ConfigError, match="cannot be combined with --torchscript"):
+            cfg_with(torchscript=True, **clash).validate()
+
+
+def test_epoch_repeats_make_longer_epochs_of_fresh_shuffles():
+    from collections import Counter
+
+    from raytrain_cls.data.sampler import ResumableDistributedSampler
+
+    s = ResumableDistributedSampler(10, 0, 1, seed=1, repeats=2.5)
+    s.set_epoch(3)
+    order = list(s)
+    assert len(s) == len(order) == 25
+    counts = Counter(order)
+    assert sorted(counts.values()) == [2] * 5 + [3] * 5  # two full passes, then half of a third
+    assert order[:10] != order[10:20]  # each pass its own shuffle
+    assert len(ResumableDistributedSampler(10, 0, 1, seed=1)) == 10
+    two = [ResumableDistributedSampler(10, r, 2, seed=1, repeats=2.5) for r in range(2)]
+    for t in two:
+        t.set_epoch(3, consumed=6)
+    # resumed after 6 samples on 2 ranks: exactly the 19 left, plus one pad slot (the epoch's first sample)
+    assert Counter(list(two[0]) + list(two[1])) == Counter(order[6:]) + Counter(order[:1])
+
+
+def test_save_images_writes_the_logged_batches(tmp_path):
+    from PIL import Image
+
+    from raytrain_cls.engine import TrainParts, autocast_factory, train_one_epoch
+    from raytrain_cls.worker import save_batch_images
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    parts = TrainParts(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       loss_fn=torch.nn.CrossEntropyLoss(), device=CPU,
+                       autocast=autocast_factory(CPU, False, torch.float32))
+    loader = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])) for _ in range(4)]
+    train_one_epoch(2, loader, parts, 0, log_interval=2, log=lambda m: None,
+                    on_log_batch=save_batch_images(str(tmp_path)))
+    files = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert files == ["train-0002-000002.jpg", "train-0002-000004.jpg"]
+    with Image.open(tmp_path / "images" / files[0]) as img:
+        assert img.size == (4 * 8, 8)  # torchvision's grid: 4 images in a row, no padding
