@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the model's)")
     ev.add_argument("-b", "--batch-size", type=int, default=256)
     ev.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
+    ev.add_argument("--ray-workers", type=int, default=0,
+                    help="split the validation set across N Ray tasks (RAY_ADDRESS's cluster, else a local Ray; "
+                         "on GPUs when it has them); 0 = in this process")
     ev.add_argument("--results-file", help="write the results as .json or .csv (per class)")
     pr = sub.add_parser("predict", help="top-k classes for images, folders of images or Parquet shards")
     pr.add_argument("checkpoint", help="a checkpoint directory or an exported model directory")
@@ -262,7 +265,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                    ("val_split", args.val_split)) if v is not None}
     try:
         res = evaluate_checkpoint(args.checkpoint, overrides, use_ema=args.use_ema, tta=args.tta,
-                                  crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers)
+                                  crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers,
+                                  ray_workers=args.ray_workers)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"raytrain-cls: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -19,6 +19,7 @@ from timm.data import create_transform
 
 from .config import DEFAULT_MAX_IMAGE_PIXELS, Config
 from .data.loader import SkippingLoader, TransformedDataset, collate_skipping_bad, image_mode
+from .data.sampler import ShardSampler
 from .data.shards import MANIFEST, ShardError, ShardReader, read_manifest
 from .data.sources import IMAGE_EXTENSIONS, BadImageError, DataError, build_source, decode_image
 from .model import architecture_kwargs
@@ -79,9 +80,22 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor
 
 def evaluate_checkpoint(path: str, cfg_overrides: Optional[dict] = None, use_ema: bool = False, tta: int = 0,
                         crop_pct: Optional[float] = None, batch_size: int = 256, workers: int = 2,
-                        device: str = "cpu") -> dict:
+                        device: str = "cpu", ray_workers: int = 0) -> dict:
     """Loss, top-1, top-5 (percent) and per-class accuracy on the checkpoint's validation split (or the data set
-    the overrides name)."""
+    the overrides name). ``ray_workers`` > 0: the validation set is split across that many Ray tasks (rank r
+    takes samples r, r + n, ...; on GPUs when the cluster has them) and their sums are added, so every sample
+    still counts once; the checkpoint and the data must be readable from the nodes (shared storage)."""
+    args = (str(path), cfg_overrides, use_ema, tta, crop_pct, batch_size, workers)
+    if ray_workers > 0:
+        sums = _sums_on_ray(args, ray_workers)
+    else:
+        sums = [shard_sums(*args, device=device)]
+    return _results(str(path), use_ema, tta, sums)
+
+
+def shard_sums(path: str, cfg_overrides: Optional[dict], use_ema: bool, tta: int, crop_pct: Optional[float],
+               batch_size: int, workers: int, device: str = "cpu", rank: int = 0, world: int = 1) -> dict:
+    """One shard's loss sum, top-5 hits, per-class top-1 hits and counts, and skipped images."""
     loaded = load_model(path, use_ema, device)
     cfg = loaded.config or Config()
     if cfg_overrides:
@@ -94,8 +108,9 @@ def evaluate_checkpoint(path: str, cfg_overrides: Optional[dict] = None, use_ema
     dataset = TransformedDataset(source.val, eval_transform(loaded.data_config, crop_pct),
                                  image_mode(loaded.data_config))
     # Unreadable images are skipped and counted, as in training: every readable sample counted once.
-    loader = SkippingLoader(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                                        collate_fn=collate_skipping_bad), fill=False)
+    loader = SkippingLoader(torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad,
+        sampler=ShardSampler(len(dataset), rank, world)), fill=False)
     n_classes = len(source.classes)
     hits1 = torch.zeros(n_classes, dtype=torch.long)
     counts = torch.zeros(n_classes, dtype=torch.long)
@@ -108,12 +123,33 @@ def evaluate_checkpoint(path: str, cfg_overrides: Optional[dict] = None, use_ema
         top5 += int(hit.any(dim=1).sum())
         counts += torch.bincount(y, minlength=n_classes)
         hits1 += torch.bincount(y[hit[:, 0]], minlength=n_classes)
-    total = int(counts.sum())
-    per_class = {name: dict(top1=100.0 * int(hits1[i]) / max(int(counts[i]), 1), samples=int(counts[i]))
-                 for i, name in enumerate(source.classes)}
-    return dict(checkpoint=str(path), use_ema=use_ema, tta=tta, samples=total, loss=loss_sum / max(total, 1),
-                top1=100.0 * int(hits1.sum()) / max(total, 1), top5=100.0 * top5 / max(total, 1),
-                skipped=loader.bad.count, skipped_examples=loader.bad.examples, per_class=per_class)
+    return dict(classes=list(source.classes), loss_sum=loss_sum, top5=top5, hits1=hits1.tolist(),
+                counts=counts.tolist(), skipped=loader.bad.count, skipped_examples=loader.bad.examples)
+
+
+def _sums_on_ray(args: tuple, world: int) -> list[dict]:
+    import ray
+
+    from .trainer import connect
+
+    gpus = connect().get("GPU", 0)
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(shard_sums)
+    device = "cuda" if gpus else "cpu"
+    return ray.get([task.remote(*args, device=device, rank=r, world=world) for r in range(world)])
+
+
+def _results(path: str, use_ema: bool, tta: int, sums: list[dict]) -> dict:
+    classes = sums[0]["classes"]
+    hits1 = [sum(s["hits1"][i] for s in sums) for i in range(len(classes))]
+    counts = [sum(s["counts"][i] for s in sums) for i in range(len(classes))]
+    total = sum(counts)
+    per_class = {name: dict(top1=100.0 * hits1[i] / max(counts[i], 1), samples=counts[i])
+                 for i, name in enumerate(classes)}
+    return dict(checkpoint=path, use_ema=use_ema, tta=tta, samples=total,
+                loss=sum(s["loss_sum"] for s in sums) / max(total, 1), top1=100.0 * sum(hits1) / max(total, 1),
+                top5=100.0 * sum(s["top5"] for s in sums) / max(total, 1), shards=len(sums),
+                skipped=sum(s["skipped"] for s in sums),
+                skipped_examples=[e for s in sums for e in s["skipped_examples"]][:10], per_class=per_class)
 
 
 def write_eval_results(results: dict, out: str) -> None:

@@ -125,6 +125,14 @@ def test_eval_cli_reproduces_the_runs_top1(default_run, tmp_path, capsys):
     assert ev["samples"] == 359 and sum(c["samples"] for c in ev["per_class"].values()) == 359
     assert abs(ev["top1"] - result["best_value"]) <= 100.0 / 359 + 1e-6
     assert "top1" in capsys.readouterr().out
+    # the same evaluation split across 2 Ray tasks: every sample counted once, the same numbers
+    on_ray = tmp_path / "eval-ray.json"
+    assert main(["eval", result["best_checkpoint"], "-j", "0", "--ray-workers", "2",
+                 "--results-file", str(on_ray)]) == EXIT_OK
+    ev2 = json.loads(on_ray.read_text())
+    assert ev2["shards"] == 2 and ev2["samples"] == 359 and ev2["per_class"] == ev["per_class"]
+    assert ev2["top1"] == ev["top1"] and ev2["top5"] == ev["top5"]
+    assert ev2["loss"] == pytest.approx(ev["loss"], rel=1e-9)  # sums added in another order
 
 
 def test_predict_cli_names_the_classes_of_known_images(default_run, tmp_path, capsys):
