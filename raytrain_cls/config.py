@@ -228,6 +228,9 @@ class PrecisionConfig:
     amp: bool = option(False, "mixed precision autocast")
     amp_dtype: str = option("float16", "autocast dtype (float16 uses a GradScaler and needs GPUs)",
                          choices=("float16", "bfloat16"))
+    model_dtype: Optional[str] = option(None, "keep the weights (and inputs) in this dtype, without AMP "
+                                              "(timm --model-dtype); float16 needs GPUs",
+                                        choices=("float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -236,6 +239,7 @@ class CheckpointConfig:
     experiment: str = option("", "run name (default: a fresh unique name); the run directory is <output>/<experiment>")
     checkpoint_hist: int = option(10, "best checkpoints to keep (plus the latest)", min=1)
     eval_metric: str = option("top1", "metric that picks the best checkpoint", choices=EVAL_METRICS)
+    val_interval: int = option(1, "evaluate and checkpoint every N epochs (the last epoch always)", min=1)
     max_failures: int = option(0, "worker-group failures to recover from (Ray FailureConfig); -1 = unlimited", min=-1)
     recovery_interval: int = option(0, "also checkpoint every N optimizer updates inside an epoch (0 = off); resuming "
                                        "from one continues that epoch exactly where it stopped", min=0)
@@ -398,6 +402,10 @@ class Config:
         init = self.checkpoint.initial_checkpoint
         if init and not _is_uri(init) and not Path(init).exists():
             raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")
+        p = self.precision
+        if p.model_dtype in ("bfloat16", "float16") and p.amp:
+            raise ConfigError("precision.model_dtype", p.model_dtype, "low-precision weights and --amp do not mix "
+                              "(as in timm): drop --amp, or --model-dtype")
         if m.torchscript:
             for key, clash in (("model.torchcompile", m.torchcompile), ("model.sync_bn", m.sync_bn),
                                ("model.grad_checkpointing", m.grad_checkpointing)):

@@ -39,6 +39,7 @@ class TrainParts:
     clip_mode: str = "norm"
     accum_steps: int = 1
     channels_last: bool = False
+    input_dtype: Optional[torch.dtype] = None  # --model-dtype: inputs cast to the weights' dtype
 
 
 def autocast_factory(device: torch.device, enabled: bool, dtype: torch.dtype) -> Callable[[], ContextManager]:
@@ -58,8 +59,9 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
-    x = x.to(device, non_blocking=True)
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool,
+               dtype: Optional[torch.dtype] = None):
+    x = x.to(device, dtype=dtype, non_blocking=True)  # dtype: the weights' (--model-dtype), else unchanged
     y = y.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -116,7 +118,7 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
         final_group = batch_idx >= num_batches - last_accum
         group_size = last_accum if final_group else accum
         stepping = (batch_idx + 1) % accum == 0 or batch_idx == num_batches - 1
-        x, y = _to_device(x, y, p.device, p.channels_last)
+        x, y = _to_device(x, y, p.device, p.channels_last, p.input_dtype)
         if p.mixup is not None and use_mixup:
             x, y = p.mixup(x, y)
         # Skip DDP's gradient all-reduce on micro-batches that do not end in an optimizer step.
@@ -194,10 +196,12 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast: Cal
              channels_last: bool = False) -> dict:
     """Loss, top-1 and top-5 (percent, as timm reports them) over the union of all ranks' validation shards."""
     model.eval()
+    weights = next(model.parameters(), None)
+    dtype = weights.dtype if weights is not None and weights.dtype in (torch.bfloat16, torch.float16) else None
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss_sum, top1, top5, count
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     for x, y in loader:
-        x, y = _to_device(x, y, device, channels_last)
+        x, y = _to_device(x, y, device, channels_last, dtype)
         with autocast():
             logits = model(x)
         logits = logits.float()

@@ -79,6 +79,12 @@ def init_head(model: torch.nn.Module, scale: Optional[float], bias: Optional[flo
             head.bias.fill_(bias)
 
 
+def model_dtype(cfg: Config) -> Optional[torch.dtype]:
+    """timm's --model-dtype: the weights' dtype (None: leave timm's float32)."""
+    name = cfg.precision.model_dtype
+    return getattr(torch, name) if name else None
+
+
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
     m = cfg.model
     if m.fast_norm:
@@ -90,7 +96,7 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn
     init_head(model, m.head_init_scale, m.head_init_bias)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model.to(device)
+    model.to(device=device, dtype=model_dtype(cfg))
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
     if m.torchscript:

@@ -86,6 +86,9 @@ def step_line(m: dict, num_epochs: int) -> str:
 
 
 def epoch_line(m: dict, num_epochs: int) -> str:
+    if "eval_loss" not in m:  # an epoch --val-interval does not evaluate
+        return (f"Epoch {m['epoch']}/{num_epochs - 1}: train_loss {m['train_loss']:.4f}  lr {m['lr']:.3e}  "
+                f"{m['img_per_sec']:.0f} img/s  (not evaluated: --val-interval)")
     best = "" if m.get("best_metric") is None else f"  (best {m['best_metric']:.4f} @ epoch {m['best_epoch']})"
     return (f"Epoch {m['epoch']}/{num_epochs - 1}: train_loss {m['train_loss']:.4f}  "
             f"eval_loss {m['eval_loss']:.4f}  top1 {m['eval_top1']:.2f}  top5 {m['eval_top5']:.2f}  "

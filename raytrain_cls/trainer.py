@@ -78,6 +78,8 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
     if cfg.model.sync_bn and not use_gpu:
         raise ConfigError("model.sync_bn", True, "torch's SyncBatchNorm runs only on GPU workers; on CPU workers "
                           "--dist-bn reduce (the default) averages BatchNorm statistics after each epoch instead")
+    if cfg.precision.model_dtype == "float16" and not use_gpu:
+        raise ConfigError("precision.model_dtype", "float16", "float16 weights need GPUs; use bfloat16 on CPUs")
     if cfg.precision.amp and cfg.precision.amp_dtype == "float16" and not use_gpu:
         raise ConfigError("precision.amp_dtype", "float16", "float16 AMP needs GPUs; use --amp-dtype bfloat16 on CPUs")
     return use_gpu, num_workers

@@ -24,7 +24,7 @@ from .data.ray_data import DATASET_NAME as RAY_DATASET
 from .data.ray_data import RayDataLoader, rows_per_worker
 from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train_one_epoch
 from .loss import build_mixup, build_train_loss
-from .model import build_ema, build_model, compile_model, prepare_for_workers
+from .model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from .optim import build_optimizer, build_scheduler
 from .console import WorkerConsole
 from .state import MODEL_FILE, TrainState, load_weights, rng_state
@@ -143,7 +143,8 @@ def train_loop_per_worker(config: dict) -> dict:
                        device=device, autocast=autocast, scaler=scaler,
                        mixup=build_mixup(cfg, res["num_classes"]), scheduler=scheduler, ema=ema,
                        clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode,
-                       accum_steps=cfg.optim.grad_accum_steps, channels_last=cfg.model.channels_last)
+                       accum_steps=cfg.optim.grad_accum_steps, channels_last=cfg.model.channels_last,
+                       input_dtype=model_dtype(cfg))
     num_epochs = res["num_epochs"]
     metric = cfg.checkpoint.eval_metric
     batch = cfg.data.batch_size
@@ -154,7 +155,7 @@ def train_loop_per_worker(config: dict) -> dict:
         trackers.step(m)
 
     log = log_step if rank == 0 else None
-    last = {}
+    last, last_eval = {}, None
     for epoch in range(state.start_epoch, num_epochs):
         position = state.in_epoch if state.in_epoch and state.in_epoch["epoch"] == epoch else None
         consumed = position["samples"] if position else 0  # global samples of this epoch already trained on
@@ -191,6 +192,14 @@ def train_loop_per_worker(config: dict) -> dict:
             distribute_bn(model, world, cfg.model.dist_bn == "reduce")
             if ema is not None:
                 distribute_bn(ema, world, cfg.model.dist_bn == "reduce")
+        if not evaluates(epoch, cfg.checkpoint.val_interval, num_epochs):
+            # timm's --val-interval: no evaluation, so no checkpoint either; the schedule still advances, given
+            # the latest evaluated metric as timm does (plateau skips its decision when there is none yet).
+            if scheduler is not None:
+                scheduler.step(epoch + 1, last_eval)
+            if rank == 0:
+                console.epoch(dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad))
+            continue
         loaders.val.bad.reset()
         eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last)
         val_bad = check_bad_samples("validation", loaders.val.bad, res["val_samples"], cfg.data.max_bad_fraction,
@@ -201,8 +210,9 @@ def train_loop_per_worker(config: dict) -> dict:
             metrics.update({f"model_eval_{k}": v for k, v in eval_metrics.items()})
             eval_metrics = evaluate(ema.module, loaders.val, device, autocast, cfg.model.channels_last)
         metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        last_eval = eval_metrics[metric]
         if scheduler is not None:
-            scheduler.step(epoch + 1, eval_metrics[metric])
+            scheduler.step(epoch + 1, last_eval)
         state.epoch = epoch
         if is_better(metric, eval_metrics[metric], state.best_metric):
             state.best_metric, state.best_epoch = eval_metrics[metric], epoch
@@ -216,6 +226,11 @@ def train_loop_per_worker(config: dict) -> dict:
     if trackers is not None:
         trackers.close()
     return last
+
+
+def evaluates(epoch: int, interval: int, num_epochs: int) -> bool:
+    """timm's --val-interval: every interval-th epoch, and always the last one."""
+    return (epoch + 1) % interval == 0 or epoch == num_epochs - 1
 
 
 def save_batch_images(run_dir: str):

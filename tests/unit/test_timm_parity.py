@@ -187,3 +187,37 @@ def test_save_images_writes_the_logged_batches(tmp_path):
     assert files == ["train-0002-000002.jpg", "train-0002-000004.jpg"]
     with Image.open(tmp_path / "images" / files[0]) as img:
         assert img.size == (4 * 8, 8)  # torchvision's grid: 4 images in a row, no padding
+
+
+def test_val_interval_evaluates_every_nth_epoch_and_the_last():
+    from raytrain_cls.report import epoch_line
+    from raytrain_cls.worker import evaluates
+
+    assert [e for e in range(10) if evaluates(e, 3, 10)] == [2, 5, 8, 9]
+    assert [e for e in range(4) if evaluates(e, 1, 4)] == [0, 1, 2, 3]
+    line = epoch_line(dict(epoch=0, train_loss=1.0, lr=0.1, img_per_sec=10.0), 10)
+    assert line.startswith("Epoch 0/9: train_loss 1.0000") and "not evaluated" in line
+
+
+def test_model_dtype_bfloat16_trains_and_evaluates_in_bf16():
+    from raytrain_cls.engine import TrainParts, autocast_factory, evaluate, train_one_epoch
+    from raytrain_cls.model import model_dtype
+
+    cfg = cfg_with(model="test_resnet", model_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = build_model(cfg, 4, CPU)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    parts = TrainParts(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                       loss_fn=torch.nn.CrossEntropyLoss(), device=CPU,
+                       autocast=autocast_factory(CPU, False, torch.float32), input_dtype=model_dtype(cfg))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 4) for _ in range(6)]
+    before = evaluate(model, data, CPU, parts.autocast)["loss"]  # float32 batches: cast to the weights' dtype
+    for epoch in range(3):
+        train_one_epoch(epoch, data, parts, 0)
+    assert evaluate(model, data, CPU, parts.autocast)["loss"] < before
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="precision.model_dtype"):
+        cfg_with(model_dtype="bfloat16", amp=True).validate()
+    with pytest.raises(ConfigError, match="float16 weights need GPUs"):
+        resolve_scaling(cfg_with(model_dtype="float16").validate(), {"CPU": 4})
