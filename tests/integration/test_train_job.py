@@ -132,7 +132,8 @@ def test_eval_cli_reproduces_the_runs_top1(default_run, tmp_path, capsys):
     ev2 = json.loads(on_ray.read_text())
     assert ev2["shards"] == 2 and ev2["samples"] == 359 and ev2["per_class"] == ev["per_class"]
     assert ev2["top1"] == ev["top1"] and ev2["top5"] == ev["top5"]
-    assert ev2["loss"] == pytest.approx(ev["loss"], rel=1e-9)  # sums added in another order
+    # other batch compositions: float32 kernels reduce in another order (seen: 1e-7 relative)
+    assert ev2["loss"] == pytest.approx(ev["loss"], rel=1e-5)
 
 
 def test_predict_cli_names_the_classes_of_known_images(default_run, tmp_path, capsys):
