@@ -116,6 +116,9 @@ class AugConfig:
     reprob: float = option(0.0, "random erase probability", min=0, max=1)
     remode: str = option("pixel", "random erase mode", choices=("pixel", "const", "rand"))
     recount: int = option(1, "random erase count", min=1)
+    resplit: bool = option(False, "with --aug-splits: no random erasing on the first (clean) split")
+    aug_splits: int = option(0, "AugMix-style splits: each sample as a clean view plus N-1 augmented ones "
+                                "(0 = off, else >= 2; timm --aug-splits)", min=0)
     mixup: float = option(0.0, "mixup alpha; mixup is on when > 0", min=0)
     cutmix: float = option(0.0, "cutmix alpha; cutmix is on when > 0", min=0)
     cutmix_minmax: Optional[list[float]] = option(None, "cutmix min/max ratio; overrides alpha when set", nargs=2)
@@ -148,6 +151,7 @@ class ModelConfig:
     grad_checkpointing: bool = option(False, "activation (gradient) checkpointing: less memory, more compute")
     head_init_scale: Optional[float] = option(None, "multiply the classifier's initial weights and bias by this")
     head_init_bias: Optional[float] = option(None, "set the classifier's initial bias to this value")
+    split_bn: bool = option(False, "separate BatchNorm statistics per augmentation split (timm --split-bn)")
     fast_norm: bool = option(False, "timm's fast (lower-precision under AMP) LayerNorm/GroupNorm kernels")
     torchscript: bool = option(False, "torch.jit.script the model (not with --torchcompile, --sync-bn, "
                                       "--grad-checkpointing)")
@@ -210,6 +214,7 @@ class LossConfig:
     smoothing: float = option(0.1, "label smoothing", min=0, max=1)
     bce_loss: bool = option(False, "binary cross entropy instead of softmax cross entropy")
     bce_target_thresh: Optional[float] = option(None, "threshold that binarises soft BCE targets", min=0, max=1)
+    jsd_loss: bool = option(False, "Jensen-Shannon divergence + CE over the --aug-splits views (timm --jsd-loss)")
     bce_sum: bool = option(False, "BCE: sum over the classes, then average over the batch (timm --bce-sum)")
     bce_pos_weight: Optional[float] = option(None, "BCE: weight of the positive class (timm --bce-pos-weight)",
                                              gt=0)
@@ -402,6 +407,21 @@ class Config:
         init = self.checkpoint.initial_checkpoint
         if init and not _is_uri(init) and not Path(init).exists():
             raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")
+        if a.aug_splits == 1:
+            raise ConfigError("aug.aug_splits", 1, "0 (off) or at least 2 (a clean view and augmented ones)")
+        if self.loss.jsd_loss and a.aug_splits < 2:
+            raise ConfigError("loss.jsd_loss", True, "the JSD loss compares --aug-splits views: set --aug-splits 2+")
+        if m.split_bn and a.aug_splits < 2 and not a.resplit:
+            raise ConfigError("model.split_bn", True, "split BatchNorm needs --aug-splits 2+ (or --resplit)")
+        if a.aug_splits:
+            if mixing:
+                raise ConfigError("aug.aug_splits", a.aug_splits, "mixup/cutmix would mix across the splits: use "
+                                  "one or the other")
+            if d.gpu_decode or d.loader == "ray":
+                raise ConfigError("aug.aug_splits", a.aug_splits, "splits are made by the CPU DataLoader path: "
+                                  "not with --gpu-decode or --loader ray")
+            if self.loss.bce_loss and self.loss.jsd_loss:
+                raise ConfigError("loss.jsd_loss", True, "JSD + CE and --bce-loss are two different losses")
         p = self.precision
         if p.model_dtype in ("bfloat16", "float16") and p.amp:
             raise ConfigError("precision.model_dtype", p.model_dtype, "low-precision weights and --amp do not mix "

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save
 
 from .config import Config
-from .model import architecture_kwargs
+from .model import architecture_kwargs, split_bn
 from .report import atomic_write_bytes, atomic_write_text
 from .state import EMA_FILE, MODEL_FILE, load_weights, read_meta
 
@@ -29,8 +29,10 @@ def _rebuild(cfg: Config, num_classes: int) -> tuple[torch.nn.Module, dict]:
 
 
 def _save_plain(module: torch.nn.Module, path: Path) -> None:
-    """Every state-dict entry as its own tensor (tied weights copied), written to a temp file then renamed."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    """Every state-dict entry as its own tensor (tied weights copied), written to a temp file then renamed.
+    Split-BN's auxiliary statistics are training-only and left out, so timm's plain architecture loads it."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()
+               if ".aux_bn." not in k}
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
@@ -48,6 +50,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict:
         if not (src / name).is_file():
             continue
         model, kwargs = _rebuild(cfg, num_classes)
+        model = split_bn(cfg, model)
         load_weights(model, src / name)  # strict: proves the weights rebuild the architecture before we write
         _save_plain(model, out / name)
         written.append(name)

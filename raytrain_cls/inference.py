@@ -22,7 +22,7 @@ from .data.loader import SkippingLoader, TransformedDataset, collate_skipping_ba
 from .data.sampler import ShardSampler
 from .data.shards import MANIFEST, ShardError, ShardReader, read_manifest
 from .data.sources import IMAGE_EXTENSIONS, BadImageError, DataError, build_source, decode_image
-from .model import architecture_kwargs
+from .model import architecture_kwargs, split_bn
 from .report import atomic_write_text
 from .state import EMA_FILE, META_FILE, MODEL_FILE, CheckpointError, load_weights, read_meta
 
@@ -44,6 +44,7 @@ def load_model(path: str | Path, use_ema: bool = False, device: str = "cpu") -> 
         cfg = Config.from_dict(read_meta(path)["config"])
         r = cfg.resolved
         model = timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, r["num_classes"]))
+        model = split_bn(cfg, model)  # so a --split-bn checkpoint loads; evaluation uses the main statistics
         load_weights(model, weights)
         data_config, classes = dict(r["data_config"]), list(r.get("classes") or [])
     elif (path / "config.json").is_file():

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 from timm.data import Mixup
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from .config import Config
 
@@ -29,6 +29,8 @@ def build_mixup(cfg: Config, num_classes: int) -> Optional[Mixup]:
 def build_train_loss(cfg: Config) -> torch.nn.Module:
     """Soft-target CE under mixup (smoothing is folded into the mixed targets), else smoothed CE, or BCE."""
     smoothing = cfg.loss.smoothing
+    if cfg.loss.jsd_loss:
+        return JsdCrossEntropy(num_splits=cfg.aug.aug_splits, smoothing=smoothing)
     if cfg.loss.bce_loss:
         # With mixup the targets are already smoothed; BCE must not smooth them again.
         return BinaryCrossEntropy(smoothing=0.0 if mixup_active(cfg) else smoothing,

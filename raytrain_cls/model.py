@@ -85,6 +85,16 @@ def model_dtype(cfg: Config) -> Optional[torch.dtype]:
     return getattr(torch, name) if name else None
 
 
+def split_bn(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    """timm's --split-bn: BatchNorm layers with an auxiliary set of statistics per augmented split (evaluation
+    uses the main one). Also applied when a checkpoint of such a model is rebuilt, so its weights load."""
+    if not cfg.model.split_bn:
+        return model
+    from timm.layers import convert_splitbn_model
+
+    return convert_splitbn_model(model, max(cfg.aug.aug_splits, 2))
+
+
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
     m = cfg.model
     if m.fast_norm:
@@ -94,6 +104,7 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn
     model = timm.create_model(m.model, **model_kwargs(cfg, num_classes))
     set_bn(model, m.bn_momentum, m.bn_eps)
     init_head(model, m.head_init_scale, m.head_init_bias)
+    model = split_bn(cfg, model)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device=device, dtype=model_dtype(cfg))

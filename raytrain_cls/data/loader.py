@@ -78,6 +78,8 @@ def collate_skipping_bad(samples: list):
     if not good:
         return None, None, bad
     x, y = default_collate(good)
+    if isinstance(x, (list, tuple)):  # --aug-splits: split-major rows (all clean views, then each augmented set)
+        x, y = torch.cat(list(x)), y.repeat(len(x))
     return x, y, bad
 
 
@@ -151,8 +153,9 @@ class SkippingLoader:
     batch with no readable sample at all is an error; a validation batch shrinks (every sample counted once).
     """
 
-    def __init__(self, loader: DataLoader, fill: bool, decode=None):
+    def __init__(self, loader: DataLoader, fill: bool, decode=None, splits: int = 1):
         self.loader, self.fill, self.decode, self.bad = loader, fill, decode, BadSampleLog()
+        self.splits = max(1, splits)  # --aug-splits: rows are split-major, refill within each split
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -176,8 +179,11 @@ class SkippingLoader:
                                     f"({bad[0].reason}): check the data set")
                 continue
             if self.fill and bad:
-                refill = torch.arange(len(bad), device=y.device) % len(y)
-                x, y = torch.cat([x, x[refill]]), torch.cat([y, y[refill]])
+                n = len(y) // self.splits
+                refill = torch.arange(len(bad), device=y.device) % n
+                xs, ys = x.reshape(self.splits, n, *x.shape[1:]), y.reshape(self.splits, n)
+                x = torch.cat([xs, xs[:, refill]], dim=1).reshape(-1, *x.shape[1:])
+                y = torch.cat([ys, ys[:, refill]], dim=1).reshape(-1)
             yield x, y
 
 
@@ -238,8 +244,8 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
     if len(train) == 0:
         raise ValueError(f"data.batch_size {d.batch_size} x {world_size} workers is larger than the "
                          f"{len(train_ds)} training samples: no full batch per epoch")
-    return Loaders(SkippingLoader(train, fill=True, decode=decode[0]), SkippingLoader(val, fill=False, decode=decode[1]),
-                   sampler)
+    return Loaders(SkippingLoader(train, fill=True, decode=decode[0], splits=cfg.aug.aug_splits),
+                   SkippingLoader(val, fill=False, decode=decode[1]), sampler)
 
 
 def _shard_order(dataset: ImageDataset, window: int) -> dict:

@@ -29,4 +29,33 @@ def transform_kwargs(cfg: Config, data_config: dict, is_training: bool) -> dict:
 
 
 def build_transform(cfg: Config, data_config: dict, is_training: bool) -> Callable:
+    if is_training and cfg.aug.aug_splits >= 2:
+        return build_aug_splits(cfg, data_config)
     return create_transform(**transform_kwargs(cfg, data_config, is_training))
+
+
+class AugSplits:
+    """timm's AugMix splits for one image: the clean view (base crop/flip + normalise) and ``num_splits - 1``
+    views with the secondary augmentation (AugMix, RandAugment, jitter) on top of the same base crop. Random
+    erasing runs per view, skipping the clean one with --resplit (what timm's prefetcher does for a batch)."""
+
+    def __init__(self, primary: Callable, secondary: Callable, final: Callable, num_splits: int, erase, resplit: bool):
+        self.primary, self.secondary, self.final = primary, secondary, final
+        self.num_splits, self.erase, self.resplit = num_splits, erase, resplit
+
+    def __call__(self, img):
+        base = self.primary(img)
+        views = [self.final(base)] + [self.final(self.secondary(base)) for _ in range(self.num_splits - 1)]
+        if self.erase is not None:
+            views = [v if (i == 0 and self.resplit) else self.erase(v) for i, v in enumerate(views)]
+        return tuple(views)
+
+
+def build_aug_splits(cfg: Config, data_config: dict) -> AugSplits:
+    from timm.data.random_erasing import RandomErasing
+
+    a = cfg.aug
+    kwargs = dict(transform_kwargs(cfg, data_config, True), separate=True, re_prob=0.0)
+    primary, secondary, final = create_transform(**kwargs)
+    erase = RandomErasing(a.reprob, mode=a.remode, max_count=a.recount, device="cpu") if a.reprob > 0 else None
+    return AugSplits(primary, secondary, final, a.aug_splits, erase, a.resplit)
