@@ -443,6 +443,9 @@ class Config:
         if o.opt_betas is not None and not all(0 <= b < 1 for b in o.opt_betas):
             raise ConfigError("optim.opt_betas", o.opt_betas, "betas must lie in [0, 1)")
         _check_optimizer("optim.opt", o.opt)
+        if s.sched == "plateau" and s.sched_on_updates:
+            raise ConfigError("sched.sched_on_updates", True, "the plateau schedule decides once per epoch, on the "
+                              "eval metric: drop --sched-on-updates or pick another --sched")
         ms = s.decay_milestones
         if s.sched == "multistep" and not all(a < b for a, b in zip(ms, ms[1:])):
             raise ConfigError("sched.decay_milestones", ms, "must be strictly increasing")
