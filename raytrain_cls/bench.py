@@ -5,6 +5,7 @@
     python -m raytrain_cls.bench loader --data-dir /data/bench-shards --paths torch,gpu -b 256 -j 16 --device cuda
     python -m raytrain_cls.bench train --data-dir /data/bench-shards --paths torch,gpu,ray --model resnet50 \\
         -- --amp --amp-dtype bfloat16 --channels-last --use-gpu -b 256 -j 16
+    python -m raytrain_cls bench gpu-checks $OUT --device cuda      # all of issue 4's GPU measurements at once
 
 ``loader`` times this process iterating the training loader of each path (the DataLoader with timm's CPU
 transforms, or the --gpu-decode path ending in normalised batches on --device); ``train`` runs one real epoch
@@ -104,6 +105,64 @@ def bench_train(cfg) -> dict:
                 train_seconds=round(m["train_time"], 2), bad=m.get("train_bad_samples", 0))
 
 
+CHECKS = ("decode", "loader", "train")
+
+
+def gpu_checks(out: str, device: str, images: int, size: tuple[int, int], batch_size: int, workers: int,
+               model: str, only: Sequence[str] = CHECKS) -> list[dict]:
+    """Everything issue 4 asks a GPU machine to measure, as one command: device decode parity and throughput,
+    loader img/s per path, and one Ray Train epoch per path. Each step's result (or its error) is appended to
+    OUT/gpu-checks.jsonl as soon as it exists, so a run cut short still leaves what it measured."""
+    results: list[dict] = []
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "gpu-checks.jsonl"
+
+    def record(step: str, run) -> None:
+        start = time.perf_counter()
+        try:
+            row = dict(step=step, ok=True, **run())
+        except Exception as e:  # keep going: the other steps' numbers are still worth having
+            row = dict(step=step, ok=False, error=f"{type(e).__name__}: {e}")
+        row["wall_s"] = round(time.perf_counter() - start, 1)
+        results.append(row)
+        with log.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        print(json.dumps(row, default=str), flush=True)
+
+    record("environment", lambda: environment(device))
+    if "decode" in only:
+        from .bench_decode import main as decode_main
+
+        record("decode", lambda: decode_main([
+            "--images", str(images), "--size", f"{size[0]}x{size[1]}", "--batch-size", str(batch_size),
+            "-j", str(workers), "--device", device, "--unique", str(min(images, 256))]))
+    data, shards = out_dir / "jpegs", out_dir / "shards"
+    if {"loader", "train"} & set(only):
+        from .data.prepare import prepare
+
+        def make_shards() -> dict:
+            make_data(str(data), images, size, classes=10)
+            manifest = prepare(str(data), str(shards), workers=workers, log=lambda *a, **k: None)
+            return dict(train=manifest.splits["train"].num_samples, shards=str(shards))
+
+        record("data", make_shards)
+        if not results[-1]["ok"]:
+            return results
+    overrides = ["-b", str(batch_size), "-j", str(workers), "--model", model]
+    if "loader" in only:
+        for path in ("torch", "gpu"):
+            record(f"loader-{path}", lambda path=path: bench_loader(
+                _config(str(shards), "parquet", path, overrides), device, batches=max(2, images // batch_size // 2)))
+    if "train" in only:
+        gpu = ["--use-gpu", "--num-workers", "1", "--amp", "--amp-dtype", "bfloat16", "--channels-last"] \
+            if device.startswith("cuda") else ["--num-workers", "1"]
+        for path in ("torch", "gpu"):
+            record(f"train-{path}", lambda path=path: bench_train(
+                _config(str(shards), "parquet", path, overrides + gpu)))
+    return results
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raytrain-cls bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -112,6 +171,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     mk.add_argument("--images", type=int, default=4096)
     mk.add_argument("--size", default="500x375", help="WxH")
     mk.add_argument("--classes", type=int, default=10)
+    gc = sub.add_parser("gpu-checks", help="decode parity + loader + train benchmarks in one go (JSON lines)")
+    gc.add_argument("out", help="folder for the data and gpu-checks.jsonl")
+    gc.add_argument("--device", default="cuda")
+    gc.add_argument("--images", type=int, default=4096)
+    gc.add_argument("--size", default="500x375", help="WxH")
+    gc.add_argument("-b", "--batch-size", type=int, default=256)
+    gc.add_argument("-j", "--workers", type=int, default=8)
+    gc.add_argument("--model", default="resnet50")
+    gc.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
     for name in ("loader", "train"):
         b = sub.add_parser(name, help=f"{name} img/s of each input path on the same data")
         b.add_argument("--data-dir", required=True)
@@ -130,6 +198,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         w, h = (int(v) for v in args.size.lower().split("x"))
         make_data(args.dst, args.images, (w, h), args.classes)
         return 0
+    if args.what == "gpu-checks":
+        w, h = (int(v) for v in args.size.lower().split("x"))
+        rows = gpu_checks(args.out, args.device, args.images, (w, h), args.batch_size, args.workers, args.model,
+                          [c for c in args.only.split(",") if c])
+        return 0 if all(r["ok"] for r in rows) else 1
     paths = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:
