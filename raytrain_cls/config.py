@@ -214,6 +214,15 @@ class LossConfig:
     smoothing: float = option(0.1, "label smoothing", min=0, max=1)
     bce_loss: bool = option(False, "binary cross entropy instead of softmax cross entropy")
     bce_target_thresh: Optional[float] = option(None, "threshold that binarises soft BCE targets", min=0, max=1)
+    kd_model_name: Optional[str] = option(None, "teacher model (any timm name) for knowledge distillation; its "
+                                                "weights come from --kd-model-path")
+    kd_model_path: Optional[str] = option(None, "teacher weights: .safetensors, .pth (weights only), or a "
+                                                "checkpoint/export folder (never downloaded)")
+    kd_distill_type: str = option("logit", "distillation type (timm's logit; feature and token not yet)",
+                                  choices=("logit", "feature", "token"))
+    kd_temperature: float = option(4.0, "distillation softmax temperature", gt=0)
+    distill_loss_weight: Optional[float] = option(None, "weight of the distillation loss (timm's rules)", min=0)
+    task_loss_weight: Optional[float] = option(None, "weight of the task loss; alone: distill = 1 - task", min=0)
     jsd_loss: bool = option(False, "Jensen-Shannon divergence + CE over the --aug-splits views (timm --jsd-loss)")
     bce_sum: bool = option(False, "BCE: sum over the classes, then average over the batch (timm --bce-sum)")
     bce_pos_weight: Optional[float] = option(None, "BCE: weight of the positive class (timm --bce-pos-weight)",
@@ -422,6 +431,22 @@ class Config:
                                   "not with --gpu-decode or --loader ray")
             if self.loss.bce_loss and self.loss.jsd_loss:
                 raise ConfigError("loss.jsd_loss", True, "JSD + CE and --bce-loss are two different losses")
+        lc = self.loss
+        if lc.kd_model_name:
+            if lc.kd_distill_type != "logit":
+                raise ConfigError("loss.kd_distill_type", lc.kd_distill_type, "only logit distillation is built here")
+            if not lc.kd_model_path:
+                raise ConfigError("loss.kd_model_name", lc.kd_model_name, "this service never downloads weights: "
+                                  "give the teacher's local weights with --kd-model-path")
+            if not _is_uri(lc.kd_model_path) and not Path(lc.kd_model_path).exists():
+                raise ConfigError("loss.kd_model_path", lc.kd_model_path, "no such file or folder")
+            if not timm_model_known(lc.kd_model_name):
+                raise ConfigError("loss.kd_model_name", lc.kd_model_name, "not a timm model")
+            if a.aug_splits:
+                raise ConfigError("loss.kd_model_name", lc.kd_model_name, "distillation and --aug-splits do not mix")
+        elif lc.kd_model_path:
+            raise ConfigError("loss.kd_model_path", lc.kd_model_path, "set --kd-model-name (the teacher's "
+                              "architecture) too")
         p = self.precision
         if p.model_dtype in ("bfloat16", "float16") and p.amp:
             raise ConfigError("precision.model_dtype", p.model_dtype, "low-precision weights and --amp do not mix "
@@ -464,6 +489,12 @@ class Config:
 
 def canonical_dataset(name: str) -> str:
     return DATASET_ALIASES.get(name.lower(), name.lower())
+
+
+def timm_model_known(name: str) -> bool:
+    import timm  # local: keep `import raytrain_cls.config` cheap
+
+    return timm.is_model(name.split(".")[0])
 
 
 def _is_uri(path: str) -> bool:

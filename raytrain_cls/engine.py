@@ -125,7 +125,9 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
         sync = contextlib.nullcontext() if stepping or not hasattr(p.model, "no_sync") else p.model.no_sync()
         with sync:
             with p.autocast():
-                loss = p.loss_fn(p.model(x), y)
+                out = p.model(x)
+                # a distillation loss also needs the inputs (its teacher sees the same batch)
+                loss = p.loss_fn(out, y, x) if getattr(p.loss_fn, "needs_input", False) else p.loss_fn(out, y)
             (p.scaler.scale(loss / group_size) if p.scaler else loss / group_size).backward()
         if stepping:
             _optimizer_step(p)

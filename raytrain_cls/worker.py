@@ -23,6 +23,7 @@ from .data.loader import BadSampleLog
 from .data.ray_data import DATASET_NAME as RAY_DATASET
 from .data.ray_data import RayDataLoader, rows_per_worker
 from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train_one_epoch
+from .distill import with_distillation
 from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from .optim import build_optimizer, build_scheduler
@@ -139,7 +140,8 @@ def train_loop_per_worker(config: dict) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = compile_model(cfg, train_model)  # after DDP, as timm does
     autocast = autocast_factory(device, cfg.precision.amp, amp_dtype)
-    parts = TrainParts(model=train_model, optimizer=optimizer, loss_fn=build_train_loss(cfg).to(device),
+    loss_fn = with_distillation(build_train_loss(cfg).to(device), cfg, res["num_classes"], res["data_config"], device)
+    parts = TrainParts(model=train_model, optimizer=optimizer, loss_fn=loss_fn,
                        device=device, autocast=autocast, scaler=scaler,
                        mixup=build_mixup(cfg, res["num_classes"]), scheduler=scheduler, ema=ema,
                        clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode,
