@@ -100,10 +100,10 @@ def prepared_digits(tmp_path_factory):
     return dst
 
 
-def recipe_run(tmp_path, name, data_dir, *args):
-    """The digits recipe (the default job) for 3 of its 10 epochs, on Parquet shards."""
-    return main(["train", "-c", "digits", "--dataset", "parquet", "--data-dir", str(data_dir), "--epochs", "3",
-                 "--warmup-epochs", "0", "--output", str(tmp_path), "--experiment", name, *args])
+def recipe_run(tmp_path, name, data_dir, *args, epochs=3):
+    """The digits recipe (the default job) for a few of its 10 epochs, on Parquet shards."""
+    return main(["train", "-c", "digits", "--dataset", "parquet", "--data-dir", str(data_dir), "--epochs",
+                 str(epochs), "--warmup-epochs", "0", "--output", str(tmp_path), "--experiment", name, *args])
 
 
 def test_prepared_shards_train_through_the_dataloader_path(ray_local, prepared_digits, tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_prepared_shards_train_through_the_dataloader_path(ray_local, prepared_d
 
 def test_ray_data_path_trains_with_a_cpu_left_free(ray_local, prepared_digits, tmp_path, capsys):
     code = recipe_run(tmp_path, "raydata", prepared_digits, "--loader", "ray", "--num-workers", "2",
-                      "--resources-per-worker", "CPU=0.5")
+                      "--resources-per-worker", "CPU=0.5", epochs=2)
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     metrics = json.loads((tmp_path / "raydata" / "result.json").read_text())["last_metrics"]

@@ -10,7 +10,16 @@ pytestmark = pytest.mark.integration
 
 
 def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
-    code = main(["train", "--model", "resnet10t", "--epochs", "4", "--cooldown-epochs", "1", "--warmup-epochs", "1",
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)  # an untrained teacher: weighted lightly, it must only not break the loop
+    teacher = timm.create_model("test_resnet", num_classes=10)
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "teacher.safetensors"))
+    code = main(["train", "--model", "resnet10t",
+                 "--kd-model-name", "test_resnet", "--kd-model-path", str(tmp_path / "teacher.safetensors"),
+                 "--task-loss-weight", "0.9", "--epochs", "4", "--cooldown-epochs", "1", "--warmup-epochs", "1",
                  "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
                  "--smoothing", "0.1", "--drop-path", "0.05", "--model-ema", "--model-ema-decay", "0.9",
                  "--clip-grad", "0.05", "--clip-mode", "agc", "--grad-accum-steps", "2", "--amp",

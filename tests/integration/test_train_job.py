@@ -1,6 +1,7 @@
 """The embedded default job, run as a user runs it (the CLI), on a private local Ray with 2 CPU workers (gloo)."""
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def test_a_failing_run_exits_1_naming_the_rank_and_its_error(ray_local, tmp_path
                  "--experiment", "diverges"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "training failed: rank 0: " in err and "NonFiniteLossError" in err, err
+    # both ranks diverge; Ray names whichever failure it saw first
+    assert re.search(r"training failed: rank [01]: ", err) and "NonFiniteLossError" in err, err
     assert "consecutive steps" in err
     assert not list((tmp_path / "diverges").glob("epoch-*")), "a checkpoint with non-finite weights was written"
 
