@@ -110,6 +110,12 @@ class AugConfig:
     hflip: float = option(0.5, "horizontal flip probability", min=0, max=1)
     vflip: float = option(0.0, "vertical flip probability", min=0, max=1)
     color_jitter: float = option(0.4, "color jitter factor", min=0)
+    color_jitter_prob: Optional[float] = option(None, "apply the color jitter with this probability (default: "
+                                                      "always)", min=0, max=1)
+    grayscale_prob: float = option(0.0, "random grayscale probability", min=0, max=1)
+    gaussian_blur_prob: float = option(0.0, "random gaussian blur probability", min=0, max=1)
+    train_crop_mode: Optional[str] = option(None, "training crop: rrc (random-resized crop, default), rkrc / rkrr "
+                                                  "(timm's keep-ratio variants)", choices=("rrc", "rkrc", "rkrr"))
     aa: Optional[str] = option(None, "auto-augment policy, e.g. rand-m9-mstd0.5-inc1, original, augmix-m5-w4-d2")
     train_interpolation: str = option("random", "training interpolation",
                                    choices=("random", "bilinear", "bicubic", "nearest"))
@@ -176,6 +182,10 @@ class OptimConfig:
     lr: Optional[float] = option(None, "learning rate; unset = --lr-base scaled by the global batch, resolved once "
                                     "on the driver and recorded", gt=0)
     layer_decay: Optional[float] = option(None, "layer-wise LR decay (e.g. 0.65 for ViT fine-tuning)", gt=0, max=1)
+    layer_decay_min_scale: Optional[float] = option(None, "layer decay: the smallest LR scale any layer gets",
+                                                    min=0, max=1)
+    layer_decay_no_opt_scale: Optional[float] = option(None, "layer decay: layers scaled below this are frozen "
+                                                             "(not optimized)", min=0, max=1)
     opt_kwargs: dict = option(help="extra optimizer keyword arguments, k=v", nargs="*", factory=dict)
     lr_base: float = option(0.1, "base learning rate for --lr-base-size samples", gt=0)
     lr_base_size: int = option(256, "global batch size that --lr-base is given for", min=1)
@@ -393,6 +403,11 @@ class Config:
             if a.aa:
                 raise ConfigError("aug.aa", a.aa, "auto-augment policies run on PIL images on the CPU: drop --aa "
                                   "or --gpu-decode")
+            for key, value in (("aug.grayscale_prob", a.grayscale_prob), ("aug.gaussian_blur_prob",
+                               a.gaussian_blur_prob), ("aug.color_jitter_prob", a.color_jitter_prob),
+                               ("aug.train_crop_mode", a.train_crop_mode not in (None, "rrc") and a.train_crop_mode)):
+                if value:
+                    raise ConfigError(key, value, "not on the --gpu-decode path (timm's CPU transforms only)")
         for name, pair in (("aug.scale", a.scale), ("aug.ratio", a.ratio), ("aug.cutmix_minmax", a.cutmix_minmax)):
             if pair is not None and not (0 < pair[0] <= pair[1]):
                 raise ConfigError(name, pair, "needs 0 < low <= high")

@@ -25,6 +25,10 @@ def transform_kwargs(cfg: Config, data_config: dict, is_training: bool) -> dict:
         kwargs.update(no_aug=a.no_aug, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip, vflip=a.vflip,
                       color_jitter=a.color_jitter, auto_augment=a.aa, interpolation=a.train_interpolation,
                       re_prob=a.reprob, re_mode=a.remode, re_count=a.recount)
+        # timm 2024 options, passed only when used (older timm releases lack the arguments)
+        optional = dict(train_crop_mode=a.train_crop_mode, color_jitter_prob=a.color_jitter_prob,
+                        grayscale_prob=a.grayscale_prob or None, gaussian_blur_prob=a.gaussian_blur_prob or None)
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
     return kwargs
 
 

@@ -221,3 +221,33 @@ def test_model_dtype_bfloat16_trains_and_evaluates_in_bf16():
         cfg_with(model_dtype="bfloat16", amp=True).validate()
     with pytest.raises(ConfigError, match="float16 weights need GPUs"):
         resolve_scaling(cfg_with(model_dtype="float16").validate(), {"CPU": 4})
+
+
+def test_2024_augmentations_reach_timms_transform_and_change_the_output():
+    from PIL import Image
+
+    from raytrain_cls.data.transforms import build_transform
+
+    dc = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+          "crop_pct": 1.0, "crop_mode": "center"}
+    img = Image.new("RGB", (40, 40), (200, 30, 30))
+    grey = build_transform(cfg_with(grayscale_prob=1.0, color_jitter=0.0), dc, True)
+    x = grey(img)
+    assert torch.allclose(x[0], x[1]) and torch.allclose(x[1], x[2])  # every channel the same: grey
+    text = repr(build_transform(cfg_with(gaussian_blur_prob=0.3, color_jitter_prob=0.5, train_crop_mode="rkrc"),
+                                dc, True))
+    assert "GaussianBlur" in text and "p=0.3" in text and "RandomApply" in text and "ResizeKeepRatio" in text
+    assert "GaussianBlur" not in repr(build_transform(cfg_with(), dc, True))  # off by default, as in timm
+    with pytest.raises(ConfigError, match="aug.grayscale_prob"):
+        Config().update({"dataset": "synthetic", "gpu_decode": True, "grayscale_prob": 0.2}).validate()
+
+
+def test_layer_decay_min_scale_and_no_opt_scale():
+    model = build_model(load_config("digits", {"model": "test_vit"}), 10, CPU)
+    floor = build_optimizer(cfg_with(model="test_vit", layer_decay=0.5, layer_decay_min_scale=0.2), model)
+    assert min(g["lr_scale"] for g in floor.param_groups) == pytest.approx(0.2)
+    plain = build_optimizer(cfg_with(model="test_vit", layer_decay=0.5), model)
+    assert min(g["lr_scale"] for g in plain.param_groups) < 0.2
+    frozen = build_optimizer(cfg_with(model="test_vit", layer_decay=0.5, layer_decay_no_opt_scale=0.3), model)
+    optimized = sum(p.numel() for g in frozen.param_groups for p in g["params"])
+    assert optimized < sum(p.numel() for g in plain.param_groups for p in g["params"])
