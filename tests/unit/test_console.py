@@ -33,8 +33,9 @@ def test_bar_line_shows_position_metrics_and_eta():
 
 def test_eta_counts_only_batches_done_since_a_resume():
     r = BarRenderer(io.StringIO(), num_epochs=1)
-    assert r.bar_line(0, 30, 40, elapsed=2.0, done_before=20).endswith("ETA 0:02")  # 10 batches in 2 s, 10 left
-    assert r.bar_line(0, 20, 40, elapsed=0.0, done_before=20).endswith("ETA ?")
+    resumed = r.bar_line(0, 30, 40, 2.0, 20)  # 10 batches in 2 s since the resume, 10 left
+    just_started = r.bar_line(0, 20, 40, 0.0, 20)
+    assert resumed.endswith("ETA 0:02") and just_started.endswith("ETA ?")
 
 
 def test_permanent_lines_clear_the_bar_first():

@@ -98,4 +98,5 @@ def test_default_stream_is_stderr_at_construction_time(capsys):
 
 @pytest.mark.parametrize("seconds, text", [(0, "0:00"), (59.6, "1:00"), (61, "1:01"), (3600 + 62, "1:01:02")])
 def test_format_duration(seconds, text):
-    assert format_duration(seconds) == text
+    shown = format_duration(seconds)  # a formatter of given numbers, not a timing
+    assert shown == text
