@@ -19,9 +19,9 @@ from timm.utils import distribute_bn
 
 from .config import Config
 from .data import DataError, build_loaders, build_source
-from .data.loader import BadSampleLog
+from .data.loader import BadSampleLog, SkippingLoader
 from .data.ray_data import DATASET_NAME as RAY_DATASET
-from .data.ray_data import RayDataLoader, rows_per_worker
+from .data.ray_data import ray_data_loader, rows_per_worker
 from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train_one_epoch
 from .distill import with_distillation
 from .loss import build_mixup, build_train_loss
@@ -106,7 +106,7 @@ def train_loop_per_worker(config: dict) -> dict:
     source = build_source(cfg)
     loaders = build_loaders(cfg, source, res["data_config"], rank, world, device)
     if cfg.data.loader == "ray":
-        loaders.train = ray_data_loader(cfg, world, device)
+        loaders.train = ray_data_train_loader(cfg, world, device)
     model = prepare_for_workers(cfg, build_model(cfg, res["num_classes"], device), world)
     ema = build_ema(cfg, model)
     optimizer = build_optimizer(cfg, model)
@@ -118,9 +118,10 @@ def train_loop_per_worker(config: dict) -> dict:
 
     nodes = _count_nodes(world)
     console = WorkerConsole(res.get("progress_board"), res["num_epochs"]) if rank == 0 else None
+    say = console.say if console else print  # rank 0's messages: to the live bar when there is one
     if rank == 0:
-        console.say(f"{world} training worker(s) on {nodes} node(s), device {device}")
-    loaded = restore(state, cfg, rank, world, console.say if console else print)
+        say(f"{world} training worker(s) on {nodes} node(s), device {device}")
+    loaded = restore(state, cfg, rank, world, say)
     resumed_from = state.num_updates if loaded else -1
     if loaded:
         if state.rank_states is not None and len(state.rank_states) != world:
@@ -129,7 +130,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if rank == 0:
             where = (f"epoch {state.in_epoch['epoch']} after batch {state.in_epoch['batches']}" if state.in_epoch
                      else f"the end of epoch {state.epoch}")
-            console.say(f"Resumed from {loaded} at {where} (update {state.num_updates})")
+            say(f"Resumed from {loaded} at {where} (update {state.num_updates})")
         if (scheduler is not None and cfg.checkpoint.no_resume_opt and not state.in_epoch
                 and cfg.sched.sched != "plateau"):
             scheduler.step(state.start_epoch)  # the optimizer's LR was not restored: set it from the schedule
@@ -186,7 +187,6 @@ def train_loop_per_worker(config: dict) -> dict:
             on_log_batch=save_batch_images(res["run_dir"]) if rank == 0 and cfg.run.save_images else None)
         state.in_epoch = None
         dealt = (len(loaders.train) + start_batch) * batch * world - consumed
-        say = console.say if console else print
         train_bad = check_bad_samples("training", loaders.train.bad, dealt, cfg.data.max_bad_fraction, epoch,
                                       rank, world, say)
         if world > 1 and cfg.model.dist_bn:
@@ -251,14 +251,14 @@ def save_batch_images(run_dir: str):
     return save
 
 
-def ray_data_loader(cfg: Config, world: int, device: torch.device) -> RayDataLoader:
+def ray_data_train_loader(cfg: Config, world: int, device: torch.device) -> SkippingLoader:
     """This worker's streaming_split share of the Ray Dataset the driver passed to the trainer."""
     import ray.train
 
     a, res = cfg.aug, cfg.resolved
-    return RayDataLoader(ray.train.get_dataset_shard(RAY_DATASET), rows_per_worker(res["train_samples"], world),
-                         cfg.data.batch_size, res["data_config"], device, re_prob=a.reprob, re_mode=a.remode,
-                         re_count=a.recount)
+    return ray_data_loader(ray.train.get_dataset_shard(RAY_DATASET), rows_per_worker(res["train_samples"], world),
+                           cfg.data.batch_size, res["data_config"], device, re_prob=a.reprob, re_mode=a.remode,
+                           re_count=a.recount)
 
 
 def check_bad_samples(split: str, log: BadSampleLog, dealt: int, max_fraction: float, epoch: int, rank: int,

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ..config import Config
-from .loader import BadSampleLog, image_mode
-from .shards import read_manifest, shard_files
-from .sources import SPLIT_SYNONYMS, BadImageError, DataError, decode_image
+from .loader import BadSample, SkippingLoader, image_mode
+from .shards import shard_files
+from .sources import BadImageError, decode_image, manifest_split, read_parquet_manifest
 from .transforms import transform_kwargs
 
 DATASET_NAME = "train"
@@ -32,12 +32,8 @@ def train_dataset(cfg: Config):
     import ray.data
 
     d = cfg.data
-    manifest = read_manifest(d.data_dir)
-    name = next((n for n in SPLIT_SYNONYMS.get(d.train_split, (d.train_split,)) if n in manifest.splits), None)
-    if name is None:
-        raise DataError(f"{d.data_dir} has no '{d.train_split}' split (it has {sorted(manifest.splits)})")
     data_config = cfg.resolved["data_config"]
-    fs, paths = shard_files(d.data_dir, manifest.splits[name])
+    fs, paths = shard_files(d.data_dir, manifest_split(read_parquet_manifest(d.data_dir), d.data_dir, d.train_split))
     ds = ray.data.read_parquet(paths, filesystem=fs)
     # Shuffle the blocks (shards) each epoch; the workers add a local shuffle buffer on top.
     ds = ds.randomize_block_order()
@@ -64,7 +60,7 @@ def preprocess_batch(batch: dict, spec: str, mode: str, max_pixels: int) -> dict
     """Decode and augment one block of rows. A bad image becomes a zero image with ok=False and its reason, so
     the batch keeps its shape and the training worker can count and skip it."""
     transform = _cpu_transform(spec)
-    images, ok, why = [], [], []
+    images, ok, where, reason = [], [], [], []
     shape = None
     for data, path in zip(batch["image"], batch["path"]):
         try:
@@ -73,22 +69,25 @@ def preprocess_batch(batch: dict, spec: str, mode: str, max_pixels: int) -> dict
             shape = arr.shape
             images.append(arr)
             ok.append(True)
-            why.append("")
+            where.append("")
+            reason.append("")
         except BadImageError as e:
             images.append(None)
             ok.append(False)
-            why.append(f"{e.where} ({e.reason})")
+            where.append(e.where)
+            reason.append(e.reason)
     if shape is None:  # a block with no readable image at all: size the placeholders from the config
         c, h, w = json.loads(spec)["input_size"]
         shape = (c, h, w)
     images = [a if a is not None else np.zeros(shape, dtype=np.uint8) for a in images]
     return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64),
-            "ok": np.asarray(ok, dtype=bool), "why": np.asarray(why, dtype=object)}
+            "ok": np.asarray(ok, dtype=bool), "where": np.asarray(where, dtype=object),
+            "reason": np.asarray(reason, dtype=object)}
 
 
-class RayDataLoader:
-    """This worker's share of the Ray Dataset as (inputs, targets) batches, the same interface as SkippingLoader:
-    len(), .bad, set_epoch(). Bad rows are skipped, counted and refilled from the batch's readable ones."""
+class RayDataBatches:
+    """This worker's share of the Ray Dataset as (inputs on the device, targets, bad samples), the shape of
+    batch a SkippingLoader takes: it does the skipping, counting and refilling, as for the DataLoader paths."""
 
     def __init__(self, shard, rows_per_worker: int, batch_size: int, data_config: dict, device: torch.device,
                  re_prob: float = 0.0, re_mode: str = "pixel", re_count: int = 1, shuffle_buffer: Optional[int] = None):
@@ -103,7 +102,6 @@ class RayDataLoader:
             from timm.data.random_erasing import RandomErasing
 
             self.erase = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=str(device))
-        self.bad = BadSampleLog()
 
     def __len__(self) -> int:
         return self.num_batches
@@ -114,21 +112,22 @@ class RayDataLoader:
         for i, batch in enumerate(batches):
             if i >= self.num_batches:  # every rank takes the same number of steps
                 break
-            ok = torch.from_numpy(batch["ok"])
-            if not ok.all():
-                self.bad.count += int((~ok).sum())
-                self.bad.examples += [str(w) for w in batch["why"][~batch["ok"]]][:BadSampleLog.KEEP]
-                self.bad.examples = self.bad.examples[:BadSampleLog.KEEP]
-                if not ok.any():
-                    raise DataError(f"every sample of a training batch was unreadable, e.g. {self.bad.examples[0]}")
-            good = torch.nonzero(ok).flatten()
-            keep = good[torch.arange(len(ok)) % len(good)]  # refill skipped rows from the readable ones
-            x = torch.from_numpy(batch["image"])[keep].to(self.device, non_blocking=True)
-            y = torch.from_numpy(batch["label"])[keep]
+            ok = batch["ok"]
+            bad = [BadSample(str(w), str(r)) for w, r in zip(batch["where"][~ok], batch["reason"][~ok])]
+            if not ok.any():
+                yield None, None, bad
+                continue
+            x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
             x = (x.float() - self.mean) / self.std
             if self.erase is not None:
                 x = self.erase(x)
-            yield x, y
+            yield x, torch.from_numpy(batch["label"][ok]), bad
+
+
+def ray_data_loader(shard, rows_per_worker: int, batch_size: int, data_config: dict, device: torch.device,
+                    **erasing) -> SkippingLoader:
+    return SkippingLoader(RayDataBatches(shard, rows_per_worker, batch_size, data_config, device, **erasing),
+                          fill=True)
 
 
 def rows_per_worker(num_samples: int, world: int) -> int:

@@ -26,7 +26,6 @@ import numpy as np
 FORMAT = "raytrain-cls-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
-COLUMNS = ("image", "label", "path")
 
 
 class ShardError(RuntimeError):

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from ..config import DEFAULT_MAX_IMAGE_PIXELS, Config, ConfigError, canonical_dataset
-from .shards import MANIFEST, ShardError, ShardReader, SplitInfo, read_manifest
+from .shards import MANIFEST, Manifest, ShardError, ShardReader, SplitInfo, read_manifest
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
@@ -81,7 +81,6 @@ class ImageDataset:
     for sources that hold encoded images (the --gpu-decode path). A sample that cannot be decoded raises
     BadImageError naming it (``describe(i)``)."""
 
-    holds_encoded = False
     max_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
     def __len__(self) -> int:
@@ -117,7 +116,6 @@ def array_dataset(images: np.ndarray, labels: np.ndarray, name: str) -> ImageDat
 class FileImages(ImageDataset):
     """Image files on a (local or mounted) file system, one label each."""
 
-    holds_encoded = True
 
     def __init__(self, files: Sequence[Path], targets: Sequence[int]):
         self.files, self.targets = list(files), np.asarray(targets, dtype=np.int64)
@@ -139,7 +137,6 @@ class FileImages(ImageDataset):
 class ParquetImages(ImageDataset):
     """One split of Parquet shards (see shards.py); each shard is read whole, verified, and cached."""
 
-    holds_encoded = True
 
     def __init__(self, root: str, split: SplitInfo, cache_shards: int = 8):
         self.reader = ShardReader(root, split, cache_shards)
@@ -170,7 +167,6 @@ class SyntheticImages(ImageDataset):
     """Random images for throughput measurements only (never for accuracy): a pool of 64 distinct images and
     their JPEG encodings, sample i = pool[i % 64] with label i % num_classes."""
 
-    holds_encoded = True
     POOL = 64
 
     def __init__(self, num_samples: int, num_classes: int, size: int, seed: int):
@@ -322,18 +318,25 @@ def load_folder_source(data_dir: str, train_split: str, val_split: str, class_ma
     return Source(splits[0], splits[1], classes)
 
 
-def load_parquet_source(data_dir: str, train_split: str, val_split: str) -> Source:
+def read_parquet_manifest(data_dir: str) -> Manifest:
     try:
-        manifest = read_manifest(data_dir)
+        return read_manifest(data_dir)
     except ShardError as e:
         raise DataError(str(e)) from None
-    found = []
-    for split in (train_split, val_split):
-        name = next((n for n in SPLIT_SYNONYMS.get(split, (split,)) if n in manifest.splits), None)
-        if name is None:
-            raise DataError(f"{data_dir} has no '{split}' split (it has {sorted(manifest.splits)})")
-        found.append(ParquetImages(data_dir, manifest.splits[name]))
-    return Source(found[0], found[1], manifest.classes)
+
+
+def manifest_split(manifest: Manifest, data_dir: str, split: str) -> SplitInfo:
+    """The manifest's split of that name, or of one of timm's synonyms for it (validation: val, valid, test)."""
+    name = next((n for n in SPLIT_SYNONYMS.get(split, (split,)) if n in manifest.splits), None)
+    if name is None:
+        raise DataError(f"{data_dir} has no '{split}' split (it has {sorted(manifest.splits)})")
+    return manifest.splits[name]
+
+
+def load_parquet_source(data_dir: str, train_split: str, val_split: str) -> Source:
+    manifest = read_parquet_manifest(data_dir)
+    train, val = (ParquetImages(data_dir, manifest_split(manifest, data_dir, s)) for s in (train_split, val_split))
+    return Source(train, val, manifest.classes)
 
 
 def synthetic_size(cfg: Config) -> int:
