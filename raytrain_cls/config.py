@@ -123,6 +123,9 @@ class AugConfig:
     remode: str = option("pixel", "random erase mode", choices=("pixel", "const", "rand"))
     recount: int = option(1, "random erase count", min=1)
     resplit: bool = option(False, "with --aug-splits: no random erasing on the first (clean) split")
+    aug_repeats: int = option(0, "repeated augmentation: each epoch holds 1/N as many samples, each N times with "
+                                 "its own augmentation, the copies dealt to different workers (0 = off; timm "
+                                 "--aug-repeats)", min=0, max=64)
     aug_splits: int = option(0, "AugMix-style splits: each sample as a clean view plus N-1 augmented ones "
                                 "(0 = off, else >= 2; timm --aug-splits)", min=0)
     mixup: float = option(0.0, "mixup alpha; mixup is on when > 0", min=0)
@@ -161,6 +164,8 @@ class ModelConfig:
     fast_norm: bool = option(False, "timm's fast (lower-precision under AMP) LayerNorm/GroupNorm kernels")
     torchscript: bool = option(False, "torch.jit.script the model (not with --torchcompile, --sync-bn, "
                                       "--grad-checkpointing)")
+    fuser: str = option("", "TorchScript JIT fuser for --torchscript: te (tensor expressions), old (legacy); "
+                            "'' = torch's default", choices=("", "te", "old", "legacy", "nvfuser", "nvf"))
     torchcompile: Optional[str] = option(None, "torch.compile the model with this backend (e.g. inductor)")
     torchcompile_mode: Optional[str] = option(None, "torch.compile mode (default, reduce-overhead, max-autotune)")
     sync_bn: bool = option(False, "synchronised BatchNorm across workers (GPU workers only)")
@@ -199,6 +204,9 @@ class SchedConfig:
     sched: str = option("cosine", "LR schedule",
                      choices=("cosine", "tanh", "step", "multistep", "plateau", "poly", "none"))
     epochs: int = option(300, "epochs to train (before cooldown)", min=1)
+    start_epoch: Optional[int] = option(None, "start a new run at this epoch, the LR schedule stepped there "
+                                              "(timm's manual epoch number; a run continuing from its own "
+                                              "checkpoint keeps its place)", min=0)
     warmup_epochs: int = option(5, "LR warmup epochs", min=0)
     warmup_lr: float = option(1e-5, "warmup starting LR", min=0)
     warmup_prefix: bool = option(False, "exclude warmup from the decay schedule")
@@ -396,6 +404,9 @@ class Config:
             if d.gpu_decode:
                 raise ConfigError("data.gpu_decode", True, "Ray Data preprocesses on CPUs: --gpu-decode needs "
                                   "--loader torch")
+            if a.aug_repeats > 1:
+                raise ConfigError("aug.aug_repeats", a.aug_repeats, "Ray Data deals whole blocks to the workers, "
+                                  "not repeated samples: --aug-repeats needs --loader torch")
         if d.gpu_decode:
             if dataset not in ("folder", "parquet", "synthetic"):
                 raise ConfigError("data.gpu_decode", True, f"the {dataset} data set holds decoded pixels, not "
@@ -466,6 +477,11 @@ class Config:
         if p.model_dtype in ("bfloat16", "float16") and p.amp:
             raise ConfigError("precision.model_dtype", p.model_dtype, "low-precision weights and --amp do not mix "
                               "(as in timm): drop --amp, or --model-dtype")
+        if m.fuser in ("nvfuser", "nvf") and not _torch_has_nvfuser():
+            import torch
+
+            raise ConfigError("model.fuser", m.fuser, f"this PyTorch ({torch.__version__}) has no nvfuser (removed "
+                              "from TorchScript in PyTorch 2.2): use te, or --torchcompile")
         if m.torchscript:
             for key, clash in (("model.torchcompile", m.torchcompile), ("model.sync_bn", m.sync_bn),
                                ("model.grad_checkpointing", m.grad_checkpointing)):
@@ -557,6 +573,14 @@ def _suggest(word: str, candidates) -> str:
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _torch_has_nvfuser() -> bool:
+    import torch
+
+    # From 2.2 on the switch still exists but is a no-op that only warns: the setting would silently do nothing.
+    major, minor = (int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    return (major, minor) < (2, 2)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -110,6 +110,10 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn
     model.to(device=device, dtype=model_dtype(cfg))
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
+    if m.fuser:
+        from timm.utils import set_jit_fuser
+
+        set_jit_fuser(m.fuser)  # process-wide, as in timm: picks the fuser TorchScript's profiling executor uses
     if m.torchscript:
         model = torch.jit.script(model)
     return model

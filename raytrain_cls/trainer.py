@@ -110,8 +110,12 @@ def resolve(cfg: Config, cluster: dict) -> Config:
         raise ConfigError("data.batch_size", cfg.data.batch_size,
                           f"x {num_workers} workers is more than the {len(source.train)} training samples")
     lr, lr_rule = resolve_lr(cfg, num_workers)
+    num_epochs = resolve_num_epochs(cfg)
+    if cfg.sched.start_epoch is not None and cfg.sched.start_epoch >= num_epochs:
+        raise ConfigError("sched.start_epoch", cfg.sched.start_epoch,
+                          f"the schedule runs {num_epochs} epochs (0..{num_epochs - 1}): nothing would be trained")
     cfg.resolved = dict(use_gpu=use_gpu, num_workers=num_workers, lr=lr, lr_rule=lr_rule,
-                        num_epochs=resolve_num_epochs(cfg), num_classes=num_classes, classes=list(source.classes),
+                        num_epochs=num_epochs, num_classes=num_classes, classes=list(source.classes),
                         train_samples=len(source.train), val_samples=len(source.val),
                         data_config=resolve_data_config(cfg, num_classes))
     return cfg

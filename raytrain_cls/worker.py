@@ -121,7 +121,12 @@ def train_loop_per_worker(config: dict) -> dict:
     say = console.say if console else print  # rank 0's messages: to the live bar when there is one
     if rank == 0:
         say(f"{world} training worker(s) on {nodes} node(s), device {device}")
+    own_checkpoint = ray.train.get_checkpoint() is not None  # this run's own progress (recovery, --resume RUN)
     loaded = restore(state, cfg, rank, world, say)
+    if cfg.sched.start_epoch is not None and not own_checkpoint:
+        start_at_epoch(state, scheduler, cfg.sched.start_epoch, updates_per_epoch, cfg.sched.sched_on_updates)
+        if rank == 0:
+            say(f"Starting at epoch {cfg.sched.start_epoch} (--start-epoch)")
     resumed_from = state.num_updates if loaded else -1
     if loaded:
         if state.rank_states is not None and len(state.rank_states) != world:
@@ -228,6 +233,18 @@ def train_loop_per_worker(config: dict) -> dict:
     if trackers is not None:
         trackers.close()
     return last
+
+
+def start_at_epoch(state: TrainState, scheduler, epoch: int, updates_per_epoch: int, on_updates: bool) -> None:
+    """timm's --start-epoch: the run continues as if ``epoch`` epochs had been trained (counters and the LR
+    schedule there), whatever epoch a --resume checkpoint was written at."""
+    state.epoch, state.in_epoch, state.rank_states = epoch - 1, None, None
+    state.num_updates = epoch * updates_per_epoch
+    if scheduler is not None and epoch > 0:
+        if on_updates:
+            scheduler.step_update(state.num_updates)
+        else:
+            scheduler.step(epoch)
 
 
 def evaluates(epoch: int, interval: int, num_epochs: int) -> bool:

@@ -1,8 +1,9 @@
 """Per-worker DataLoaders: this rank's share of the data, timm transforms, deterministic augmentation.
 
-Augmentation randomness is a pure function of (seed, epoch, sample index): the training sampler yields
-(index, epoch) pairs and each sample re-seeds python/numpy/torch RNGs before its transform. So the augmented
-sample does not depend on the number of Ray workers, loader processes, or on where a resumed run restarted.
+Augmentation randomness is a pure function of (seed, epoch, sample index, copy): the training sampler yields
+(index, epoch, copy) keys and each sample re-seeds python/numpy/torch RNGs before its transform. So the augmented
+sample does not depend on the number of Ray workers, loader processes, or on where a resumed run restarted; the
+copy number (--aug-repeats) gives each repeat of a sample its own augmentation.
 """
 from __future__ import annotations
 
@@ -21,8 +22,15 @@ from .transforms import build_transform
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread (seed, epoch, index) over seeds
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * _MIX) ^ (epoch * 0x85EBCA6B) ^ (index * 0xC2B2AE35)) % (2 ** 31)
+def sample_seed(seed: int, epoch: int, index: int, copy: int = 0) -> int:
+    return ((seed * _MIX) ^ (epoch * 0x85EBCA6B) ^ (index * 0xC2B2AE35) ^ (copy * 0x27D4EB2F)) % (2 ** 31)
+
+
+def _split_key(key) -> tuple[int, int, int]:
+    """(index, epoch, copy) from a training sampler's key, or a plain index (validation)."""
+    if isinstance(key, tuple):
+        return key if len(key) == 3 else (*key, 0)
+    return key, 0, 0
 
 
 class TransformedDataset(torch.utils.data.Dataset):
@@ -35,7 +43,7 @@ class TransformedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch, copy = _split_key(key)
         try:
             img, target = self.base[index]
         except BadImageError as e:
@@ -49,15 +57,15 @@ class TransformedDataset(torch.utils.data.Dataset):
             # exactly as they were, so they do not depend on how the data was loaded.
             saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
             try:
-                return self._seeded_transform(img, epoch, index), target
+                return self._seeded_transform(img, epoch, index, copy), target
             finally:
                 random.setstate(saved[0])
                 np.random.set_state(saved[1])
                 torch.set_rng_state(saved[2])
-        return self._seeded_transform(img, epoch, index), target
+        return self._seeded_transform(img, epoch, index, copy), target
 
-    def _seeded_transform(self, img, epoch: int, index: int):
-        s = sample_seed(self.seed, epoch, index)
+    def _seeded_transform(self, img, epoch: int, index: int, copy: int):
+        s = sample_seed(self.seed, epoch, index, copy)
         random.seed(s)
         np.random.seed(s)
         torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also touches CUDA, 100x slower
@@ -111,12 +119,12 @@ class EncodedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch, copy = _split_key(key)
         try:
             data, target = self.base.encoded(index)
         except BadImageError as e:
             return BadSample(e.where, e.reason)
-        seed = sample_seed(self.seed, epoch, index) if self.seed is not None else 0
+        seed = sample_seed(self.seed, epoch, index, copy) if self.seed is not None else 0
         tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return tensor, target, seed, self.base.describe(index)
 
@@ -188,14 +196,14 @@ class SkippingLoader:
 
 
 class _EpochTagged(Sampler):
-    """Yields (index, epoch) so loader processes know which epoch a sample belongs to."""
+    """Yields (index, epoch, copy) so loader processes know which epoch (and repeat) a sample belongs to."""
 
     def __init__(self, inner: ResumableDistributedSampler):
         self.inner = inner
 
     def __iter__(self):
         epoch = self.inner.epoch
-        return ((i, epoch) for i in self.inner)
+        return ((i, epoch, copy) for i, copy in self.inner.tagged())
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -233,7 +241,8 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
         val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
         collate, decode = collate_skipping_bad, [None, None]
     sampler = ResumableDistributedSampler(len(train_ds), rank, world_size, seed=cfg.run.seed, shuffle=True,
-                                          repeats=d.epoch_repeats, **_shard_order(source.train, d.shuffle_window))
+                                          repeats=d.epoch_repeats, aug_repeats=cfg.aug.aug_repeats,
+                                          **_shard_order(source.train, d.shuffle_window))
     # The loader's own generator: otherwise each new iterator draws its base seed from the global torch RNG,
     # which would shift the training RNG stream by where a resumed run restarted.
     common = dict(num_workers=d.workers, pin_memory=d.pin_mem and not d.gpu_decode, persistent_workers=d.workers > 0,

@@ -3,6 +3,9 @@
 Training: one global permutation per epoch; the samples not yet consumed are dealt round-robin to the ranks, so
 the union of the ranks' k-th batches is one contiguous block of the global order. A position in that order
 (``consumed``) is therefore meaningful for any worker count, which is what makes a resume exact.
+With timm's --aug-repeats r, each sample of the order is repeated r times in a row before the dealing, so its
+copies land on r different ranks (or, with fewer ranks, in one batch); the copy number (0..r-1) travels with the
+index so that each copy is augmented differently.
 Validation: rank r takes samples r, r + world, ... with no padding, so summed counts are exact.
 """
 from __future__ import annotations
@@ -54,7 +57,8 @@ class ResumableDistributedSampler(Sampler[int]):
     """
 
     def __init__(self, num_samples: int, rank: int, world_size: int, seed: int = 0, shuffle: bool = True,
-                 blocks: Optional[Sequence[int]] = None, window: int = 0, repeats: float = 0.0):
+                 blocks: Optional[Sequence[int]] = None, window: int = 0, repeats: float = 0.0,
+                 aug_repeats: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if blocks is not None and sum(blocks) != num_samples:
@@ -64,7 +68,9 @@ class ResumableDistributedSampler(Sampler[int]):
         self.blocks, self.window = (list(blocks) if blocks is not None else None), window
         # timm's --epoch-repeats: an epoch is this many passes, each with its own shuffle (0 = one pass)
         self.epoch_length = int(round(num_samples * repeats)) if repeats > 0 else num_samples
-        self.passes = max(1, math.ceil(self.epoch_length / num_samples)) if num_samples else 1
+        # timm's --aug-repeats: the epoch keeps its length but is made of 1/r as many samples, each r times
+        self.copies = max(1, int(aug_repeats))
+        self.passes = max(1, math.ceil(self.epoch_length / (num_samples * self.copies))) if num_samples else 1
         self.epoch, self.consumed = 0, 0
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
@@ -77,16 +83,23 @@ class ResumableDistributedSampler(Sampler[int]):
             return block_order(self.blocks, self.seed, key, self.window)
         return epoch_order(self.num_samples, self.seed, key, self.shuffle)
 
-    def _indices(self) -> torch.Tensor:
-        order = torch.cat([self._pass_order(p) for p in range(self.passes)])[:self.epoch_length]
-        remaining = order[self.consumed:]
-        pad = (-len(remaining)) % self.world_size
+    def _positions(self) -> torch.Tensor:
+        """This rank's positions in the epoch's global order (after ``consumed``, padded to equal shares)."""
+        positions = torch.arange(self.consumed, self.epoch_length)
+        pad = (-len(positions)) % self.world_size
         if pad:
-            remaining = torch.cat([remaining, order[:pad]])
-        return remaining[self.rank::self.world_size]
+            positions = torch.cat([positions, torch.arange(pad)])
+        return positions[self.rank::self.world_size]
+
+    def tagged(self) -> list[tuple[int, int]]:
+        """(sample index, copy number) for this rank; the copy number is 0 unless --aug-repeats is on."""
+        order = torch.cat([self._pass_order(p) for p in range(self.passes)])
+        positions = self._positions()
+        indices = order[positions // self.copies].tolist()
+        return list(zip(indices, (positions % self.copies).tolist()))
 
     def __iter__(self):
-        return iter(self._indices().tolist())
+        return (index for index, _ in self.tagged())
 
     def __len__(self) -> int:
         return -(-(self.epoch_length - self.consumed) // self.world_size)

@@ -137,3 +137,21 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_worker_count(straight_run, tm
     # The samples already trained on by the two workers, plus the rest of the epoch's order on one worker
     # (full batches of 32 only): nothing repeated, nothing skipped.
     assert last["train_samples"] == consumed + 32 * ((1438 - consumed) // 32)
+
+
+def summary_lrs(run_dir: Path) -> dict[int, float]:
+    with (run_dir / "summary.csv").open() as f:
+        return {int(row["epoch"]): float(row["lr"]) for row in csv.DictReader(f)}
+
+
+def test_start_epoch_starts_a_new_run_there_with_the_schedule_stepped(straight_run, tmp_path):
+    """timm's --start-epoch over a --resume checkpoint of an earlier epoch: the new run trains only the epochs
+    from there on, at the LR the uninterrupted schedule has there."""
+    import yaml
+
+    lr = yaml.safe_load((straight_run / "config.yaml").read_text())["resolved"]["lr"]
+    code = main(["train", *COMMON, "--num-workers", "1", "--lr", repr(lr), "--start-epoch", str(EPOCHS - 1),
+                 "--resume", str(straight_run / "epoch-0001"), "--output", str(tmp_path), "--experiment", "late"])
+    assert code == EXIT_OK
+    assert summary_epochs(tmp_path / "late") == [EPOCHS - 1]
+    assert summary_lrs(tmp_path / "late")[EPOCHS - 1] == pytest.approx(summary_lrs(straight_run)[EPOCHS - 1])

@@ -128,3 +128,25 @@ def test_batch_larger_than_data_is_refused(digits):
     with pytest.raises(ValueError, match="batch_size 1000 x 2 workers"):
         build_loaders(cfg, digits, DATA_CONFIG, 0, 2)
     assert len(build_loaders(cfg, digits, DATA_CONFIG, 0, 1).train) == 1  # 1438 samples hold one full batch
+
+
+def test_aug_repeats_give_each_copy_its_own_augmentation(digits):
+    """--aug-repeats 2 on one worker: a batch holds each sample twice, differently augmented, with the same label;
+    the same (sample, copy) comes out the same again (the seed includes the copy number)."""
+    cfg = make_cfg(aug_repeats=2)
+    loaders = build_loaders(cfg, digits, DATA_CONFIG, 0, 1)
+    loaders.set_epoch(0)
+    order = list(loaders.train_sampler)
+    x, y = next(iter(loaders.train))
+    assert order[0] == order[1] and order[2] == order[3]
+    assert torch.equal(y[0::2], y[1::2])
+    assert not torch.allclose(x[0], x[1]) and not torch.allclose(x[2], x[3])
+    again, _ = next(iter(build_loaders(cfg, digits, DATA_CONFIG, 0, 1).train))
+    torch.testing.assert_close(again, x)
+
+
+def test_aug_repeats_need_the_torch_loader():
+    from raytrain_cls.config import ConfigError
+
+    with pytest.raises(ConfigError, match="aug.aug_repeats.*--loader torch"):
+        Config().update({"dataset": "parquet", "data_dir": "/tmp", "loader": "ray", "aug_repeats": 3}).validate()

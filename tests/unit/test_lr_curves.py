@@ -79,3 +79,33 @@ def test_the_schedules_differ_from_each_other():
         scheduler, n = build_scheduler(cfg, optimizer(), UPDATES_PER_EPOCH)
         curves[sched] = tuple(curve(scheduler, n, False))
     assert len(set(curves.values())) == len(SCHEDS)
+
+
+@pytest.mark.parametrize("on_updates", [False, True], ids=["per-epoch", "per-update"])
+def test_start_epoch_sets_the_lr_and_counters_the_schedule_has_there(on_updates):
+    """--start-epoch 6: the LR right after starting equals the uninterrupted schedule's LR at epoch 6."""
+    from raytrain_cls.state import TrainState
+    from raytrain_cls.worker import start_at_epoch
+
+    cfg = Config().update({"dataset": "digits", "sched": "cosine", "epochs": 16, "warmup_epochs": 2,
+                           "sched_on_updates": on_updates}).validate()
+    straight, n = build_scheduler(cfg, optimizer(), UPDATES_PER_EPOCH)
+    lrs = curve(straight, n, on_updates)
+    # the LR in force when epoch 6 begins: the curve's value at the end of epoch 5 (per update, the curve holds
+    # each epoch's updates and then its epoch-end value)
+    expected = lrs[6 * (UPDATES_PER_EPOCH + 1) - 1] if on_updates else lrs[5]
+    scheduler, _ = build_scheduler(cfg, optimizer(), UPDATES_PER_EPOCH)
+    model = torch.nn.Linear(2, 2)
+    state = TrainState({}, model, scheduler.optimizer, scheduler)
+    state.in_epoch = {"epoch": 1, "batches": 3}
+    start_at_epoch(state, scheduler, 6, UPDATES_PER_EPOCH, on_updates)
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert state.start_epoch == 6 and state.num_updates == 6 * UPDATES_PER_EPOCH and state.in_epoch is None
+
+
+def test_start_epoch_past_the_schedule_is_refused_before_any_work():
+    from raytrain_cls.trainer import resolve
+
+    cfg = Config().update({"dataset": "digits", "epochs": 4, "cooldown_epochs": 1, "start_epoch": 5}).validate()
+    with pytest.raises(ConfigError, match="sched.start_epoch.*runs 5 epochs"):
+        resolve(cfg, {"CPU": 2.0})

@@ -118,3 +118,42 @@ def test_shard_sampler_covers_validation_exactly_once(n, world):
     assert sorted(flat) == list(range(n))  # no padding, no duplicates
     assert [len(ShardSampler(n, r, world)) for r in range(world)] == [len(s) for s in shards]
     assert shards[0] == list(range(0, n, world))
+
+
+# ---- timm's --aug-repeats -------------------------------------------------------------------------------------
+def tagged(n: int, world: int, aug_repeats: int, consumed: int = 0) -> list[list[tuple[int, int]]]:
+    out = []
+    for rank in range(world):
+        s = ResumableDistributedSampler(n, rank, world, seed=4, aug_repeats=aug_repeats)
+        s.set_epoch(2, consumed)
+        out.append(s.tagged())
+    return out
+
+
+def test_aug_repeats_deal_each_sample_to_as_many_ranks_as_copies():
+    """As timm's RepeatAugSampler: with 3 copies over 3 ranks every rank sees the same samples, each rank its own
+    copy; the epoch keeps its length, made of a third as many distinct samples."""
+    parts = tagged(30, 3, aug_repeats=3)
+    assert [len(p) for p in parts] == [10, 10, 10]
+    assert [i for i, _ in parts[0]] == [i for i, _ in parts[1]] == [i for i, _ in parts[2]]
+    assert [{c for _, c in p} for p in parts] == [{0}, {1}, {2}]
+    counts = Counter(i for p in parts for i, _ in p)
+    assert len(counts) == 10 and set(counts.values()) == {3}
+    assert [i for i, _ in parts[0]] == epoch_order(30, 4, 2)[:10].tolist()
+
+
+def test_aug_repeats_on_one_rank_put_the_copies_side_by_side():
+    (one,) = tagged(12, 1, aug_repeats=2)
+    assert len(one) == 12
+    assert [c for _, c in one] == [0, 1] * 6
+    assert all(one[k][0] == one[k + 1][0] for k in range(0, 12, 2))
+
+
+def test_aug_repeats_resume_continues_with_the_unseen_copies():
+    """Position-based like every order here: stopping after k global samples and resuming (on another worker
+    count) yields exactly the (sample, copy) pairs not yet seen."""
+    full = [tagged(30, 1, 3)[0][k] for k in range(30)]
+    after = tagged(30, 3, 3, consumed=12)
+    interleaved = [after[r][k] for k in range(len(after[0])) for r in range(3)]
+    assert interleaved == full[12:]
+    assert tagged(30, 1, 0)[0] == [(i, 0) for i in ranks(30, 1, seed=4, epoch=2)[0]]  # off: the plain order

@@ -149,6 +149,25 @@ def test_torchscript_model_trains_and_refuses_what_timm_refuses():
             cfg_with(torchscript=True, **clash).validate()
 
 
+def test_fuser_selects_torchscripts_fuser_and_refuses_a_removed_one():
+    """--fuser old switches TorchScript's tensor-expression fuser off (process-wide, as timm does); nvfuser is
+    refused on a PyTorch where setting it is a silent no-op."""
+    from timm.utils import set_jit_fuser
+
+    assert torch._C._jit_texpr_fuser_enabled()
+    cpu_fusion = torch._C._jit_can_fuse_on_cpu()
+    try:
+        model = build_model(load_config("digits", {"model": "test_resnet", "torchscript": True, "fuser": "old"}),
+                            10, CPU)
+        assert isinstance(model, torch.jit.ScriptModule) and not torch._C._jit_texpr_fuser_enabled()
+    finally:
+        set_jit_fuser("te")  # back to torch's default fuser for the rest of this process
+        torch._C._jit_override_can_fuse_on_cpu(cpu_fusion)
+    assert torch._C._jit_texpr_fuser_enabled()
+    with pytest.raises(ConfigError, match="model.fuser.*no nvfuser"):
+        cfg_with(fuser="nvfuser").validate()
+
+
 def test_epoch_repeats_make_longer_epochs_of_fresh_shuffles():
     from collections import Counter
 
