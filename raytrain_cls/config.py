@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import sys
@@ -295,6 +296,12 @@ class RunConfig:
     log_tensorboard: bool = option(True, "write TensorBoard event files to <run dir>/tensorboard (rank 0)")
     log_mlflow: bool = option(False, "also log params and epoch metrics to MLflow (pip install mlflow; "
                                      "MLFLOW_TRACKING_URI picks the server)")
+    log_wandb: bool = option(False, "also log the config and metrics to Weights & Biases (pip install wandb; "
+                                   "WANDB_API_KEY / WANDB_MODE=offline as wandb reads them)")
+    wandb_project: Optional[str] = option(None, "W&B project (default: raytrain-cls)")
+    wandb_tags: list[str] = option(help="W&B run tags", nargs="*", factory=list)
+    wandb_resume_id: str = option("", "continue this existing W&B run id (default: the run's own id, kept "
+                                      "across recovery and --resume)")
 
 
 @dataclass
@@ -505,12 +512,10 @@ class Config:
         ms = s.decay_milestones
         if s.sched == "multistep" and not all(a < b for a, b in zip(ms, ms[1:])):
             raise ConfigError("sched.decay_milestones", ms, "must be strictly increasing")
-        if self.run.log_mlflow:
-            try:
-                import mlflow  # noqa: F401
-            except ImportError:
-                raise ConfigError("run.log_mlflow", True, "MLflow is not installed: pip install mlflow "
-                                  "(or drop --log-mlflow)") from None
+        for key, module, package in (("run.log_mlflow", "mlflow", "mlflow"), ("run.log_wandb", "wandb", "wandb")):
+            if self.get(key.split(".")[1]) and importlib.util.find_spec(module) is None:
+                raise ConfigError(key, True, f"{package} is not installed: pip install {package} (or 'raytrain-cls"
+                                  f"[{package}]'), or drop --{key.split('.')[1].replace('_', '-')}")
         if self.scaling.resources_per_worker is not None:
             for k, v in self.scaling.resources_per_worker.items():
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:

@@ -7,7 +7,6 @@ a process group exists (Ray Train creates it), which keeps evaluation exact: eve
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional

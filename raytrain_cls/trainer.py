@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Optional, Sequence, TextIO
 
 from .config import Config, ConfigError, dump_yaml
 from .console import start_live_display, use_bar
-from .data import DataError, build_source
+from .data import build_source
 from .data.transforms import data_config_kwargs
 from .model import pretrained_cfg_of
 from .optim import resolve_lr, resolve_num_epochs
@@ -235,6 +236,14 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
     )
 
 
+def wandb_run_id(cfg: Config, earlier: dict) -> str:
+    """One W&B run per training run: --wandb-resume-id, else the id a continued run already had, else a new one.
+    Chosen on the driver, so a worker group restarted by Ray (or a --resume of the run) logs to the same run."""
+    if cfg.run.wandb_resume_id:
+        return cfg.run.wandb_resume_id
+    return earlier.get("wandb_id") or secrets.token_hex(4)
+
+
 def explain_failure(err: BaseException) -> str:
     """One readable line per failed rank (the worker's own exception, not Ray's wrapper traceback)."""
     failures = getattr(err, "worker_failures", None)
@@ -264,9 +273,12 @@ def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extr
     import ray.train
 
     cluster = connect()
+    earlier = dict(cfg.resolved or {})  # a continued run's own decisions (its config.yaml)
     resolve(cfg, cluster)
     r = cfg.resolved
     r.update(output=paths.output, experiment=paths.experiment, run_dir=paths.run_dir)
+    if cfg.run.log_wandb:
+        r["wandb_id"] = wandb_run_id(cfg, earlier)
     if start_from:
         r["init_checkpoint"] = start_from
     write_text(join(paths.run_dir, CONFIG_FILE), dump_yaml(cfg))

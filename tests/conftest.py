@@ -19,6 +19,10 @@ for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY",
                      ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
     os.environ.setdefault(_key, _value)
 
+# --log-wandb runs in tests write W&B's records locally (no account, no network); Ray workers inherit this too.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
 RAY_CPUS = 2
 
 

@@ -226,7 +226,6 @@ class ShardReader:
     def labels(self) -> np.ndarray:
         """Every label of the split (reads each shard's label column only)."""
         import pyarrow.parquet as pq
-        import pyarrow as pa
 
         fs, base = filesystem(self.root)
         out = []

@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import yaml
 
 from raytrain_cls.cli import EXIT_OK, main
 
@@ -24,7 +25,7 @@ def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
                  "--smoothing", "0.1", "--drop-path", "0.05", "--model-ema", "--model-ema-decay", "0.9",
                  "--clip-grad", "0.05", "--clip-mode", "agc", "--grad-accum-steps", "2", "--amp",
                  "--amp-dtype", "bfloat16", "--bn-momentum", "0.05", "--dist-bn", "reduce",
-                 "--output", str(tmp_path), "--experiment", "sink"])
+                 "--log-wandb", "--wandb-tags", "sink", "--output", str(tmp_path), "--experiment", "sink"])
     assert code == EXIT_OK
     run_dir = tmp_path / "sink"
     with (run_dir / "summary.csv").open() as f:
@@ -34,3 +35,6 @@ def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
     assert top1[-1] > top1[0] and top1[-1] > 30, top1  # learns despite all the regularisation
     last = json.loads((run_dir / "result.json").read_text())["last_metrics"]
     assert "model_eval_top1" in last  # EMA evaluated alongside the raw model, as timm does
+    wandb_id = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]["wandb_id"]
+    records = list((run_dir / "wandb").glob(f"offline-run-*/run-{wandb_id}.wandb"))
+    assert len(records) == 1 and records[0].stat().st_size > 0  # rank 0 logged to W&B (offline here)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from raytrain_cls.cli import EXIT_OK, main
-from raytrain_cls.state import META_FILE, MODEL_FILE, read_meta
+from raytrain_cls.state import MODEL_FILE, read_meta
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from raytrain_cls.cli import main
-from raytrain_cls.config import ConfigError, load_config
+from raytrain_cls.config import load_config
 from raytrain_cls.doctor import check_cluster, check_data, check_storage
 from raytrain_cls.plots import plot_run, plot_search
 from raytrain_cls.report import write_summary
@@ -56,16 +56,6 @@ def test_doctor_cli_exits_1_on_a_problem(tmp_path, capsys, monkeypatch):
     blocker.write_text("x")
     assert main(["doctor", "--output", str(blocker / "runs")]) == 1
     assert "[FAIL] storage" in capsys.readouterr().out
-
-
-def test_log_mlflow_without_mlflow_is_a_config_error():
-    try:
-        import mlflow  # noqa: F401
-        pytest.skip("mlflow is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(ConfigError, match="pip install mlflow"):
-        load_config("digits", {"log_mlflow": True})
 
 
 def test_plot_run_writes_three_pngs(tmp_path):
