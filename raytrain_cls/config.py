@@ -45,6 +45,29 @@ TIMM_IGNORED_KEYS = {
     "distributed": "Ray decides", "world_size": "set --num-workers", "rank": "Ray assigns ranks",
     "prefetcher": "not needed", "no_prefetcher": "not needed", "no_ddp_bb": "not needed",
     "synchronize_step": "not needed", "worker_seeding": "augmentation is seeded per sample",
+    "use_multi_epochs_loader": "the loaders keep their processes across epochs already",
+}
+
+# Keys of timm's args.yaml for features this service does not have. timm writes every key, so an args.yaml always
+# holds them: at timm's default (the feature off) they are accepted silently; any other value fails by name.
+TIMM_UNSUPPORTED_KEYS = {
+    "train_num_samples": (None, "sized iterable data sets (HF streaming, WebDataset) are not a source here: "
+                                "convert the data to Parquet shards with `raytrain-cls prepare`"),
+    "val_num_samples": (None, "sized iterable data sets are not a source here: use Parquet shards"),
+    "dataset_download": (False, "nothing is downloaded at run time: put the data set on disk (or s3://) first"),
+    "input_key": (None, "HF datasets are not a source here: convert with `raytrain-cls prepare`"),
+    "target_key": (None, "HF datasets are not a source here: convert with `raytrain-cls prepare`"),
+    "dataset_trust_remote_code": (False, "HF datasets are not a source here"),
+    "naflex_loader": (False, "NaFlex variable-resolution loading is not built yet"),
+    "naflex_train_seq_lens": ([128, 256, 576, 784, 1024], "NaFlex variable-resolution loading is not built yet"),
+    "naflex_max_seq_len": (576, "NaFlex variable-resolution loading is not built yet"),
+    "naflex_patch_sizes": (None, "NaFlex variable-resolution loading is not built yet"),
+    "naflex_patch_size_probs": (None, "NaFlex variable-resolution loading is not built yet"),
+    "naflex_loss_scale": ("linear", "NaFlex variable-resolution loading is not built yet"),
+    "kd_loss_type": ("kl", "the distillation loss is timm's KL divergence (its only kind)"),
+    "kd_student_feature_dim": (None, "feature distillation is not built yet (--kd-distill-type logit only)"),
+    "kd_teacher_feature_dim": (None, "feature distillation is not built yet (--kd-distill-type logit only)"),
+    "kd_token_distill_type": ("soft", "token distillation is not built yet (--kd-distill-type logit only)"),
 }
 
 
@@ -78,6 +101,8 @@ class DataConfig:
     val_split: str = option("validation", "validation split; timm's synonyms val/valid/test are searched too")
     class_map: Optional[str] = option(None, "file pinning class names to indices: one class per line (timm's "
                                          ".txt), or a YAML/JSON list or {name: index} mapping")
+    input_img_mode: Optional[str] = option(None, "PIL mode images are read in: RGB or L (grey); default: from the "
+                                                 "model's input channels, which it must match", choices=("RGB", "L"))
     synthetic_samples: int = option(10000, "synthetic data set: training images (validation gets a tenth)", min=1)
     loader: str = option("torch", "input pipeline: 'torch' = a DataLoader per training worker (exact mid-epoch "
                             "resume, any worker count); 'ray' = Ray Data streaming_split from Parquet shards, "
@@ -113,8 +138,9 @@ class AugConfig:
     color_jitter: float = option(0.4, "color jitter factor", min=0)
     color_jitter_prob: Optional[float] = option(None, "apply the color jitter with this probability (default: "
                                                       "always)", min=0, max=1)
-    grayscale_prob: float = option(0.0, "random grayscale probability", min=0, max=1)
-    gaussian_blur_prob: float = option(0.0, "random gaussian blur probability", min=0, max=1)
+    grayscale_prob: Optional[float] = option(None, "random grayscale probability (default: off)", min=0, max=1)
+    gaussian_blur_prob: Optional[float] = option(None, "random gaussian blur probability (default: off)", min=0,
+                                                 max=1)
     train_crop_mode: Optional[str] = option(None, "training crop: rrc (random-resized crop, default), rkrc / rkrr "
                                                   "(timm's keep-ratio variants)", choices=("rrc", "rkrc", "rkrr"))
     aa: Optional[str] = option(None, "auto-augment policy, e.g. rand-m9-mstd0.5-inc1, original, augmix-m5-w4-d2")
@@ -188,8 +214,7 @@ class OptimConfig:
     lr: Optional[float] = option(None, "learning rate; unset = --lr-base scaled by the global batch, resolved once "
                                     "on the driver and recorded", gt=0)
     layer_decay: Optional[float] = option(None, "layer-wise LR decay (e.g. 0.65 for ViT fine-tuning)", gt=0, max=1)
-    layer_decay_min_scale: Optional[float] = option(None, "layer decay: the smallest LR scale any layer gets",
-                                                    min=0, max=1)
+    layer_decay_min_scale: float = option(0.0, "layer decay: the smallest LR scale any layer gets", min=0, max=1)
     layer_decay_no_opt_scale: Optional[float] = option(None, "layer decay: layers scaled below this are frozen "
                                                              "(not optimized)", min=0, max=1)
     opt_kwargs: dict = option(help="extra optimizer keyword arguments, k=v", nargs="*", factory=dict)
@@ -273,6 +298,8 @@ class CheckpointConfig:
     checkpoint_hist: int = option(10, "best checkpoints to keep (plus the latest)", min=1)
     eval_metric: str = option("top1", "metric that picks the best checkpoint", choices=EVAL_METRICS)
     val_interval: int = option(1, "evaluate and checkpoint every N epochs (the last epoch always)", min=1)
+    tta: int = option(0, "test-time augmentation in each epoch's validation: > 0 averages the logits with those "
+                         "of the horizontally flipped images", min=0)
     max_failures: int = option(0, "worker-group failures to recover from (Ray FailureConfig); -1 = unlimited", min=-1)
     recovery_interval: int = option(0, "also checkpoint every N optimizer updates inside an epoch (0 = off); resuming "
                                        "from one continues that epoch exactly where it stopped", min=0)
@@ -364,6 +391,13 @@ class Config:
                 self.set(key, value)
             elif key in TIMM_IGNORED_KEYS:
                 print(f"note: ignoring timm key '{key}' ({TIMM_IGNORED_KEYS[key]})", file=sys.stderr)
+            elif key in TIMM_UNSUPPORTED_KEYS:
+                default, reason = TIMM_UNSUPPORTED_KEYS[key]
+                if value != default and not (value in (None, "", [], False) and default in (None, False)):
+                    raise ConfigError(key, value, f"not supported: {reason}")
+            elif key == "drop_connect":  # timm's deprecated name for drop_path, still in its args.yaml
+                if value is not None:
+                    self.set("drop_path", value)
             elif key == "data" and (value is None or isinstance(value, str)):
                 if value and not self.data.data_dir:  # timm's deprecated positional data dir
                     self.set("data_dir", value)

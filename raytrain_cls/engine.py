@@ -193,8 +193,17 @@ def _optimizer_step(p: TrainParts) -> None:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
+    """Float logits; with --tta > 0, averaged with those of the horizontally flipped images (flip TTA)."""
+    out = model(x).float()
+    if tta > 0:
+        out = (out + model(torch.flip(x, dims=[3])).float()) / 2
+    return out
+
+
 def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast: Callable[[], ContextManager],
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, tta: int = 0) -> dict:
     """Loss, top-1 and top-5 (percent, as timm reports them) over the union of all ranks' validation shards."""
     model.eval()
     weights = next(model.parameters(), None)
@@ -204,8 +213,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast: Cal
     for x, y in loader:
         x, y = _to_device(x, y, device, channels_last, dtype)
         with autocast():
-            logits = model(x)
-        logits = logits.float()
+            logits = tta_logits(model, x, tta)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top.eq(y[:, None])

@@ -22,6 +22,7 @@ from .data.loader import SkippingLoader, TransformedDataset, collate_skipping_ba
 from .data.sampler import ShardSampler
 from .data.shards import MANIFEST, ShardError, ShardReader, read_manifest
 from .data.sources import IMAGE_EXTENSIONS, BadImageError, DataError, build_source, decode_image
+from .engine import tta_logits
 from .model import architecture_kwargs, split_bn
 from .report import atomic_write_text
 from .state import EMA_FILE, META_FILE, MODEL_FILE, CheckpointError, load_weights, read_meta
@@ -70,15 +71,6 @@ def eval_transform(data_config: dict, crop_pct: Optional[float] = None):
                             crop_mode=data_config.get("crop_mode", "center"))
 
 
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
-    """Logits; with --tta > 0, averaged with those of the horizontally flipped images (timm's flip TTA)."""
-    out = model(x).float()
-    if tta > 0:
-        out = (out + model(torch.flip(x, dims=[3])).float()) / 2
-    return out
-
-
 def evaluate_checkpoint(path: str, cfg_overrides: Optional[dict] = None, use_ema: bool = False, tta: int = 0,
                         crop_pct: Optional[float] = None, batch_size: int = 256, workers: int = 2,
                         device: str = "cpu", ray_workers: int = 0) -> dict:
@@ -117,7 +109,7 @@ def shard_sums(path: str, cfg_overrides: Optional[dict], use_ema: bool, tta: int
     counts = torch.zeros(n_classes, dtype=torch.long)
     loss_sum, top5 = 0.0, 0
     for x, y in loader:
-        logits = logits_of(loaded.model, x.to(device), tta).cpu()
+        logits = tta_logits(loaded.model, x.to(device), tta).cpu()
         loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(y[:, None])

@@ -36,9 +36,9 @@ def optimizer_kwargs(cfg: Config) -> dict:
         kwargs["betas"] = tuple(o.opt_betas)
     if o.layer_decay is not None:
         kwargs["layer_decay"] = o.layer_decay
-        for key in ("layer_decay_min_scale", "layer_decay_no_opt_scale"):
-            if getattr(o, key) is not None:
-                kwargs[key] = getattr(o, key)
+        kwargs["layer_decay_min_scale"] = o.layer_decay_min_scale
+        if o.layer_decay_no_opt_scale is not None:
+            kwargs["layer_decay_no_opt_scale"] = o.layer_decay_no_opt_scale
     kwargs.update(o.opt_kwargs)
     return kwargs
 

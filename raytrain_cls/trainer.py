@@ -115,10 +115,14 @@ def resolve(cfg: Config, cluster: dict) -> Config:
     if cfg.sched.start_epoch is not None and cfg.sched.start_epoch >= num_epochs:
         raise ConfigError("sched.start_epoch", cfg.sched.start_epoch,
                           f"the schedule runs {num_epochs} epochs (0..{num_epochs - 1}): nothing would be trained")
+    data_config = resolve_data_config(cfg, num_classes)
+    chans = data_config["input_size"][0]
+    if cfg.data.input_img_mode and chans != {"RGB": 3, "L": 1}[cfg.data.input_img_mode]:
+        raise ConfigError("data.input_img_mode", cfg.data.input_img_mode, f"the model takes {chans}-channel input "
+                          f"(set --in-chans to match, or drop --input-img-mode)")
     cfg.resolved = dict(use_gpu=use_gpu, num_workers=num_workers, lr=lr, lr_rule=lr_rule,
                         num_epochs=num_epochs, num_classes=num_classes, classes=list(source.classes),
-                        train_samples=len(source.train), val_samples=len(source.val),
-                        data_config=resolve_data_config(cfg, num_classes))
+                        train_samples=len(source.train), val_samples=len(source.val), data_config=data_config)
     return cfg
 
 

@@ -208,14 +208,15 @@ def train_loop_per_worker(config: dict) -> dict:
                 console.epoch(dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad))
             continue
         loaders.val.bad.reset()
-        eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last)
+        eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last, cfg.checkpoint.tta)
         val_bad = check_bad_samples("validation", loaders.val.bad, res["val_samples"], cfg.data.max_bad_fraction,
                                     epoch, rank, world, say)
         metrics = dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad, eval_bad_samples=val_bad)
         if ema is not None:
             # As timm does: the EMA's accuracy is the run's accuracy; the raw model's is kept alongside.
             metrics.update({f"model_eval_{k}": v for k, v in eval_metrics.items()})
-            eval_metrics = evaluate(ema.module, loaders.val, device, autocast, cfg.model.channels_last)
+            eval_metrics = evaluate(ema.module, loaders.val, device, autocast, cfg.model.channels_last,
+                                    cfg.checkpoint.tta)
         metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         last_eval = eval_metrics[metric]
         if scheduler is not None:

@@ -38,3 +38,20 @@ def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
     wandb_id = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]["wandb_id"]
     records = list((run_dir / "wandb").glob(f"offline-run-*/run-{wandb_id}.wandb"))
     assert len(records) == 1 and records[0].stat().st_size > 0  # rank 0 logged to W&B (offline here)
+
+
+def test_timms_own_args_yaml_runs_as_a_training_config(ray_local, tmp_path):
+    """`-c args.yaml` as timm's train.py writes it (every key), with the command line picking data and a small
+    model: the run trains and its config.yaml keeps timm's values for everything not overridden."""
+    from pathlib import Path
+
+    args_yaml = Path(__file__).parents[1] / "data" / "timm_args.yaml"
+    code = main(["train", "-c", str(args_yaml), "--dataset", "sklearn/digits", "--model", "test_resnet",
+                 "--img-size", "32", "--epochs", "1", "--warmup-epochs", "0", "-b", "32", "-j", "0",
+                 "--num-workers", "1", "--log-interval", "100", "--output", str(tmp_path), "--experiment", "timm"])
+    assert code == EXIT_OK
+    saved = yaml.safe_load((tmp_path / "timm" / "config.yaml").read_text())
+    assert saved["optim"]["weight_decay"] == 2e-5 and saved["loss"]["smoothing"] == 0.1
+    assert saved["resolved"]["lr"] == pytest.approx(0.1 * 32 / 256)  # timm's lr rule: lr_base * batch / 256
+    with (tmp_path / "timm" / "summary.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0"]

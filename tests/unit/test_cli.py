@@ -64,6 +64,8 @@ def _sample_argv(name: str, f, hint) -> tuple[list[str], object]:
         n = n if isinstance(n, int) else 3
         if typing.get_args(hint)[0] is int:
             return [flag, *[str(i + 1) for i in range(n)]], [i + 1 for i in range(n)]
+        if typing.get_args(hint)[0] is str:
+            return [flag, *[f"word{i}" for i in range(n)]], [f"word{i}" for i in range(n)]
         return [flag, *["0.5"] * n], [0.5] * n
     if hint is dict or origin is dict:
         return [flag, "k=2", "s=abc"], {"k": 2, "s": "abc"}

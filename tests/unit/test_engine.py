@@ -247,6 +247,20 @@ def test_evaluate_uses_eval_mode_and_no_grad():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_evaluate_with_tta_averages_in_the_flipped_images():
+    """--tta: each image's logits are averaged with its mirror image's; a model that tells left from right
+    then scores differently, and the metrics are those of the averaged logits."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3)).eval()
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    plain = evaluate(model, [(x, y)], CPU, NO_AMP)
+    flipped = evaluate(model, [(x, y)], CPU, NO_AMP, tta=1)
+    with torch.no_grad():
+        averaged = (model(x) + model(torch.flip(x, dims=[3]))) / 2
+    assert flipped["loss"] == pytest.approx(torch.nn.functional.cross_entropy(averaged, y).item(), rel=1e-6)
+    assert flipped["loss"] != pytest.approx(plain["loss"])
+
+
 # ---- precision -----------------------------------------------------------------------------------------------
 def test_autocast_factory_disabled_is_a_no_op():
     assert autocast_factory(CPU, False, torch.bfloat16) is contextlib.nullcontext

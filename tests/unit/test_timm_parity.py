@@ -1,6 +1,8 @@
 """timm train.py options that change behaviour inside the loop, each shown to do so (not only to parse)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -93,6 +95,40 @@ def test_a_timm_args_yaml_loads(tmp_path, capsys):
     assert "ignoring timm key 'local_rank'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(str(tmp_path / "args.yaml"), {"jsd_loss_typo": True})
+
+
+TIMM_ARGS = Path(__file__).parents[1] / "data" / "timm_args.yaml"
+
+
+def test_timms_own_args_yaml_with_every_key_loads_with_timms_values(capsys):
+    """All of timm train.py's keys at their defaults: each one is a config field with timm's value, a
+    torchrun-only key ignored with a note, or a feature we lack (accepted only while it is off)."""
+    import yaml
+
+    raw = yaml.safe_load(TIMM_ARGS.read_text())
+    cfg = load_config(str(TIMM_ARGS), {"data_dir": "/data/imagenet"})
+    ours = cfg.flat()
+    differ = {k: (v, ours[k]) for k, v in raw.items() if k in ours and k != "data_dir" and v != ours[k]
+              and not (v in (None, "") and ours[k] in (None, ""))}
+    assert not differ, differ
+    assert cfg.model.model == "resnet50" and cfg.sched.epochs == 300 and cfg.optim.lr is None
+    assert "ignoring timm key 'local_rank'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value", [("naflex_loader", True), ("input_key", "img"), ("dataset_download", True),
+                                       ("kd_token_distill_type", "hard"), ("train_num_samples", 1000)])
+def test_an_args_yaml_switching_on_a_feature_we_lack_fails_by_name(tmp_path, key, value):
+    import yaml
+
+    raw = {**yaml.safe_load(TIMM_ARGS.read_text()), key: value, "data_dir": "/data"}
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"{key} = .*not supported"):
+        load_config(str(tmp_path / "args.yaml"))
+
+
+def test_drop_connect_is_timms_old_name_for_drop_path():
+    assert cfg_with(drop_connect=0.1).model.drop_path == 0.1
+    assert cfg_with(drop_connect=None, drop_path=0.2).model.drop_path == 0.2
 
 
 # ---- loss, head init, fast norm, torchscript, epoch repeats, save-images ---------------------------------------
