@@ -65,9 +65,6 @@ TIMM_UNSUPPORTED_KEYS = {
     "naflex_patch_size_probs": (None, "NaFlex variable-resolution loading is not built yet"),
     "naflex_loss_scale": ("linear", "NaFlex variable-resolution loading is not built yet"),
     "kd_loss_type": ("kl", "the distillation loss is timm's KL divergence (its only kind)"),
-    "kd_student_feature_dim": (None, "feature distillation is not built yet (--kd-distill-type logit only)"),
-    "kd_teacher_feature_dim": (None, "feature distillation is not built yet (--kd-distill-type logit only)"),
-    "kd_token_distill_type": ("soft", "token distillation is not built yet (--kd-distill-type logit only)"),
 }
 
 
@@ -262,8 +259,15 @@ class LossConfig:
                                                 "weights come from --kd-model-path")
     kd_model_path: Optional[str] = option(None, "teacher weights: .safetensors, .pth (weights only), or a "
                                                 "checkpoint/export folder (never downloaded)")
-    kd_distill_type: str = option("logit", "distillation type (timm's logit; feature and token not yet)",
-                                  choices=("logit", "feature", "token"))
+    kd_distill_type: str = option("logit", "distillation type: logit (KL on the logits), feature (MSE on pooled "
+                                           "features, projected when widths differ), token (the distillation head "
+                                           "of a *_distilled model)", choices=("logit", "feature", "token"))
+    kd_student_feature_dim: Optional[int] = option(None, "feature distillation: the student's feature width "
+                                                         "(default: the model's)", min=1)
+    kd_teacher_feature_dim: Optional[int] = option(None, "feature distillation: the teacher's feature width "
+                                                         "(default: the model's)", min=1)
+    kd_token_distill_type: str = option("soft", "token distillation: soft (KL at --kd-temperature) or hard (the "
+                                                "teacher's argmax as the label)", choices=("soft", "hard"))
     kd_temperature: float = option(4.0, "distillation softmax temperature", gt=0)
     distill_loss_weight: Optional[float] = option(None, "weight of the distillation loss (timm's rules)", min=0)
     task_loss_weight: Optional[float] = option(None, "weight of the task loss; alone: distill = 1 - task", min=0)
@@ -500,8 +504,6 @@ class Config:
                 raise ConfigError("loss.jsd_loss", True, "JSD + CE and --bce-loss are two different losses")
         lc = self.loss
         if lc.kd_model_name:
-            if lc.kd_distill_type != "logit":
-                raise ConfigError("loss.kd_distill_type", lc.kd_distill_type, "only logit distillation is built here")
             if not lc.kd_model_path:
                 raise ConfigError("loss.kd_model_name", lc.kd_model_name, "this service never downloads weights: "
                                   "give the teacher's local weights with --kd-model-path")

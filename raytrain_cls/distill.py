@@ -1,12 +1,19 @@
-"""Logit knowledge distillation (timm's --kd-model-name with --kd-distill-type logit).
+"""Knowledge distillation, timm's three kinds (--kd-model-name with --kd-distill-type):
+
+* logit:   the student's logits follow the teacher's (KL at temperature T, times T^2);
+* feature: the student's pooled pre-logit features (projected to the teacher's width when they differ) follow the
+           teacher's (MSE); the projection is trained with the student and checkpointed beside it;
+* token:   a distilled-token model (DeiT/PiT *_distilled) trains its distillation head on the teacher (soft: KL at
+           T; hard: cross entropy with the teacher's argmax) and its class head on the labels.
 
 The teacher is a timm model whose weights come from a local file (no downloads): a .safetensors file, one of
 our checkpoint or export folders, or a .pth/.pt state dict read with weights_only=True. It is wrapped in timm's
 DistillationTeacher (frozen, eval mode, converts the student's normalisation into its own) and lives inside the
-loss, never inside the DDP-wrapped student. The loss is timm's: task_w * task + distill_w * KL(T) * T^2.
+loss, never inside the DDP-wrapped student. Loss weights follow timm: task_w * task + distill_w * distill.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -62,37 +69,108 @@ def build_teacher(cfg: Config, num_classes: int, device: torch.device):
     return DistillationTeacher(model.to(device)).to(device).eval()
 
 
-class LogitDistillationLoss(torch.nn.Module):
-    """``loss(student_logits, target, inputs)``; the engine passes the inputs because the teacher needs them."""
+class _TeacherLoss(torch.nn.Module):
+    """``loss(output, target, inputs)``; the engine passes the inputs because the teacher needs them."""
 
     needs_input = True
 
     def __init__(self, task_loss: torch.nn.Module, teacher: torch.nn.Module, student_mean, student_std,
-                 temperature: float, task_weight: float, distill_weight: float):
+                 task_weight: float, distill_weight: float):
         super().__init__()
         self.task_loss, self.teacher = task_loss, teacher
         self.register_buffer("student_mean", torch.tensor(student_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("student_std", torch.tensor(student_std).view(1, -1, 1, 1), persistent=False)
-        self.temperature, self.task_weight, self.distill_weight = temperature, task_weight, distill_weight
+        self.task_weight, self.distill_weight = task_weight, distill_weight
+
+    @torch.no_grad()
+    def _teacher(self, inputs: torch.Tensor, features: bool = False) -> torch.Tensor:
+        teacher_in = self.teacher.normalize_input(inputs, self.student_mean.to(inputs.dtype),
+                                                  self.student_std.to(inputs.dtype))
+        return self.teacher(teacher_in, return_features=features).float()
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+class LogitDistillationLoss(_TeacherLoss):
+    def __init__(self, task_loss, teacher, student_mean, student_std, temperature: float, task_weight: float,
+                 distill_weight: float):
+        super().__init__(task_loss, teacher, student_mean, student_std, task_weight, distill_weight)
+        self.temperature = temperature
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        task = self.task_loss(logits, target)
-        with torch.no_grad():
-            teacher_in = self.teacher.normalize_input(inputs, self.student_mean.to(inputs.dtype),
-                                                      self.student_std.to(inputs.dtype))
-            teacher_logits = self.teacher(teacher_in, return_features=False)
-        t = self.temperature
-        kd = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
-                      reduction="batchmean", log_target=True) * (t * t)
-        return self.task_weight * task + self.distill_weight * kd
+        kd = soft_kl(logits, self._teacher(inputs), self.temperature)
+        return self.task_weight * self.task_loss(logits, target) + self.distill_weight * kd
 
 
-def with_distillation(task_loss: torch.nn.Module, cfg: Config, num_classes: int, data_config: dict,
-                      device: torch.device) -> torch.nn.Module:
-    """The task loss, or, with --kd-model-name, the logit distillation loss around it."""
+class FeatureDistillationLoss(_TeacherLoss):
+    """Takes the (logits, projected features) pair the training module returns."""
+
+    def forward(self, output: tuple, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        logits, features = output
+        kd = F.mse_loss(features.float(), self._teacher(inputs, features=True))
+        return self.task_weight * self.task_loss(logits, target) + self.distill_weight * kd
+
+
+class TokenDistillationLoss(_TeacherLoss):
+    """Takes the (class-head, distillation-head) logits a distilled-token model returns while training."""
+
+    def __init__(self, task_loss, teacher, student_mean, student_std, temperature: float, hard: bool,
+                 task_weight: float, distill_weight: float):
+        super().__init__(task_loss, teacher, student_mean, student_std, task_weight, distill_weight)
+        self.temperature, self.hard = temperature, hard
+
+    def forward(self, output: tuple, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        logits, dist_logits = output
+        teacher_logits = self._teacher(inputs)
+        if self.hard:
+            kd = F.cross_entropy(dist_logits.float(), teacher_logits.argmax(dim=-1))
+        else:
+            kd = soft_kl(dist_logits, teacher_logits, self.temperature)
+        return self.task_weight * self.task_loss(logits, target) + self.distill_weight * kd
+
+
+def feature_dim(model: torch.nn.Module) -> int:
+    """Width of a timm model's pooled pre-logit features (what forward_head(pre_logits=True) returns)."""
+    for attr in ("head_hidden_size", "num_features"):
+        if isinstance(getattr(model, attr, None), int):
+            return getattr(model, attr)
+    raise ConfigError("loss.kd_student_feature_dim", None, f"{type(model).__name__} does not say its feature width: "
+                      "set --kd-student-feature-dim and --kd-teacher-feature-dim")
+
+
+@dataclass
+class Distillation:
+    """What the training loop runs: the loss, the module it calls (the student, or the student with the feature
+    projection), and trainable modules outside the model that the checkpoint must carry (the projection)."""
+    loss: torch.nn.Module
+    train_module: torch.nn.Module
+    aux: Optional[torch.nn.Module] = None
+
+
+def build_distillation(cfg: Config, model: torch.nn.Module, task_loss: torch.nn.Module, num_classes: int,
+                       data_config: dict, device: torch.device) -> Distillation:
+    """The task loss and the bare model, or, with --kd-model-name, the distillation set-up around them."""
     lc = cfg.loss
     if not lc.kd_model_name:
-        return task_loss
+        return Distillation(task_loss, model)
     task_w, distill_w = loss_weights(lc.distill_loss_weight, lc.task_loss_weight)
-    return LogitDistillationLoss(task_loss, build_teacher(cfg, num_classes, device), data_config["mean"],
-                                 data_config["std"], lc.kd_temperature, task_w, distill_w).to(device)
+    teacher = build_teacher(cfg, num_classes, device)
+    norm = (data_config["mean"], data_config["std"])
+    if lc.kd_distill_type == "feature":
+        from timm.task.distillation import FeatureDistillationTrainableModule
+
+        width = lc.kd_student_feature_dim or feature_dim(model)
+        teacher_width = lc.kd_teacher_feature_dim or feature_dim(teacher.model)
+        projection = torch.nn.Linear(width, teacher_width).to(device) if width != teacher_width else None
+        loss = FeatureDistillationLoss(task_loss, teacher, *norm, task_w, distill_w)
+        return Distillation(loss.to(device), FeatureDistillationTrainableModule(model, projection), projection)
+    if lc.kd_distill_type == "token":
+        model.set_distilled_training(True)  # training forward: (class logits, distillation logits)
+        loss = TokenDistillationLoss(task_loss, teacher, *norm, lc.kd_temperature, lc.kd_token_distill_type == "hard",
+                                     task_w, distill_w)
+        return Distillation(loss.to(device), model)
+    loss = LogitDistillationLoss(task_loss, teacher, *norm, lc.kd_temperature, task_w, distill_w)
+    return Distillation(loss.to(device), model)

@@ -34,6 +34,7 @@ class TrainParts:
     mixup: Optional[Callable] = None
     scheduler: Optional[object] = None  # a timm Scheduler
     ema: Optional[torch.nn.Module] = None  # timm ModelEmaV3
+    ema_source: Optional[torch.nn.Module] = None  # the bare model the EMA follows, when ``model`` wraps more
     clip_grad: Optional[float] = None
     clip_mode: str = "norm"
     accum_steps: int = 1
@@ -132,7 +133,7 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
             _optimizer_step(p)
             num_updates += 1
             if p.ema is not None:
-                p.ema.update(p.model, step=num_updates)
+                p.ema.update(p.ema_source if p.ema_source is not None else p.model, step=num_updates)
             if p.scheduler is not None:
                 p.scheduler.step_update(num_updates=num_updates)
         finite = torch.isfinite(loss.detach())

@@ -3,7 +3,8 @@
 Layout of a checkpoint directory:
     model.safetensors   the bare model's weights (no pickle)
     ema.safetensors     the EMA weights, when EMA is on
-    state.pt            optimizer, LR scheduler, grad scaler, counters, RNG states, sampler position;
+    state.pt            optimizer, LR scheduler, grad scaler, counters, RNG states, sampler position, the
+                        weights of trainable modules outside the model (a feature-distillation projection);
                         only tensors and plain Python values, loaded with torch.load(weights_only=True)
     meta.json           format version, the resolved config as a plain dict, epoch, metrics, best metric
 Loading never falls back to unrestricted unpickling.
@@ -99,9 +100,9 @@ class TrainState:
 
     def __init__(self, config: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Optional[Any] = None, scaler: Optional[torch.amp.GradScaler] = None,
-                 ema: Optional[torch.nn.Module] = None):
+                 ema: Optional[torch.nn.Module] = None, aux: Optional[torch.nn.Module] = None):
         self.config, self.model, self.optimizer = config, model, optimizer
-        self.scheduler, self.scaler, self.ema = scheduler, scaler, ema
+        self.scheduler, self.scaler, self.ema, self.aux = scheduler, scaler, ema, aux
         self.epoch = -1  # last completed epoch
         self.num_updates = 0
         self.best_metric: Optional[float] = None
@@ -121,7 +122,9 @@ class TrainState:
                     counters=dict(epoch=self.epoch, num_updates=self.num_updates),
                     best=dict(metric=self.best_metric, epoch=self.best_epoch),
                     position=dict(self.in_epoch or {}),
-                    ranks=ranks)
+                    ranks=ranks,
+                    aux={k: v.detach().cpu() for k, v in self.aux.state_dict().items()} if self.aux is not None
+                    else None)
 
     def save(self, directory: str | Path, metrics: Optional[dict] = None) -> Path:
         """Write the complete state into ``directory`` (a fresh temp dir: Ray only sees it once complete)."""
@@ -153,8 +156,14 @@ class TrainState:
         load_weights(self.model, d / MODEL_FILE)
         if self.ema is not None and (d / EMA_FILE).is_file():
             load_weights(self.ema.module, d / EMA_FILE)
+        if self.aux is not None and state.get("aux"):
+            self.aux.load_state_dict(state["aux"])
         if load_optimizer:
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as e:  # e.g. a checkpoint of another model, or without the distillation projection
+                raise CheckpointError(f"{d}: its optimizer state does not fit this run's parameters ({e}); start "
+                                      "from its weights only with --no-resume-opt") from None
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None and state.get("scheduler"):

@@ -115,6 +115,8 @@ def resolve(cfg: Config, cluster: dict) -> Config:
     if cfg.sched.start_epoch is not None and cfg.sched.start_epoch >= num_epochs:
         raise ConfigError("sched.start_epoch", cfg.sched.start_epoch,
                           f"the schedule runs {num_epochs} epochs (0..{num_epochs - 1}): nothing would be trained")
+    if cfg.loss.kd_model_name and cfg.loss.kd_distill_type == "token":
+        check_distilled_token_model(cfg, num_classes)
     data_config = resolve_data_config(cfg, num_classes)
     chans = data_config["input_size"][0]
     if cfg.data.input_img_mode and chans != {"RGB": 3, "L": 1}[cfg.data.input_img_mode]:
@@ -124,6 +126,21 @@ def resolve(cfg: Config, cluster: dict) -> Config:
                         num_epochs=num_epochs, num_classes=num_classes, classes=list(source.classes),
                         train_samples=len(source.train), val_samples=len(source.val), data_config=data_config)
     return cfg
+
+
+def check_distilled_token_model(cfg: Config, num_classes: int) -> None:
+    """Token distillation needs a student with a distillation token and head (timm's *_distilled models): built
+    on the meta device, so no memory is spent finding out."""
+    import timm
+    import torch
+
+    from .model import model_kwargs
+
+    with torch.device("meta"):
+        model = timm.create_model(cfg.model.model, **model_kwargs(cfg, num_classes))
+    if not hasattr(model, "set_distilled_training"):
+        raise ConfigError("loss.kd_distill_type", "token", f"{cfg.model.model} has no distillation token: use a "
+                          "*_distilled model (e.g. deit_tiny_distilled_patch16_224), or --kd-distill-type logit")
 
 
 # ---- run directory -------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from .data.loader import BadSampleLog, SkippingLoader
 from .data.ray_data import DATASET_NAME as RAY_DATASET
 from .data.ray_data import ray_data_loader, rows_per_worker
 from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train_one_epoch
-from .distill import with_distillation
+from .distill import build_distillation
 from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from .optim import build_optimizer, build_scheduler
@@ -109,12 +109,15 @@ def train_loop_per_worker(config: dict) -> dict:
         loaders.train = ray_data_train_loader(cfg, world, device)
     model = prepare_for_workers(cfg, build_model(cfg, res["num_classes"], device), world)
     ema = build_ema(cfg, model)
-    optimizer = build_optimizer(cfg, model)
+    # the module the loop trains: the model, or (feature distillation) the model with its projection
+    kd = build_distillation(cfg, model, build_train_loss(cfg).to(device), res["num_classes"], res["data_config"],
+                            device)
+    optimizer = build_optimizer(cfg, kd.train_module)
     updates_per_epoch = math.ceil(len(loaders.train) / cfg.optim.grad_accum_steps)
     scheduler, _ = build_scheduler(cfg, optimizer, updates_per_epoch)
     amp_dtype = torch.float16 if cfg.precision.amp_dtype == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if cfg.precision.amp and amp_dtype == torch.float16 else None
-    state = TrainState(config, model, optimizer, scheduler, scaler, ema)
+    state = TrainState(config, model, optimizer, scheduler, scaler, ema, aux=kd.aux)
 
     nodes = _count_nodes(world)
     console = WorkerConsole(res.get("progress_board"), res["num_epochs"]) if rank == 0 else None
@@ -140,16 +143,15 @@ def train_loop_per_worker(config: dict) -> dict:
                 and cfg.sched.sched != "plateau"):
             scheduler.step(state.start_epoch)  # the optimizer's LR was not restored: set it from the schedule
 
-    train_model = model
+    train_model = kd.train_module
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = compile_model(cfg, train_model)  # after DDP, as timm does
     autocast = autocast_factory(device, cfg.precision.amp, amp_dtype)
-    loss_fn = with_distillation(build_train_loss(cfg).to(device), cfg, res["num_classes"], res["data_config"], device)
-    parts = TrainParts(model=train_model, optimizer=optimizer, loss_fn=loss_fn,
+    parts = TrainParts(model=train_model, optimizer=optimizer, loss_fn=kd.loss,
                        device=device, autocast=autocast, scaler=scaler,
-                       mixup=build_mixup(cfg, res["num_classes"]), scheduler=scheduler, ema=ema,
+                       mixup=build_mixup(cfg, res["num_classes"]), scheduler=scheduler, ema=ema, ema_source=model,
                        clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode,
                        accum_steps=cfg.optim.grad_accum_steps, channels_last=cfg.model.channels_last,
                        input_dtype=model_dtype(cfg))

@@ -55,3 +55,33 @@ def test_timms_own_args_yaml_runs_as_a_training_config(ray_local, tmp_path):
     assert saved["resolved"]["lr"] == pytest.approx(0.1 * 32 / 256)  # timm's lr rule: lr_base * batch / 256
     with (tmp_path / "timm" / "summary.csv").open() as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["0"]
+
+
+@pytest.mark.parametrize("kind,student", [
+    ("feature", ["--model", "resnet10t"]),  # 512-wide features onto the teacher's 96: a projection in DDP
+    # a ViT's size is the model's (timm's --img-size only sizes the data): --model-kwargs img_size=32
+    ("token", ["--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", "img_size=32", "depth=1",
+               "embed_dim=32", "num_heads=2"]),
+])
+def test_feature_and_token_distillation_train_on_two_workers(ray_local, tmp_path, kind, student):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from raytrain_cls.state import STATE_FILE
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("test_resnet", num_classes=10)
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "teacher.safetensors"))
+    code = main(["train", *student, "--img-size", "32", "--kd-model-name", "test_resnet",
+                 "--kd-model-path", str(tmp_path / "teacher.safetensors"), "--kd-distill-type", kind,
+                 "--task-loss-weight", "0.8", "--epochs", "1", "--warmup-epochs", "0", "-b", "32", "-j", "0",
+                 "--log-interval", "100", "--output", str(tmp_path), "--experiment", kind])
+    assert code == EXIT_OK
+    assert yaml.safe_load((tmp_path / kind / "config.yaml").read_text())["resolved"]["num_workers"] == 2
+    assert json.loads((tmp_path / kind / "result.json").read_text())["last_metrics"]["eval_top1"] > 0
+    state = torch.load(tmp_path / kind / "epoch-0000" / STATE_FILE, weights_only=True)
+    if kind == "feature":  # the projection's weights ride in the checkpoint
+        assert state["aux"]["weight"].shape == (96, 512)
+    else:
+        assert state["aux"] is None

@@ -103,7 +103,7 @@ def test_state_file_is_plain_data(tmp_path):
     """state.pt loads with weights_only=True: only tensors and plain Python values inside."""
     trained_state().save(tmp_path)
     state = torch.load(tmp_path / STATE_FILE, weights_only=True)
-    assert set(state) == {"optimizer", "scheduler", "scaler", "counters", "best", "position", "ranks"}
+    assert set(state) == {"optimizer", "scheduler", "scaler", "counters", "best", "position", "ranks", "aux"}
     json.loads((tmp_path / META_FILE).read_text())
 
 

@@ -116,7 +116,7 @@ def test_timms_own_args_yaml_with_every_key_loads_with_timms_values(capsys):
 
 
 @pytest.mark.parametrize("key,value", [("naflex_loader", True), ("input_key", "img"), ("dataset_download", True),
-                                       ("kd_token_distill_type", "hard"), ("train_num_samples", 1000)])
+                                       ("naflex_max_seq_len", 256), ("train_num_samples", 1000)])
 def test_an_args_yaml_switching_on_a_feature_we_lack_fails_by_name(tmp_path, key, value):
     import yaml
 
