@@ -397,7 +397,7 @@ class Config:
                 print(f"note: ignoring timm key '{key}' ({TIMM_IGNORED_KEYS[key]})", file=sys.stderr)
             elif key in TIMM_UNSUPPORTED_KEYS:
                 default, reason = TIMM_UNSUPPORTED_KEYS[key]
-                if value != default and not (value in (None, "", [], False) and default in (None, False)):
+                if value != default and value not in (None, "", [], False):  # set, and not to timm's "off"
                     raise ConfigError(key, value, f"not supported: {reason}")
             elif key == "drop_connect":  # timm's deprecated name for drop_path, still in its args.yaml
                 if value is not None:
@@ -548,10 +548,10 @@ class Config:
         ms = s.decay_milestones
         if s.sched == "multistep" and not all(a < b for a, b in zip(ms, ms[1:])):
             raise ConfigError("sched.decay_milestones", ms, "must be strictly increasing")
-        for key, module, package in (("run.log_mlflow", "mlflow", "mlflow"), ("run.log_wandb", "wandb", "wandb")):
-            if self.get(key.split(".")[1]) and importlib.util.find_spec(module) is None:
-                raise ConfigError(key, True, f"{package} is not installed: pip install {package} (or 'raytrain-cls"
-                                  f"[{package}]'), or drop --{key.split('.')[1].replace('_', '-')}")
+        for name, package in (("log_mlflow", "mlflow"), ("log_wandb", "wandb")):
+            if self.get(name) and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"run.{name}", True, f"{package} is not installed: pip install {package} (or "
+                                  f"'raytrain-cls[{package}]'), or drop --{name.replace('_', '-')}")
         if self.scaling.resources_per_worker is not None:
             for k, v in self.scaling.resources_per_worker.items():
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
