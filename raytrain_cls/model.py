@@ -44,12 +44,12 @@ def check_model_name(name: str) -> None:
         raise ConfigError("model.model", name, f"not a timm model{hint}")
 
 
-def pretrained_cfg_of(cfg: Config, num_classes: int) -> dict:
-    """The model's default data settings (input size, mean, std, crop) without allocating its weights."""
+def meta_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The run's architecture on the meta device (no weights allocated): its default data settings
+    (pretrained_cfg) and its structure, for checks on the driver."""
     check_model_name(cfg.model.model)
     with torch.device("meta"):
-        model = timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, num_classes))
-    return dict(model.pretrained_cfg)
+        return timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, num_classes))
 
 
 def set_bn(model: torch.nn.Module, momentum: Optional[float], eps: Optional[float]) -> int:

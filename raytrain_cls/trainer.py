@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
+import torch
+
 from .config import Config, ConfigError, dump_yaml
 from .console import start_live_display, use_bar
 from .data import build_source
 from .data.transforms import data_config_kwargs
-from .model import pretrained_cfg_of
+from .model import meta_model
 from .optim import resolve_lr, resolve_num_epochs
 from .report import CONFIG_FILE, build_result, is_uri, join, write_result, write_text
 from .state import META_FILE, read_meta
@@ -86,11 +88,13 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
     return use_gpu, num_workers
 
 
-def resolve_data_config(cfg: Config, num_classes: int) -> dict:
+def resolve_data_config(cfg: Config, num_classes: int, pretrained_cfg: Optional[dict] = None) -> dict:
     """timm's resolve_data_config from the model's defaults and the user's overrides, as plain lists."""
     from timm.data import resolve_data_config as timm_resolve
 
-    dc = timm_resolve(args=data_config_kwargs(cfg), pretrained_cfg=pretrained_cfg_of(cfg, num_classes))
+    if pretrained_cfg is None:
+        pretrained_cfg = meta_model(cfg, num_classes).pretrained_cfg
+    dc = timm_resolve(args=data_config_kwargs(cfg), pretrained_cfg=dict(pretrained_cfg))
     chans = dc["input_size"][0]
     mean, std = list(dc["mean"]), list(dc["std"])
     if len(mean) != chans:  # e.g. a grey (in_chans=1) model with ImageNet's RGB statistics: one averaged value
@@ -115,9 +119,13 @@ def resolve(cfg: Config, cluster: dict) -> Config:
     if cfg.sched.start_epoch is not None and cfg.sched.start_epoch >= num_epochs:
         raise ConfigError("sched.start_epoch", cfg.sched.start_epoch,
                           f"the schedule runs {num_epochs} epochs (0..{num_epochs - 1}): nothing would be trained")
-    if cfg.loss.kd_model_name and cfg.loss.kd_distill_type == "token":
-        check_distilled_token_model(cfg, num_classes)
-    data_config = resolve_data_config(cfg, num_classes)
+    architecture = meta_model(cfg, num_classes)
+    if cfg.loss.kd_model_name and cfg.loss.kd_distill_type == "token" and \
+            not hasattr(architecture, "set_distilled_training"):
+        raise ConfigError("loss.kd_distill_type", "token", f"{cfg.model.model} has no distillation token: use a "
+                          "*_distilled model (e.g. deit_tiny_distilled_patch16_224), or --kd-distill-type logit")
+    data_config = resolve_data_config(cfg, num_classes, architecture.pretrained_cfg)
+    check_input_size(cfg, architecture, data_config["input_size"])
     chans = data_config["input_size"][0]
     if cfg.data.input_img_mode and chans != {"RGB": 3, "L": 1}[cfg.data.input_img_mode]:
         raise ConfigError("data.input_img_mode", cfg.data.input_img_mode, f"the model takes {chans}-channel input "
@@ -128,19 +136,17 @@ def resolve(cfg: Config, cluster: dict) -> Config:
     return cfg
 
 
-def check_distilled_token_model(cfg: Config, num_classes: int) -> None:
-    """Token distillation needs a student with a distillation token and head (timm's *_distilled models): built
-    on the meta device, so no memory is spent finding out."""
-    import timm
-    import torch
-
-    from .model import model_kwargs
-
-    with torch.device("meta"):
-        model = timm.create_model(cfg.model.model, **model_kwargs(cfg, num_classes))
-    if not hasattr(model, "set_distilled_training"):
-        raise ConfigError("loss.kd_distill_type", "token", f"{cfg.model.model} has no distillation token: use a "
-                          "*_distilled model (e.g. deit_tiny_distilled_patch16_224), or --kd-distill-type logit")
+def check_input_size(cfg: Config, architecture: torch.nn.Module, input_size: list) -> None:
+    """A model built for one image size (a ViT's fixed patch grid) fails on other sizes inside every worker;
+    say so here. As in timm, --img-size sizes the data only: the model's size is a model argument."""
+    embed = getattr(architecture, "patch_embed", None)
+    fixed = getattr(embed, "img_size", None) if getattr(embed, "strict_img_size", False) else None
+    if fixed is not None and tuple(fixed) != tuple(input_size[1:]):
+        key, value = ("model.img_size", cfg.model.img_size) if cfg.model.img_size else ("model.input_size",
+                                                                                        input_size)
+        raise ConfigError(key, value, f"{cfg.model.model} is built for {fixed[0]}x{fixed[1]} images: build it "
+                          f"at {input_size[1]}x{input_size[2]} with --model-kwargs img_size={input_size[1]} (or "
+                          f"dynamic_img_size=True), or train at {fixed[0]}x{fixed[1]}")
 
 
 # ---- run directory -------------------------------------------------------------------------------------------

@@ -125,3 +125,12 @@ def test_failure_message_names_each_rank_and_its_own_error():
 
     msg = explain_failure(WorkerGroupFailure())
     assert msg == "rank 0: NonFiniteLossError: loss is nan; rank 1: ValueError: bad shard"
+
+
+def test_a_fixed_size_model_at_another_image_size_is_refused_with_the_fix():
+    """A ViT's patch grid is fixed at build time; data at another size would fail inside every worker."""
+    with pytest.raises(ConfigError, match=r"model.img_size.*built for 224x224.*--model-kwargs img_size=32"):
+        resolve(_cfg(model="deit_tiny_patch16_224", img_size=32), {"CPU": 2.0})
+    cfg = resolve(_cfg(model="deit_tiny_patch16_224", img_size=32, model_kwargs={"img_size": 32}), {"CPU": 2.0})
+    assert cfg.resolved["data_config"]["input_size"] == [3, 32, 32]
+    resolve(_cfg(model="test_resnet", img_size=40), {"CPU": 2.0})  # convolutional: any size
