@@ -94,21 +94,6 @@ def test_submission_without_the_right_token_is_refused(cluster, env, reason):
     assert reason in proc.stdout + proc.stderr
 
 
-def test_digits_smoke_job_through_ray_job_submit(cluster, tmp_path):
-    job_id = f"raytrain-smoke-{int(time.time())}"
-    sh("ray", "job", "submit", "--address", JOB_ADDRESS, "--submission-id", job_id, "--working-dir", ".",
-       "--", "raytrain-cls", "train", "-c", "jobs/digits_smoke.yaml", "--output", str(tmp_path),
-       "--experiment", "smoke", timeout=600)
-    status = sh("ray", "job", "status", "--address", JOB_ADDRESS, job_id).stdout
-    assert "succeeded" in status.lower()
-    logs = sh("ray", "job", "logs", "--address", JOB_ADDRESS, job_id).stdout
-    assert "Best eval_top1" in logs and "Epoch 3/3" in logs
-    run_dir = tmp_path / "smoke"
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["best_value"] > 80 and Path(result["best_checkpoint"]).is_dir()
-    assert (Path(result["best_checkpoint"]) / "model.safetensors").is_file()
-
-
 def test_two_nodes_spread_then_losing_one_node(cluster, tmp_path):
     """2 workers SPREAD over head + a second node; the second node is killed mid-run and restarted; the run
     finishes from its checkpoint."""

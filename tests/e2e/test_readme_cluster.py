@@ -1,4 +1,5 @@
-"""The README's cluster commands, run exactly as written (a local head, a job, a driver, stop)."""
+"""The README's cluster commands, run exactly as written (a local head, jobs/digits_smoke.yaml through `ray job
+submit`, a driver attached by address, stop): the end-to-end submission test of the smoke job."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,5 +37,11 @@ def test_readme_cluster_commands_work_verbatim():
     assert len(new_runs) == 2, new_runs  # one from the job, one from the driver
     for run in new_runs:
         result = json.loads((run / "result.json").read_text())
-        assert result["best_checkpoint"] and Path(result["best_checkpoint"]).is_dir()
-    assert "succeeded" in (proc.stdout + proc.stderr).lower()
+        assert result["best_checkpoint"] and (Path(result["best_checkpoint"]) / "model.safetensors").is_file()
+    output = proc.stdout + proc.stderr
+    assert "succeeded" in output.lower()
+    # `ray job submit` streams the job's own logs: jobs/digits_smoke.yaml's 4 epochs and its final summary
+    assert "Epoch 3/3" in output and "Best eval_top1" in output
+    job_run = next(run for run in new_runs
+                   if yaml.safe_load((run / "config.yaml").read_text())["sched"]["epochs"] == 4)
+    assert json.loads((job_run / "result.json").read_text())["best_value"] > 80

@@ -31,7 +31,7 @@ def _record_indices(config: dict) -> list:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], rank, world)
     loaders.set_epoch(0)
-    train_ids = [i for i, _ in loaders.train.sampler]
+    train_ids = [key[0] for key in loaders.train.sampler]  # keys: (index, epoch, copy)
     val_ids = list(loaders.val.sampler)
     batches = sum(1 for _ in loaders.train)  # the loader really iterates (transforms run) on each worker
     gathered = [None] * world

@@ -11,15 +11,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)  # an untrained teacher: weighted lightly, it must only not break the loop
-    teacher = timm.create_model("test_resnet", num_classes=10)
-    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "teacher.safetensors"))
-    code = main(["train", "--model", "resnet10t",
-                 "--kd-model-name", "test_resnet", "--kd-model-path", str(tmp_path / "teacher.safetensors"),
+    # an untrained teacher: weighted lightly, it must only not break the loop
+    code = main(["train", "--model", "resnet10t", *save_teacher(tmp_path / "teacher.safetensors"),
                  "--task-loss-weight", "0.9", "--epochs", "4", "--cooldown-epochs", "1", "--warmup-epochs", "1",
                  "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
                  "--smoothing", "0.1", "--drop-path", "0.05", "--model-ema", "--model-ema-decay", "0.9",
@@ -40,48 +33,51 @@ def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
     assert len(records) == 1 and records[0].stat().st_size > 0  # rank 0 logged to W&B (offline here)
 
 
-def test_timms_own_args_yaml_runs_as_a_training_config(ray_local, tmp_path):
-    """`-c args.yaml` as timm's train.py writes it (every key), with the command line picking data and a small
-    model: the run trains and its config.yaml keeps timm's values for everything not overridden."""
-    from pathlib import Path
-
-    args_yaml = Path(__file__).parents[1] / "data" / "timm_args.yaml"
-    code = main(["train", "-c", str(args_yaml), "--dataset", "sklearn/digits", "--model", "test_resnet",
-                 "--img-size", "32", "--epochs", "1", "--warmup-epochs", "0", "-b", "32", "-j", "0",
-                 "--num-workers", "1", "--log-interval", "100", "--output", str(tmp_path), "--experiment", "timm"])
-    assert code == EXIT_OK
-    saved = yaml.safe_load((tmp_path / "timm" / "config.yaml").read_text())
-    assert saved["optim"]["weight_decay"] == 2e-5 and saved["loss"]["smoothing"] == 0.1
-    assert saved["resolved"]["lr"] == pytest.approx(0.1 * 32 / 256)  # timm's lr rule: lr_base * batch / 256
-    with (tmp_path / "timm" / "summary.csv").open() as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["0"]
-
-
-@pytest.mark.parametrize("kind,student", [
-    ("feature", ["--model", "resnet10t"]),  # 512-wide features onto the teacher's 96: a projection in DDP
-    # a ViT's size is the model's (timm's --img-size only sizes the data): --model-kwargs img_size=32
-    ("token", ["--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", "img_size=32", "depth=1",
-               "embed_dim=32", "num_heads=2"]),
-])
-def test_feature_and_token_distillation_train_on_two_workers(ray_local, tmp_path, kind, student):
+def save_teacher(path):
     import timm
     import torch
     from safetensors.torch import save_file
 
-    from raytrain_cls.state import STATE_FILE
-
     torch.manual_seed(0)
     teacher = timm.create_model("test_resnet", num_classes=10)
-    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "teacher.safetensors"))
-    code = main(["train", *student, "--img-size", "32", "--kd-model-name", "test_resnet",
-                 "--kd-model-path", str(tmp_path / "teacher.safetensors"), "--kd-distill-type", kind,
-                 "--task-loss-weight", "0.8", "--epochs", "1", "--warmup-epochs", "0", "-b", "32", "-j", "0",
-                 "--log-interval", "100", "--output", str(tmp_path), "--experiment", kind])
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
+    return ["--kd-model-name", "test_resnet", "--kd-model-path", str(path)]
+
+
+def test_feature_distillation_trains_on_two_workers(ray_local, tmp_path):
+    """resnet10t's 512-wide features onto the teacher's 96: the student+projection module runs under DDP and
+    the projection's weights ride in the checkpoint."""
+    import torch
+
+    from raytrain_cls.state import STATE_FILE
+
+    code = main(["train", "--model", "resnet10t", "--img-size", "32", *save_teacher(tmp_path / "t.safetensors"),
+                 "--kd-distill-type", "feature", "--task-loss-weight", "0.8", "--epochs", "1", "--warmup-epochs", "0",
+                 "-b", "32", "-j", "0", "--log-interval", "100", "--output", str(tmp_path), "--experiment", "feature"])
     assert code == EXIT_OK
-    assert yaml.safe_load((tmp_path / kind / "config.yaml").read_text())["resolved"]["num_workers"] == 2
-    assert json.loads((tmp_path / kind / "result.json").read_text())["last_metrics"]["eval_top1"] > 0
-    state = torch.load(tmp_path / kind / "epoch-0000" / STATE_FILE, weights_only=True)
-    if kind == "feature":  # the projection's weights ride in the checkpoint
-        assert state["aux"]["weight"].shape == (96, 512)
-    else:
-        assert state["aux"] is None
+    assert yaml.safe_load((tmp_path / "feature" / "config.yaml").read_text())["resolved"]["num_workers"] == 2
+    state = torch.load(tmp_path / "feature" / "epoch-0000" / STATE_FILE, weights_only=True)
+    assert state["aux"]["weight"].shape == (96, 512)
+
+
+def test_timms_own_args_yaml_runs_with_token_distillation(ray_local, tmp_path):
+    """`-c args.yaml` as timm's train.py writes it (every key), the command line picking the data and a tiny
+    distilled-token student: the run trains on 2 workers, token distillation included, and its config.yaml keeps
+    timm's values for everything not overridden."""
+    from pathlib import Path
+
+    args_yaml = Path(__file__).parents[1] / "data" / "timm_args.yaml"
+    # a ViT's size is the model's (timm's --img-size only sizes the data): --model-kwargs img_size=32
+    code = main(["train", "-c", str(args_yaml), "--dataset", "sklearn/digits", "--img-size", "32",
+                 "--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", "img_size=32", "depth=1",
+                 "embed_dim=32", "num_heads=2", *save_teacher(tmp_path / "t.safetensors"), "--kd-distill-type",
+                 "token", "--task-loss-weight", "0.8", "--epochs", "1", "--warmup-epochs", "0", "-b", "32", "-j", "0",
+                 "--log-interval", "100", "--output", str(tmp_path), "--experiment", "timm"])
+    assert code == EXIT_OK
+    saved = yaml.safe_load((tmp_path / "timm" / "config.yaml").read_text())
+    assert saved["optim"]["weight_decay"] == 2e-5 and saved["loss"]["smoothing"] == 0.1
+    assert saved["loss"]["kd_distill_type"] == "token"
+    workers = saved["resolved"]["num_workers"]
+    assert saved["resolved"]["lr"] == pytest.approx(0.1 * 32 * workers / 256)  # timm's rule: lr_base * batch / 256
+    with (tmp_path / "timm" / "summary.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0"]

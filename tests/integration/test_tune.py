@@ -61,8 +61,8 @@ def test_best_yaml_closes_the_loop(asha_search, tmp_path):
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
     search_dir = tmp_path / "resumable"
-    cmd = [sys.executable, "-m", "raytrain_cls", "tune", *TINY, "--epochs", "3", "--search",
-           "lr=grid:0.1,0.05,0.02", "--num-samples", "1", "--max-concurrent-trials", "1", "--scheduler", "fifo",
+    cmd = [sys.executable, "-m", "raytrain_cls", "tune", *TINY, "--epochs", "2", "--search",
+           "lr=grid:0.1,0.05", "--num-samples", "1", "--max-concurrent-trials", "1", "--scheduler", "fifo",
            "--output", str(tmp_path), "--experiment", "resumable"]
     # The search driver joins the shared cluster (one Ray per host: Train's placement-group cleaner needs that).
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -83,9 +83,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_local,
 
     assert main(["tune", "--resume", str(search_dir)]) == EXIT_OK
     rows = trials(search_dir)
-    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
     for name, mtime in finished.items():  # a finished trial's run was not redone
         assert (trials_dir / name / "result.json").stat().st_mtime_ns == mtime
     for r in rows:
         with (trials_dir / f"trial-{r['trial_id']}" / "summary.csv").open() as f:
-            assert [int(x["epoch"]) for x in csv.DictReader(f)] == [0, 1, 2]
+            assert [int(x["epoch"]) for x in csv.DictReader(f)] == [0, 1]
