@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Stop what start-head.sh / add-worker.sh started, by their own pids only (never a blanket `ray stop`).
-#   cluster/local/stop.sh [--port 6390]                  the worker nodes, then the head (graceful)
+#   cluster/local/stop.sh [--port 6390] [--grace 10]     the worker nodes, then the head (graceful)
 #   cluster/local/stop.sh [--port 6390] --node w1 [--kill]   one node; --kill = SIGKILL its process group
+# Graceful = SIGTERM, then SIGKILL of the node's process group after --grace seconds: an idle head exits in ~4 s,
+# but one whose worker node was lost can sit out SIGTERM for 30 s and more (seen with Ray 2.60).
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
 
-port=6390 node="" hard=0
+port=6390 node="" hard=0 grace=10
 while [ $# -gt 0 ]; do
     case $1 in
         --port) port=$2; shift 2 ;;
         --node) node=$2; shift 2 ;;
         --kill) hard=1; shift ;;
+        --grace) grace=$2; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -25,8 +28,10 @@ stop_one() {  # stop_one NAME
             kill -KILL -- "-$pid" 2>/dev/null || true  # setsid made pid the group id: the node's raylet and all
         else
             kill -TERM "$pid"  # `ray start --block` shuts its node's processes down on SIGTERM
-            wait_for_pid_exit "$pid" 30 || { echo "$1 (pid $pid) ignored SIGTERM; killing its process group" >&2
-                                              kill -KILL -- "-$pid" 2>/dev/null || true; }
+            if ! wait_for_pid_exit "$pid" "$grace"; then
+                echo "$1 (pid $pid) still up ${grace} s after SIGTERM; killing its process group" >&2
+                kill -KILL -- "-$pid" 2>/dev/null || true
+            fi
         fi
         wait_for_pid_exit "$pid" 10 || true
         echo "stopped $1 (pid $pid)"
