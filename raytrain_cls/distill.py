@@ -132,13 +132,14 @@ class TokenDistillationLoss(_TeacherLoss):
         return self.task_weight * self.task_loss(logits, target) + self.distill_weight * kd
 
 
-def feature_dim(model: torch.nn.Module) -> int:
-    """Width of a timm model's pooled pre-logit features (what forward_head(pre_logits=True) returns)."""
+def feature_dim(model: torch.nn.Module, key: str) -> int:
+    """Width of a timm model's pooled pre-logit features (what forward_head(pre_logits=True) returns); ``key``
+    names the setting that gives it when the model does not say."""
     for attr in ("head_hidden_size", "num_features"):
         if isinstance(getattr(model, attr, None), int):
             return getattr(model, attr)
-    raise ConfigError("loss.kd_student_feature_dim", None, f"{type(model).__name__} does not say its feature width: "
-                      "set --kd-student-feature-dim and --kd-teacher-feature-dim")
+    raise ConfigError(key, None, f"{type(model).__name__} does not say its feature width: set "
+                      f"--{key.split('.')[1].replace('_', '-')}")
 
 
 @dataclass
@@ -162,8 +163,8 @@ def build_distillation(cfg: Config, model: torch.nn.Module, task_loss: torch.nn.
     if lc.kd_distill_type == "feature":
         from timm.task.distillation import FeatureDistillationTrainableModule
 
-        width = lc.kd_student_feature_dim or feature_dim(model)
-        teacher_width = lc.kd_teacher_feature_dim or feature_dim(teacher.model)
+        width = lc.kd_student_feature_dim or feature_dim(model, "loss.kd_student_feature_dim")
+        teacher_width = lc.kd_teacher_feature_dim or feature_dim(teacher.model, "loss.kd_teacher_feature_dim")
         projection = torch.nn.Linear(width, teacher_width).to(device) if width != teacher_width else None
         loss = FeatureDistillationLoss(task_loss, teacher, *norm, task_w, distill_w)
         return Distillation(loss.to(device), FeatureDistillationTrainableModule(model, projection), projection)

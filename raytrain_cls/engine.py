@@ -194,7 +194,6 @@ def _optimizer_step(p: TrainParts) -> None:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
     """Float logits; with --tta > 0, averaged with those of the horizontally flipped images (flip TTA)."""
     out = model(x).float()
@@ -203,6 +202,7 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: int = 0) -> torch.T
     return out
 
 
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast: Callable[[], ContextManager],
              channels_last: bool = False, tta: int = 0) -> dict:
     """Loss, top-1 and top-5 (percent, as timm reports them) over the union of all ranks' validation shards."""
