@@ -56,7 +56,8 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
         help_text = meta.get("help", "")
         if meta.get("choices"):
             help_text += f" {{{', '.join(map(str, meta['choices']))}}}"
-        help_text += f" (default: {shown!r})"
+        if "(default:" not in help_text:  # some helps say what an unset (None) default means instead
+            help_text += f" (default: {shown!r})"
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
         base = _scalar_type(hint)
         origin = typing.get_origin(base)

@@ -46,26 +46,16 @@ TIMM_IGNORED_KEYS = {
     "prefetcher": "not needed", "no_prefetcher": "not needed", "no_ddp_bb": "not needed",
     "synchronize_step": "not needed", "worker_seeding": "augmentation is seeded per sample",
     "use_multi_epochs_loader": "the loaders keep their processes across epochs already",
+    "train_num_samples": "it sizes timm's iterable (streaming) data sets; every source here knows its size",
+    "val_num_samples": "it sizes timm's iterable (streaming) data sets; every source here knows its size",
 }
 
 # Keys of timm's args.yaml for features this service does not have. timm writes every key, so an args.yaml always
 # holds them: at timm's default (the feature off) they are accepted silently; any other value fails by name.
 TIMM_UNSUPPORTED_KEYS = {
-    "train_num_samples": (None, "sized iterable data sets (HF streaming, WebDataset) are not a source here: "
-                                "convert the data to Parquet shards with `raytrain-cls prepare`"),
-    "val_num_samples": (None, "sized iterable data sets are not a source here: use Parquet shards"),
-    "dataset_download": (False, "nothing is downloaded at run time: put the data set on disk (or s3://) first"),
-    "input_key": (None, "HF datasets are not a source here: convert with `raytrain-cls prepare`"),
-    "target_key": (None, "HF datasets are not a source here: convert with `raytrain-cls prepare`"),
-    "dataset_trust_remote_code": (False, "HF datasets are not a source here"),
-    "naflex_loader": (False, "NaFlex variable-resolution loading is not built yet"),
-    "naflex_train_seq_lens": ([128, 256, 576, 784, 1024], "NaFlex variable-resolution loading is not built yet"),
-    "naflex_max_seq_len": (576, "NaFlex variable-resolution loading is not built yet"),
-    "naflex_patch_sizes": (None, "NaFlex variable-resolution loading is not built yet"),
-    "naflex_patch_size_probs": (None, "NaFlex variable-resolution loading is not built yet"),
-    "naflex_loss_scale": ("linear", "NaFlex variable-resolution loading is not built yet"),
     "kd_loss_type": ("kl", "the distillation loss is timm's KL divergence (its only kind)"),
 }
+HF_PREFIX = "hfds/"  # timm's prefix for a (map-style) Hugging Face data set
 
 
 class ConfigError(ValueError):
@@ -100,6 +90,13 @@ class DataConfig:
                                          ".txt), or a YAML/JSON list or {name: index} mapping")
     input_img_mode: Optional[str] = option(None, "PIL mode images are read in: RGB or L (grey); default: from the "
                                                  "model's input channels, which it must match", choices=("RGB", "L"))
+    input_key: Optional[str] = option(None, "hfds/ data sets: the image column (default: image)")
+    target_key: Optional[str] = option(None, "hfds/ data sets: the label column (default: label)")
+    dataset_download: bool = option(False, "hfds/ data sets: allow fetching from the Hugging Face Hub (default: "
+                                           "offline, local folders and the cache only); the built-in data sets "
+                                           "are always read from disk")
+    dataset_trust_remote_code: bool = option(False, "hfds/ data sets: run the data set's loading script (only "
+                                                    "datasets < 4 runs scripts)")
     synthetic_samples: int = option(10000, "synthetic data set: training images (validation gets a tenth)", min=1)
     loader: str = option("torch", "input pipeline: 'torch' = a DataLoader per training worker (exact mid-epoch "
                             "resume, any worker count); 'ray' = Ray Data streaming_split from Parquet shards, "
@@ -122,6 +119,21 @@ class DataConfig:
     pin_mem: bool = option(False, "pin CPU memory of loaded batches (faster host-to-GPU copies)")
     epoch_repeats: float = option(0.0, "train on this many passes over the data per epoch (fresh shuffles; "
                                        "0 = one pass)", min=0, max=1000)
+    # timm's NaFlex loader: variable-resolution, aspect-preserving patch sequences for NaFlexVit models
+    naflex_loader: bool = option(False, "NaFlex variable-resolution training: each batch resizes its images to at "
+                                        "most one of --naflex-train-seq-lens patches (aspect kept) and holds "
+                                        "--batch-size x max(seq lens) tokens; needs a NaFlexVit model")
+    naflex_train_seq_lens: list[int] = option(help="NaFlex: the patch-sequence lengths training batches draw from",
+                                              nargs="+", min=1, factory=lambda: [128, 256, 576, 784, 1024])
+    naflex_max_seq_len: int = option(576, "NaFlex: the patch-sequence length of validation", min=1)
+    naflex_patch_sizes: Optional[list[int]] = option(None, "NaFlex: patch sizes each training batch draws from "
+                                                           "(default: the model's own)", nargs="+", min=1)
+    naflex_patch_size_probs: Optional[list[float]] = option(None, "NaFlex: the probability of each "
+                                                                  "--naflex-patch-sizes entry (default: equal)",
+                                                            nargs="+", min=0)
+    naflex_loss_scale: str = option("linear", "NaFlex: scale each batch's loss by its size relative to "
+                                              "--batch-size: linear, sqrt, or none",
+                                    choices=("linear", "sqrt", "none"))
 
 
 @dataclass
@@ -394,7 +406,8 @@ class Config:
             elif key in FIELDS:
                 self.set(key, value)
             elif key in TIMM_IGNORED_KEYS:
-                print(f"note: ignoring timm key '{key}' ({TIMM_IGNORED_KEYS[key]})", file=sys.stderr)
+                if value is not None:  # unset: nothing is being ignored
+                    print(f"note: ignoring timm key '{key}' ({TIMM_IGNORED_KEYS[key]})", file=sys.stderr)
             elif key in TIMM_UNSUPPORTED_KEYS:
                 default, reason = TIMM_UNSUPPORTED_KEYS[key]
                 if value != default and value not in (None, "", [], False):  # set, and not to timm's "off"
@@ -426,9 +439,19 @@ class Config:
             _check_field(f"{group}.{name}", self.get(name), f)
         d, a, m, o, s = self.data, self.aug, self.model, self.optim, self.sched
         dataset = canonical_dataset(d.dataset)
-        if dataset not in BUILTIN_DATASETS:
-            raise ConfigError("data.dataset", d.dataset,
-                              f"unknown data set; choose one of {list(BUILTIN_DATASETS)}{_suggest(d.dataset, BUILTIN_DATASETS)}")
+        if dataset.startswith(HF_PREFIX):
+            self._check_hf()
+        elif dataset.startswith("hfids/"):
+            raise ConfigError("data.dataset", d.dataset, "streaming (iterable) data sets are not a source here: use "
+                              "hfds/NAME (a saved, local or cached data set), or Parquet shards")
+        elif dataset not in BUILTIN_DATASETS:
+            raise ConfigError("data.dataset", d.dataset, f"unknown data set; choose one of "
+                              f"{list(BUILTIN_DATASETS) + ['hfds/NAME']}{_suggest(d.dataset, BUILTIN_DATASETS)}")
+        else:
+            for key in ("input_key", "target_key", "dataset_trust_remote_code"):
+                if getattr(d, key):
+                    raise ConfigError(f"data.{key}", getattr(d, key), "only for Hugging Face data sets "
+                                      "(--dataset hfds/NAME)")
         if dataset in ("folder", "parquet") and not d.data_dir:
             what = "an ImageFolder data set" if dataset == "folder" else "a Parquet shard data set"
             raise ConfigError("data.data_dir", d.data_dir, f"{what} needs --data-dir "
@@ -453,7 +476,7 @@ class Config:
                 raise ConfigError("aug.aug_repeats", a.aug_repeats, "Ray Data deals whole blocks to the workers, "
                                   "not repeated samples: --aug-repeats needs --loader torch")
         if d.gpu_decode:
-            if dataset not in ("folder", "parquet", "synthetic"):
+            if dataset not in ("folder", "parquet", "synthetic") and not dataset.startswith(HF_PREFIX):
                 raise ConfigError("data.gpu_decode", True, f"the {dataset} data set holds decoded pixels, not "
                                   "encoded images: use --dataset parquet or folder")
             if a.aa:
@@ -516,6 +539,8 @@ class Config:
         elif lc.kd_model_path:
             raise ConfigError("loss.kd_model_path", lc.kd_model_path, "set --kd-model-name (the teacher's "
                               "architecture) too")
+        if d.naflex_loader:
+            self._check_naflex()
         p = self.precision
         if p.model_dtype in ("bfloat16", "float16") and p.amp:
             raise ConfigError("precision.model_dtype", p.model_dtype, "low-precision weights and --amp do not mix "
@@ -557,6 +582,52 @@ class Config:
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                     raise ConfigError(f"scaling.resources_per_worker.{k}", v, "must be a number >= 0")
         return self
+
+    def _check_hf(self) -> None:
+        d = self.data
+        if importlib.util.find_spec("datasets") is None:
+            raise ConfigError("data.dataset", d.dataset, "Hugging Face data sets need the datasets package: pip "
+                              "install datasets (or 'raytrain-cls[hf]')")
+        if not d.dataset[len(HF_PREFIX):]:
+            raise ConfigError("data.dataset", d.dataset, "name the data set: hfds/PATH_OR_HUB_NAME")
+        if d.dataset_trust_remote_code:
+            from importlib.metadata import version
+
+            if int(version("datasets").split(".")[0]) >= 4:
+                raise ConfigError("data.dataset_trust_remote_code", True, f"datasets {version('datasets')} runs no "
+                                  "loading scripts any more: use a data set in a standard format (Parquet, image "
+                                  "folder), or convert it")
+
+    def _check_naflex(self) -> None:
+        """--naflex-loader feeds patch dictionaries, in batches whose size varies with the sequence length: what
+        needs image tensors or fixed batches cannot come along; each clash is named with its reason."""
+        d, a = self.data, self.aug
+        clashes = (
+            ("data.loader", d.loader == "ray" and d.loader, "NaFlex batches are built by the torch DataLoader path"),
+            ("data.gpu_decode", d.gpu_decode, "NaFlex resizes on the CPU, per batch, to a patch budget"),
+            ("aug.aug_repeats", a.aug_repeats > 1 and a.aug_repeats, "not with NaFlex batches (as in timm)"),
+            ("aug.aug_splits", a.aug_splits, "not with NaFlex batches (as in timm)"),
+            ("aug.cutmix_minmax", a.cutmix_minmax, "NaFlex mixup/cutmix has no min/max box ratio (timm drops it): "
+                                                   "use --cutmix ALPHA"),
+            ("aug.mixup_mode", a.mixup_mode != "batch" and a.mixup_mode, "NaFlex mixup/cutmix pairs neighbouring "
+                                                                         "images of a batch; only 'batch' applies"),
+            ("checkpoint.tta", self.checkpoint.tta, "flip test-time augmentation needs image tensors, not patches"),
+            ("run.save_images", self.run.save_images, "NaFlex batches are patch sequences, not images"),
+            ("loss.kd_model_name", self.loss.kd_model_name, "the teacher would need the images the patches came "
+                                                            "from: distillation and --naflex-loader do not mix"),
+        )
+        for key, value, reason in clashes:
+            if value:
+                raise ConfigError(key, value, f"{reason} (--naflex-loader)")
+        probs = d.naflex_patch_size_probs
+        if probs is not None:
+            if not d.naflex_patch_sizes:
+                raise ConfigError("data.naflex_patch_size_probs", probs, "give the sizes too (--naflex-patch-sizes)")
+            if len(probs) != len(d.naflex_patch_sizes):
+                raise ConfigError("data.naflex_patch_size_probs", probs, f"needs one probability per patch size "
+                                  f"({len(d.naflex_patch_sizes)})")
+            if sum(probs) <= 0:
+                raise ConfigError("data.naflex_patch_size_probs", probs, "must not all be 0")
 
 
 def canonical_dataset(name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ class TrainParts:
     accum_steps: int = 1
     channels_last: bool = False
     input_dtype: Optional[torch.dtype] = None  # --model-dtype: inputs cast to the weights' dtype
+    loss_scale: Optional[Callable[[int], float]] = None  # NaFlex: a batch's loss factor from its size
 
 
 def autocast_factory(device: torch.device, enabled: bool, dtype: torch.dtype) -> Callable[[], ContextManager]:
@@ -59,13 +60,23 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool,
+Inputs = Union[torch.Tensor, dict]  # an image batch, or (NaFlex) a dict of patches, coordinates and validity
+
+
+def to_device(x: Inputs, y: torch.Tensor, device: torch.device, channels_last: bool,
                dtype: Optional[torch.dtype] = None):
-    x = x.to(device, dtype=dtype, non_blocking=True)  # dtype: the weights' (--model-dtype), else unchanged
     y = y.to(device, non_blocking=True)
+    if isinstance(x, dict):  # NaFlex: only the pixel values take the weights' dtype
+        return {k: v.to(device, dtype=dtype if k == "patches" else None, non_blocking=True)
+                if isinstance(v, torch.Tensor) else v for k, v in x.items()}, y
+    x = x.to(device, dtype=dtype, non_blocking=True)  # dtype: the weights' (--model-dtype), else unchanged
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
+
+
+def batch_size(x: Inputs) -> int:
+    return x["patches"].shape[0] if isinstance(x, dict) else x.shape[0]
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -118,7 +129,7 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
         final_group = batch_idx >= num_batches - last_accum
         group_size = last_accum if final_group else accum
         stepping = (batch_idx + 1) % accum == 0 or batch_idx == num_batches - 1
-        x, y = _to_device(x, y, p.device, p.channels_last, p.input_dtype)
+        x, y = to_device(x, y, p.device, p.channels_last, p.input_dtype)
         if p.mixup is not None and use_mixup:
             x, y = p.mixup(x, y)
         # Skip DDP's gradient all-reduce on micro-batches that do not end in an optimizer step.
@@ -128,7 +139,9 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
                 out = p.model(x)
                 # a distillation loss also needs the inputs (its teacher sees the same batch)
                 loss = p.loss_fn(out, y, x) if getattr(p.loss_fn, "needs_input", False) else p.loss_fn(out, y)
-            (p.scaler.scale(loss / group_size) if p.scaler else loss / group_size).backward()
+            n = batch_size(x)
+            scaled = loss / group_size if p.loss_scale is None else loss * (p.loss_scale(n) / group_size)
+            (p.scaler.scale(scaled) if p.scaler else scaled).backward()
         if stepping:
             _optimizer_step(p)
             num_updates += 1
@@ -139,9 +152,9 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
         finite = torch.isfinite(loss.detach())
         streak = torch.where(finite, torch.zeros_like(streak), streak + 1)
         worst = torch.maximum(worst, streak)
-        loss_sum += torch.where(finite, loss.detach().double() * x.shape[0], 0.0)
-        seen += finite.double() * x.shape[0]
-        local_seen += x.shape[0]
+        loss_sum += torch.where(finite, loss.detach().double() * n, 0.0)
+        seen += finite.double() * n
+        local_seen += n
         step = batch_idx + 1
         logging_now = log is not None and (step % log_interval == 0 or batch_idx == num_batches - 1)
         if logging_now or step % nan_patience == 0:
@@ -212,7 +225,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast: Cal
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss_sum, top1, top5, count
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     for x, y in loader:
-        x, y = _to_device(x, y, device, channels_last, dtype)
+        x, y = to_device(x, y, device, channels_last, dtype)
         with autocast():
             logits = tta_logits(model, x, tta)
         k = min(5, logits.shape[1])

@@ -22,7 +22,8 @@ from .data.loader import SkippingLoader, TransformedDataset, collate_skipping_ba
 from .data.sampler import ShardSampler
 from .data.shards import MANIFEST, ShardError, ShardReader, read_manifest
 from .data.sources import IMAGE_EXTENSIONS, BadImageError, DataError, build_source, decode_image
-from .engine import tta_logits
+from .data.naflex import NaFlexEvalCollate, naflex_eval_transform
+from .engine import to_device, tta_logits
 from .model import architecture_kwargs, split_bn
 from .report import atomic_write_text
 from .state import EMA_FILE, META_FILE, MODEL_FILE, CheckpointError, load_weights, read_meta
@@ -34,6 +35,7 @@ class LoadedModel:
     data_config: dict  # input_size, interpolation, mean, std, crop_pct, crop_mode
     classes: list
     config: Optional[Config]  # the training config, for checkpoints (None for an exported model)
+    naflex: Optional[tuple[int, int]] = None  # trained with --naflex-loader: (patch size, validation length)
 
 
 def load_model(path: str | Path, use_ema: bool = False, device: str = "cpu") -> LoadedModel:
@@ -48,6 +50,7 @@ def load_model(path: str | Path, use_ema: bool = False, device: str = "cpu") -> 
         model = split_bn(cfg, model)  # so a --split-bn checkpoint loads; evaluation uses the main statistics
         load_weights(model, weights)
         data_config, classes = dict(r["data_config"]), list(r.get("classes") or [])
+        naflex = (r["naflex_patch_size"], cfg.data.naflex_max_seq_len) if cfg.data.naflex_loader else None
     elif (path / "config.json").is_file():
         info = json.loads((path / "config.json").read_text())
         model = timm.create_model(info["architecture"], pretrained=False, num_classes=info["num_classes"],
@@ -60,7 +63,7 @@ def load_model(path: str | Path, use_ema: bool = False, device: str = "cpu") -> 
     else:
         raise CheckpointError(f"{path} is neither a checkpoint ({META_FILE}) nor an exported model (config.json)")
     model.to(device).eval()
-    return LoadedModel(model, data_config, classes, cfg)
+    return LoadedModel(model, data_config, classes, cfg, naflex)
 
 
 def eval_transform(data_config: dict, crop_pct: Optional[float] = None):
@@ -98,18 +101,24 @@ def shard_sums(path: str, cfg_overrides: Optional[dict], use_ema: bool, tta: int
     if loaded.classes and source.classes != loaded.classes:
         raise DataError(f"the data set's classes {source.classes[:5]}... differ from the model's "
                         f"{loaded.classes[:5]}...: evaluate on data labelled like the training set")
-    dataset = TransformedDataset(source.val, eval_transform(loaded.data_config, crop_pct),
-                                 image_mode(loaded.data_config))
+    if loaded.naflex:  # the run's own validation input: patch sequences of its --naflex-max-seq-len
+        if tta:
+            raise DataError("--tta flips images; a NaFlex model is evaluated on patch sequences: drop --tta")
+        transform, collate = naflex_eval_transform(loaded.data_config, *loaded.naflex), NaFlexEvalCollate(
+            loaded.naflex[1])
+    else:
+        transform, collate = eval_transform(loaded.data_config, crop_pct), collate_skipping_bad
+    dataset = TransformedDataset(source.val, transform, image_mode(loaded.data_config))
     # Unreadable images are skipped and counted, as in training: every readable sample counted once.
     loader = SkippingLoader(torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad,
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
         sampler=ShardSampler(len(dataset), rank, world)), fill=False)
     n_classes = len(source.classes)
     hits1 = torch.zeros(n_classes, dtype=torch.long)
     counts = torch.zeros(n_classes, dtype=torch.long)
     loss_sum, top5 = 0.0, 0
     for x, y in loader:
-        logits = tta_logits(loaded.model, x.to(device), tta).cpu()
+        logits = tta_logits(loaded.model, to_device(x, y, device, False)[0], tta).cpu()
         loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(y[:, None])
@@ -206,7 +215,12 @@ def predict(path: str, inputs: Sequence[str], topk: int = 5, batch_size: int = 6
     """Top-k classes and probabilities per image. Unreadable images get an error row instead of a guess."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(path, use_ema, device)
-    transform, mode = eval_transform(loaded.data_config), image_mode(loaded.data_config)
+    mode = image_mode(loaded.data_config)
+    if loaded.naflex:
+        transform, collate = naflex_eval_transform(loaded.data_config, *loaded.naflex), NaFlexEvalCollate(
+            loaded.naflex[1])
+    else:
+        transform, collate = eval_transform(loaded.data_config), None
     items = find_images(inputs)
     rows: list[dict] = []
     for start in range(0, len(items), batch_size):
@@ -224,7 +238,8 @@ def predict(path: str, inputs: Sequence[str], topk: int = 5, batch_size: int = 6
             except BadImageError as e:
                 row["error"] = e.reason
         if batch:
-            probs = loaded.model(torch.stack(batch).to(device)).float().softmax(dim=1).cpu()
+            x = collate([(b, 0) for b in batch])[0] if collate else torch.stack(batch)
+            probs = loaded.model(to_device(x, torch.empty(0), device, False)[0]).float().softmax(dim=1).cpu()
             values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
             for row, v, idx in zip(slots, values.tolist(), indices.tolist()):
                 row.update(classes=[loaded.classes[i] if i < len(loaded.classes) else str(i) for i in idx], probs=v)

@@ -23,7 +23,8 @@ def mixup_kwargs(cfg: Config, num_classes: int) -> dict:
 
 
 def build_mixup(cfg: Config, num_classes: int) -> Optional[Mixup]:
-    return Mixup(**mixup_kwargs(cfg, num_classes)) if mixup_active(cfg) else None
+    """The batch mixer the training loop applies; None with --naflex-loader, whose loader mixes (NaFlexMixup)."""
+    return Mixup(**mixup_kwargs(cfg, num_classes)) if mixup_active(cfg) and not cfg.data.naflex_loader else None
 
 
 def build_train_loss(cfg: Config) -> torch.nn.Module:

@@ -95,6 +95,10 @@ def resolve_data_config(cfg: Config, num_classes: int, pretrained_cfg: Optional[
     if pretrained_cfg is None:
         pretrained_cfg = meta_model(cfg, num_classes).pretrained_cfg
     dc = timm_resolve(args=data_config_kwargs(cfg), pretrained_cfg=dict(pretrained_cfg))
+    if cfg.model.in_chans and not cfg.model.input_size:
+        # timm takes the channel count from the model's default input size unless --img-size is given too;
+        # --in-chans alone must still size the data for the model it builds
+        dc["input_size"] = (cfg.model.in_chans, *dc["input_size"][1:])
     chans = dc["input_size"][0]
     mean, std = list(dc["mean"]), list(dc["std"])
     if len(mean) != chans:  # e.g. a grey (in_chans=1) model with ImageNet's RGB statistics: one averaged value
@@ -125,15 +129,37 @@ def resolve(cfg: Config, cluster: dict) -> Config:
         raise ConfigError("loss.kd_distill_type", "token", f"{cfg.model.model} has no distillation token: use a "
                           "*_distilled model (e.g. deit_tiny_distilled_patch16_224), or --kd-distill-type logit")
     data_config = resolve_data_config(cfg, num_classes, architecture.pretrained_cfg)
-    check_input_size(cfg, architecture, data_config["input_size"])
+    extra = {}
+    if cfg.data.naflex_loader:
+        extra["naflex_patch_size"] = naflex_model_patch_size(cfg, architecture)
+    else:  # NaFlex inputs have no fixed image size
+        check_input_size(cfg, architecture, data_config["input_size"])
     chans = data_config["input_size"][0]
     if cfg.data.input_img_mode and chans != {"RGB": 3, "L": 1}[cfg.data.input_img_mode]:
         raise ConfigError("data.input_img_mode", cfg.data.input_img_mode, f"the model takes {chans}-channel input "
                           f"(set --in-chans to match, or drop --input-img-mode)")
     cfg.resolved = dict(use_gpu=use_gpu, num_workers=num_workers, lr=lr, lr_rule=lr_rule,
                         num_epochs=num_epochs, num_classes=num_classes, classes=list(source.classes),
-                        train_samples=len(source.train), val_samples=len(source.val), data_config=data_config)
+                        train_samples=len(source.train), val_samples=len(source.val), data_config=data_config,
+                        **extra)
     return cfg
+
+
+def naflex_model_patch_size(cfg: Config, architecture: torch.nn.Module) -> int:
+    """The patch size of a model that takes NaFlex patch dicts (timm's NaFlexVit); any other model is refused
+    here rather than failing on its first batch in every worker."""
+    if not hasattr(architecture, "get_patch_size"):
+        raise ConfigError("data.naflex_loader", True, f"{cfg.model.model} takes image tensors, not NaFlex patch "
+                          "sequences: use a NaFlexVit model (e.g. naflexvit_base_patch16_gap)")
+    height, width = architecture.get_patch_size()
+    if height != width:
+        raise ConfigError("model.model", cfg.model.model, f"NaFlex batches use square patches; this model's are "
+                          f"{height}x{width}")
+    sizes = cfg.data.naflex_patch_sizes
+    if sizes and set(sizes) != {height} and not getattr(architecture, "supports_patch_interpolation", False):
+        raise ConfigError("data.naflex_patch_sizes", sizes, f"this model embeds {height}x{height} patches only: "
+                          "build it with --model-kwargs enable_patch_interpolator=True to take other sizes")
+    return int(height)
 
 
 def check_input_size(cfg: Config, architecture: torch.nn.Module, input_size: list) -> None:

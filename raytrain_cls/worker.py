@@ -20,6 +20,7 @@ from timm.utils import distribute_bn
 from .config import Config
 from .data import DataError, build_loaders, build_source
 from .data.loader import BadSampleLog, SkippingLoader
+from .data.naflex import loss_scale
 from .data.ray_data import DATASET_NAME as RAY_DATASET
 from .data.ray_data import ray_data_loader, rows_per_worker
 from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train_one_epoch
@@ -154,7 +155,9 @@ def train_loop_per_worker(config: dict) -> dict:
                        mixup=build_mixup(cfg, res["num_classes"]), scheduler=scheduler, ema=ema, ema_source=model,
                        clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode,
                        accum_steps=cfg.optim.grad_accum_steps, channels_last=cfg.model.channels_last,
-                       input_dtype=model_dtype(cfg))
+                       input_dtype=model_dtype(cfg),
+                       loss_scale=loss_scale(cfg.data.naflex_loss_scale, cfg.data.batch_size)
+                       if cfg.data.naflex_loader else None)
     num_epochs = res["num_epochs"]
     metric = cfg.checkpoint.eval_metric
     batch = cfg.data.batch_size
@@ -179,7 +182,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 return
             state.num_updates = progress.num_updates
             state.in_epoch = dict(epoch=epoch, batches=progress.batches_done, world_size=world, batch_size=batch,
-                                  samples=consumed + (progress.batches_done - start_batch) * batch * world)
+                                  samples=loaders.samples_after(progress.batches_done - start_batch))
             metrics = dict(epoch=epoch, step=progress.batches_done, num_updates=progress.num_updates, recovery=1,
                            resumed_from=resumed_from, **{f"eval_{metric}": recovery_score(metric)})
             report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}-step-{progress.num_updates:07d}",
@@ -193,7 +196,7 @@ def train_loop_per_worker(config: dict) -> dict:
             if rank == 0 else None,
             on_log_batch=save_batch_images(res["run_dir"]) if rank == 0 and cfg.run.save_images else None)
         state.in_epoch = None
-        dealt = (len(loaders.train) + start_batch) * batch * world - consumed
+        dealt = loaders.samples_after(len(loaders.train)) - consumed
         train_bad = check_bad_samples("training", loaders.train.bad, dealt, cfg.data.max_bad_fraction, epoch,
                                       rank, world, say)
         if world > 1 and cfg.model.dist_bn:

@@ -44,32 +44,43 @@ class TransformedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch, copy = _split_key(key)
-        try:
-            img, target = self.base[index]
-        except BadImageError as e:
-            return BadSample(e.where, e.reason)
-        if img.mode != self.img_mode:
-            img = img.convert(self.img_mode)
+        sample = read_sample(self.base, index, self.img_mode)
+        if isinstance(sample, BadSample):
+            return sample
+        img, target = sample
         if self.seed is None:
             return self.transform(img), target
-        if torch.utils.data.get_worker_info() is None:
-            # Loading in the training process itself (-j 0): leave the training RNG streams (mixup, dropout)
-            # exactly as they were, so they do not depend on how the data was loaded.
-            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-            try:
-                return self._seeded_transform(img, epoch, index, copy), target
-            finally:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.set_rng_state(saved[2])
-        return self._seeded_transform(img, epoch, index, copy), target
+        return seeded(self.transform, img, seed=sample_seed(self.seed, epoch, index, copy)), target
 
-    def _seeded_transform(self, img, epoch: int, index: int, copy: int):
-        s = sample_seed(self.seed, epoch, index, copy)
-        random.seed(s)
-        np.random.seed(s)
-        torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also touches CUDA, 100x slower
-        return self.transform(img)
+
+def read_sample(base: ImageDataset, index: int, img_mode: str):
+    """(PIL image in ``img_mode``, target), or a BadSample standing in for an unreadable image."""
+    try:
+        img, target = base[index]
+    except BadImageError as e:
+        return BadSample(e.where, e.reason)
+    return (img.convert(img_mode) if img.mode != img_mode else img), target
+
+
+def seeded(fn, *args, seed: int):
+    """fn(*args) with python/numpy/torch RNGs seeded by ``seed``. In the training process itself (-j 0) the RNG
+    streams are restored afterwards, so the training randomness (mixup, dropout) does not depend on how the data
+    was loaded; a loader process owns its RNGs and needs no restore."""
+    def run():
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also touches CUDA, 100x slower
+        return fn(*args)
+
+    if torch.utils.data.get_worker_info() is not None:
+        return run()
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        return run()
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 @dataclass(frozen=True)
@@ -161,9 +172,10 @@ class SkippingLoader:
     batch with no readable sample at all is an error; a validation batch shrinks (every sample counted once).
     """
 
-    def __init__(self, loader: DataLoader, fill: bool, decode=None, splits: int = 1):
+    def __init__(self, loader: DataLoader, fill: bool, decode=None, splits: int = 1, collate_fills: bool = False):
         self.loader, self.fill, self.decode, self.bad = loader, fill, decode, BadSampleLog()
         self.splits = max(1, splits)  # --aug-splits: rows are split-major, refill within each split
+        self.collate_fills = collate_fills  # the collate function already refilled the batch (NaFlex)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -186,7 +198,7 @@ class SkippingLoader:
                     raise DataError(f"every sample of a training batch was unreadable, e.g. {bad[0].where} "
                                     f"({bad[0].reason}): check the data set")
                 continue
-            if self.fill and bad:
+            if self.fill and bad and not self.collate_fills:
                 n = len(y) // self.splits
                 refill = torch.arange(len(bad), device=y.device) % n
                 xs, ys = x.reshape(self.splits, n, *x.shape[1:]), y.reshape(self.splits, n)
@@ -213,12 +225,21 @@ class _EpochTagged(Sampler):
 class Loaders:
     train: SkippingLoader
     val: SkippingLoader
-    train_sampler: ResumableDistributedSampler
+    train_sampler: ResumableDistributedSampler  # or, with --naflex-loader, a NaFlexBatchSampler
+    batch_size: int = 0  # per rank; NaFlex batches vary by step
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
         self.train_sampler.set_epoch(epoch, consumed)
         self.train.bad.reset()
         self.val.bad.reset()
+
+    def samples_after(self, batches: int) -> int:
+        """The epoch's global samples consumed once every rank has trained ``batches`` more batches from where
+        the epoch was (re)started: what a recovery checkpoint records as its position."""
+        position_after = getattr(self.train_sampler, "position_after", None)
+        if position_after is not None:
+            return position_after(batches)
+        return self.train_sampler.consumed + batches * self.batch_size * self.train_sampler.world_size
 
 
 def image_mode(data_config: dict) -> str:
@@ -229,6 +250,8 @@ def image_mode(data_config: dict) -> str:
 def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int,
                   device: torch.device | str = "cpu") -> Loaders:
     d = cfg.data
+    if d.naflex_loader:
+        return build_naflex_loaders(cfg, source, data_config, rank, world_size)
     if d.gpu_decode:
         from .device_transform import build_device_transform
 
@@ -254,7 +277,33 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
         raise ValueError(f"data.batch_size {d.batch_size} x {world_size} workers is larger than the "
                          f"{len(train_ds)} training samples: no full batch per epoch")
     return Loaders(SkippingLoader(train, fill=True, decode=decode[0], splits=cfg.aug.aug_splits),
-                   SkippingLoader(val, fill=False, decode=decode[1]), sampler)
+                   SkippingLoader(val, fill=False, decode=decode[1]), sampler, d.batch_size)
+
+
+def build_naflex_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int) -> Loaders:
+    """--naflex-loader: variable-resolution patch batches for training, one fixed length for validation."""
+    from .naflex import (NaFlexBatchSampler, NaFlexEvalCollate, NaFlexTrainCollate, NaFlexTrainDataset,
+                         build_naflex_mixup, naflex_eval_transform, naflex_patch_sizes, naflex_train_transforms)
+
+    d, res = cfg.data, cfg.resolved
+    mode = image_mode(data_config)
+    patch_sizes = naflex_patch_sizes(cfg, res["naflex_patch_size"])
+    order = ResumableDistributedSampler(len(source.train), rank, world_size, seed=cfg.run.seed, shuffle=True,
+                                        repeats=d.epoch_repeats, **_shard_order(source.train, d.shuffle_window))
+    batches = NaFlexBatchSampler(order, d.naflex_train_seq_lens, d.batch_size * max(d.naflex_train_seq_lens),
+                                 d.naflex_patch_size_probs or [1.0] * len(patch_sizes))
+    common = dict(num_workers=d.workers, pin_memory=d.pin_mem, persistent_workers=d.workers > 0,
+                  generator=torch.Generator().manual_seed(cfg.run.seed))
+    train_ds = NaFlexTrainDataset(source.train, naflex_train_transforms(cfg, data_config, patch_sizes), mode,
+                                  cfg.run.seed)
+    collate = NaFlexTrainCollate(patch_sizes, build_naflex_mixup(cfg, res["num_classes"]), cfg.run.seed)
+    train = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, **common)
+    val_ds = TransformedDataset(source.val, naflex_eval_transform(data_config, res["naflex_patch_size"],
+                                                                  d.naflex_max_seq_len), mode)
+    val = DataLoader(val_ds, batch_size=d.validation_batch_size or d.batch_size, drop_last=False,
+                     sampler=ShardSampler(len(val_ds), rank, world_size),
+                     collate_fn=NaFlexEvalCollate(d.naflex_max_seq_len), **common)
+    return Loaders(SkippingLoader(train, fill=True, collate_fills=True), SkippingLoader(val, fill=False), batches)
 
 
 def _shard_order(dataset: ImageDataset, window: int) -> dict:

@@ -91,9 +91,13 @@ class ResumableDistributedSampler(Sampler[int]):
             positions = torch.cat([positions, torch.arange(pad)])
         return positions[self.rank::self.world_size]
 
+    def order(self) -> torch.Tensor:
+        """The epoch's global order of sample indices (every pass of --epoch-repeats, one after the other)."""
+        return torch.cat([self._pass_order(p) for p in range(self.passes)])
+
     def tagged(self) -> list[tuple[int, int]]:
         """(sample index, copy number) for this rank; the copy number is 0 unless --aug-repeats is on."""
-        order = torch.cat([self._pass_order(p) for p in range(self.passes)])
+        order = self.order()
         positions = self._positions()
         indices = order[positions // self.copies].tolist()
         return list(zip(indices, (positions % self.copies).tolist()))

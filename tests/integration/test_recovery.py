@@ -76,19 +76,24 @@ def straight_run(ray_local, tmp_path_factory):
     return out / "straight"
 
 
-def test_a_killed_worker_is_replaced_and_the_result_is_bitwise_the_same(ray_local, straight_run, tmp_path):
+def train_killing_a_worker(ray, args: list, run_dir: Path, timeout: float = 120) -> list:
+    """`raytrain-cls train ARGS` in a thread; one of its Ray Train workers is SIGKILLed from outside, mid-epoch,
+    once epoch 1 has written a recovery checkpoint. Returns the command's exit codes (one, when it ended)."""
     codes = []
-    runner = threading.Thread(target=lambda: codes.append(
-        main(["train", *COMMON, "--output", str(tmp_path), "--experiment", "faulted"])))
+    runner = threading.Thread(target=lambda: codes.append(main(["train", *args])))
     runner.start()
-    run_dir = tmp_path / "faulted"
-    # Kill a training worker from outside, mid-epoch, once epoch 1 has written a recovery checkpoint.
-    wait_for(lambda: list(run_dir.glob("epoch-0001-step-*")), 120, "a recovery checkpoint in epoch 1")
-    session = ray_local._private.worker.global_worker.node.session_name
-    victims = ray_processes("ray::RayTrainWorker", session)
+    wait_for(lambda: list(run_dir.glob("epoch-0001-step-*")), timeout, "a recovery checkpoint in epoch 1")
+    victims = ray_processes("ray::RayTrainWorker", ray._private.worker.global_worker.node.session_name)
     assert victims, "no Ray Train worker process found"
     os.kill(victims[-1], signal.SIGKILL)
-    runner.join(timeout=300)
+    runner.join(timeout=400)
+    return codes
+
+
+def test_a_killed_worker_is_replaced_and_the_result_is_bitwise_the_same(ray_local, straight_run, tmp_path):
+    run_dir = tmp_path / "faulted"
+    codes = train_killing_a_worker(ray_local, [*COMMON, "--output", str(tmp_path), "--experiment", "faulted"],
+                                   run_dir)
     assert codes == [EXIT_OK]
 
     result = json.loads((run_dir / "result.json").read_text())

@@ -115,8 +115,7 @@ def test_timms_own_args_yaml_with_every_key_loads_with_timms_values(capsys):
     assert "ignoring timm key 'local_rank'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("key,value", [("naflex_loader", True), ("input_key", "img"), ("dataset_download", True),
-                                       ("naflex_max_seq_len", 256), ("train_num_samples", 1000)])
+@pytest.mark.parametrize("key,value", [("kd_loss_type", "mse")])
 def test_an_args_yaml_switching_on_a_feature_we_lack_fails_by_name(tmp_path, key, value):
     import yaml
 
@@ -124,6 +123,17 @@ def test_an_args_yaml_switching_on_a_feature_we_lack_fails_by_name(tmp_path, key
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=f"{key} = .*not supported"):
         load_config(str(tmp_path / "args.yaml"))
+
+
+def test_an_args_yaml_with_the_naflex_loader_on_loads_its_settings(tmp_path):
+    import yaml
+
+    raw = {**yaml.safe_load(TIMM_ARGS.read_text()), "naflex_loader": True, "naflex_max_seq_len": 256,
+           "naflex_loss_scale": "sqrt", "data_dir": "/data"}
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(tmp_path / "args.yaml"))
+    assert cfg.data.naflex_loader and cfg.data.naflex_max_seq_len == 256 and cfg.data.naflex_loss_scale == "sqrt"
+    assert cfg.data.naflex_train_seq_lens == [128, 256, 576, 784, 1024]  # timm's default, as written
 
 
 def test_drop_connect_is_timms_old_name_for_drop_path():

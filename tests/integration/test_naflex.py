@@ -1,0 +1,46 @@
+"""timm's --naflex-loader on 2 gloo workers: variable-resolution patch batches train a NaFlexVit, a worker killed
+mid-epoch is replaced from a recovery checkpoint, and `raytrain-cls eval` reproduces the run's validation."""
+import csv
+import json
+
+import pytest
+import yaml
+
+from raytrain_cls.cli import EXIT_OK
+from raytrain_cls.inference import evaluate_checkpoint
+
+from test_recovery import summary_epochs, train_killing_a_worker
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 6
+# A 4-block NaFlexVit with 4x4-pixel patches: digits (8x8) resized to 4, 16 or 36 patches per training batch.
+NAFLEX = ["--model", "naflexvit_base_patch16_gap", "--model-kwargs", "depth=4", "embed_dim=64", "num_heads=4",
+          "patch_size=4", "class_token=True", "global_pool=token", "--in-chans", "1", "--naflex-loader",
+          "--naflex-train-seq-lens", "4", "16", "36", "--naflex-max-seq-len", "16", "-b", "8",
+          "--mixup", "0.1", "--mixup-prob", "0.5", "--opt", "adamw", "--lr", "3e-3", "--weight-decay", "0.05",
+          "--warmup-epochs", "0", "--epochs", str(EPOCHS), "--recovery-interval", "4", "--max-failures", "1",
+          "--log-interval", "100"]
+
+
+def test_naflex_run_learns_and_survives_a_killed_worker(ray_local, tmp_path):
+    run_dir = tmp_path / "naflex"
+    codes = train_killing_a_worker(ray_local, [*NAFLEX, "--output", str(tmp_path), "--experiment", "naflex"],
+                                   run_dir, timeout=180)
+    assert codes == [EXIT_OK]
+
+    result = json.loads((run_dir / "result.json").read_text())
+    last = result["last_metrics"]
+    assert last["resumed_from"] > 0, "the worker group was never restarted from a checkpoint"
+    assert summary_epochs(run_dir) == list(range(EPOCHS))
+    # 1438 training images on 2 ranks: every epoch, the interrupted one included, trains on each exactly once
+    assert last["train_samples"] == 1438
+    with (run_dir / "summary.csv").open() as f:
+        top1 = [float(r["eval_top1"]) for r in csv.DictReader(f)]
+    assert top1[-1] > top1[0] + 10 and top1[-1] > 35, top1
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["naflex_loader"] and saved["resolved"]["naflex_patch_size"] == 4
+
+    # The eval command feeds the checkpoint the run's own validation input (16-patch sequences).
+    evaluated = evaluate_checkpoint(str(run_dir / f"epoch-{EPOCHS - 1:04d}"), workers=0)
+    assert evaluated["samples"] == 359 and evaluated["top1"] == pytest.approx(last["eval_top1"], abs=1e-6)
