@@ -385,6 +385,10 @@ def build_source(cfg: Config) -> Source:
         source = load_parquet_source(d.data_dir, d.train_split, d.val_split)
     elif kind == "synthetic":
         source = load_synthetic_source(cfg)
+    elif kind.startswith("hfds/"):
+        from .hf import load_hf_source
+
+        source = load_hf_source(cfg)
     else:
         raise ConfigError("data.dataset", d.dataset, "unknown data set")
     for ds in (source.train, source.val):
