@@ -16,9 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..config import HF_PREFIX
 from .sources import SPLIT_SYNONYMS, BadImageError, DataError, ImageDataset, Source, decode_image
-
-PREFIX = "hfds/"
 
 
 class HfImages(ImageDataset):
@@ -85,7 +84,7 @@ def load_hf_source(cfg) -> Source:
     import datasets
 
     d = cfg.data
-    name = d.dataset[len(PREFIX):]
+    name = d.dataset[len(HF_PREFIX):]
     image_key, target_key = d.input_key or "image", d.target_key or "label"
     splits = load_splits(name, d.data_dir, d.dataset_download)
     train_name, val_name = find_split(splits, name, d.train_split), find_split(splits, name, d.val_split)
@@ -128,4 +127,3 @@ def _pinned_classes(class_map: Optional[str], found: list) -> list:
 def _natural(label: str):
     """Numeric labels in numeric order (2 before 10), others alphabetically."""
     return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
-

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from ..config import DEFAULT_MAX_IMAGE_PIXELS, Config, ConfigError, canonical_dataset
+from ..config import DEFAULT_MAX_IMAGE_PIXELS, HF_PREFIX, Config, ConfigError, canonical_dataset
 from .shards import MANIFEST, Manifest, ShardError, ShardReader, SplitInfo, read_manifest
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -385,7 +385,7 @@ def build_source(cfg: Config) -> Source:
         source = load_parquet_source(d.data_dir, d.train_split, d.val_split)
     elif kind == "synthetic":
         source = load_synthetic_source(cfg)
-    elif kind.startswith("hfds/"):
+    elif kind.startswith(HF_PREFIX):
         from .hf import load_hf_source
 
         source = load_hf_source(cfg)
