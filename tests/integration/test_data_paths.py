@@ -147,21 +147,3 @@ def test_ray_data_path_without_a_free_cpu_is_refused_before_training(ray_local, 
     assert code == 2 and "Ray Data needs at least one CPU" in err
     assert not (tmp_path / "raydata-full" / "result.json").exists()
 
-
-def test_a_hugging_face_data_set_trains_on_two_workers(ray_local, tmp_path, capsys):
-    """timm's --dataset hfds/NAME with its own column names: each worker loads the saved data set itself."""
-    datasets = pytest.importorskip("datasets")
-    digits = load_digits()
-    images = [Image.fromarray((img * 255 / 16).astype(np.uint8), "L") for img in digits.images]
-    names = [str(i) for i in range(10)]
-    features = datasets.Features(picture=datasets.Image(), digit=datasets.ClassLabel(names=names))
-    split = lambda a, b: datasets.Dataset.from_dict(dict(picture=images[a:b], digit=digits.target[a:b].tolist()),
-                                                    features=features)
-    datasets.DatasetDict(train=split(0, 1438), validation=split(1438, 1797)).save_to_disk(str(tmp_path / "hf"))
-    code = main(["train", "-c", "digits", "--dataset", f"hfds/{tmp_path / 'hf'}", "--input-key", "picture",
-                 "--target-key", "digit", "--epochs", "1", "--warmup-epochs", "0", "--output", str(tmp_path),
-                 "--experiment", "hf"])
-    assert code == EXIT_OK, capsys.readouterr().err
-    metrics = json.loads((tmp_path / "hf" / "result.json").read_text())["last_metrics"]
-    assert metrics["eval_samples"] == 359 and metrics["train_samples"] == 1408
-    assert metrics["eval_top1"] > 40.0  # one epoch of 8x8 digits; chance is 10

@@ -1,5 +1,6 @@
-"""timm's --naflex-loader on 2 gloo workers: variable-resolution patch batches train a NaFlexVit, a worker killed
-mid-epoch is replaced from a recovery checkpoint, and `raytrain-cls eval` reproduces the run's validation."""
+"""timm's --naflex-loader on 2 gloo workers, reading a Hugging Face data set (--dataset hfds/...): variable-resolution
+patch batches train a NaFlexVit, a worker killed mid-epoch is replaced from a recovery checkpoint, and
+`raytrain-cls eval` reproduces the run's validation. One Ray run for both features keeps the suite short."""
 import csv
 import json
 
@@ -23,10 +24,31 @@ NAFLEX = ["--model", "naflexvit_base_patch16_gap", "--model-kwargs", "depth=4", 
           "--log-interval", "100"]
 
 
-def test_naflex_run_learns_and_survives_a_killed_worker(ray_local, tmp_path):
+def save_digits_as_hf_dataset(path) -> str:
+    """sklearn's digits (1438 training, 359 validation images) as a saved Hugging Face data set with its own
+    column names, as `datasets` users keep their data."""
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+    from PIL import Image
+
+    from raytrain_cls.data.sources import read_digits
+
+    images, labels = read_digits()
+    pictures = [Image.fromarray((img * 255 / 16).astype(np.uint8), "L") for img in images]
+    features = datasets.Features(picture=datasets.Image(),
+                                 digit=datasets.ClassLabel(names=[str(i) for i in range(10)]))
+    split = lambda a, b: datasets.Dataset.from_dict(dict(picture=pictures[a:b], digit=labels[a:b].tolist()),
+                                                    features=features)
+    datasets.DatasetDict(train=split(0, 1438), validation=split(1438, 1797)).save_to_disk(str(path))
+    return str(path)
+
+
+def test_naflex_run_on_a_hf_dataset_learns_and_survives_a_killed_worker(ray_local, tmp_path):
+    data = save_digits_as_hf_dataset(tmp_path / "hf-digits")
     run_dir = tmp_path / "naflex"
-    codes = train_killing_a_worker(ray_local, [*NAFLEX, "--output", str(tmp_path), "--experiment", "naflex"],
-                                   run_dir, timeout=180)
+    args = ["-c", "digits", "--dataset", f"hfds/{data}", "--input-key", "picture", "--target-key", "digit", *NAFLEX,
+            "--output", str(tmp_path), "--experiment", "naflex"]
+    codes = train_killing_a_worker(ray_local, args, run_dir, timeout=180)
     assert codes == [EXIT_OK]
 
     result = json.loads((run_dir / "result.json").read_text())
@@ -37,9 +59,10 @@ def test_naflex_run_learns_and_survives_a_killed_worker(ray_local, tmp_path):
     assert last["train_samples"] == 1438
     with (run_dir / "summary.csv").open() as f:
         top1 = [float(r["eval_top1"]) for r in csv.DictReader(f)]
-    assert top1[-1] > top1[0] + 10 and top1[-1] > 35, top1
+    assert top1[-1] > top1[0] + 15 and top1[-1] > 25, top1  # chance is 10; ~41 here (2026-11-28)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["naflex_loader"] and saved["resolved"]["naflex_patch_size"] == 4
+    assert saved["resolved"]["classes"] == [str(i) for i in range(10)]  # the data set's ClassLabel names
 
     # The eval command feeds the checkpoint the run's own validation input (16-patch sequences).
     evaluated = evaluate_checkpoint(str(run_dir / f"epoch-{EPOCHS - 1:04d}"), workers=0)
