@@ -74,6 +74,13 @@ def eval_transform(data_config: dict, crop_pct: Optional[float] = None):
                             crop_mode=data_config.get("crop_mode", "center"))
 
 
+def eval_input(loaded: LoadedModel, crop_pct: Optional[float] = None):
+    """(transform, collate) of a model's validation input: the run's patch sequences for a NaFlex model."""
+    if loaded.naflex:
+        return naflex_eval_transform(loaded.data_config, *loaded.naflex), NaFlexEvalCollate(loaded.naflex[1])
+    return eval_transform(loaded.data_config, crop_pct), collate_skipping_bad
+
+
 def evaluate_checkpoint(path: str, cfg_overrides: Optional[dict] = None, use_ema: bool = False, tta: int = 0,
                         crop_pct: Optional[float] = None, batch_size: int = 256, workers: int = 2,
                         device: str = "cpu", ray_workers: int = 0) -> dict:
@@ -101,13 +108,9 @@ def shard_sums(path: str, cfg_overrides: Optional[dict], use_ema: bool, tta: int
     if loaded.classes and source.classes != loaded.classes:
         raise DataError(f"the data set's classes {source.classes[:5]}... differ from the model's "
                         f"{loaded.classes[:5]}...: evaluate on data labelled like the training set")
-    if loaded.naflex:  # the run's own validation input: patch sequences of its --naflex-max-seq-len
-        if tta:
-            raise DataError("--tta flips images; a NaFlex model is evaluated on patch sequences: drop --tta")
-        transform, collate = naflex_eval_transform(loaded.data_config, *loaded.naflex), NaFlexEvalCollate(
-            loaded.naflex[1])
-    else:
-        transform, collate = eval_transform(loaded.data_config, crop_pct), collate_skipping_bad
+    if loaded.naflex and tta:
+        raise DataError("--tta flips images; a NaFlex model is evaluated on patch sequences: drop --tta")
+    transform, collate = eval_input(loaded, crop_pct)
     dataset = TransformedDataset(source.val, transform, image_mode(loaded.data_config))
     # Unreadable images are skipped and counted, as in training: every readable sample counted once.
     loader = SkippingLoader(torch.utils.data.DataLoader(
@@ -216,11 +219,7 @@ def predict(path: str, inputs: Sequence[str], topk: int = 5, batch_size: int = 6
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(path, use_ema, device)
     mode = image_mode(loaded.data_config)
-    if loaded.naflex:
-        transform, collate = naflex_eval_transform(loaded.data_config, *loaded.naflex), NaFlexEvalCollate(
-            loaded.naflex[1])
-    else:
-        transform, collate = eval_transform(loaded.data_config), None
+    transform, collate = eval_input(loaded)
     items = find_images(inputs)
     rows: list[dict] = []
     for start in range(0, len(items), batch_size):
@@ -238,7 +237,7 @@ def predict(path: str, inputs: Sequence[str], topk: int = 5, batch_size: int = 6
             except BadImageError as e:
                 row["error"] = e.reason
         if batch:
-            x = collate([(b, 0) for b in batch])[0] if collate else torch.stack(batch)
+            x = collate([(b, 0) for b in batch])[0]  # (inputs, dummy targets, no bad samples)
             probs = loaded.model(to_device(x, torch.empty(0), device, False)[0]).float().softmax(dim=1).cpu()
             values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
             for row, v, idx in zip(slots, values.tolist(), indices.tolist()):

@@ -90,10 +90,14 @@ class BadSample:
     reason: str
 
 
+def split_bad(samples: list) -> tuple[list, list]:
+    """(readable samples, BadSample stand-ins), each in their original order."""
+    return [s for s in samples if not isinstance(s, BadSample)], [s for s in samples if isinstance(s, BadSample)]
+
+
 def collate_skipping_bad(samples: list):
     """(inputs, targets, bad samples): the readable samples collated as usual, the unreadable ones listed."""
-    bad = [s for s in samples if isinstance(s, BadSample)]
-    good = [s for s in samples if not isinstance(s, BadSample)]
+    good, bad = split_bad(samples)
     if not good:
         return None, None, bad
     x, y = default_collate(good)
@@ -142,8 +146,7 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 def collate_encoded(samples: list):
     """(encoded byte tensors, targets, seeds, where each came from, bad samples): nothing decoded yet."""
-    bad = [s for s in samples if isinstance(s, BadSample)]
-    good = [s for s in samples if not isinstance(s, BadSample)]
+    good, bad = split_bad(samples)
     return ([s[0] for s in good], torch.tensor([s[1] for s in good], dtype=torch.int64), [s[2] for s in good],
             [s[3] for s in good], bad)
 

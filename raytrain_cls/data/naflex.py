@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from .loader import BadSample, read_sample, sample_seed, seeded
+from .loader import BadSample, read_sample, sample_seed, seeded, split_bad
 from .sampler import ResumableDistributedSampler
 from .sources import ImageDataset
 
@@ -173,8 +173,7 @@ class NaFlexTrainCollate:
     def __call__(self, samples: list):
         from timm.data.naflex_dataset import NaFlexCollator
 
-        bad = [s for s in samples if isinstance(s, BadSample)]
-        good = [s for s in samples if not isinstance(s, BadSample)]
+        good, bad = split_bad(samples)
         if not good:
             return None, None, bad
         good = [good[i % len(good)] for i in range(len(samples))]
@@ -200,8 +199,7 @@ class NaFlexEvalCollate:
         self.collator = NaFlexCollator(max_seq_len)
 
     def __call__(self, samples: list):
-        bad = [s for s in samples if isinstance(s, BadSample)]
-        good = [s for s in samples if not isinstance(s, BadSample)]
+        good, bad = split_bad(samples)
         if not good:
             return None, None, bad
         x, y = self.collator(good)

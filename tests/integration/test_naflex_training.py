@@ -1,20 +1,23 @@
 """timm's --naflex-loader on 2 gloo workers, reading a Hugging Face data set (--dataset hfds/...): variable-resolution
 patch batches train a NaFlexVit, a worker killed mid-epoch is replaced from a recovery checkpoint, and
-`raytrain-cls eval` reproduces the run's validation. One Ray run for both features keeps the suite short."""
+`raytrain-cls eval` reproduces the run's validation (predict runs too). One Ray run for both features keeps the suite short."""
 import csv
 import json
 
 import pytest
 import yaml
+from PIL import Image
 
 from raytrain_cls.cli import EXIT_OK
-from raytrain_cls.inference import evaluate_checkpoint
+from raytrain_cls.data.sources import read_digits
+from raytrain_cls.inference import evaluate_checkpoint, predict
 
 from test_recovery import summary_epochs, train_killing_a_worker
 
 pytestmark = pytest.mark.integration
 
 EPOCHS = 6
+CLASSES = [f"digit-{i}" for i in range(10)]
 # A 4-block NaFlexVit with 4x4-pixel patches: digits (8x8) resized to 4, 16 or 36 patches per training batch.
 NAFLEX = ["--model", "naflexvit_base_patch16_gap", "--model-kwargs", "depth=4", "embed_dim=64", "num_heads=4",
           "patch_size=4", "class_token=True", "global_pool=token", "--in-chans", "1", "--naflex-loader",
@@ -29,14 +32,11 @@ def save_digits_as_hf_dataset(path) -> str:
     column names, as `datasets` users keep their data."""
     datasets = pytest.importorskip("datasets")
     import numpy as np
-    from PIL import Image
-
-    from raytrain_cls.data.sources import read_digits
 
     images, labels = read_digits()
     pictures = [Image.fromarray((img * 255 / 16).astype(np.uint8), "L") for img in images]
     features = datasets.Features(picture=datasets.Image(),
-                                 digit=datasets.ClassLabel(names=[str(i) for i in range(10)]))
+                                 digit=datasets.ClassLabel(names=CLASSES))
     split = lambda a, b: datasets.Dataset.from_dict(dict(picture=pictures[a:b], digit=labels[a:b].tolist()),
                                                     features=features)
     datasets.DatasetDict(train=split(0, 1438), validation=split(1438, 1797)).save_to_disk(str(path))
@@ -62,8 +62,15 @@ def test_naflex_run_on_a_hf_dataset_learns_and_survives_a_killed_worker(ray_loca
     assert top1[-1] > top1[0] + 15 and top1[-1] > 25, top1  # chance is 10; ~41 here (2026-11-28)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["naflex_loader"] and saved["resolved"]["naflex_patch_size"] == 4
-    assert saved["resolved"]["classes"] == [str(i) for i in range(10)]  # the data set's ClassLabel names
+    assert saved["resolved"]["classes"] == CLASSES  # the data set's ClassLabel names
 
     # The eval command feeds the checkpoint the run's own validation input (16-patch sequences).
-    evaluated = evaluate_checkpoint(str(run_dir / f"epoch-{EPOCHS - 1:04d}"), workers=0)
+    checkpoint = str(run_dir / f"epoch-{EPOCHS - 1:04d}")
+    evaluated = evaluate_checkpoint(checkpoint, workers=0)
     assert evaluated["samples"] == 359 and evaluated["top1"] == pytest.approx(last["eval_top1"], abs=1e-6)
+    # predict too: image files in, the data set's class names out
+    images, labels = read_digits()
+    for i, digit in enumerate((3, 7)):
+        Image.fromarray((images[labels == digit][0] * 255 / 16).astype("uint8"), "L").save(tmp_path / f"{i}.png")
+    rows = predict(checkpoint, [str(tmp_path / "0.png"), str(tmp_path / "1.png")], topk=3, device="cpu")
+    assert [len(r["classes"]) for r in rows] == [3, 3] and all(c in CLASSES for r in rows for c in r["classes"])
