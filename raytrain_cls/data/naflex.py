@@ -89,10 +89,6 @@ class NaFlexBatchSampler(Sampler[list]):
         self.steps = self._plan()
 
     @property
-    def epoch(self) -> int:
-        return self.order.epoch
-
-    @property
     def consumed(self) -> int:
         return self.order.consumed
 
