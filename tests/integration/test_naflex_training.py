@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from raytrain_cls.cli import EXIT_OK
-from raytrain_cls.data.sources import load_digits_source, read_digits
+from raytrain_cls.data.sources import load_digits_source
 from raytrain_cls.inference import evaluate_checkpoint, predict
 
 from test_recovery import summary_epochs, train_killing_a_worker
@@ -68,8 +68,8 @@ def test_naflex_run_on_a_hf_dataset_learns_and_survives_a_killed_worker(ray_loca
     evaluated = evaluate_checkpoint(checkpoint, workers=0)
     assert evaluated["samples"] == 359 and evaluated["top1"] == pytest.approx(last["eval_top1"], abs=1e-6)
     # predict too: image files in, the data set's class names out
-    images, labels = read_digits()
-    for i, digit in enumerate((3, 7)):
-        Image.fromarray((images[labels == digit][0] * 255 / 16).astype("uint8"), "L").save(tmp_path / f"{i}.png")
+    val = load_digits_source().val
+    for i in range(2):
+        Image.fromarray(val.images[i], "L").save(tmp_path / f"{i}.png")
     rows = predict(checkpoint, [str(tmp_path / "0.png"), str(tmp_path / "1.png")], topk=3, device="cpu")
     assert [len(r["classes"]) for r in rows] == [3, 3] and all(c in CLASSES for r in rows for c in r["classes"])
