@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 import torch
+import yaml
 
 from .config import Config, ConfigError, dump_yaml
 from .console import start_live_display, use_bar
@@ -23,7 +24,7 @@ from .data.transforms import data_config_kwargs
 from .model import meta_model
 from .optim import resolve_lr, resolve_num_epochs
 from .report import CONFIG_FILE, build_result, is_uri, join, write_result, write_text
-from .state import META_FILE, read_meta
+from .state import META_FILE, CheckpointError, read_meta
 
 DEFAULT_OUTPUT = "output/train"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it into a run directory it has started
@@ -206,10 +207,12 @@ def find_resume_target(resume: str, output: str) -> tuple[str, str]:
             return "run", str(candidate.resolve())
         if (candidate / META_FILE).is_file():
             return "checkpoint", str(candidate.resolve())
+        if (candidate / CONFIG_FILE).is_file():  # our run whose driver died before its first checkpoint
+            return "run", str(candidate.resolve())
     if is_uri(output) and "/" not in resume:
         return "run", join(output, resume)
     raise ConfigError("checkpoint.resume", resume, "neither a run directory (with Ray's "
-                      f"{RAY_SNAPSHOT}), a run name under {output}, nor a checkpoint directory (with {META_FILE})")
+                      f"{RAY_SNAPSHOT} or our {CONFIG_FILE}), a run name under {output}, nor a checkpoint directory (with {META_FILE})")
 
 
 def run_paths(cfg: Config) -> RunPaths:
@@ -237,14 +240,39 @@ def run_paths(cfg: Config) -> RunPaths:
 
 
 def init_checkpoint(cfg: Config) -> Optional[str]:
-    """The checkpoint a new run starts from (--resume CHECKPOINT), checked readable before any Ray work."""
+    """The checkpoint the run starts from when it has none of its own, checked readable before any Ray work:
+    for a new run the one --resume names; for a continued run that has not written a checkpoint yet (its driver
+    died first), the one it was itself started from, which its config.yaml records, so that it does not start
+    over from scratch."""
     if not cfg.checkpoint.resume:
         return None
     kind, target = find_resume_target(cfg.checkpoint.resume, resolve_output(cfg.checkpoint.output))
-    if kind != "checkpoint":
+    if kind == "checkpoint":
+        read_meta(Path(target))  # CheckpointError now, not inside the workers
+        return target
+    if _local_run_started(target):  # Ray restores the run's own latest checkpoint
         return None
-    read_meta(Path(target))  # CheckpointError now, not inside the workers
-    return target
+    started_from = recorded_init_checkpoint(target)
+    if started_from:
+        try:
+            read_meta(Path(started_from))
+        except CheckpointError as e:
+            raise CheckpointError(f"{target} has no checkpoint of its own yet, and the checkpoint it was started "
+                                  f"from cannot be read: {e}") from None
+    return started_from
+
+
+def recorded_init_checkpoint(run_dir: str) -> Optional[str]:
+    """The --resume CHECKPOINT a run was started from, as its config.yaml recorded it (None when it has none)."""
+    path = run_config_file(run_dir)
+    if path is None:
+        return None
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError("checkpoint.resume", run_dir, f"its {CONFIG_FILE} cannot be read: {e}") from None
+    resolved = raw.get("resolved") if isinstance(raw, dict) else None
+    return (resolved or {}).get("init_checkpoint") if isinstance(resolved, dict) else None
 
 
 def run_config_file(run_dir: str) -> Optional[str]:
@@ -317,6 +345,9 @@ def train(cfg: Config, echo=print, console: Optional[TextIO] = None) -> dict:
     cfg.validate()
     paths = run_paths(cfg)  # before Ray: a name clash is a config error, not a cluster job
     start_from = init_checkpoint(cfg)
+    if start_from and run_config_file(paths.run_dir):  # continuing a run that died before its first checkpoint
+        echo(f"{paths.run_dir} has no checkpoint of its own yet: it starts again from {start_from}, the checkpoint "
+             f"it was started from")
     return fit_run(cfg, paths, start_from=start_from, echo=echo, console=console)
 
 

@@ -127,6 +127,29 @@ def test_a_killed_driver_is_resumed_without_redoing_finished_epochs(ray_local, t
     assert resumed_from >= (max(done_before) + 1) * UPDATES_PER_EPOCH - 4, (resumed_from, done_before)
 
 
+def test_a_driver_killed_before_the_first_checkpoint_resumes_from_the_checkpoint_it_started_from(straight_run,
+                                                                                                   tmp_path):
+    """A run started with --resume CHECKPOINT whose driver dies before the run writes a checkpoint of its own:
+    `--resume RUN` continues from that checkpoint (not from scratch) and ends exactly as the straight run."""
+    start = straight_run / f"epoch-{EPOCHS - 2:04d}"
+    run_dir = tmp_path / "early"
+    cmd = [sys.executable, "-m", "raytrain_cls", "train", *COMMON, "--resume", str(start), "--output", str(tmp_path),
+           "--experiment", "early"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # config.yaml is written just before the fit: the driver dies before any worker trains a step
+        wait_for(lambda: (run_dir / "config.yaml").is_file(), 180, "the run's config.yaml")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not list(run_dir.glob("epoch-*")), "the driver lived long enough to checkpoint"
+
+    assert main(["train", "--resume", str(run_dir)]) == EXIT_OK
+    assert summary_epochs(run_dir) == [EPOCHS - 1]  # only the epoch after the starting checkpoint
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["last_metrics"]["resumed_from"] == read_meta(start)["num_updates"]
+    assert_bitwise_equal(final_weights(run_dir), final_weights(straight_run))
+
+
 def test_a_mid_epoch_checkpoint_resumes_on_another_worker_count(straight_run, tmp_path):
     """Two workers stopped mid-epoch; one worker continues: the epoch still trains on every sample once."""
     ckpt = sorted(straight_run.glob("epoch-0002-step-*"))[0]

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from raytrain_cls.config import Config, ConfigError, load_config
 from raytrain_cls.state import FORMAT_VERSION, META_FILE, CheckpointError
@@ -78,6 +79,21 @@ def _started_run(tmp_path, name="exp"):
     return run_dir
 
 
+def _checkpoint(directory: Path, version=FORMAT_VERSION) -> Path:
+    directory.mkdir(parents=True)
+    (directory / META_FILE).write_text(json.dumps({"format_version": version}))
+    return directory
+
+
+def _run_without_checkpoints(tmp_path, started_from=None) -> Path:
+    """What a driver killed before the run's first checkpoint leaves: our config.yaml, no Ray snapshot."""
+    run_dir = tmp_path / "runs" / "early"
+    run_dir.mkdir(parents=True)
+    resolved = {"lr": 0.01, **({"init_checkpoint": str(started_from)} if started_from else {})}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": "digits"}, "resolved": resolved}))
+    return run_dir
+
+
 def test_run_paths_refuses_to_reuse_a_started_run(tmp_path):
     run_dir = _started_run(tmp_path)
     with pytest.raises(ConfigError, match=f"already holds a run; continue it with --resume {run_dir}"):
@@ -95,9 +111,7 @@ def test_resume_continues_the_run_in_place(tmp_path, how):
 
 
 def test_resume_from_a_checkpoint_starts_a_new_run_from_it(tmp_path):
-    ckpt = tmp_path / "old" / "epoch-0003"
-    ckpt.mkdir(parents=True)
-    (ckpt / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
+    ckpt = _checkpoint(tmp_path / "old" / "epoch-0003")
     cfg = _cfg(output=str(tmp_path / "runs"), resume=str(ckpt))
     paths = run_paths(cfg)
     assert paths.output == str(tmp_path / "runs") and not Path(paths.run_dir).exists()
@@ -105,11 +119,39 @@ def test_resume_from_a_checkpoint_starts_a_new_run_from_it(tmp_path):
 
 
 def test_resume_of_a_tampered_checkpoint_fails_before_ray(tmp_path):
-    ckpt = tmp_path / "epoch-0001"
-    ckpt.mkdir()
-    (ckpt / META_FILE).write_text(json.dumps({"format_version": 999}))
+    ckpt = _checkpoint(tmp_path / "epoch-0001", version=999)
     with pytest.raises(CheckpointError, match="format 999"):
         init_checkpoint(_cfg(output=str(tmp_path), resume=str(ckpt)))
+
+
+@pytest.mark.parametrize("how", ["dir", "name"])
+def test_a_run_that_died_before_its_first_checkpoint_continues_from_the_checkpoint_it_started_from(tmp_path, how):
+    ckpt = _checkpoint(tmp_path / "old" / "epoch-0003")
+    run_dir = _run_without_checkpoints(tmp_path, started_from=ckpt)
+    cfg = _cfg(output=str(tmp_path / "runs"), resume=str(run_dir) if how == "dir" else "early")
+    assert run_paths(cfg).run_dir == str(run_dir)  # continued in place, not a new run
+    assert init_checkpoint(cfg) == str(ckpt)
+
+
+def test_a_run_that_died_before_its_first_checkpoint_and_started_fresh_starts_fresh_again(tmp_path):
+    run_dir = _run_without_checkpoints(tmp_path)
+    cfg = _cfg(output=str(tmp_path / "runs"), resume=str(run_dir))
+    assert run_paths(cfg).run_dir == str(run_dir)
+    assert init_checkpoint(cfg) is None
+
+
+def test_a_run_with_its_own_checkpoints_ignores_the_one_it_started_from(tmp_path):
+    run_dir = _run_without_checkpoints(tmp_path, started_from=tmp_path / "deleted-since")
+    (run_dir / RAY_SNAPSHOT).write_text("{}")  # Ray restores the run's own latest checkpoint
+    assert init_checkpoint(_cfg(output=str(tmp_path / "runs"), resume=str(run_dir))) is None
+
+
+def test_a_run_without_checkpoints_whose_start_checkpoint_is_gone_fails_before_ray_naming_both(tmp_path):
+    gone = tmp_path / "old" / "epoch-0003"
+    run_dir = _run_without_checkpoints(tmp_path, started_from=gone)
+    with pytest.raises(CheckpointError) as e:
+        init_checkpoint(_cfg(output=str(tmp_path / "runs"), resume=str(run_dir)))
+    assert f"{run_dir} has no checkpoint of its own yet" in str(e.value) and str(gone) in str(e.value)
 
 
 def test_resume_of_nothing_names_what_it_looked_for(tmp_path):
