@@ -24,6 +24,7 @@ from .model import unwrap
 
 FORMAT_VERSION = 2  # 2: per-rank RNG and loss sums, mid-epoch position
 MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = "model.safetensors", "ema.safetensors", "state.pt", "meta.json"
+CHECKPOINT_PREFIX = "epoch-"  # checkpoint folders: epoch-0007, and epoch-0007-step-0000120 mid-epoch
 
 
 class CheckpointError(RuntimeError):

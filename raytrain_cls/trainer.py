@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from .data.transforms import data_config_kwargs
 from .model import meta_model
 from .optim import resolve_lr, resolve_num_epochs
 from .report import CONFIG_FILE, build_result, is_uri, join, write_result, write_text
-from .state import META_FILE, CheckpointError, read_meta
+from .state import CHECKPOINT_PREFIX, META_FILE, CheckpointError, read_meta
 
 DEFAULT_OUTPUT = "output/train"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it into a run directory it has started
@@ -381,11 +382,32 @@ def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extr
     finally:
         if stop_display is not None:
             stop_display()
+    removed = remove_unregistered_checkpoints(paths.run_dir, result)
+    if removed:
+        echo(f"Removed {len(removed)} checkpoint folder(s) Ray never registered: {', '.join(removed)}")
     metric = f"eval_{cfg.checkpoint.eval_metric}"
     payload = build_result(result, metric, "min" if cfg.checkpoint.eval_metric == "loss" else "max")
     payload["result_file"] = write_result(paths.run_dir, payload)
     echo(summary_table(payload, paths.run_dir))
     return payload
+
+
+def remove_unregistered_checkpoints(run_dir: str, result) -> list[str]:
+    """Deletes the run's checkpoint folders that Ray never registered; returns their names. A worker that dies
+    within Ray's health-check interval of reporting a checkpoint leaves it written but unregistered; the run goes on
+    from the one before, and a resume on another worker count would never overwrite it. Local run directories
+    only; nothing is deleted when Ray reports no checkpoints at all."""
+    kept = {Path(c.path).name for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        kept.add(Path(result.checkpoint.path).name)
+    if is_uri(run_dir) or not kept:
+        return []
+    removed = []
+    for folder in sorted(Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")):
+        if folder.name not in kept and (folder / META_FILE).is_file():
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    return removed
 
 
 def summary_table(payload: dict, run_dir: str) -> str:

@@ -29,10 +29,8 @@ from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from .optim import build_optimizer, build_scheduler
 from .console import WorkerConsole
-from .state import MODEL_FILE, TrainState, load_weights, rng_state
+from .state import CHECKPOINT_PREFIX, MODEL_FILE, TrainState, load_weights, rng_state
 from .tracking import Trackers
-
-CHECKPOINT_PREFIX = "epoch-"
 
 
 def seed_everything(seed: int) -> None:

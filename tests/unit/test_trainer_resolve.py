@@ -1,14 +1,15 @@
 """Driver-side decisions made before any Ray work: scaling, run directory, data config, failure messages."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from raytrain_cls.config import Config, ConfigError, load_config
 from raytrain_cls.state import FORMAT_VERSION, META_FILE, CheckpointError
-from raytrain_cls.trainer import (RAY_SNAPSHOT, explain_failure, init_checkpoint, resolve, resolve_data_config,
-                                  resolve_scaling, run_config_file, run_paths)
+from raytrain_cls.trainer import (RAY_SNAPSHOT, explain_failure, init_checkpoint, remove_unregistered_checkpoints,
+                                  resolve, resolve_data_config, resolve_scaling, run_config_file, run_paths)
 
 
 def _cfg(**overrides) -> Config:
@@ -152,6 +153,30 @@ def test_a_run_without_checkpoints_whose_start_checkpoint_is_gone_fails_before_r
     with pytest.raises(CheckpointError) as e:
         init_checkpoint(_cfg(output=str(tmp_path / "runs"), resume=str(run_dir)))
     assert f"{run_dir} has no checkpoint of its own yet" in str(e.value) and str(gone) in str(e.value)
+
+
+class _RayResult:
+    """The two fields of ray.train.Result that name the checkpoints Ray registered and kept."""
+
+    def __init__(self, run_dir: Path, kept: list, latest=None):
+        self.best_checkpoints = [(SimpleNamespace(path=str(run_dir / name)), {}) for name in kept]
+        self.checkpoint = SimpleNamespace(path=str(run_dir / latest)) if latest else None
+
+
+def test_only_checkpoint_folders_ray_never_registered_are_removed(tmp_path):
+    for name in ("epoch-0000", "epoch-0001", "epoch-0001-step-0000008", "epoch-0002-step-0000012"):
+        _checkpoint(tmp_path / name)
+    (tmp_path / "epoch-notes").mkdir()  # not a checkpoint: left alone
+    result = _RayResult(tmp_path, kept=["epoch-0000", "epoch-0001"], latest="epoch-0002-step-0000012")
+    assert remove_unregistered_checkpoints(str(tmp_path), result) == ["epoch-0001-step-0000008"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0000", "epoch-0001", "epoch-0002-step-0000012",
+                                                          "epoch-notes"]
+
+
+def test_nothing_is_removed_when_ray_reports_no_checkpoints(tmp_path):
+    _checkpoint(tmp_path / "epoch-0000")
+    assert remove_unregistered_checkpoints(str(tmp_path), _RayResult(tmp_path, kept=[])) == []
+    assert (tmp_path / "epoch-0000").is_dir()
 
 
 def test_resume_of_nothing_names_what_it_looked_for(tmp_path):
