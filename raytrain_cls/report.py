@@ -19,6 +19,8 @@ from ray.train import UserCallback
 SUMMARY_FILE = "summary.csv"
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
+# Reported by rank 0 with every epoch: the Tune driver frees a stopped trial's placement group by it (tune.py).
+PLACEMENT_GROUP_METRIC = "ray_placement_group"
 # timm's summary.csv columns, in timm's order.
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 

@@ -243,6 +243,56 @@ def _epoch_report_callback():
     return EpochReportCallback()
 
 
+def _stopped_trial_cleaner(grace_s: float = 5.0):
+    """A Tune callback that frees the placement group of every trial that has ended.
+
+    Ray Train removes a run's placement group itself when the run ends, and, if its controller dies instead (as
+    when Tune stops a trial early), from a detached cleaner actor that asks the dashboard's state API whether the
+    controller is gone. Without the dashboard (Ray installed without [default], or a cluster started with
+    --include-dashboard=false) that question never gets an answer: the stopped trial's workers keep their CPUs
+    and GPUs for good, and the search waits forever for resources. So the search driver removes, a few seconds
+    after Tune ended a trial (time for its controller to die with it), the group the trial last reported."""
+    from ray import PlacementGroupID, tune
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    from .report import PLACEMENT_GROUP_METRIC
+
+    class FreeEndedTrials(tune.Callback):
+        def __init__(self):
+            self.pending: dict[str, float] = {}  # placement group hex id -> when its trial ended
+
+        def _ended(self, trial) -> None:
+            group = (trial.last_result or {}).get(PLACEMENT_GROUP_METRIC)
+            if group:
+                self.pending.setdefault(group, time.monotonic())
+
+        def _free(self, older_than: float) -> None:
+            for group, ended in list(self.pending.items()):
+                if ended > older_than:
+                    continue
+                del self.pending[group]
+                handle = PlacementGroup(PlacementGroupID.from_hex(group))
+                try:
+                    if placement_group_table(handle).get("state") not in (None, "REMOVED"):
+                        remove_placement_group(handle)
+                except Exception:  # gone already, or the cluster is going away: nothing left to free
+                    pass
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial)
+
+        def on_step_begin(self, iteration, trials, **info):
+            self._free(time.monotonic() - grace_s)
+
+        def on_experiment_end(self, trials, **info):
+            self._free(float("inf"))
+
+    return FreeEndedTrials()
+
+
 def run_trial(params: dict, base: dict, trials_dir: str) -> None:
     """One Tune trial: the base config with this trial's values, trained by Ray Train like `raytrain-cls train`."""
     from ray import tune
@@ -315,7 +365,7 @@ def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, na
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=spec.num_samples,
                                     max_concurrent_trials=concurrency, scheduler=scheduler,
                                     search_alg=search_alg),
-        run_config=tune.RunConfig(name=name, storage_path=output,
+        run_config=tune.RunConfig(name=name, storage_path=output, callbacks=[_stopped_trial_cleaner()],
                                   failure_config=tune.FailureConfig(max_failures=0)))
 
 

@@ -29,6 +29,7 @@ from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from .optim import build_optimizer, build_scheduler
 from .console import WorkerConsole
+from .report import PLACEMENT_GROUP_METRIC
 from .state import CHECKPOINT_PREFIX, MODEL_FILE, TrainState, load_weights, rng_state
 from .tracking import Trackers
 
@@ -330,6 +331,14 @@ def _continue_epoch(position: Optional[dict], rank_states: Optional[list], rank:
     return position["samples"] // (batch * world), carry
 
 
+def placement_group_id() -> Optional[str]:
+    """The hex id of the placement group Ray Train scheduled this worker group into."""
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    return group.id.hex() if group is not None else None
+
+
 def report(state: TrainState, metrics: dict, rank: int, world: int, name: str,
            loss_sum: float = 0.0, seen: float = 0.0) -> None:
     """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, complete, into a fresh temp dir
@@ -349,4 +358,5 @@ def report(state: TrainState, metrics: dict, rank: int, world: int, name: str,
         if rank == 0:
             state.save(tmp, metrics)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            metrics = dict(metrics, **{PLACEMENT_GROUP_METRIC: placement_group_id()})  # for Ray only
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
