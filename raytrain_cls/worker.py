@@ -66,20 +66,21 @@ def recovery_score(metric: str) -> float:
     return 1e30 if metric == "loss" else -1.0
 
 
-def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) -> Optional[str]:
+def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) -> tuple[Optional[str], bool]:
     """Load Ray's latest registered checkpoint (a restarted worker group, a resumed run), else the checkpoint given
-    with --resume CHECKPOINT (a new run started from it). Returns what was loaded, or None for a fresh start."""
+    with --resume CHECKPOINT (a new run started from it). Returns what was loaded (None for a fresh start) and
+    whether it was the run's own checkpoint."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state.load(d, load_optimizer=True, rank=rank, world_size=world)
-        return checkpoint.path
+        return checkpoint.path, True
     init = cfg.resolved.get("init_checkpoint")
     if init:
         state.load(init, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
-        return init
+        return init, False
     weights = cfg.checkpoint.initial_checkpoint
     if weights:  # weights only: the run itself starts at epoch 0 (so this is not a "resume")
         path = Path(weights)
@@ -88,7 +89,7 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
             state.ema.set(state.model)
         if rank == 0:
             say(f"Initial weights from {weights}")
-    return None
+    return None, False
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -124,8 +125,7 @@ def train_loop_per_worker(config: dict) -> dict:
     say = console.say if console else print  # rank 0's messages: to the live bar when there is one
     if rank == 0:
         say(f"{world} training worker(s) on {nodes} node(s), device {device}")
-    own_checkpoint = ray.train.get_checkpoint() is not None  # this run's own progress (recovery, --resume RUN)
-    loaded = restore(state, cfg, rank, world, say)
+    loaded, own_checkpoint = restore(state, cfg, rank, world, say)  # own: recovery, or --resume RUN
     if cfg.sched.start_epoch is not None and not own_checkpoint:
         start_at_epoch(state, scheduler, cfg.sched.start_epoch, updates_per_epoch, cfg.sched.sched_on_updates)
         if rank == 0:

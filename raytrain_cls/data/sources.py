@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import lzma
 import struct
 import warnings
 from dataclasses import dataclass
@@ -219,8 +220,8 @@ def load_digits_source() -> Source:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST family's format), gzipped or not, into a numpy array."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """Read an IDX file (the MNIST family's format), plain, gzipped or xz-compressed, into a numpy array."""
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
@@ -235,10 +236,10 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _find_idx(root: Path, stem: str) -> Path:
-    for name in (f"{stem}.gz", stem):
+    for name in (f"{stem}.gz", f"{stem}.xz", stem):
         if (root / name).is_file():
             return root / name
-    raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root}. Install the data set with "
+    raise DataError(f"Fashion-MNIST file {stem}(.gz|.xz) not found in {root}. Install the data set with "
                     f"`sudo apt-get install dataset-fashion-mnist` (files land in {FASHION_MNIST_DIR}) or pass "
                     "--data-dir DIR holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
                     "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")

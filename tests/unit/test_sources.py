@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import lzma
 import struct
 from pathlib import Path
 
@@ -56,11 +57,13 @@ def idx_bytes(array: np.ndarray, magic_type: int = 0x08) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+def write_idx(path: Path, array: np.ndarray, gz) -> None:
+    """gz: True (or "gz") for name.gz, "xz" for name.xz, False for the plain file."""
     data = idx_bytes(array)
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        with gzip.open(path, "wb") as f:
+    compressed = {True: "gz", "gz": "gz", "xz": "xz"}.get(gz)
+    if compressed:
+        path = path.with_name(f"{path.name}.{compressed}")
+        with (gzip.open if compressed == "gz" else lzma.open)(path, "wb") as f:
             f.write(data)
     else:
         path.write_bytes(data)
@@ -80,7 +83,7 @@ def make_fashion_dir(root: Path, gz: bool = True, n_train: int = 6, n_val: int =
     return arrays
 
 
-@pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
+@pytest.mark.parametrize("gz", [True, "xz", False], ids=["gz", "xz", "raw"])
 def test_fashion_mnist_reads_idx_files(tmp_path, gz):
     arrays = make_fashion_dir(tmp_path, gz=gz)
     src = load_fashion_mnist_source(str(tmp_path))
