@@ -54,11 +54,11 @@ def check_versions() -> list[Check]:
         checks.append(Check(pkg, inside, f"{v} (tested {bounds})", f"pip install '{pkg}{bounds}'", warn=True))
     try:
         importlib.metadata.version("ray")
-        import ray.dashboard  # noqa: F401  (ray[default]: job submission and Tune's cleanup need it)
+        import ray.dashboard  # noqa: F401  (ray[default]: job submission needs it)
         import aiohttp  # noqa: F401
         checks.append(Check("ray[default]", True, "dashboard and job server available"))
     except ImportError:
-        checks.append(Check("ray[default]", False, "missing: `ray job submit` and Tune early stopping need it",
+        checks.append(Check("ray[default]", False, "missing: `ray job submit` needs it",
                             "pip install 'ray[default,train,tune]==2.60.*'"))
     return checks
 
