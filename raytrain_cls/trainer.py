@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 import torch
-import yaml
 
-from .config import Config, ConfigError, dump_yaml
+from .config import Config, ConfigError, dump_yaml, read_yaml
 from .console import start_live_display, use_bar
 from .data import build_source
 from .data.transforms import data_config_kwargs
@@ -212,8 +211,8 @@ def find_resume_target(resume: str, output: str) -> tuple[str, str]:
             return "run", str(candidate.resolve())
     if is_uri(output) and "/" not in resume:
         return "run", join(output, resume)
-    raise ConfigError("checkpoint.resume", resume, "neither a run directory (with Ray's "
-                      f"{RAY_SNAPSHOT} or our {CONFIG_FILE}), a run name under {output}, nor a checkpoint directory (with {META_FILE})")
+    raise ConfigError("checkpoint.resume", resume, f"neither a run directory (with Ray's {RAY_SNAPSHOT} or our "
+                      f"{CONFIG_FILE}), a run name under {output}, nor a checkpoint directory (with {META_FILE})")
 
 
 def run_paths(cfg: Config) -> RunPaths:
@@ -266,14 +265,8 @@ def init_checkpoint(cfg: Config) -> Optional[str]:
 def recorded_init_checkpoint(run_dir: str) -> Optional[str]:
     """The --resume CHECKPOINT a run was started from, as its config.yaml recorded it (None when it has none)."""
     path = run_config_file(run_dir)
-    if path is None:
-        return None
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError("checkpoint.resume", run_dir, f"its {CONFIG_FILE} cannot be read: {e}") from None
-    resolved = raw.get("resolved") if isinstance(raw, dict) else None
-    return (resolved or {}).get("init_checkpoint") if isinstance(resolved, dict) else None
+    resolved = read_yaml(path).get("resolved") if path else None
+    return resolved.get("init_checkpoint") if isinstance(resolved, dict) else None
 
 
 def run_config_file(run_dir: str) -> Optional[str]:
