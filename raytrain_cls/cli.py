@@ -287,7 +287,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data import DataError
     from .inference import format_predictions, predict
-    from .report import atomic_write_text
+    from .storage import atomic_write_text
     from .state import CheckpointError
 
     try:

@@ -26,6 +26,8 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
+from .storage import is_uri, read_text
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 # The loss-like metrics are minimised; everything else (top1, top5) is maximised.
@@ -456,7 +458,7 @@ class Config:
             what = "an ImageFolder data set" if dataset == "folder" else "a Parquet shard data set"
             raise ConfigError("data.data_dir", d.data_dir, f"{what} needs --data-dir "
                               "(or choose --dataset digits / fashion_mnist)")
-        if d.class_map and not _is_uri(d.class_map) and not Path(d.class_map).is_file():
+        if d.class_map and not is_uri(d.class_map) and not Path(d.class_map).is_file():
             raise ConfigError("data.class_map", d.class_map, "no such file")
         if d.class_map and dataset != "folder":
             raise ConfigError("data.class_map", d.class_map, f"only ImageFolder trees take a class map ({dataset} "
@@ -498,7 +500,7 @@ class Config:
         if m.pretrained and not m.pretrained_path:
             raise ConfigError("model.pretrained", True, "this service never downloads weights: give the local file "
                               "with --pretrained-path FILE")
-        if m.pretrained_path and not _is_uri(m.pretrained_path) and not Path(m.pretrained_path).is_file():
+        if m.pretrained_path and not is_uri(m.pretrained_path) and not Path(m.pretrained_path).is_file():
             raise ConfigError("model.pretrained_path", m.pretrained_path, "no such file")
         if m.torchcompile:
             from torch._dynamo import list_backends
@@ -508,7 +510,7 @@ class Config:
                 raise ConfigError("model.torchcompile", m.torchcompile,
                                   f"not a torch.compile backend{_suggest(m.torchcompile, backends)}")
         init = self.checkpoint.initial_checkpoint
-        if init and not _is_uri(init) and not Path(init).exists():
+        if init and not is_uri(init) and not Path(init).exists():
             raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")
         if a.aug_splits == 1:
             raise ConfigError("aug.aug_splits", 1, "0 (off) or at least 2 (a clean view and augmented ones)")
@@ -530,7 +532,7 @@ class Config:
             if not lc.kd_model_path:
                 raise ConfigError("loss.kd_model_name", lc.kd_model_name, "this service never downloads weights: "
                                   "give the teacher's local weights with --kd-model-path")
-            if not _is_uri(lc.kd_model_path) and not Path(lc.kd_model_path).exists():
+            if not is_uri(lc.kd_model_path) and not Path(lc.kd_model_path).exists():
                 raise ConfigError("loss.kd_model_path", lc.kd_model_path, "no such file or folder")
             if not timm_model_known(lc.kd_model_name):
                 raise ConfigError("loss.kd_model_name", lc.kd_model_name, "not a timm model")
@@ -638,10 +640,6 @@ def timm_model_known(name: str) -> bool:
     import timm  # local: keep `import raytrain_cls.config` cheap
 
     return timm.is_model(name.split(".")[0])
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def _check_optimizer(key: str, name: str) -> None:
@@ -764,12 +762,13 @@ def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
 
 # ---- files ---------------------------------------------------------------------------------------------------
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with the safe loader only (no Python object tags, ever)."""
-    path = Path(path)
-    if not path.is_file():
+    """Read a YAML mapping, a local file or one under a URI (a run's config.yaml on s3://), with the safe loader
+    only (no Python object tags, ever)."""
+    text = read_text(path) if is_uri(path) or Path(path).is_file() else None
+    if text is None:
         raise ConfigError("--config", str(path), "no such file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError("--config", str(path), f"not valid YAML: {e}") from None
     if raw is None:
@@ -783,8 +782,10 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A YAML file path, or the name of a recipe bundled with the package (e.g. 'digits')."""
+def resolve_config_path(name_or_path: str) -> str | Path:
+    """A YAML file path or URI, or the name of a recipe bundled with the package (e.g. 'digits')."""
+    if is_uri(name_or_path):
+        return name_or_path
     path = Path(name_or_path)
     if path.is_file() or path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         return path

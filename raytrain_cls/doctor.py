@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config
-from .report import is_uri
+from .storage import is_uri
 
 # What this release is tested with (pyproject's bounds); outside them, a warning, not a failure.
 SUPPORTED = {"torch": ("2.11", "2.15"), "torchvision": ("0.26", "0.30"), "timm": ("1.0.29", "2"),

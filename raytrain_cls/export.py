@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from .config import Config
 from .model import architecture_kwargs, split_bn
-from .report import atomic_write_bytes, atomic_write_text
+from .storage import atomic_write_bytes, atomic_write_text
 from .state import EMA_FILE, MODEL_FILE, load_weights, read_meta
 
 CONFIG_JSON = "config.json"

@@ -25,7 +25,7 @@ from .data.sources import IMAGE_EXTENSIONS, BadImageError, DataError, build_sour
 from .data.naflex import NaFlexEvalCollate, naflex_eval_transform
 from .engine import to_device, tta_logits
 from .model import architecture_kwargs, split_bn
-from .report import atomic_write_text
+from .storage import atomic_write_text
 from .state import EMA_FILE, META_FILE, MODEL_FILE, CheckpointError, load_weights, read_meta
 
 

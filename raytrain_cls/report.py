@@ -9,12 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from ray.train import UserCallback
+
+from .storage import join, read_text, write_text
 
 SUMMARY_FILE = "summary.csv"
 RESULT_FILE = "result.json"
@@ -23,61 +23,6 @@ CONFIG_FILE = "config.yaml"
 PLACEMENT_GROUP_METRIC = "ray_placement_group"
 # timm's summary.csv columns, in timm's order.
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename over the target: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def is_uri(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
-def write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a run file: atomically on local/NFS paths, as one object put on cloud storage (s3://, gs://)."""
-    if not is_uri(path):
-        atomic_write_bytes(path, data)
-        return
-    import pyarrow.fs
-
-    fs, inner = pyarrow.fs.FileSystem.from_uri(str(path))
-    with fs.open_output_stream(inner) as f:
-        f.write(data)
-
-
-def write_text(path: str | Path, text: str) -> None:
-    write_bytes(path, text.encode())
-
-
-def read_text(path: str | Path) -> Optional[str]:
-    """A run file's text, or None when it does not exist yet."""
-    if not is_uri(path):
-        return Path(path).read_text() if Path(path).is_file() else None
-    import pyarrow.fs
-
-    fs, inner = pyarrow.fs.FileSystem.from_uri(str(path))
-    if fs.get_file_info(inner).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(inner) as f:
-        return f.read().decode()
-
-
-def join(run_dir: str | Path, name: str) -> str:
-    return f"{str(run_dir).rstrip('/')}/{name}"
 
 
 def step_line(m: dict, num_epochs: int) -> str:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .model import unwrap
+from .storage import join, read_text
 
 FORMAT_VERSION = 2  # 2: per-rank RNG and loss sums, mid-epoch position
 MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = "model.safetensors", "ema.safetensors", "state.pt", "meta.json"
@@ -178,10 +179,13 @@ class TrainState:
         return meta
 
 
-def read_meta(directory: Path) -> dict:
-    path = Path(directory) / META_FILE
+def read_meta(directory: str | Path) -> dict:
+    """A checkpoint's meta.json, from a local directory or one under a URI, checked for our format version."""
     try:
-        meta = json.loads(path.read_text())
+        text = read_text(join(directory, META_FILE))
+        if text is None:
+            raise OSError("no such file")
+        meta = json.loads(text)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{directory} is not a readable raytrain-cls checkpoint ({META_FILE}: {e})") from None
     if not isinstance(meta, dict):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config
-from .report import is_uri
+from .storage import is_uri
 
 TENSORBOARD_DIR = "tensorboard"
 EPOCH_SCALARS = ("train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "img_per_sec", "model_eval_top1",

@@ -23,7 +23,8 @@ from .data import build_source
 from .data.transforms import data_config_kwargs
 from .model import meta_model
 from .optim import resolve_lr, resolve_num_epochs
-from .report import CONFIG_FILE, build_result, is_uri, join, write_result, write_text
+from .report import CONFIG_FILE, build_result, write_result
+from .storage import exists, is_uri, join, write_text
 from .state import CHECKPOINT_PREFIX, META_FILE, CheckpointError, read_meta
 
 DEFAULT_OUTPUT = "output/train"
@@ -186,8 +187,9 @@ def default_experiment(cfg: Config) -> str:
     return "-".join(parts)
 
 
-def _local_run_started(run_dir: str) -> bool:
-    return not is_uri(run_dir) and (Path(run_dir) / RAY_SNAPSHOT).exists()
+def _run_started(run_dir: str) -> bool:
+    """Ray Train has registered a checkpoint of this run (its snapshot is there), on a local path or a URI."""
+    return exists(join(run_dir, RAY_SNAPSHOT))
 
 
 def resolve_output(output: str) -> str:
@@ -197,22 +199,26 @@ def resolve_output(output: str) -> str:
 
 
 def find_resume_target(resume: str, output: str) -> tuple[str, str]:
-    """What --resume names: ("run", run_dir) to continue a run, or ("checkpoint", dir) to start from one."""
-    if is_uri(resume):
-        return "run", resume.rstrip("/")
-    for candidate in (Path(resume).expanduser(), None if is_uri(output) else Path(output) / resume):
-        if candidate is None:
-            continue
-        if (candidate / RAY_SNAPSHOT).is_file():
-            return "run", str(candidate.resolve())
-        if (candidate / META_FILE).is_file():
-            return "checkpoint", str(candidate.resolve())
-        if (candidate / CONFIG_FILE).is_file():  # our run whose driver died before its first checkpoint
-            return "run", str(candidate.resolve())
-    if is_uri(output) and "/" not in resume:
-        return "run", join(output, resume)
+    """What --resume names: ("run", run_dir) to continue a run, or ("checkpoint", dir) to start from one. A path
+    or URI as given, else a name under --output; local paths and cloud URIs alike."""
+    given = resume.rstrip("/") if is_uri(resume) else str(Path(resume).expanduser().resolve())
+    candidates = [given] if is_uri(resume) or Path(resume).is_absolute() else [given, join(output, resume)]
+    for candidate in candidates:
+        if exists(join(candidate, RAY_SNAPSHOT)):
+            return "run", candidate
+        if exists(join(candidate, META_FILE)):
+            return "checkpoint", candidate
+        if exists(join(candidate, CONFIG_FILE)):  # our run whose driver died before its first checkpoint
+            return "run", candidate
     raise ConfigError("checkpoint.resume", resume, f"neither a run directory (with Ray's {RAY_SNAPSHOT} or our "
                       f"{CONFIG_FILE}), a run name under {output}, nor a checkpoint directory (with {META_FILE})")
+
+
+def split_run_dir(run_dir: str) -> tuple[str, str]:
+    """(storage path, run name) of a run directory; a URI keeps its query (pyarrow's options) on the storage path."""
+    base, query = (run_dir.split("?", 1) + [""])[:2] if is_uri(run_dir) else (run_dir, "")
+    parent, name = base.rstrip("/").rsplit("/", 1)
+    return parent + (f"?{query}" if query else ""), name
 
 
 def run_paths(cfg: Config) -> RunPaths:
@@ -222,11 +228,11 @@ def run_paths(cfg: Config) -> RunPaths:
     if c.resume:
         kind, target = find_resume_target(c.resume, output)
         if kind == "run":  # continue it: same storage, same name, so Ray restores its checkpoint history
-            parent, name = target.rstrip("/").rsplit("/", 1)
+            parent, name = split_run_dir(target)
             return RunPaths(parent, name, target)
     if c.experiment:
         run_dir = join(output, c.experiment)
-        if _local_run_started(run_dir):
+        if _run_started(run_dir):
             raise ConfigError("checkpoint.experiment", c.experiment,
                               f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
                               f"or pick another --experiment name")
@@ -248,14 +254,14 @@ def init_checkpoint(cfg: Config) -> Optional[str]:
         return None
     kind, target = find_resume_target(cfg.checkpoint.resume, resolve_output(cfg.checkpoint.output))
     if kind == "checkpoint":
-        read_meta(Path(target))  # CheckpointError now, not inside the workers
+        read_meta(target)  # CheckpointError now, not inside the workers
         return target
-    if _local_run_started(target):  # Ray restores the run's own latest checkpoint
+    if _run_started(target):  # Ray restores the run's own latest checkpoint
         return None
     started_from = recorded_init_checkpoint(target)
     if started_from:
         try:
-            read_meta(Path(started_from))
+            read_meta(started_from)
         except CheckpointError as e:
             raise CheckpointError(f"{target} has no checkpoint of its own yet, and the checkpoint it was started "
                                   f"from cannot be read: {e}") from None
@@ -272,7 +278,7 @@ def recorded_init_checkpoint(run_dir: str) -> Optional[str]:
 def run_config_file(run_dir: str) -> Optional[str]:
     """The config.yaml of an existing run, to continue it with the same settings."""
     path = join(run_dir, CONFIG_FILE)
-    return path if not is_uri(path) and Path(path).is_file() else None
+    return path if exists(path) else None
 
 
 # ---- fit -----------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from .config import FIELDS, Config, ConfigError, _suggest, read_yaml
-from .report import atomic_write_text, is_uri, join
+from .storage import atomic_write_text, is_uri, join
 
 SEARCH_FILE, TRIALS_FILE, BEST_FILE, PLOT_FILE = "search.yaml", "trials.csv", "best.yaml", "trials.png"
 DEFAULT_OUTPUT = "output/tune"
@@ -320,7 +320,8 @@ def finished_run(run_dir: str, cfg: Config) -> Optional[dict]:
     import json
 
     from .optim import resolve_num_epochs
-    from .report import RESULT_FILE, read_text
+    from .report import RESULT_FILE
+    from .storage import read_text
 
     text = read_text(join(run_dir, RESULT_FILE))
     if not text:

@@ -79,7 +79,9 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
         return checkpoint.path, True
     init = cfg.resolved.get("init_checkpoint")
     if init:
-        state.load(init, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
+        # Ray's Checkpoint uses a local directory in place and downloads one under a URI (s3://) first.
+        with ray.train.Checkpoint(init).as_directory() as d:
+            state.load(d, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
         return init, False
     weights = cfg.checkpoint.initial_checkpoint
     if weights:  # weights only: the run itself starts at epoch 0 (so this is not a "resume")
@@ -263,7 +265,7 @@ def save_batch_images(run_dir: str):
 
     import torchvision
 
-    from .report import join, write_bytes
+    from .storage import join, write_bytes
 
     def save(x: torch.Tensor, epoch: int, step: int) -> None:
         buf = io.BytesIO()

@@ -128,16 +128,29 @@ def test_ray_data_path_trains_with_a_cpu_left_free(ray_local, prepared_digits, t
     assert metrics["eval_samples"] == 359 and metrics["eval_top1"] > 90.0
 
 
-def test_shards_on_s3_train_with_device_decode(ray_local, digit_shards, s3_upload, tmp_path, capsys):
+def test_shards_on_s3_train_with_device_decode_into_a_run_on_s3_that_resumes(ray_local, digit_shards, s3_upload,
+                                                                               tmp_path, capsys):
     """Training workers (other processes) read the shards from an s3:// URI (a local moto S3 server) and decode
-    them with the --gpu-decode path, here on their CPU device."""
+    them with the --gpu-decode path, here on their CPU device; the run itself lives on S3 too, as on a multi-node
+    cluster, and `--resume` of it from there continues with its own config.yaml."""
+    from raytrain_cls.storage import join, read_text
+
     uri = s3_upload(digit_shards, "integration/digit-shards")
-    code = run(tmp_path, "s3", "--dataset", "parquet", "--data-dir", uri, "--epochs", "1", "--gpu-decode")
+    output = uri.replace("/digit-shards?", "/runs?")
+    run_dir = join(output, "s3")
+    code = run(tmp_path, "s3", "--dataset", "parquet", "--data-dir", uri, "--epochs", "1", "--gpu-decode",
+               "--output", output)
     assert code == EXIT_OK, capsys.readouterr().err
-    cfg = yaml.safe_load((tmp_path / "s3" / "config.yaml").read_text())
+    cfg = yaml.safe_load(read_text(join(run_dir, "config.yaml")))
     assert cfg["data"]["data_dir"] == uri and cfg["resolved"]["train_samples"] == 180
     assert cfg["data"]["gpu_decode"] is True
-    assert json.loads((tmp_path / "s3" / "result.json").read_text())["last_metrics"]["eval_samples"] == 60
+    assert json.loads(read_text(join(run_dir, "result.json")))["last_metrics"]["eval_samples"] == 60
+
+    assert main(["train", "--resume", run_dir, "--epochs", "2"]) == EXIT_OK, capsys.readouterr().err
+    result = json.loads(read_text(join(run_dir, "result.json")))
+    assert result["last_metrics"]["epoch"] == 1 and result["last_metrics"]["resumed_from"] > 0
+    assert [row.split(",")[0] for row in read_text(join(run_dir, "summary.csv")).splitlines()[1:]] == ["0", "1"]
+    assert yaml.safe_load(read_text(join(run_dir, "config.yaml")))["data"]["data_dir"] == uri  # its own config
 
 
 def test_ray_data_path_without_a_free_cpu_is_refused_before_training(ray_local, digit_shards, tmp_path, capsys):

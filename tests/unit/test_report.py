@@ -1,4 +1,4 @@
-"""raytrain_cls.report: summary.csv keyed by epoch, atomic writes, console lines, result.json."""
+"""raytrain_cls.report: summary.csv keyed by epoch, console lines, result.json."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from raytrain_cls import report
-from raytrain_cls.report import (SUMMARY_COLUMNS, SummaryCallback, atomic_write_text, build_result, epoch_line,
-                                 read_summary, step_line, write_result, write_summary)
+from raytrain_cls.report import (SUMMARY_COLUMNS, SummaryCallback, build_result, epoch_line, read_summary, step_line,
+                                 write_result, write_summary)
 
 
 def row(epoch: int, loss: float, **extra) -> dict:
@@ -53,37 +52,6 @@ def test_summary_callback_ignores_reports_without_epoch(tmp_path):
     cb.after_report(None, [], None)
     cb.after_report(None, [{"loss": 1.0}], None)
     assert not (tmp_path / "summary.csv").exists()
-
-
-def test_atomic_write_creates_parents_and_leaves_no_temp(tmp_path):
-    path = tmp_path / "a" / "b" / "out.txt"
-    atomic_write_text(path, "one")
-    atomic_write_text(path, "two")
-    assert path.read_text() == "two"
-    assert os.listdir(path.parent) == ["out.txt"]
-
-
-def test_atomic_write_failure_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "summary.csv"
-    path.write_text("old content\n")
-
-    def broken_replace(src, dst):
-        raise OSError("disk gone")
-
-    monkeypatch.setattr(report.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk gone"):
-        atomic_write_text(path, "new content\n")
-    assert path.read_text() == "old content\n"
-    assert os.listdir(tmp_path) == ["summary.csv"]  # the temp file was removed
-
-
-def test_atomic_write_failure_while_writing(tmp_path, monkeypatch):
-    """An exception during the write itself (here: text that cannot be encoded) also leaves no trace."""
-    path = tmp_path / "f.txt"
-    path.write_text("keep")
-    with pytest.raises(UnicodeEncodeError):
-        atomic_write_text(path, "bad \udc80 surrogate")
-    assert path.read_text() == "keep" and os.listdir(tmp_path) == ["f.txt"]
 
 
 def test_step_line():

@@ -74,6 +74,20 @@ def test_round_trip(tmp_path):
     assert Config.from_dict(meta["config"]) == CFG  # the config comes back as a plain dict
 
 
+def test_a_start_checkpoint_under_a_uri_loads_like_a_local_one(tmp_path, s3_upload):
+    """--resume s3://.../epoch-0003: the worker reads it through Ray's Checkpoint, which downloads it first."""
+    import ray.train
+
+    src = trained_state()
+    src.save(tmp_path / "ckpt")
+    uri = s3_upload(tmp_path / "ckpt", "unit/state/epoch-0001")
+    dst = make_state(1)
+    with ray.train.Checkpoint(uri).as_directory() as d:
+        dst.load(d)
+    assert_same_tensors(src.model.state_dict(), dst.model.state_dict())
+    assert (dst.epoch, dst.num_updates, dst.best_metric) == (1, 3, 87.5)
+
+
 def test_rng_state_restored(tmp_path):
     """After a load the python, numpy and torch RNGs continue exactly where they were at save time."""
     state = make_state(0)

@@ -8,8 +8,9 @@ import yaml
 
 from raytrain_cls.config import Config, ConfigError, load_config
 from raytrain_cls.state import FORMAT_VERSION, META_FILE, CheckpointError
-from raytrain_cls.trainer import (RAY_SNAPSHOT, explain_failure, init_checkpoint, remove_unregistered_checkpoints,
-                                  resolve, resolve_data_config, resolve_scaling, run_config_file, run_paths)
+from raytrain_cls.trainer import (RAY_SNAPSHOT, explain_failure, find_resume_target, init_checkpoint,
+                                  remove_unregistered_checkpoints, resolve, resolve_data_config, resolve_scaling,
+                                  run_config_file, run_paths)
 
 
 def _cfg(**overrides) -> Config:
@@ -183,6 +184,40 @@ def test_resume_of_nothing_names_what_it_looked_for(tmp_path):
     with pytest.raises(ConfigError) as e:
         run_paths(_cfg(output=str(tmp_path), resume="nope"))
     assert e.value.key == "checkpoint.resume" and RAY_SNAPSHOT in str(e.value) and META_FILE in str(e.value)
+
+
+def test_a_run_on_s3_is_found_continued_with_its_own_config_and_never_reused(s3_upload, tmp_path):
+    """The multi-node setup keeps runs on cloud storage: --resume of such a run must read its config.yaml
+    there (not fall back to the digits recipe), and a new run must not take its name."""
+    from raytrain_cls.cli import base_recipe, build_parser
+
+    (tmp_path / "runs").mkdir()
+    local = _started_run(tmp_path / "runs")
+    (local / "config.yaml").write_text("data: {dataset: digits}\nmodel: {model: resnet10t, img_size: 48}\n"
+                                      "optim: {lr: 0.02}\n")
+    run = s3_upload(local, "unit/runs/exp")  # s3://data/unit/runs/exp?endpoint_override=...
+    output = run.replace("/exp?", "?")
+    assert find_resume_target(run, "/unused") == ("run", run)
+    assert find_resume_target("exp", output) == ("run", run)  # a name under an s3:// --output
+    paths = run_paths(_cfg(resume=run))
+    assert (paths.output, paths.experiment, paths.run_dir) == (output, "exp", run)
+    recipe = base_recipe(build_parser().parse_args(["train", "--resume", run]))
+    assert recipe == run_config_file(run) and "config.yaml" in recipe
+    cfg = load_config(recipe, {"resume": run})
+    assert (cfg.model.model, cfg.model.img_size, cfg.optim.lr) == ("resnet10t", 48, 0.02)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_paths(_cfg(output=output, experiment="exp"))
+
+
+def test_a_checkpoint_on_s3_is_a_start_checkpoint_checked_before_ray(s3_upload, tmp_path):
+    good = s3_upload(_checkpoint(tmp_path / "good"), "unit/ckpts/epoch-0003")
+    assert find_resume_target(good, "/unused") == ("checkpoint", good)
+    assert init_checkpoint(_cfg(output=str(tmp_path), resume=good)) == good
+    bad = s3_upload(_checkpoint(tmp_path / "bad", version=999), "unit/ckpts/epoch-0001")
+    with pytest.raises(CheckpointError, match="format 999"):
+        init_checkpoint(_cfg(output=str(tmp_path), resume=bad))
+    with pytest.raises(ConfigError, match="neither a run directory"):
+        find_resume_target(good.replace("epoch-0003", "epoch-0042"), "/unused")
 
 
 def test_failure_message_names_each_rank_and_its_own_error():
