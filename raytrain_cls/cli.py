@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint or exported model: loss, top-1/5, per class",
                         description="timm validate.py for raytrain-cls checkpoints (in-process, one device). "
                                     "By default on the validation split of the data set the model was trained on.")
-    ev.add_argument("checkpoint", help="a checkpoint directory or an exported model directory")
+    ev.add_argument("checkpoint", help="a checkpoint directory or an exported model directory (a path or an "
+                    "s3:// / gs:// URI)")
     ev.add_argument("--dataset", help="evaluate on this data set instead (digits, fashion_mnist, folder, parquet)")
     ev.add_argument("--data-dir", help="data set root (ImageFolder tree, Parquet shards (path or URI), IDX files)")
     ev.add_argument("--val-split", help="validation split folder name")
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "on GPUs when it has them); 0 = in this process")
     ev.add_argument("--results-file", help="write the results as .json or .csv (per class)")
     pr = sub.add_parser("predict", help="top-k classes for images, folders of images or Parquet shards")
-    pr.add_argument("checkpoint", help="a checkpoint directory or an exported model directory")
+    pr.add_argument("checkpoint", help="a checkpoint directory or an exported model directory (a path or an "
+                    "s3:// / gs:// URI)")
     pr.add_argument("inputs", nargs="+", help="image files, folders (searched recursively), prepared Parquet "
                                               "shard folders or URIs (every row)")
     pr.add_argument("--topk", type=int, default=5)
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--data-dir")
     dr.add_argument("--output", help="storage path or URI to check (default ./output/train)")
     export = sub.add_parser("export", help="write a checkpoint's model as safetensors + config.json (timm rebuilds it)")
-    export.add_argument("checkpoint", help="a checkpoint directory (e.g. <run>/epoch-0009)")
+    export.add_argument("checkpoint", help="a checkpoint directory (e.g. <run>/epoch-0009; a path or a URI)")
     export.add_argument("out_dir", help="where to write model.safetensors, ema.safetensors, config.json")
     add_prepare_parser(sub)
     sub.add_parser("bench", help="input-path benchmarks: make-data | loader | train (prints JSON lines; "

@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from .config import Config
 from .model import architecture_kwargs, split_bn
-from .storage import atomic_write_bytes, atomic_write_text
+from .storage import atomic_write_bytes, atomic_write_text, is_uri, local_dir
 from .state import EMA_FILE, MODEL_FILE, load_weights, read_meta
 
 CONFIG_JSON = "config.json"
@@ -37,13 +37,18 @@ def _save_plain(module: torch.nn.Module, path: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict:
-    """Write OUT_DIR/model.safetensors (+ ema.safetensors) and config.json; returns the config.json content."""
-    src = Path(checkpoint)
+    """Write OUT_DIR/model.safetensors (+ ema.safetensors) and config.json; returns the config.json content.
+    CHECKPOINT may be under a URI (s3://): it is fetched first."""
+    source = str(checkpoint) if is_uri(checkpoint) else str(Path(checkpoint).resolve())
+    with local_dir(checkpoint) as src:
+        return _export(src, Path(out_dir), source)
+
+
+def _export(src: Path, out: Path, source: str) -> dict:
     meta = read_meta(src)
     cfg = Config.from_dict(meta["config"])
     r = cfg.resolved
     num_classes = r["num_classes"]
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in (MODEL_FILE, EMA_FILE):
@@ -57,6 +62,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict:
     info = dict(architecture=cfg.model.model, num_classes=num_classes, model_args=kwargs,
                 pretrained_cfg=dict(r.get("data_config", {})), label_names=r.get("classes"),
                 weights=written, epoch=meta.get("epoch"), metrics=meta.get("metrics", {}),
-                source_checkpoint=str(src.resolve()))
+                source_checkpoint=source)
     atomic_write_text(out / CONFIG_JSON, json.dumps(info, indent=2, default=str) + "\n")
     return info

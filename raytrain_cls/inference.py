@@ -25,7 +25,7 @@ from .data.sources import IMAGE_EXTENSIONS, BadImageError, DataError, build_sour
 from .data.naflex import NaFlexEvalCollate, naflex_eval_transform
 from .engine import to_device, tta_logits
 from .model import architecture_kwargs, split_bn
-from .storage import atomic_write_text
+from .storage import atomic_write_text, local_dir
 from .state import EMA_FILE, META_FILE, MODEL_FILE, CheckpointError, load_weights, read_meta
 
 
@@ -39,7 +39,12 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, use_ema: bool = False, device: str = "cpu") -> LoadedModel:
-    path = Path(path)
+    """A checkpoint directory or an exported model (local, or under a URI such as s3://, fetched first)."""
+    with local_dir(path) as local:
+        return _load_model(local, use_ema, device)
+
+
+def _load_model(path: Path, use_ema: bool, device: str) -> LoadedModel:
     weights = path / (EMA_FILE if use_ema else MODEL_FILE)
     if use_ema and not weights.is_file():
         raise CheckpointError(f"{path} has no EMA weights ({EMA_FILE}); drop --use-ema")

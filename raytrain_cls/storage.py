@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -79,3 +80,16 @@ def exists(path: str | Path) -> bool:
 
     fs, inner = pyarrow.fs.FileSystem.from_uri(str(path))
     return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+
+
+@contextmanager
+def local_dir(path: str | Path) -> Iterator[Path]:
+    """A local directory with what `path` holds: the directory itself, or (a URI) a download of it through Ray's
+    Checkpoint, removed again on exit."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    from ray.train import Checkpoint
+
+    with Checkpoint(str(path)).as_directory() as d:
+        yield Path(d)

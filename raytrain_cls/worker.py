@@ -31,6 +31,7 @@ from .optim import build_optimizer, build_scheduler
 from .console import WorkerConsole
 from .report import PLACEMENT_GROUP_METRIC
 from .state import CHECKPOINT_PREFIX, MODEL_FILE, TrainState, load_weights, rng_state
+from .storage import local_dir
 from .tracking import Trackers
 
 
@@ -79,8 +80,7 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
         return checkpoint.path, True
     init = cfg.resolved.get("init_checkpoint")
     if init:
-        # Ray's Checkpoint uses a local directory in place and downloads one under a URI (s3://) first.
-        with ray.train.Checkpoint(init).as_directory() as d:
+        with local_dir(init) as d:  # one under a URI (s3://) is downloaded first
             state.load(d, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
         return init, False
     weights = cfg.checkpoint.initial_checkpoint

@@ -105,6 +105,22 @@ def test_export_rebuilds_with_timm_alone(tmp_path):
     assert torch.equal(model(x), state.model(x))
 
 
+def test_export_and_eval_loading_take_a_checkpoint_on_s3(tmp_path, s3_upload):
+    """A multi-node run keeps its checkpoints on cloud storage: export and eval/predict read them from there."""
+    from raytrain_cls.inference import load_model
+
+    state = new_state()
+    state.epoch = 3
+    uri = s3_upload(state.save(tmp_path / "epoch-0003", metrics={"eval_top1": 60.0}), "unit/faults/epoch-0003")
+    info = export_checkpoint(uri, tmp_path / "export")
+    assert info["source_checkpoint"] == uri and info["epoch"] == 3 and info["weights"] == [MODEL_FILE]
+    loaded = load_model(uri)
+    assert loaded.classes == ["a", "b", "c", "d"] and loaded.config.model.model == "test_resnet"
+    x = torch.randn(2, 3, 16, 16)
+    state.model.eval()
+    assert torch.equal(loaded.model(x), state.model(x))
+
+
 def test_export_of_a_damaged_checkpoint_fails_cleanly(tmp_path):
     ckpt = new_state().save(tmp_path / "ckpt")
     (ckpt / META_FILE).write_text("{not json")

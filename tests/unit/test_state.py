@@ -16,6 +16,7 @@ from raytrain_cls.model import build_ema
 from raytrain_cls.optim import build_optimizer, build_scheduler
 from raytrain_cls.state import (EMA_FILE, META_FILE, MODEL_FILE, STATE_FILE, CheckpointError, TrainState, load_weights,
                                 save_weights)
+from raytrain_cls.storage import local_dir
 
 CFG = Config().update({"dataset": "digits", "model": "test_resnet", "lr": 0.1, "epochs": 6, "warmup_epochs": 1,
                        "model_ema": True, "model_ema_decay": 0.9}).validate()
@@ -75,14 +76,13 @@ def test_round_trip(tmp_path):
 
 
 def test_a_start_checkpoint_under_a_uri_loads_like_a_local_one(tmp_path, s3_upload):
-    """--resume s3://.../epoch-0003: the worker reads it through Ray's Checkpoint, which downloads it first."""
-    import ray.train
-
+    """--resume s3://.../epoch-0003: the worker reads it through storage.local_dir, which downloads it first."""
     src = trained_state()
     src.save(tmp_path / "ckpt")
     uri = s3_upload(tmp_path / "ckpt", "unit/state/epoch-0001")
     dst = make_state(1)
-    with ray.train.Checkpoint(uri).as_directory() as d:
+    with local_dir(uri) as d:
+        assert d != tmp_path / "ckpt" and (d / META_FILE).is_file()
         dst.load(d)
     assert_same_tensors(src.model.state_dict(), dst.model.state_dict())
     assert (dst.epoch, dst.num_updates, dst.best_metric) == (1, 3, 87.5)
