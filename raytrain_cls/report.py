@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from ray.train import UserCallback
 
-from .storage import join, read_text, write_text
+from .storage import is_uri, join, read_text, write_text
 
 SUMMARY_FILE = "summary.csv"
 RESULT_FILE = "result.json"
@@ -73,25 +73,33 @@ class SummaryCallback(UserCallback):
         write_summary(self.path, rows)
 
 
-def build_result(result, metric: str, mode: str) -> dict:
-    """result.json: the metric, its best value and epoch, the last metrics and the checkpoint paths."""
+def build_result(result, metric: str, mode: str, run_dir: Optional[str] = None) -> dict:
+    """result.json: the metric, its best value and epoch, the last metrics and the checkpoint paths. On cloud
+    storage Ray gives bucket-relative paths ("bucket/runs/x/epoch-0003"); with the run's own `run_dir` URI they
+    become URIs the other commands open (s3://bucket/runs/x/epoch-0003?options)."""
     last = dict(result.metrics or {})
-    best_ckpt: Optional[str] = None
+    run_dir = run_dir or result.path
+
+    def where(checkpoint) -> Optional[str]:
+        if checkpoint is None:
+            return None
+        return join(run_dir, Path(checkpoint.path).name) if is_uri(run_dir) else checkpoint.path
+
+    best_ckpt = None
     best_metrics: dict = {}
     if result.best_checkpoints:
         ranked = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None and not m.get("recovery")]
         if ranked:
             # Ties go to the later epoch, as in the worker's best tracking and Ray's retention.
             sign = -1 if mode == "min" else 1
-            pick = max(ranked, key=lambda cm: (sign * cm[1][metric], cm[1].get("epoch", -1)))
-            best_ckpt, best_metrics = pick[0].path, pick[1]
+            best_ckpt, best_metrics = max(ranked, key=lambda cm: (sign * cm[1][metric], cm[1].get("epoch", -1)))
     return dict(eval_metric=metric, mode=mode,
                 best_value=best_metrics.get(metric, last.get("best_metric")),
                 best_epoch=best_metrics.get("epoch", last.get("best_epoch")),
                 last_metrics=last,
-                latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
-                best_checkpoint=best_ckpt,
-                run_dir=result.path)
+                latest_checkpoint=where(result.checkpoint),
+                best_checkpoint=where(best_ckpt),
+                run_dir=run_dir)
 
 
 def write_result(run_dir: str | Path, payload: dict) -> str:

@@ -385,7 +385,7 @@ def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extr
     if removed:
         echo(f"Removed {len(removed)} checkpoint folder(s) Ray never registered: {', '.join(removed)}")
     metric = f"eval_{cfg.checkpoint.eval_metric}"
-    payload = build_result(result, metric, "min" if cfg.checkpoint.eval_metric == "loss" else "max")
+    payload = build_result(result, metric, "min" if cfg.checkpoint.eval_metric == "loss" else "max", paths.run_dir)
     payload["result_file"] = write_result(paths.run_dir, payload)
     echo(summary_table(payload, paths.run_dir))
     return payload

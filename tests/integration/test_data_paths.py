@@ -151,6 +151,9 @@ def test_shards_on_s3_train_with_device_decode_into_a_run_on_s3_that_resumes(ray
     assert result["last_metrics"]["epoch"] == 1 and result["last_metrics"]["resumed_from"] > 0
     assert [row.split(",")[0] for row in read_text(join(run_dir, "summary.csv")).splitlines()[1:]] == ["0", "1"]
     assert yaml.safe_load(read_text(join(run_dir, "config.yaml")))["data"]["data_dir"] == uri  # its own config
+    assert result["best_checkpoint"].startswith("s3://") and result["run_dir"] == run_dir
+    assert main(["eval", result["best_checkpoint"], "-j", "0"]) == EXIT_OK  # fetched from S3 and evaluated
+    assert "60 images" in capsys.readouterr().out
 
 
 def test_ray_data_path_without_a_free_cpu_is_refused_before_training(ray_local, digit_shards, tmp_path, capsys):

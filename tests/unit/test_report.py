@@ -95,6 +95,16 @@ def test_build_result_breaks_ties_toward_the_later_epoch():
     assert build_result(_result(best), "loss", "min")["best_checkpoint"] == "/c9"
 
 
+def test_build_result_on_cloud_storage_names_checkpoints_by_uri():
+    """Ray reports bucket-relative paths for a run on S3; result.json must name URIs that eval/--resume open."""
+    best = [("runs/x/epoch-0", {"epoch": 0, "top1": 60.0}), ("runs/x/epoch-1", {"epoch": 1, "top1": 80.0})]
+    res = SimpleNamespace(metrics={"epoch": 1}, path="runs/x", checkpoint=SimpleNamespace(path="runs/x/epoch-1"),
+                          best_checkpoints=[(SimpleNamespace(path=c), m) for c, m in best])
+    out = build_result(res, "top1", "max", "s3://runs/x?region=eu-west-1")
+    assert out["best_checkpoint"] == out["latest_checkpoint"] == "s3://runs/x/epoch-1?region=eu-west-1"
+    assert out["run_dir"] == "s3://runs/x?region=eu-west-1"
+
+
 def test_build_result_without_checkpoints_falls_back_to_metrics():
     res = _result([], metrics={"epoch": 4, "best_metric": 77.0, "best_epoch": 3})
     out = build_result(res, "top1", "max")
