@@ -237,11 +237,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from .config import Config, read_yaml, resolve_config_path
     from .data import DataError
+    from .storage import join
     from .tune import SEARCH_FILE, load_search_file, parse_search, space_from_cli, tune_search
 
     try:
         if args.resume:
-            raw, search = load_search_file(str(Path(args.resume) / SEARCH_FILE))
+            raw, search = load_search_file(join(args.resume, SEARCH_FILE))
         elif args.config:
             raw, search = load_search_file(str(resolve_config_path(args.config)))
         else:

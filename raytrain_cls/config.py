@@ -512,6 +512,9 @@ class Config:
         init = self.checkpoint.initial_checkpoint
         if init and not is_uri(init) and not Path(init).exists():
             raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")
+        if init and is_uri(init) and init.split("?")[0].endswith(".safetensors"):
+            raise ConfigError("checkpoint.initial_checkpoint", init, "under a URI give the checkpoint directory "
+                              "(s3://.../epoch-0009); a single .safetensors file must be local")
         if a.aug_splits == 1:
             raise ConfigError("aug.aug_splits", 1, "0 (off) or at least 2 (a clean view and augmented ones)")
         if self.loss.jsd_loss and a.aug_splits < 2:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Sequence
 
 from .report import SUMMARY_FILE, read_summary
+from .storage import is_uri, write_bytes
 
 RUN_PLOTS = ("loss.png", "accuracy.png", "lr.png")
 
@@ -19,9 +21,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: str | Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if is_uri(path):  # a search directory on cloud storage: one object put
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        write_bytes(path, buf.getvalue())
+    else:
+        fig.savefig(path, dpi=110)
     _pyplot().close(fig)
 
 
@@ -54,7 +61,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return out
 
 
-def plot_curves(path: str | Path, curves: Sequence[tuple[str, bool, list]], metric: str) -> Path:
+def plot_curves(path: str | Path, curves: Sequence[tuple[str, bool, list]], metric: str) -> str | Path:
     """One line per trial: (label, completed, values per epoch); stopped trials dotted, so visibly shorter."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -67,8 +74,8 @@ def plot_curves(path: str | Path, curves: Sequence[tuple[str, bool, list]], metr
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=7, loc="best")
-    _save(fig, Path(path))
-    return Path(path)
+    _save(fig, path)
+    return path
 
 
 def plot_search(search_dir: str | Path) -> Path:

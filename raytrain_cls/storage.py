@@ -72,6 +72,16 @@ def join(run_dir: str | Path, name: str) -> str:
     return f"{base.rstrip('/')}/{name}{query}"
 
 
+def split(path: str) -> tuple[str, str]:
+    """(parent, name) of a directory path or URI; a URI's ?options stay on the parent."""
+    base, query = path, ""
+    if is_uri(path) and "?" in path:
+        base, query = path.split("?", 1)
+        query = "?" + query
+    parent, name = base.rstrip("/").rsplit("/", 1)
+    return parent + query, name
+
+
 def exists(path: str | Path) -> bool:
     """Whether a file or directory is there, on a local path or under a URI."""
     if not is_uri(path):

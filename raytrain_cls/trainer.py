@@ -24,7 +24,7 @@ from .data.transforms import data_config_kwargs
 from .model import meta_model
 from .optim import resolve_lr, resolve_num_epochs
 from .report import CONFIG_FILE, build_result, write_result
-from .storage import exists, is_uri, join, write_text
+from .storage import exists, is_uri, join, split, write_text
 from .state import CHECKPOINT_PREFIX, META_FILE, CheckpointError, read_meta
 
 DEFAULT_OUTPUT = "output/train"
@@ -214,13 +214,6 @@ def find_resume_target(resume: str, output: str) -> tuple[str, str]:
                       f"{CONFIG_FILE}), a run name under {output}, nor a checkpoint directory (with {META_FILE})")
 
 
-def split_run_dir(run_dir: str) -> tuple[str, str]:
-    """(storage path, run name) of a run directory; a URI keeps its query (pyarrow's options) on the storage path."""
-    base, query = (run_dir.split("?", 1) + [""])[:2] if is_uri(run_dir) else (run_dir, "")
-    parent, name = base.rstrip("/").rsplit("/", 1)
-    return parent + (f"?{query}" if query else ""), name
-
-
 def run_paths(cfg: Config) -> RunPaths:
     """Where the run goes. A new run never reuses a directory: Ray would silently resume whatever is there."""
     c = cfg.checkpoint
@@ -228,7 +221,7 @@ def run_paths(cfg: Config) -> RunPaths:
     if c.resume:
         kind, target = find_resume_target(c.resume, output)
         if kind == "run":  # continue it: same storage, same name, so Ray restores its checkpoint history
-            parent, name = split_run_dir(target)
+            parent, name = split(target)
             return RunPaths(parent, name, target)
     if c.experiment:
         run_dir = join(output, c.experiment)

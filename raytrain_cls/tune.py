@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from .config import FIELDS, Config, ConfigError, _suggest, read_yaml
-from .storage import atomic_write_text, is_uri, join
+from .storage import exists, is_uri, join, split, write_text
 
 SEARCH_FILE, TRIALS_FILE, BEST_FILE, PLOT_FILE = "search.yaml", "trials.csv", "best.yaml", "trials.png"
 DEFAULT_OUTPUT = "output/tune"
@@ -383,7 +383,9 @@ class TrialRow:
     curve: list  # the metric per epoch
 
 
-def summarize(results, spec: SearchSpec, base: Config, max_t: int) -> list[TrialRow]:
+def summarize(results, spec: SearchSpec, base: Config, max_t: int, search_dir: str = "") -> list[TrialRow]:
+    """One row per trial, best first. In a search directory on cloud storage Ray names checkpoints
+    bucket-relative; they are given as URIs under the trial's run directory instead."""
     metric, mode = metric_and_mode(spec, base)
     rows = []
     for r in results:
@@ -398,6 +400,8 @@ def summarize(results, spec: SearchSpec, base: Config, max_t: int) -> list[Trial
             best, best_epoch = curve[pick], int(df["epoch"].iloc[pick]) if "epoch" in df else pick
             if "checkpoint_path" in df:
                 checkpoint = df["checkpoint_path"].iloc[pick]
+                if checkpoint and is_uri(search_dir):
+                    checkpoint = join(join(join(search_dir, "trials"), f"trial-{trial_id}"), Path(checkpoint).name)
         status = "error" if r.error else ("completed" if len(curve) >= max_t else "stopped")
         params = {k: r.config.get(k) for k in spec.space}
         rows.append(TrialRow(str(trial_id), status, params, best, best_epoch, len(curve), checkpoint, curve))
@@ -412,7 +416,7 @@ def write_trials_csv(path: str, rows: list[TrialRow], keys: list[str], metric: s
     for t in rows:
         writer.writerow([t.trial_id, t.status, *[t.params.get(k) for k in keys], t.best, t.best_epoch, t.epochs,
                          t.checkpoint or ""])
-    atomic_write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def best_config_yaml(base: Config, best: TrialRow, max_t: int) -> str:
@@ -450,14 +454,14 @@ def search_paths(base: Config, resume: Optional[str]) -> tuple[str, str, str]:
     from .trainer import resolve_output
 
     if resume:
-        path = Path(resume).expanduser().resolve()
-        if not (path / SEARCH_FILE).is_file():
+        path = resume.rstrip("/") if is_uri(resume) else str(Path(resume).expanduser().resolve())
+        if not exists(join(path, SEARCH_FILE)):
             raise ConfigError("--resume", resume, f"not a search directory (no {SEARCH_FILE})")
-        return str(path.parent), path.name, str(path)
+        return (*split(path), path)
     output = resolve_output(base.checkpoint.output or DEFAULT_OUTPUT)
     name = base.checkpoint.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-search-{base.model.model}"
     search_dir = join(output, name)
-    if not is_uri(search_dir) and Path(search_dir).exists():
+    if exists(search_dir):
         raise ConfigError("checkpoint.experiment", name, f"{search_dir} already exists; continue it with "
                           f"`raytrain-cls tune --resume {search_dir}` or pick another --experiment")
     return output, name, search_dir
@@ -477,14 +481,13 @@ def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, ec
         raw.pop("resolved")
         raw["search"] = dict(dataclasses.asdict(spec), space={k: {kind: args} for k, (kind, args) in
                                                                spec.space.items()})
-        Path(search_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(join(search_dir, SEARCH_FILE), yaml.safe_dump(raw, sort_keys=False))
+        write_text(join(search_dir, SEARCH_FILE), yaml.safe_dump(raw, sort_keys=False))
     cluster = connect()
     echo(f"Search directory: {search_dir}")
     echo(f"Searching {', '.join(spec.space)} over {spec.num_samples} trial(s), {spec.scheduler} scheduler, "
          f"{metric} ({mode}), up to {max_t} epochs per trial, {spec.workers_per_trial} worker(s) per trial")
     results = build_tuner(base, spec, search_dir, output, name, cluster, bool(resume)).fit()
-    rows = summarize(results, spec, base, max_t)
+    rows = summarize(results, spec, base, max_t, search_dir)
     keys = list(spec.space)
     write_trials_csv(join(search_dir, TRIALS_FILE), rows, keys, metric)
     plot_trials(join(search_dir, PLOT_FILE), rows, metric)
@@ -499,7 +502,7 @@ def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, ec
     if not scored:
         raise ConfigError("search", name, "no trial reported a metric; see the trial errors above")
     best = scored[0]
-    atomic_write_text(join(search_dir, BEST_FILE), best_config_yaml(trial_base(base, spec), best, max_t))
+    write_text(join(search_dir, BEST_FILE), best_config_yaml(trial_base(base, spec), best, max_t))
     summary.update(best_trial=best.trial_id, best_value=best.best, best_params=best.params,
                    best_checkpoint=best.checkpoint, best_config=join(search_dir, BEST_FILE))
     echo(f"Best: trial {best.trial_id} {metric} {best.best:.4f}; config {summary['best_config']}; "

@@ -85,8 +85,8 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
         return init, False
     weights = cfg.checkpoint.initial_checkpoint
     if weights:  # weights only: the run itself starts at epoch 0 (so this is not a "resume")
-        path = Path(weights)
-        load_weights(state.model, path / MODEL_FILE if path.is_dir() else path)
+        with local_dir(weights) as path:  # a checkpoint directory under a URI is fetched first
+            load_weights(state.model, path / MODEL_FILE if path.is_dir() else path)
         if state.ema is not None:
             state.ema.set(state.model)
         if rank == 0:

@@ -1,6 +1,7 @@
 """Ray Tune searches on the shared local Ray: ASHA stopping bad trials, best.yaml closing the loop, and an
 interrupted search resumed without rerunning finished trials."""
 import csv
+import io
 import os
 import signal
 import subprocess
@@ -12,24 +13,32 @@ import pytest
 
 from raytrain_cls.cli import EXIT_OK, main
 from raytrain_cls.config import load_config
+from raytrain_cls.storage import exists, join, read_text
 
 pytestmark = pytest.mark.integration
 TINY = ["--model", "test_resnet", "--warmup-epochs", "0", "--log-interval", "1000", "--checkpoint-hist", "1"]
 
 
-def trials(search_dir: Path) -> list[dict]:
-    with (search_dir / "trials.csv").open() as f:
-        return list(csv.DictReader(f))
+def trials(search_dir) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(read_text(join(search_dir, "trials.csv")))))
+
+
+def size(uri: str) -> int:
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(uri)
+    return filesystem.get_file_info(inner).size
 
 
 @pytest.fixture(scope="module")
-def asha_search(ray_local, tmp_path_factory):
-    """4 trials one after another, two good LRs and two hopeless ones: ASHA must stop the hopeless ones."""
-    out = tmp_path_factory.mktemp("tune")
+def asha_search(ray_local, s3_upload, tmp_path_factory):
+    """4 trials one after another, two good LRs and two hopeless ones: ASHA must stop the hopeless ones. The
+    search directory is on S3 (a local moto server), as a multi-node search keeps it."""
+    out = s3_upload(tmp_path_factory.mktemp("empty"), "integration/tune")
     code = main(["tune", *TINY, "--epochs", "4", "--search", "lr=grid:0.1,0.0000005,0.05,0.0000001",
                  "--num-samples", "1", "--max-concurrent-trials", "1", "--scheduler", "asha", "--grace-period", "1",
-                 "--reduction-factor", "2", "--output", str(out), "--experiment", "asha"])
-    return code, out / "asha"
+                 "--reduction-factor", "2", "--output", out, "--experiment", "asha"])
+    return code, join(out, "asha")
 
 
 def test_asha_search_stops_bad_trials_early(asha_search):
@@ -41,19 +50,19 @@ def test_asha_search_stops_bad_trials_early(asha_search):
     assert stopped, rows
     assert all(int(r["epochs"]) < 4 for r in stopped)
     assert float(rows[0]["lr"]) in (0.1, 0.05)  # sorted best first
-    assert (search_dir / "trials.png").stat().st_size > 10_000
+    assert size(join(search_dir, "trials.png")) > 10_000
     for r in rows:  # every trial is a full training run with its own run directory
-        run_dir = search_dir / "trials" / f"trial-{r['trial_id']}"
-        assert (run_dir / "summary.csv").is_file() and (run_dir / "config.yaml").is_file()
+        run_dir = join(join(search_dir, "trials"), f"trial-{r['trial_id']}")
+        assert exists(join(run_dir, "summary.csv")) and exists(join(run_dir, "config.yaml"))
 
 
 def test_best_yaml_closes_the_loop(asha_search, tmp_path):
     _, search_dir = asha_search
     best = trials(search_dir)[0]
-    cfg = load_config(str(search_dir / "best.yaml"))
+    cfg = load_config(join(search_dir, "best.yaml"))
     assert cfg.optim.lr == float(best["lr"])
-    assert Path(best["checkpoint"]).is_dir()
-    code = main(["train", "-c", str(search_dir / "best.yaml"), "--epochs", "1", "--initial-checkpoint",
+    assert best["checkpoint"].startswith("s3://") and exists(join(best["checkpoint"], "meta.json"))
+    code = main(["train", "-c", join(search_dir, "best.yaml"), "--epochs", "1", "--initial-checkpoint",
                  best["checkpoint"], "--output", str(tmp_path), "--experiment", "from-best"])
     assert code == EXIT_OK
     assert (tmp_path / "from-best" / "result.json").is_file()

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from raytrain_cls import storage
-from raytrain_cls.storage import atomic_write_text, exists, join, read_text, write_text
+from raytrain_cls.storage import atomic_write_text, exists, join, read_text, split, write_text
 
 
 def test_atomic_write_creates_parents_and_leaves_no_temp(tmp_path):
@@ -58,3 +58,8 @@ def test_files_under_an_s3_uri_with_options(s3_upload, tmp_path):
 
 def test_local_read_text_of_a_missing_file_is_none(tmp_path):
     assert read_text(tmp_path / "nope.txt") is None and not exists(tmp_path / "nope.txt")
+
+
+def test_split_keeps_a_uri_query_on_the_parent():
+    assert split("s3://b/runs/exp?region=x") == ("s3://b/runs?region=x", "exp")
+    assert split("/data/runs/exp/") == ("/data/runs", "exp")

@@ -104,3 +104,22 @@ def test_best_yaml_is_a_complete_training_config(tmp_path):
     path.write_text(text)
     cfg = load_config(str(path))
     assert cfg.optim.lr == 0.05 and cfg.aug.mixup == 0.2 and "resolved" not in yaml.safe_load(text)
+
+
+def test_a_search_directory_on_s3_is_resumed_there_and_never_reused(s3_upload, tmp_path):
+    from raytrain_cls.tune import SEARCH_FILE, search_paths
+
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / SEARCH_FILE).write_text("search: {}\n")
+    uri = s3_upload(tmp_path / "search", "unit/tune/s1")
+    output = uri.replace("/s1?", "?")
+    assert search_paths(load_config("digits"), uri) == (output, "s1", uri)
+    with pytest.raises(ConfigError, match="not a search directory"):
+        search_paths(load_config("digits"), uri.replace("/s1?", "/s2?"))
+    with pytest.raises(ConfigError, match="already exists"):
+        search_paths(load_config("digits", {"output": output, "experiment": "s1"}), None)
+
+
+def test_an_initial_checkpoint_file_under_a_uri_is_refused_with_the_alternative():
+    with pytest.raises(ConfigError, match="give the checkpoint directory"):
+        load_config("digits", {"initial_checkpoint": "s3://bucket/runs/x/epoch-0003/model.safetensors"})
