@@ -293,7 +293,12 @@ def _stopped_trial_cleaner(grace_s: float = 5.0):
     return FreeEndedTrials()
 
 
-def run_trial(params: dict, base: dict, trials_dir: str) -> None:
+def trial_run_dir(search_dir: str, trial_id: str) -> str:
+    """Where a trial's Ray Train run lives: <search dir>/trials/trial-<id> (a path or a URI)."""
+    return join(join(search_dir, "trials"), f"trial-{trial_id}")
+
+
+def run_trial(params: dict, base: dict, search_dir: str) -> None:
     """One Tune trial: the base config with this trial's values, trained by Ray Train like `raytrain-cls train`."""
     from ray import tune
 
@@ -303,9 +308,9 @@ def run_trial(params: dict, base: dict, trials_dir: str) -> None:
     for key, value in params.items():
         cfg.set(key, value)
     cfg.validate()
-    name = f"trial-{tune.get_context().get_trial_id()}"
     # A stable name per trial: when a search is resumed, Ray Train resumes this trial from its own checkpoints.
-    paths = RunPaths(trials_dir, name, join(trials_dir, name))
+    run_dir = trial_run_dir(search_dir, tune.get_context().get_trial_id())
+    paths = RunPaths(*split(run_dir), run_dir)
     done = finished_run(paths.run_dir, cfg)
     if done is not None:
         # Finished before the search driver died, but Tune had not yet recorded it: hand Tune the final
@@ -346,7 +351,7 @@ def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, na
 
     metric, mode = metric_and_mode(spec, base)
     trainable = tune.with_parameters(run_trial, base=trial_base(base, spec).to_dict(),
-                                     trials_dir=join(search_dir, "trials"))
+                                     search_dir=search_dir)
     # The trial function only drives; its TorchTrainer reserves the workers' CPUs/GPUs itself.
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
     if resume:
@@ -401,7 +406,7 @@ def summarize(results, spec: SearchSpec, base: Config, max_t: int, search_dir: s
             if "checkpoint_path" in df:
                 checkpoint = df["checkpoint_path"].iloc[pick]
                 if checkpoint and is_uri(search_dir):
-                    checkpoint = join(join(join(search_dir, "trials"), f"trial-{trial_id}"), Path(checkpoint).name)
+                    checkpoint = join(trial_run_dir(search_dir, trial_id), Path(checkpoint).name)
         status = "error" if r.error else ("completed" if len(curve) >= max_t else "stopped")
         params = {k: r.config.get(k) for k in spec.space}
         rows.append(TrialRow(str(trial_id), status, params, best, best_epoch, len(curve), checkpoint, curve))
