@@ -313,10 +313,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plots import plot_run, plot_search
+    from .storage import exists, join
 
-    d = Path(args.directory)
+    d = args.directory
     try:
-        written = [plot_search(d)] if (d / "trials.csv").is_file() else plot_run(d)
+        written = [plot_search(d)] if exists(join(d, "trials.csv")) else plot_run(d)
     except FileNotFoundError as e:
         print(f"raytrain-cls: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .report import SUMMARY_FILE, read_summary
-from .storage import is_uri, write_bytes
+from .storage import is_uri, join, read_text, split, write_bytes
 
 RUN_PLOTS = ("loss.png", "accuracy.png", "lr.png")
 
@@ -32,12 +32,13 @@ def _save(fig, path: str | Path) -> None:
     _pyplot().close(fig)
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """loss.png (train and eval), accuracy.png (top-1, top-5), lr.png, from the run's summary.csv."""
-    run_dir = Path(run_dir)
-    rows = read_summary(run_dir / SUMMARY_FILE)
+def plot_run(run_dir: str | Path) -> list[str]:
+    """loss.png (train and eval), accuracy.png (top-1, top-5), lr.png, from the run's summary.csv (the run
+    directory a local path or a URI)."""
+    run_dir = str(run_dir)
+    rows = read_summary(join(run_dir, SUMMARY_FILE))
     if not rows:
-        raise FileNotFoundError(f"{run_dir / SUMMARY_FILE} is missing or empty: not a run directory with epochs")
+        raise FileNotFoundError(f"{join(run_dir, SUMMARY_FILE)} is missing or empty: not a run directory with epochs")
     epochs = sorted(rows)
 
     def col(name):
@@ -53,11 +54,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             ax.plot(epochs, col(s), marker="o", markersize=3, label=s)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{run_dir.name}: {ylabel}")
+        ax.set_title(f"{split(run_dir)[1]}: {ylabel}")
         ax.grid(alpha=0.3)
         ax.legend()
-        _save(fig, run_dir / name)
-        out.append(run_dir / name)
+        _save(fig, join(run_dir, name))
+        out.append(join(run_dir, name))
     return out
 
 
@@ -78,21 +79,22 @@ def plot_curves(path: str | Path, curves: Sequence[tuple[str, bool, list]], metr
     return path
 
 
-def plot_search(search_dir: str | Path) -> Path:
-    """trials.png from a search's trials.csv and each trial's summary.csv."""
-    search_dir = Path(search_dir)
-    table = search_dir / "trials.csv"
-    if not table.is_file():
-        raise FileNotFoundError(f"{table} is missing: not a finished search directory")
-    with table.open() as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        metric = next((c[len("best_"):] for c in reader.fieldnames or [] if c.startswith("best_")
-                       and c != "best_epoch"), "eval_top1")
+def plot_search(search_dir: str | Path) -> str:
+    """trials.png from a search's trials.csv and each trial's summary.csv (a local path or a URI)."""
+    from .tune import trial_run_dir
+
+    search_dir = str(search_dir)
+    text = read_text(join(search_dir, "trials.csv"))
+    if text is None:
+        raise FileNotFoundError(f"{join(search_dir, 'trials.csv')} is missing: not a finished search directory")
+    reader = csv.DictReader(io.StringIO(text))
+    rows = list(reader)
+    metric = next((c[len("best_"):] for c in reader.fieldnames or [] if c.startswith("best_")
+                   and c != "best_epoch"), "eval_top1")
     curves = []
     for r in rows:
-        summary = read_summary(search_dir / "trials" / f"trial-{r['trial_id']}" / SUMMARY_FILE)
+        summary = read_summary(join(trial_run_dir(search_dir, r["trial_id"]), SUMMARY_FILE))
         values = [float(summary[e][metric]) for e in sorted(summary)] if metric in next(iter(summary.values()), {}) \
             else []
         curves.append((f"{r['trial_id']} ({r['status']})", r["status"] == "completed", values))
-    return plot_curves(search_dir / "trials.png", curves, metric)
+    return plot_curves(join(search_dir, "trials.png"), curves, metric)

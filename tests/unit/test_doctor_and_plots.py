@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -62,9 +63,24 @@ def test_plot_run_writes_three_pngs(tmp_path):
     rows = {e: dict(epoch=e, train_loss=2 - e * 0.3, eval_loss=2.1 - e * 0.3, eval_top1=30 + 10 * e,
                     eval_top5=70 + 5 * e, lr=0.1 / (e + 1)) for e in range(5)}
     write_summary(tmp_path / "summary.csv", rows)
-    written = plot_run(tmp_path)
+    written = [Path(p) for p in plot_run(tmp_path)]
     assert [p.name for p in written] == ["loss.png", "accuracy.png", "lr.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in written)
+
+
+def test_plot_reads_and_writes_a_run_on_s3(tmp_path, s3_upload, capsys):
+    from pyarrow import fs
+
+    rows = {e: dict(epoch=e, train_loss=2 - e * 0.3, eval_loss=2.1 - e * 0.3, eval_top1=30 + 10 * e,
+                    eval_top5=70 + 5 * e, lr=0.1 / (e + 1)) for e in range(3)}
+    write_summary(tmp_path / "run" / "summary.csv", rows)
+    uri = s3_upload(tmp_path / "run", "unit/plots/run")
+    assert main(["plot", uri]) == 0
+    written = capsys.readouterr().out.split()
+    assert [w.split("?")[0].rsplit("/", 1)[1] for w in written] == ["loss.png", "accuracy.png", "lr.png"]
+    for w in written:
+        s3, inner = fs.FileSystem.from_uri(w)
+        assert s3.get_file_info(inner).size > 10_000
 
 
 def test_plot_search_draws_every_trial(tmp_path):
@@ -77,7 +93,7 @@ def test_plot_search_draws_every_trial(tmp_path):
         rows = {e: dict(epoch=e, train_loss=1, eval_loss=1, eval_top1=20 + 20 * e, eval_top5=90, lr=0.1)
                 for e in range(n)}
         write_summary(tmp_path / "trials" / f"trial-{trial}" / "summary.csv", rows)
-    path = plot_search(tmp_path)
+    path = Path(plot_search(tmp_path))
     assert path.name == "trials.png" and path.stat().st_size > 10_000
 
 
