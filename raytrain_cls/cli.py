@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
-from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml

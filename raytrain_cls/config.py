@@ -767,7 +767,7 @@ def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, a local file or one under a URI (a run's config.yaml on s3://), with the safe loader
     only (no Python object tags, ever)."""
-    text = read_text(path) if is_uri(path) or Path(path).is_file() else None
+    text = read_text(path)  # None when there is no such file
     if text is None:
         raise ConfigError("--config", str(path), "no such file")
     try:

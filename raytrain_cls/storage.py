@@ -64,22 +64,29 @@ def read_text(path: str | Path) -> Optional[str]:
         return f.read().decode()
 
 
+def _split_query(path: str) -> tuple[str, str]:
+    """(path, "?options") of a URI carrying pyarrow's options; a local path keeps any "?" it has."""
+    if is_uri(path) and "?" in path:
+        base, query = path.split("?", 1)
+        return base, "?" + query
+    return path, ""
+
+
 def join(run_dir: str | Path, name: str) -> str:
-    base, query = str(run_dir), ""
-    if is_uri(base) and "?" in base:
-        base, query = base.split("?", 1)
-        query = "?" + query
+    base, query = _split_query(str(run_dir))
     return f"{base.rstrip('/')}/{name}{query}"
 
 
 def split(path: str) -> tuple[str, str]:
     """(parent, name) of a directory path or URI; a URI's ?options stay on the parent."""
-    base, query = path, ""
-    if is_uri(path) and "?" in path:
-        base, query = path.split("?", 1)
-        query = "?" + query
+    base, query = _split_query(path)
     parent, name = base.rstrip("/").rsplit("/", 1)
     return parent + query, name
+
+
+def absolute(path: str) -> str:
+    """A URI as given (less a trailing slash), a local path with ~ expanded and made absolute."""
+    return path.rstrip("/") if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def exists(path: str | Path) -> bool:

@@ -24,7 +24,7 @@ from .data.transforms import data_config_kwargs
 from .model import meta_model
 from .optim import resolve_lr, resolve_num_epochs
 from .report import CONFIG_FILE, build_result, write_result
-from .storage import exists, is_uri, join, split, write_text
+from .storage import absolute, exists, is_uri, join, split, write_text
 from .state import CHECKPOINT_PREFIX, META_FILE, CheckpointError, read_meta
 
 DEFAULT_OUTPUT = "output/train"
@@ -195,13 +195,13 @@ def _run_started(run_dir: str) -> bool:
 def resolve_output(output: str) -> str:
     """--output as Ray's storage_path: a URI as given, a local path made absolute (default ./output/train)."""
     output = output or DEFAULT_OUTPUT
-    return output if is_uri(output) else str(Path(output).expanduser().resolve())
+    return absolute(output)
 
 
 def find_resume_target(resume: str, output: str) -> tuple[str, str]:
     """What --resume names: ("run", run_dir) to continue a run, or ("checkpoint", dir) to start from one. A path
     or URI as given, else a name under --output; local paths and cloud URIs alike."""
-    given = resume.rstrip("/") if is_uri(resume) else str(Path(resume).expanduser().resolve())
+    given = absolute(resume)
     candidates = [given] if is_uri(resume) or Path(resume).is_absolute() else [given, join(output, resume)]
     for candidate in candidates:
         if exists(join(candidate, RAY_SNAPSHOT)):

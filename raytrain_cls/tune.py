@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from .config import FIELDS, Config, ConfigError, _suggest, read_yaml
-from .storage import exists, is_uri, join, split, write_text
+from .storage import absolute, exists, is_uri, join, split, write_text
 
 SEARCH_FILE, TRIALS_FILE, BEST_FILE, PLOT_FILE = "search.yaml", "trials.csv", "best.yaml", "trials.png"
 DEFAULT_OUTPUT = "output/tune"
@@ -459,7 +459,7 @@ def search_paths(base: Config, resume: Optional[str]) -> tuple[str, str, str]:
     from .trainer import resolve_output
 
     if resume:
-        path = resume.rstrip("/") if is_uri(resume) else str(Path(resume).expanduser().resolve())
+        path = absolute(resume)
         if not exists(join(path, SEARCH_FILE)):
             raise ConfigError("--resume", resume, f"not a search directory (no {SEARCH_FILE})")
         return (*split(path), path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 import tempfile
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
