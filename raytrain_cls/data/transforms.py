@@ -6,6 +6,9 @@ from typing import Callable
 from timm.data import create_transform
 
 from ..config import Config
+from .pillow_compat import install_posterize_fix
+
+install_posterize_fix()  # before any transform is built: timm binds the op when it builds an AugmentOp
 
 
 def data_config_kwargs(cfg: Config) -> dict:
