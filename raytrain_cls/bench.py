@@ -8,8 +8,8 @@
     python -m raytrain_cls bench gpu-checks $OUT --device cuda      # all of issue 4's GPU measurements at once
 
 ``loader`` times this process iterating the training loader of each path (the DataLoader with timm's CPU
-transforms, or the --gpu-decode path ending in normalised batches on --device); ``train`` runs one real epoch
-per path through Ray Train and reports its training img/s. Every result is one JSON line, with the device and
+transforms, or the --gpu-decode path ending in normalised batches on --device); ``train`` runs two real epochs
+per path through Ray Train and reports the second one's training img/s (the first pays for start-up). Every result is one JSON line, with the device and
 versions, for the benchmark doc (docs/benchmarks.md).
 """
 from __future__ import annotations
@@ -75,8 +75,7 @@ def bench_loader(cfg, device: str, batches: int) -> dict:
     source = build_source(cfg)
     data_config = resolve_data_config(cfg, cfg.model.num_classes or source.num_classes)
     loaders = build_loaders(cfg, source, data_config, rank=0, world_size=1, device=torch.device(device))
-    loaders.set_epoch(0)
-    it = iter(loaders.train)
+    it = _batches_across_epochs(loaders)
     # Start-up is not throughput, and the batches the loader processes prefetched meanwhile would flatter it.
     for _ in range(1 + 2 * cfg.data.workers):
         next(it)
@@ -93,15 +92,33 @@ def bench_loader(cfg, device: str, batches: int) -> dict:
                 bad=loaders.train.bad.count)
 
 
-def bench_train(cfg) -> dict:
-    """One epoch through Ray Train; the epoch's training img/s (all workers) as the run itself reports it."""
+def _batches_across_epochs(loaders):
+    """The training loader's batches, epoch after epoch: a benchmark may want more batches than one epoch holds
+    (a warm-up of 1 + 2 x 16 loader processes' prefetch is 33 batches, more than 4,096 images make at -b 256)."""
+    epoch = 0
+    while True:
+        loaders.set_epoch(epoch)
+        empty = True
+        for batch in loaders.train:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the training loader gives no batch: fewer images than one batch?")
+        epoch += 1
+
+
+def bench_train(cfg, epochs: int = 2) -> dict:
+    """Ray Train epochs; the last epoch's training img/s (all workers) as the run itself reports it. The first
+    epoch also pays for cuDNN's autotuning and torch's first-step work, so from 2 epochs on the last one is the
+    steady state (each epoch still waits for its loader processes' first batches, as every real epoch does)."""
     from .trainer import train
 
     with tempfile.TemporaryDirectory(prefix="raytrain-cls-bench-") as out:
-        cfg.update({"output": out, "experiment": f"bench-{int(time.time())}", "epochs": 1, "warmup_epochs": 0})
+        cfg.update({"output": out, "experiment": f"bench-{int(time.time())}", "epochs": epochs,
+                    "warmup_epochs": 0, "cooldown_epochs": 0})
         result = train(cfg, echo=lambda *_: None)
     m = result["last_metrics"]
-    return dict(img_per_sec=round(m["img_per_sec"], 1), train_samples=m["train_samples"],
+    return dict(img_per_sec=round(m["img_per_sec"], 1), epochs=epochs, train_samples=m["train_samples"],
                 train_seconds=round(m["train_time"], 2), bad=m.get("train_bad_samples", 0))
 
 
@@ -109,10 +126,11 @@ CHECKS = ("decode", "loader", "train")
 
 
 def gpu_checks(out: str, device: str, images: int, size: tuple[int, int], batch_size: int, workers: int,
-               model: str, only: Sequence[str] = CHECKS) -> list[dict]:
+               model: str, only: Sequence[str] = CHECKS, train_steps: int = 100) -> list[dict]:
     """Everything issue 4 asks a GPU machine to measure, as one command: device decode parity and throughput,
-    loader img/s per path, and one Ray Train epoch per path. Each step's result (or its error) is appended to
-    OUT/gpu-checks.jsonl as soon as it exists, so a run cut short still leaves what it measured."""
+    loader img/s per path, and two Ray Train epochs per path (the second one's img/s counts), each of at least
+    ``train_steps`` steps (passes over the data are repeated to get there). Each step's result (or its error) is
+    appended to OUT/gpu-checks.jsonl as soon as it exists, so a run cut short still leaves what it measured."""
     results: list[dict] = []
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +175,9 @@ def gpu_checks(out: str, device: str, images: int, size: tuple[int, int], batch_
     if "train" in only:
         gpu = ["--use-gpu", "--num-workers", "1", "--amp", "--amp-dtype", "bfloat16", "--channels-last"] \
             if device.startswith("cuda") else ["--num-workers", "1"]
+        repeats = train_steps * batch_size / images
+        if repeats > 1:  # 4,096 images at -b 256 are 16 steps: too short an epoch to time
+            gpu += ["--epoch-repeats", f"{repeats:.4g}"]
         for path in ("torch", "gpu"):
             record(f"train-{path}", lambda path=path: bench_train(
                 _config(str(shards), "parquet", path, overrides + gpu)))
@@ -180,6 +201,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     gc.add_argument("-j", "--workers", type=int, default=8)
     gc.add_argument("--model", default="resnet50")
     gc.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    gc.add_argument("--train-steps", type=int, default=100, help="at least this many steps per timed epoch")
     for name in ("loader", "train"):
         b = sub.add_parser(name, help=f"{name} img/s of each input path on the same data")
         b.add_argument("--data-dir", required=True)
@@ -201,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.what == "gpu-checks":
         w, h = (int(v) for v in args.size.lower().split("x"))
         rows = gpu_checks(args.out, args.device, args.images, (w, h), args.batch_size, args.workers, args.model,
-                          [c for c in args.only.split(",") if c])
+                          [c for c in args.only.split(",") if c], args.train_steps)
         return 0 if all(r["ok"] for r in rows) else 1
     paths = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(paths) - set(PATHS))

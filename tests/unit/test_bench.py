@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from raytrain_cls.cli import main
 
 
@@ -26,3 +28,35 @@ def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path, capsys):
     assert [(r["step"], r["ok"]) for r in rows] == [("environment", True), ("data", True),
                                                     ("loader-torch", False), ("loader-gpu", False)]
     assert "no_such_model" in rows[2]["error"]
+
+
+def test_the_loader_bench_runs_past_the_end_of_an_epoch(tmp_path, capsys):
+    # 24 images at -b 8 are 3 batches an epoch, less than the warm-up of 1 + 2 x 2 loader processes' prefetch:
+    # the GPU command (4,096 images, -b 256, -j 16) is in the same position.
+    code = main(["bench", "gpu-checks", str(tmp_path), "--device", "cpu", "--images", "24", "--size", "64x48",
+                 "-b", "8", "-j", "2", "--model", "test_resnet", "--only", "loader"])
+    rows = [json.loads(line) for line in (tmp_path / "gpu-checks.jsonl").read_text().splitlines()]
+    assert code == 0, rows
+    assert [r["step"] for r in rows] == ["environment", "data", "loader-torch", "loader-gpu"]
+    assert all(r["images"] >= 16 for r in rows[2:])
+
+
+def test_the_train_step_times_the_second_of_two_epochs_of_at_least_train_steps(tmp_path, monkeypatch, capsys):
+    import raytrain_cls.trainer as trainer
+
+    seen = []
+
+    def fake_train(cfg, echo=print):
+        seen.append((cfg.sched.epochs, cfg.data.epoch_repeats, cfg.data.gpu_decode))
+        return {"last_metrics": {"epoch": cfg.sched.epochs - 1, "img_per_sec": 123.4, "train_samples": 80,
+                                 "train_time": 0.65}}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    code = main(["bench", "gpu-checks", str(tmp_path), "--device", "cpu", "--images", "24", "--size", "64x48",
+                 "-b", "8", "-j", "0", "--model", "test_resnet", "--only", "train", "--train-steps", "10"])
+    rows = [json.loads(line) for line in (tmp_path / "gpu-checks.jsonl").read_text().splitlines()]
+    assert code == 0, rows
+    # 10 steps x 8 images = 80 images an epoch: 80 / 24 passes over the data
+    assert seen == [(2, pytest.approx(80 / 24, rel=1e-3), False), (2, pytest.approx(80 / 24, rel=1e-3), True)]
+    assert [(r["step"], r["img_per_sec"], r["epochs"]) for r in rows[2:]] == [("train-torch", 123.4, 2),
+                                                                               ("train-gpu", 123.4, 2)]
