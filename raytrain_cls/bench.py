@@ -126,11 +126,17 @@ CHECKS = ("decode", "loader", "train")
 
 
 def gpu_checks(out: str, device: str, images: int, size: tuple[int, int], batch_size: int, workers: int,
-               model: str, only: Sequence[str] = CHECKS, train_steps: int = 100) -> list[dict]:
+               model: str, only: Sequence[str] = CHECKS, train_steps: int = 100,
+               work_dir: Optional[str] = None) -> list[dict]:
     """Everything issue 4 asks a GPU machine to measure, as one command: device decode parity and throughput,
     loader img/s per path, and two Ray Train epochs per path (the second one's img/s counts), each of at least
     ``train_steps`` steps (passes over the data are repeated to get there). Each step's result (or its error) is
-    appended to OUT/gpu-checks.jsonl as soon as it exists, so a run cut short still leaves what it measured."""
+    appended to OUT/gpu-checks.jsonl as soon as it exists, so a run cut short still leaves what it measured.
+    The JPEGs and shards (~600 MB at the defaults) go to ``work_dir``, by default a temporary folder removed at
+    the end: OUT holds only the results (on the GPU machines, everything under $OUT is shipped back)."""
+    if work_dir is None:
+        with tempfile.TemporaryDirectory(prefix="raytrain-cls-gpu-checks-") as tmp:
+            return gpu_checks(out, device, images, size, batch_size, workers, model, only, train_steps, tmp)
     results: list[dict] = []
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +161,7 @@ def gpu_checks(out: str, device: str, images: int, size: tuple[int, int], batch_
         record("decode", lambda: decode_main([
             "--images", str(images), "--size", f"{size[0]}x{size[1]}", "--batch-size", str(batch_size),
             "-j", str(workers), "--device", device, "--unique", str(min(images, 256))]))
-    data, shards = out_dir / "jpegs", out_dir / "shards"
+    data, shards = Path(work_dir) / "jpegs", Path(work_dir) / "shards"
     if {"loader", "train"} & set(only):
         from .data.prepare import prepare
 
@@ -202,6 +208,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     gc.add_argument("--model", default="resnet50")
     gc.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
     gc.add_argument("--train-steps", type=int, default=100, help="at least this many steps per timed epoch")
+    gc.add_argument("--work-dir", default=None, help="folder for the JPEGs and shards (default: a temporary one)")
     for name in ("loader", "train"):
         b = sub.add_parser(name, help=f"{name} img/s of each input path on the same data")
         b.add_argument("--data-dir", required=True)
@@ -223,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.what == "gpu-checks":
         w, h = (int(v) for v in args.size.lower().split("x"))
         rows = gpu_checks(args.out, args.device, args.images, (w, h), args.batch_size, args.workers, args.model,
-                          [c for c in args.only.split(",") if c], args.train_steps)
+                          [c for c in args.only.split(",") if c], args.train_steps, args.work_dir)
         return 0 if all(r["ok"] for r in rows) else 1
     paths = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(paths) - set(PATHS))

@@ -3,6 +3,7 @@ run it), records every step as a JSON line as soon as it exists, and keeps going
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,9 @@ def test_gpu_checks_on_cpu_writes_a_line_per_step(tmp_path, capsys):
     assert all(r["ok"] for r in rows)
     assert rows[1]["device_decode_augment_img_s"] > 0 and rows[3]["img_per_sec"] > 0 and rows[4]["img_per_sec"] > 0
     assert rows[2]["train"] == 24
+    # the data went to a temporary folder, now removed: on a GPU machine everything under OUT is shipped back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-checks.jsonl"]
+    assert not Path(rows[2]["shards"]).exists()
 
 
 def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path, capsys):
