@@ -9,8 +9,8 @@
 
 ``loader`` times this process iterating the training loader of each path (the DataLoader with timm's CPU
 transforms, or the --gpu-decode path ending in normalised batches on --device); ``train`` runs two real epochs
-per path through Ray Train and reports the second one's training img/s (the first pays for start-up). Every result is one JSON line, with the device and
-versions, for the benchmark doc (docs/benchmarks.md).
+per path through Ray Train and reports the second one's training img/s (the first pays for start-up). Every
+result is one JSON line, with the device and versions, for the benchmark doc (docs/benchmarks.md).
 """
 from __future__ import annotations
 

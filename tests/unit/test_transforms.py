@@ -34,8 +34,8 @@ def test_other_bit_counts_are_pillows_own(bits):
 
 
 def test_the_v0_policy_with_its_zero_bit_subpolicy_runs_on_many_images():
-    # v0 holds ('Posterize', 0.8, 2): int(2 / 10 * 4) = 0 bits, applied to 8 % of images (1/25 sub-policies x 0.8)
-    # in timm's own AutoAugment; 400 images reach it with certainty for this seed.
+    # v0 holds ('Posterize', 0.8, 2): int(2 / 10 * 4) = 0 bits, applied to 3.2 % of images (1 of 25 sub-policies,
+    # p 0.8); 400 images reach it 16 times for this seed.
     cfg = Config().update({"dataset": "synthetic", "img_size": 32, "aa": "v0", "seed": 0}).validate()
     data_config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875,
                    "interpolation": "bilinear"}
