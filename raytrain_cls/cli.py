@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import typing
 from typing import Optional, Sequence
 
@@ -216,14 +217,20 @@ def overrides_of(args: argparse.Namespace) -> dict:
             and not (args.command == "tune" and k == "resume")}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int:
     from .data import DataError
+    from .startup import process_start
     from .state import CheckpointError
     from .trainer import TrainingError, train
 
+    # After the driver's imports (torch, timm); from the process start only when this process is the command.
+    stamps = {"driver": time.time()}
+    if process_is_command and process_start() is not None:
+        stamps["process"] = process_start()
+
     try:
         cfg = load_config(base_recipe(args), overrides_of(args))
-        train(cfg, console=sys.stdout)
+        train(cfg, console=sys.stdout, stamps=stamps)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"raytrain-cls: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -377,6 +384,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own parser (argparse would take `bench --help` for the top-level help)
         from .bench import main as bench_main
@@ -384,8 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        return cmd_train(args)
+    if args.command == "train":  # from_command_line: or called in a longer-lived process (tests, notebooks)
+        return cmd_train(args, process_is_command=from_command_line)
     if args.command == "export":
         return cmd_export(args)
     if args.command == "tune":

@@ -24,6 +24,7 @@ from .data.transforms import data_config_kwargs
 from .model import meta_model
 from .optim import resolve_lr, resolve_num_epochs
 from .report import CONFIG_FILE, build_result, write_result
+from .startup import breakdown, describe, stamp
 from .storage import absolute, exists, is_uri, join, split, write_text
 from .state import CHECKPOINT_PREFIX, META_FILE, CheckpointError, read_meta
 
@@ -332,26 +333,31 @@ def explain_failure(err: BaseException) -> str:
     return text[-1] if text else type(cause).__name__
 
 
-def train(cfg: Config, echo=print, console: Optional[TextIO] = None) -> dict:
+def train(cfg: Config, echo=print, console: Optional[TextIO] = None, stamps: Optional[dict] = None) -> dict:
     """Validate, resolve, fit. Returns the result.json payload. Raises ConfigError/DataError before any worker
-    starts, TrainingError when the run itself fails. ``console``: the stream a live progress bar may use."""
+    starts, TrainingError when the run itself fails. ``console``: the stream a live progress bar may use;
+    ``stamps``: start-up stamps the caller already has (startup.py; the command's process start)."""
     cfg.validate()
     paths = run_paths(cfg)  # before Ray: a name clash is a config error, not a cluster job
     start_from = init_checkpoint(cfg)
     if start_from and run_config_file(paths.run_dir):  # continuing a run that died before its first checkpoint
         echo(f"{paths.run_dir} has no checkpoint of its own yet: it starts again from {start_from}, the checkpoint "
              f"it was started from")
-    return fit_run(cfg, paths, start_from=start_from, echo=echo, console=console)
+    return fit_run(cfg, paths, start_from=start_from, echo=echo, console=console, stamps=stamps)
 
 
 def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extra_callbacks: Sequence = (),
-            echo=print, console: Optional[TextIO] = None) -> dict:
+            echo=print, console: Optional[TextIO] = None, stamps: Optional[dict] = None) -> dict:
     """Resolve the config on this cluster, write config.yaml, fit, write result.json. Also a Tune trial's body."""
     import ray.train
 
+    stamps = dict(stamps or {})
+    stamp(stamps, "driver")
     cluster = connect()
+    stamp(stamps, "ray_ready")
     earlier = dict(cfg.resolved or {})  # a continued run's own decisions (its config.yaml)
     resolve(cfg, cluster)
+    stamp(stamps, "resolved")
     r = cfg.resolved
     r.update(output=paths.output, experiment=paths.experiment, run_dir=paths.run_dir)
     if cfg.run.log_wandb:
@@ -367,6 +373,8 @@ def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extr
     r["progress_board"] = None
     if use_bar(cfg.run.progress, console):
         r["progress_board"], stop_display = start_live_display(r["num_epochs"], console)
+    stamp(stamps, "fit")
+    r["startup"] = stamps  # rank 0 adds its own stamps and reports them all back
     try:
         result = build_trainer(cfg, paths, extra_callbacks).fit()
     except ray.train.TrainingFailedError as e:
@@ -379,8 +387,11 @@ def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extr
         echo(f"Removed {len(removed)} checkpoint folder(s) Ray never registered: {', '.join(removed)}")
     metric = f"eval_{cfg.checkpoint.eval_metric}"
     payload = build_result(result, metric, "min" if cfg.checkpoint.eval_metric == "loss" else "max", paths.run_dir)
+    payload["startup"] = breakdown({**stamps, **(payload["last_metrics"].get("startup") or {})})
     payload["result_file"] = write_result(paths.run_dir, payload)
     echo(summary_table(payload, paths.run_dir))
+    if payload["startup"]["phases"]:
+        echo(describe(payload["startup"]))
     return payload
 
 

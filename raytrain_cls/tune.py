@@ -18,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from .config import FIELDS, Config, ConfigError, _suggest, read_yaml
+from .startup import breakdown
 from .storage import absolute, exists, is_uri, join, split, write_text
 
 SEARCH_FILE, TRIALS_FILE, BEST_FILE, PLOT_FILE = "search.yaml", "trials.csv", "best.yaml", "trials.png"
@@ -386,6 +387,7 @@ class TrialRow:
     epochs: int
     checkpoint: Optional[str]
     curve: list  # the metric per epoch
+    startup_s: Optional[float] = None  # the trial's fit() to its first training step (startup.py)
 
 
 def summarize(results, spec: SearchSpec, base: Config, max_t: int, search_dir: str = "") -> list[TrialRow]:
@@ -409,18 +411,29 @@ def summarize(results, spec: SearchSpec, base: Config, max_t: int, search_dir: s
                     checkpoint = join(trial_run_dir(search_dir, trial_id), Path(checkpoint).name)
         status = "error" if r.error else ("completed" if len(curve) >= max_t else "stopped")
         params = {k: r.config.get(k) for k in spec.space}
-        rows.append(TrialRow(str(trial_id), status, params, best, best_epoch, len(curve), checkpoint, curve))
+        rows.append(TrialRow(str(trial_id), status, params, best, best_epoch, len(curve), checkpoint, curve,
+                             trial_startup_s(r.metrics or {})))
     reverse = mode == "max"
     return sorted(rows, key=lambda t: (t.best is None, -t.best if reverse and t.best is not None else t.best or 0))
+
+
+def trial_startup_s(metrics: dict) -> Optional[float]:
+    """Seconds from the trial's fit() to its first step: the fixed cost every trial pays again. Tune may hand
+    the reported ``startup`` stamps back nested or flattened ("startup/fit")."""
+    stamps = metrics.get("startup") or {k.split("/", 1)[1]: v for k, v in metrics.items()
+                                         if k.startswith("startup/")}
+    result = breakdown({k: v for k, v in stamps.items() if isinstance(v, (int, float))})
+    return result["total_s"] if result["until"] == "first_step" else None
 
 
 def write_trials_csv(path: str, rows: list[TrialRow], keys: list[str], metric: str) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["trial_id", "status", *keys, f"best_{metric}", "best_epoch", "epochs", "checkpoint"])
+    writer.writerow(["trial_id", "status", *keys, f"best_{metric}", "best_epoch", "epochs", "startup_s",
+                     "checkpoint"])
     for t in rows:
         writer.writerow([t.trial_id, t.status, *[t.params.get(k) for k in keys], t.best, t.best_epoch, t.epochs,
-                         t.checkpoint or ""])
+                         "" if t.startup_s is None else f"{t.startup_s:.1f}", t.checkpoint or ""])
     write_text(path, buf.getvalue())
 
 

@@ -7,10 +7,14 @@ and restore see the bare model.
 """
 from __future__ import annotations
 
-import math
-import random
-import tempfile
-from typing import Optional
+import time
+
+IMPORTED_AT = time.time()  # before the heavy imports: the start-up breakdown's "worker process imports" ends here
+
+import math  # noqa: E402
+import random  # noqa: E402
+import tempfile  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import numpy as np
 import torch
@@ -29,6 +33,7 @@ from .model import build_ema, build_model, compile_model, model_dtype, prepare_f
 from .optim import build_optimizer, build_scheduler
 from .console import WorkerConsole
 from .report import PLACEMENT_GROUP_METRIC
+from .startup import process_start, stamp
 from .state import CHECKPOINT_PREFIX, MODEL_FILE, TrainState, load_weights, rng_state
 from .storage import local_dir
 from .tracking import Trackers
@@ -97,9 +102,13 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
+    entered = time.time()
     quiet_per_report_logs()
     cfg = Config.from_dict(config)
     res = cfg.resolved
+    # This worker's start-up stamps after the driver's (rank 0 reports them; startup.py).
+    stamps = {**(res.get("startup") or {}), "worker_process": process_start(), "worker_imported": IMPORTED_AT,
+              "worker_entered": entered}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -109,6 +118,7 @@ def train_loop_per_worker(config: dict) -> dict:
     loaders = build_loaders(cfg, source, res["data_config"], rank, world, device)
     if cfg.data.loader == "ray":
         loaders.train = ray_data_train_loader(cfg, world, device)
+    stamp(stamps, "data_ready")
     model = prepare_for_workers(cfg, build_model(cfg, res["num_classes"], device), world)
     ema = build_ema(cfg, model)
     # the module the loop trains: the model, or (feature distillation) the model with its projection
@@ -158,6 +168,7 @@ def train_loop_per_worker(config: dict) -> dict:
                        input_dtype=model_dtype(cfg),
                        loss_scale=loss_scale(cfg.data.naflex_loss_scale, cfg.data.batch_size)
                        if cfg.data.naflex_loader else None)
+    stamp(stamps, "model_ready")
     num_epochs = res["num_epochs"]
     metric = cfg.checkpoint.eval_metric
     batch = cfg.data.batch_size
@@ -192,8 +203,8 @@ def train_loop_per_worker(config: dict) -> dict:
             epoch, loaders.train, parts, state.num_updates, use_mixup=mixing, log_interval=cfg.run.log_interval,
             log=log, start_batch=start_batch, carry=carry, nan_patience=cfg.checkpoint.nan_patience,
             on_update=on_update,
-            on_step=(lambda step, steps, elapsed, e=epoch, b=start_batch: console.tick(e, step, steps, elapsed, b))
-            if rank == 0 else None,
+            on_step=(lambda step, steps, elapsed, e=epoch, b=start_batch: first_step_then(
+                console.tick, stamps, device)(e, step, steps, elapsed, b)) if rank == 0 else None,
             on_log_batch=save_batch_images(res["run_dir"]) if rank == 0 and cfg.run.save_images else None)
         state.in_epoch = None
         dealt = loaders.samples_after(len(loaders.train)) - consumed
@@ -234,11 +245,22 @@ def train_loop_per_worker(config: dict) -> dict:
         if rank == 0:
             console.epoch(metrics)
             trackers.epoch(metrics)
+        if rank == 0:
+            metrics["startup"] = stamps
         report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}")
         last = metrics
     if trackers is not None:
         trackers.close()
     return last
+
+
+def first_step_then(fn, stamps: dict, device: torch.device):
+    """``fn``, after stamping the end of the run's first training step (a device sync, once per run)."""
+    if "first_step" not in stamps:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamp(stamps, "first_step")
+    return fn
 
 
 def start_at_epoch(state: TrainState, scheduler, epoch: int, updates_per_epoch: int, on_updates: bool) -> None:

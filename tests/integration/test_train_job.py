@@ -40,6 +40,13 @@ def test_default_job_succeeds_and_learns(default_run):
     assert 0 <= result["best_epoch"] < EPOCHS
     assert Path(result["latest_checkpoint"]).is_dir()
     assert Path(result["best_checkpoint"]).is_dir()
+    # Where the start-up seconds went (startup.py), up to rank 0's first step, with no negative phase.
+    startup = result["startup"]
+    assert startup["until"] == "first_step" and startup["total_s"] > 0, startup
+    labels = [label for label, _ in startup["phases"]]
+    assert labels[0] == "import ray.train + ray.init / connect" and labels[-1] == "first training step", labels
+    assert all(seconds >= 0 for _, seconds in startup["phases"])
+    assert abs(sum(s for _, s in startup["phases"]) - startup["total_s"]) < 0.01
 
 
 def test_summary_csv_has_timm_columns_one_row_per_epoch(default_run):

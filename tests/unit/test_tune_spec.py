@@ -9,8 +9,8 @@ import yaml
 
 from raytrain_cls.config import ConfigError, load_config
 from raytrain_cls.tune import (DEFAULT_SPACE, SearchSpec, TrialRow, best_config_yaml, max_epochs, parse_dimension,
-                               parse_search, space_from_cli, summarize, trial_base, validate_search,
-                               write_trials_csv)
+                               parse_search, space_from_cli, summarize, trial_base, trial_startup_s,
+                               validate_search, write_trials_csv)
 
 BASE = load_config("digits", {"epochs": 6})
 
@@ -94,6 +94,15 @@ def test_summary_orders_by_best_and_marks_early_stops(tmp_path):
     with (tmp_path / "trials.csv").open() as f:
         table = list(csv.DictReader(f))
     assert table[0]["trial_id"] == "b" and table[1]["status"] == "stopped" and table[0]["epochs"] == "4"
+    assert table[0]["startup_s"] == ""  # these trials reported no start-up stamps
+
+
+def test_trials_say_what_each_fit_cost_before_its_first_step():
+    stamps = {"driver": 10.0, "ray_ready": 10.5, "fit": 11.0, "worker_entered": 30.0, "first_step": 34.25}
+    assert trial_startup_s({"startup": stamps}) == 24.25
+    assert trial_startup_s({f"startup/{k}": v for k, v in stamps.items()}) == 24.25  # as Tune may flatten them
+    assert trial_startup_s({"startup": {"driver": 10.0, "fit": 11.0}}) is None  # never reached its first step
+    assert trial_startup_s({}) is None
 
 
 def test_best_yaml_is_a_complete_training_config(tmp_path):
