@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-PATHS = ("torch", "gpu", "ray")
+PATHS = ("torch", "gpu", "device", "ray")  # DataLoader + CPU transforms, --gpu-decode, --data-on-device, Ray Data
 
 
 def environment(device: str = "cpu") -> dict:
@@ -61,7 +61,8 @@ def _config(data_dir: str, dataset: str, path: str, overrides: Sequence[str]):
 
     args = build_parser().parse_args(["train", *overrides])
     cfg = Config().update({"dataset": dataset, "data_dir": data_dir}).update(overrides_of(args))
-    cfg.update({"gpu_decode": path == "gpu", "loader": "ray" if path == "ray" else "torch"})
+    cfg.update({"gpu_decode": path == "gpu", "data_on_device": path == "device",
+                "loader": "ray" if path == "ray" else "torch"})
     return cfg.validate()
 
 
@@ -207,8 +208,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     gc.add_argument("--work-dir", default=None, help="folder for the JPEGs and shards (default: a temporary one)")
     for name in ("loader", "train"):
         b = sub.add_parser(name, help=f"{name} img/s of each input path on the same data")
-        b.add_argument("--data-dir", required=True)
-        b.add_argument("--dataset", default="parquet", choices=("parquet", "folder", "synthetic"))
+        b.add_argument("--data-dir", default=None, help="the data (parquet, folder; optional for the built-in sets)")
+        b.add_argument("--dataset", default="parquet", choices=("parquet", "folder", "synthetic", "fashion_mnist",
+                                                                "digits"))
         b.add_argument("--paths", default="torch,gpu" if name == "loader" else "torch,gpu,ray")
         b.add_argument("overrides", nargs="*", help="train flags after --, e.g. -- -b 256 -j 16 --model resnet50")
         if name == "loader":

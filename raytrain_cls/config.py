@@ -106,6 +106,9 @@ class DataConfig:
                          choices=("torch", "ray"))
     gpu_decode: bool = option(False, "decode and augment on the training device in batches: the loader "
                                    "processes only read encoded bytes (JPEG decode on the GPU)")
+    data_on_device: bool = option(False, "decode the whole data set once and keep it on the training device; "
+                                         "batches are gathered and augmented there (the --gpu-decode transforms): "
+                                         "no loader processes, for data sets that fit in device memory")
     max_bad_fraction: float = option(0.01, "unreadable images are skipped and counted; fail when more than "
                                          "this fraction of an epoch's samples is bad", min=0, max=1)
     max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "images with more pixels are refused as possible "
@@ -477,18 +480,26 @@ class Config:
             if a.aug_repeats > 1:
                 raise ConfigError("aug.aug_repeats", a.aug_repeats, "Ray Data deals whole blocks to the workers, "
                                   "not repeated samples: --aug-repeats needs --loader torch")
-        if d.gpu_decode:
-            if dataset not in ("folder", "parquet", "synthetic") and not dataset.startswith(HF_PREFIX):
-                raise ConfigError("data.gpu_decode", True, f"the {dataset} data set holds decoded pixels, not "
-                                  "encoded images: use --dataset parquet or folder")
+        if d.gpu_decode and dataset not in ("folder", "parquet", "synthetic") and not dataset.startswith(HF_PREFIX):
+            raise ConfigError("data.gpu_decode", True, f"the {dataset} data set holds decoded pixels, not encoded "
+                              "images: use --dataset parquet or folder, or --data-on-device")
+        if d.data_on_device:
+            for key, value, reason in (
+                    ("data.gpu_decode", d.gpu_decode, "the data are decoded once, at start: drop --gpu-decode"),
+                    ("data.loader", d.loader == "ray" and d.loader, "Ray Data streams from CPUs: --loader torch"),
+                    ("data.naflex_loader", d.naflex_loader, "NaFlex batches are built by the CPU DataLoader path")):
+                if value:
+                    raise ConfigError(key, value, f"not with --data-on-device: {reason}")
+        if d.gpu_decode or d.data_on_device:  # both augment with device_transform.DeviceTransform
+            flag = "--gpu-decode" if d.gpu_decode else "--data-on-device"
             if a.aa:
-                raise ConfigError("aug.aa", a.aa, "auto-augment policies run on PIL images on the CPU: drop --aa "
-                                  "or --gpu-decode")
+                raise ConfigError("aug.aa", a.aa, f"auto-augment policies run on PIL images on the CPU: drop --aa "
+                                  f"or {flag}")
             for key, value in (("aug.grayscale_prob", a.grayscale_prob), ("aug.gaussian_blur_prob",
                                a.gaussian_blur_prob), ("aug.color_jitter_prob", a.color_jitter_prob),
                                ("aug.train_crop_mode", a.train_crop_mode not in (None, "rrc") and a.train_crop_mode)):
                 if value:
-                    raise ConfigError(key, value, "not on the --gpu-decode path (timm's CPU transforms only)")
+                    raise ConfigError(key, value, f"not on the {flag} path (timm's CPU transforms only)")
         for name, pair in (("aug.scale", a.scale), ("aug.ratio", a.ratio), ("aug.cutmix_minmax", a.cutmix_minmax)):
             if pair is not None and not (0 < pair[0] <= pair[1]):
                 raise ConfigError(name, pair, "needs 0 < low <= high")
@@ -525,9 +536,9 @@ class Config:
             if mixing:
                 raise ConfigError("aug.aug_splits", a.aug_splits, "mixup/cutmix would mix across the splits: use "
                                   "one or the other")
-            if d.gpu_decode or d.loader == "ray":
+            if d.gpu_decode or d.data_on_device or d.loader == "ray":
                 raise ConfigError("aug.aug_splits", a.aug_splits, "splits are made by the CPU DataLoader path: "
-                                  "not with --gpu-decode or --loader ray")
+                                  "not with --gpu-decode, --data-on-device or --loader ray")
             if self.loss.bce_loss and self.loss.jsd_loss:
                 raise ConfigError("loss.jsd_loss", True, "JSD + CE and --bce-loss are two different losses")
         lc = self.loss

@@ -136,6 +136,10 @@ def train_loop_per_worker(config: dict) -> dict:
     say = console.say if console else print  # rank 0's messages: to the live bar when there is one
     if rank == 0:
         say(f"{world} training worker(s) on {nodes} node(s), device {device}")
+        if cfg.data.data_on_device:
+            held = [loaders.train.dataset, loaders.val.dataset]
+            say(f"Data on the device: {sum(len(h.images) - h.images.count(None) for h in held):,} images, "
+                f"{sum(h.nbytes for h in held) / 2**20:.1f} MiB per worker")
     loaded, own_checkpoint = restore(state, cfg, rank, world, say)  # own: recovery, or --resume RUN
     if cfg.sched.start_epoch is not None and not own_checkpoint:
         start_at_epoch(state, scheduler, cfg.sched.start_epoch, updates_per_epoch, cfg.sched.sched_on_updates)

@@ -275,6 +275,66 @@ def resize_crop(img: torch.Tensor, box: CropBox, size: tuple[int, int], interpol
     return _resize(crop, size, interpolation)[0]
 
 
+def _filter_weights(x: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """PIL's resampling filters (and torch's antialiased ones): triangle, or Keys' cubic with a = -0.5."""
+    x = x.abs()
+    if interpolation == "bilinear":
+        return (1.0 - x).clamp_(min=0.0)
+    a = -0.5
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def resample_matrices(starts: torch.Tensor, lengths: torch.Tensor, out_size: int, in_size: int,
+                      interpolation: str) -> torch.Tensor:
+    """(B, out_size, in_size) weights that crop [start, start + length) of an axis and resample it to
+    ``out_size`` as PIL does (and torch's antialiased interpolate): the filter widened by the downscaling
+    factor, its window clipped to the crop, the weights of each output pixel normalised to sum to 1."""
+    device = starts.device
+    starts, lengths = starts.to(torch.float64)[:, None, None], lengths.to(torch.float64)[:, None, None]
+    scale = lengths / out_size
+    widen = scale.clamp(min=1.0)
+    support = (1.0 if interpolation == "bilinear" else 2.0) * widen
+    centre = (torch.arange(out_size, device=device, dtype=torch.float64)[None, :, None] + 0.5) * scale
+    low = torch.trunc(centre - support + 0.5).clamp(min=0.0)
+    high = torch.minimum(torch.trunc(centre + support + 0.5), lengths)
+    j = torch.arange(in_size, device=device, dtype=torch.float64)[None, None, :] - starts  # crop coordinates
+    weights = _filter_weights((j - centre + 0.5) / widen, interpolation) * ((j >= low) & (j < high))
+    return (weights / weights.sum(-1, keepdim=True)).to(torch.float32)
+
+
+def resize_crops(images: Union[torch.Tensor, Sequence[torch.Tensor]], boxes: Sequence["CropBox"],
+                 size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """uint8 (C,H,W) images (a list, or a (B,C,H,W) tensor) -> float (B,C,*size) of 8-bit levels: each image's
+    box cropped and resized like PIL, all in two batched matrix products (per-sample resize_crop launches a few
+    kernels per image, which bounds a fast GPU to the host's launch rate). Images of different sizes are
+    zero-padded to the largest; the padding gets no weight. Bilinear and bicubic only."""
+    if interpolation not in ("bilinear", "bicubic"):
+        raise ValueError(f"batched resizing does bilinear and bicubic, not {interpolation!r}")
+    if isinstance(images, torch.Tensor):
+        pixels = images.float()
+    elif len({tuple(img.shape) for img in images}) == 1:
+        pixels = torch.stack(list(images)).float()
+    else:
+        channels = images[0].shape[0]
+        pixels = images[0].new_zeros((len(images), channels, max(i.shape[-2] for i in images),
+                                      max(i.shape[-1] for i in images)), dtype=torch.float32)
+        for k, img in enumerate(images):
+            pixels[k, :, :img.shape[-2], :img.shape[-1]] = img
+    device = pixels.device
+    box = torch.tensor([(b.top, b.left, b.height, b.width) for b in boxes], dtype=torch.int64)
+    rows = resample_matrices(box[:, 0].to(device), box[:, 2].to(device), size[0], pixels.shape[-2], interpolation)
+    cols = resample_matrices(box[:, 1].to(device), box[:, 3].to(device), size[1], pixels.shape[-1], interpolation)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 10-bit mantissa would move pixels by levels
+    try:
+        out = rows.unsqueeze(1) @ pixels @ cols.transpose(1, 2).unsqueeze(1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return out.round_().clamp_(0, 255)
+
+
 def _resize(batch: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """Float (B,C,h,w) in [0, 255] -> (B,C,*size), rounded and clipped to 8-bit levels like PIL's resampling."""
     if interpolation == "nearest":
@@ -285,19 +345,19 @@ def _resize(batch: torch.Tensor, size: tuple[int, int], interpolation: str) -> t
 
 
 def _center_crop_or_pad(img: torch.Tensor, size: tuple[int, int], fill: Sequence[float]) -> torch.Tensor:
-    """torchvision CenterCrop / timm CenterCropOrPad on (C,H,W): pad (with ``fill``) to at least ``size``, then crop
-    at round((H - h) / 2) (Python's round, as they use)."""
+    """torchvision CenterCrop / timm CenterCropOrPad on (C,H,W) or (B,C,H,W): pad (with ``fill``) to at least
+    ``size``, then crop at round((H - h) / 2) (Python's round, as they use)."""
     out_h, out_w = size
-    _, h, w = img.shape
+    h, w = img.shape[-2:]
     if out_h > h or out_w > w:
         pad_h, pad_w = max(out_h - h, 0), max(out_w - w, 0)
-        padded = img.new_empty((img.shape[0], h + pad_h, w + pad_w))
+        padded = img.new_empty((*img.shape[:-2], h + pad_h, w + pad_w))
         for channel, value in enumerate(fill):
-            padded[channel].fill_(value)
-        padded[:, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w] = img
+            padded[..., channel, :, :].fill_(value)
+        padded[..., pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w] = img
         img, h, w = padded, h + pad_h, w + pad_w
     top, left = int(round((h - out_h) / 2.0)), int(round((w - out_w) / 2.0))
-    return img[:, top:top + out_h, left:left + out_w]
+    return img[..., top:top + out_h, left:left + out_w]
 
 
 def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -481,8 +541,9 @@ class DeviceTransform:
 
     # ---- device: pixels
 
-    def _train_pixels(self, images: list[torch.Tensor], params: list[SampleParams]) -> torch.Tensor:
-        batch = torch.stack([resize_crop(img, p.box, self.size, p.interpolation) for img, p in zip(images, params)])
+    def _train_pixels(self, images: Union[torch.Tensor, list[torch.Tensor]], params: list[SampleParams]
+                      ) -> torch.Tensor:
+        batch = self._crops(images, params)
         flip_samples(batch, [i for i, p in enumerate(params) if p.hflip], dim=-1)
         flip_samples(batch, [i for i, p in enumerate(params) if p.vflip], dim=-2)
         if self.jitter_enabled and any(r is not None for r in self.jitter_ranges):
@@ -492,11 +553,38 @@ class DeviceTransform:
             self._erase(batch, params)
         return batch
 
+    def _crops(self, images: Union[torch.Tensor, list[torch.Tensor]], params: list[SampleParams]) -> torch.Tensor:
+        """Each sample's crop box resized to the output size: batched per interpolation (resize_crops), per
+        sample for nearest."""
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p.interpolation, []).append(i)
+        channels = images.shape[1] if isinstance(images, torch.Tensor) else images[0].shape[0]
+        if len(groups) == 1 and "nearest" not in groups:
+            return resize_crops(images, [p.box for p in params], self.size, params[0].interpolation)
+        batch = torch.empty((len(params), channels, *self.size), device=self.device)
+        for interpolation, members in groups.items():
+            if interpolation == "nearest":
+                for i in members:
+                    batch[i] = resize_crop(images[i], params[i].box, self.size, interpolation)
+                continue
+            picked = (images[torch.tensor(members, device=images.device)] if isinstance(images, torch.Tensor)
+                      else [images[i] for i in members])
+            batch[torch.tensor(members, device=self.device)] = resize_crops(
+                picked, [params[i].box for i in members], self.size, interpolation)
+        return batch
+
     def _eval_pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
         fill = self.border_fill if self.crop_mode == "border" else [0.0] * len(self.border_fill)
         interpolation = self.eval_interpolation
         if self.train and self.no_aug:  # transforms_noaug_train resizes with the training interpolation
             interpolation = "bilinear" if self.train_interpolation == "random" else self.train_interpolation
+        if isinstance(images, torch.Tensor) or len({tuple(img.shape) for img in images}) == 1:
+            # One size (a --data-on-device block, a batch of equal photos): one resize for the whole batch.
+            pixels = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+            size = self.eval_resize_size(pixels.shape[-2], pixels.shape[-1])
+            full = _resize(pixels.float(), size, interpolation)
+            return self._normalize(_center_crop_or_pad(full, self.size, fill).div_(255.0))
         resized = []
         for img in images:
             size = self.eval_resize_size(img.shape[-2], img.shape[-1])
@@ -535,15 +623,23 @@ class DeviceTransform:
         images, bad = decode_batch(encoded, self.device, self.mode, self.max_pixels)
         dropped = set(bad)
         keep = [i for i in range(len(encoded)) if i not in dropped]
-        labels = to_device(torch.as_tensor(labels)[keep], self.device)
-        if not images:
-            return torch.empty((0, len(self.border_fill), *self.size), device=self.device), labels, bad
+        labels = torch.as_tensor(labels)[keep]
+        seeds = [seeds[i] for i in keep] if seeds is not None else None
+        return (*self.from_decoded(images, labels, seeds), bad)
+
+    def from_decoded(self, images: Sequence[torch.Tensor], labels, seeds: Optional[Sequence[int]] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded uint8 (C,H,W) images on the device (C matching the model's input), their labels and (training)
+        sample seeds -> (normalized float (B,C,H,W), labels), both on the device. --data-on-device enters here."""
+        if self.augments and (seeds is None or len(seeds) != len(images)):
+            raise ValueError("training augmentation needs one sample seed per image (loader.sample_seed)")
+        labels = to_device(torch.as_tensor(labels), self.device)
+        if not len(images):
+            return torch.empty((0, len(self.border_fill), *self.size), device=self.device), labels
         if self.augments:
-            params = [self.draw_params(img.shape[-2], img.shape[-1], seeds[i]) for img, i in zip(images, keep)]
-            batch = self._train_pixels(images, params)
-        else:
-            batch = self._eval_pixels(images)
-        return batch, labels, bad
+            params = [self.draw_params(img.shape[-2], img.shape[-1], seed) for img, seed in zip(images, seeds)]
+            return self._train_pixels(images, params), labels
+        return self._eval_pixels(images), labels
 
 
 def _per_channel(values: Sequence[float], channels: int) -> list[float]:

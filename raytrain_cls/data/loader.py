@@ -255,6 +255,8 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
     d = cfg.data
     if d.naflex_loader:
         return build_naflex_loaders(cfg, source, data_config, rank, world_size)
+    if d.data_on_device:
+        return build_resident_loaders(cfg, source, data_config, rank, world_size, device)
     if d.gpu_decode:
         from .device_transform import build_device_transform
 
@@ -266,9 +268,7 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
         train_ds = TransformedDataset(source.train, build_transform(cfg, data_config, True), mode, seed=cfg.run.seed)
         val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
         collate, decode = collate_skipping_bad, [None, None]
-    sampler = ResumableDistributedSampler(len(train_ds), rank, world_size, seed=cfg.run.seed, shuffle=True,
-                                          repeats=d.epoch_repeats, aug_repeats=cfg.aug.aug_repeats,
-                                          **_shard_order(source.train, d.shuffle_window))
+    sampler = _train_sampler(cfg, source, rank, world_size)
     # The loader's own generator: otherwise each new iterator draws its base seed from the global torch RNG,
     # which would shift the training RNG stream by where a resumed run restarted.
     common = dict(num_workers=d.workers, pin_memory=d.pin_mem and not d.gpu_decode, persistent_workers=d.workers > 0,
@@ -276,11 +276,46 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
     train = DataLoader(train_ds, batch_size=d.batch_size, sampler=_EpochTagged(sampler), drop_last=True, **common)
     val = DataLoader(val_ds, batch_size=d.validation_batch_size or d.batch_size,
                      sampler=ShardSampler(len(val_ds), rank, world_size), drop_last=False, **common)
-    if len(train) == 0:
-        raise ValueError(f"data.batch_size {d.batch_size} x {world_size} workers is larger than the "
-                         f"{len(train_ds)} training samples: no full batch per epoch")
+    _check_full_batch(len(train), d.batch_size, world_size, len(train_ds))
     return Loaders(SkippingLoader(train, fill=True, decode=decode[0], splits=cfg.aug.aug_splits),
                    SkippingLoader(val, fill=False, decode=decode[1]), sampler, d.batch_size)
+
+
+def _check_full_batch(batches: int, batch_size: int, world_size: int, samples: int) -> None:
+    if batches == 0:
+        raise ValueError(f"data.batch_size {batch_size} x {world_size} workers is larger than the {samples} "
+                         f"training samples: no full batch per epoch")
+
+
+def _train_sampler(cfg: Config, source: Source, rank: int, world_size: int) -> ResumableDistributedSampler:
+    d = cfg.data
+    return ResumableDistributedSampler(len(source.train), rank, world_size, seed=cfg.run.seed, shuffle=True,
+                                       repeats=d.epoch_repeats, aug_repeats=cfg.aug.aug_repeats,
+                                       **_shard_order(source.train, d.shuffle_window))
+
+
+def build_resident_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int,
+                           device: torch.device | str = "cpu") -> Loaders:
+    """--data-on-device (resident.py): the whole training split and this rank's validation share decoded onto
+    the device once; batches gathered there in the samplers' order and augmented by a DeviceTransform."""
+    from .device_transform import build_device_transform
+    from .resident import ResidentBatches, check_fits, image_bytes, load_resident
+
+    d, device = cfg.data, torch.device(device)
+    mode = image_mode(data_config)
+    channels = 1 if mode == "L" else 3
+    val_order = ShardSampler(len(source.val), rank, world_size)
+    check_fits(image_bytes(source.train, channels) + image_bytes(source.val, channels, len(val_order)), device)
+    train = load_resident(source.train, range(len(source.train)), device, mode)
+    val = load_resident(source.val, val_order, device, mode)
+    sampler = _train_sampler(cfg, source, rank, world_size)
+    train_batches = ResidentBatches(train, _EpochTagged(sampler), d.batch_size, True,
+                                    build_device_transform(cfg, data_config, True, device), seed=cfg.run.seed)
+    val_batches = ResidentBatches(val, val_order, d.validation_batch_size or d.batch_size, False,
+                                  build_device_transform(cfg, data_config, False, device))
+    _check_full_batch(len(train_batches), d.batch_size, world_size, len(train))
+    return Loaders(SkippingLoader(train_batches, fill=True), SkippingLoader(val_batches, fill=False), sampler,
+                   d.batch_size)
 
 
 def build_naflex_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int) -> Loaders:

@@ -402,3 +402,40 @@ def test_kwargs_mirror_the_cpu_transform_kwargs():
     cfg.aug.aa = "rand-m9-mstd0.5"
     with pytest.raises(ValueError, match="auto-augment"):
         device_transform_kwargs(cfg, data_config, True)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("height, width, size", [(28, 28, (32, 32)), (375, 500, (224, 224)), (40, 32, (24, 20))])
+def test_batched_crop_resize_equals_resizing_sample_by_sample(interpolation, height, width, size):
+    """resize_crops (two matrix products for the batch) against per-sample antialiased interpolate (itself PIL's
+    resampling): the same pixels when upscaling; at most one level, on rare rounding ties, when downscaling."""
+    from raytrain_cls.data.device_transform import CropBox, resize_crop, resize_crops
+
+    rng = random.Random(height)
+    images = [torch.from_numpy(np.asarray(photo(height, width, seed)).transpose(2, 0, 1).copy()) for seed in range(6)]
+    boxes = []
+    for _ in images:
+        h, w = rng.randint(max(1, height // 3), height), rng.randint(max(1, width // 3), width)
+        boxes.append(CropBox(rng.randint(0, height - h), rng.randint(0, width - w), h, w))
+    batched = resize_crops(images, boxes, size, interpolation)
+    single = torch.stack([resize_crop(img, box, size, interpolation) for img, box in zip(images, boxes)])
+    diff = (batched - single).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.005
+    if height <= size[0] and width <= size[1]:
+        assert torch.equal(batched, single)
+    # images of different sizes share one zero-padded batch; the padding gets no weight
+    mixed = resize_crops([images[0][:, :height // 2], *images[1:]], [CropBox(0, 0, height // 2, width), *boxes[1:]],
+                         size, interpolation)
+    assert torch.equal(mixed[1:], batched[1:])
+    assert torch.equal(mixed[0], resize_crops([images[0][:, :height // 2]], [CropBox(0, 0, height // 2, width)],
+                                              size, interpolation)[0])
+
+
+def test_equal_size_images_are_resized_for_eval_in_one_batch_like_one_by_one():
+    transform = DeviceTransform(train=False, input_size=(3, 24, 24), crop_pct=0.875, interpolation="bicubic")
+    images = [torch.from_numpy(np.asarray(photo(30, 40, seed)).transpose(2, 0, 1).copy()) for seed in range(5)]
+    together, _ = transform.from_decoded(images, torch.arange(5))
+    one_by_one = torch.cat([transform.from_decoded([img], torch.tensor([0]))[0] for img in images])
+    assert torch.equal(together, one_by_one)
+    as_block, _ = transform.from_decoded(torch.stack(images), torch.arange(5))
+    assert torch.equal(as_block, together)
