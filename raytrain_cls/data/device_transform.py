@@ -267,6 +267,41 @@ class SampleParams:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class ParamDraws:
+    """The CPU half of a training DeviceTransform: draws a sample's SampleParams from its seed. Plain data (no
+    device tensors), so loader processes can draw ahead of the training process (--data-on-device -j N)."""
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    train_interpolation: str  # bilinear | bicubic | nearest | random
+    hflip: float
+    vflip: float
+    jitter_enabled: bool
+    jitter_ranges: tuple
+    erases: bool
+
+    def __call__(self, height: int, width: int, seed: int) -> SampleParams:
+        """One training sample's random parameters, in timm's draw order: python ``random`` for the crop box,
+        the interpolation and (later) the erase boxes; torch's generator for flips and colour jitter."""
+        rng = random.Random(seed)
+        gen = torch.Generator().manual_seed(seed)
+        box = random_resized_crop_box(height, width, self.scale, self.ratio, rng)
+        interpolation = (rng.choice(("bilinear", "bicubic")) if self.train_interpolation == "random"
+                         else self.train_interpolation)
+        params = SampleParams(box, interpolation, seed=seed, erase_rng=rng if self.erases else None)
+        if self.hflip > 0:
+            params.hflip = bool(torch.rand(1, generator=gen) < self.hflip)
+        if self.vflip > 0:
+            params.vflip = bool(torch.rand(1, generator=gen) < self.vflip)
+        if self.jitter_enabled:
+            order = torch.randperm(4, generator=gen).tolist()
+            params.jitter_order = tuple(op for op in order if op != 3)  # hue is never on here
+            params.jitter_factors = tuple(
+                None if r is None else float(torch.empty(1).uniform_(r[0], r[1], generator=gen))
+                for r in self.jitter_ranges)
+        return params
+
+
 # ------------------------------------------------------------------------------------------ device kernels
 
 def resize_crop(img: torch.Tensor, box: CropBox, size: tuple[int, int], interpolation: str) -> torch.Tensor:
@@ -500,26 +535,14 @@ class DeviceTransform:
 
     # ---- CPU: parameter draws
 
+    @property
+    def draws(self) -> ParamDraws:
+        return ParamDraws(self.scale, self.ratio, self.train_interpolation, self.hflip, self.vflip,
+                          self.jitter_enabled, self.jitter_ranges, self.eraser is not None)
+
     def draw_params(self, height: int, width: int, seed: int) -> SampleParams:
-        """One training sample's random parameters, in timm's draw order: python ``random`` for the crop box,
-        the interpolation and (later) the erase boxes; torch's generator for flips and colour jitter."""
-        rng = random.Random(seed)
-        gen = torch.Generator().manual_seed(seed)
-        box = random_resized_crop_box(height, width, self.scale, self.ratio, rng)
-        interpolation = (rng.choice(("bilinear", "bicubic")) if self.train_interpolation == "random"
-                         else self.train_interpolation)
-        params = SampleParams(box, interpolation, seed=seed, erase_rng=rng if self.eraser else None)
-        if self.hflip > 0:
-            params.hflip = bool(torch.rand(1, generator=gen) < self.hflip)
-        if self.vflip > 0:
-            params.vflip = bool(torch.rand(1, generator=gen) < self.vflip)
-        if self.jitter_enabled:
-            order = torch.randperm(4, generator=gen).tolist()
-            params.jitter_order = tuple(op for op in order if op != 3)  # hue is never on here
-            params.jitter_factors = tuple(
-                None if r is None else float(torch.empty(1).uniform_(r[0], r[1], generator=gen))
-                for r in self.jitter_ranges)
-        return params
+        """One training sample's random parameters (ParamDraws)."""
+        return self.draws(height, width, seed)
 
     def eval_resize_size(self, height: int, width: int) -> tuple[int, int]:
         """The size timm's eval (or no-aug train) transform resizes an image of this size to, before cropping."""
@@ -637,9 +660,15 @@ class DeviceTransform:
         if not len(images):
             return torch.empty((0, len(self.border_fill), *self.size), device=self.device), labels
         if self.augments:
-            params = [self.draw_params(img.shape[-2], img.shape[-1], seed) for img, seed in zip(images, seeds)]
+            draws = self.draws
+            params = [draws(img.shape[-2], img.shape[-1], seed) for img, seed in zip(images, seeds)]
             return self._train_pixels(images, params), labels
         return self._eval_pixels(images), labels
+
+    def from_params(self, images: Union[torch.Tensor, Sequence[torch.Tensor]], labels,
+                    params: Sequence[SampleParams]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pixels from parameters drawn elsewhere (ParamDraws in loader processes)."""
+        return self._train_pixels(images, list(params)), to_device(torch.as_tensor(labels), self.device)
 
 
 def _per_channel(values: Sequence[float], channels: int) -> list[float]:

@@ -299,7 +299,7 @@ def build_resident_loaders(cfg: Config, source: Source, data_config: dict, rank:
     """--data-on-device (resident.py): the whole training split and this rank's validation share decoded onto
     the device once; batches gathered there in the samplers' order and augmented by a DeviceTransform."""
     from .device_transform import build_device_transform
-    from .resident import ResidentBatches, check_fits, image_bytes, load_resident
+    from .resident import DrawnParams, ResidentBatches, check_fits, image_bytes, listed, load_resident
 
     d, device = cfg.data, torch.device(device)
     mode = image_mode(data_config)
@@ -309,8 +309,13 @@ def build_resident_loaders(cfg: Config, source: Source, data_config: dict, rank:
     train = load_resident(source.train, range(len(source.train)), device, mode)
     val = load_resident(source.val, val_order, device, mode)
     sampler = _train_sampler(cfg, source, rank, world_size)
-    train_batches = ResidentBatches(train, _EpochTagged(sampler), d.batch_size, True,
-                                    build_device_transform(cfg, data_config, True, device), seed=cfg.run.seed)
+    transform = build_device_transform(cfg, data_config, True, device)
+    # -j N: loader processes draw the per-sample augmentation parameters ahead; pixels never leave the device.
+    draws = DataLoader(DrawnParams(train, transform.draws, cfg.run.seed), batch_size=d.batch_size,
+                       sampler=_EpochTagged(sampler), drop_last=True, num_workers=d.workers,
+                       persistent_workers=d.workers > 0, collate_fn=listed,
+                       generator=torch.Generator().manual_seed(cfg.run.seed))  # not the training RNG stream
+    train_batches = ResidentBatches(train, draws, d.batch_size, True, transform, drawn=True)
     val_batches = ResidentBatches(val, val_order, d.validation_batch_size or d.batch_size, False,
                                   build_device_transform(cfg, data_config, False, device))
     _check_full_batch(len(train_batches), d.batch_size, world_size, len(train))

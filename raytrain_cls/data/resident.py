@@ -94,48 +94,82 @@ def load_resident(dataset: ImageDataset, indices: Iterable[int], device: torch.d
     return ResidentImages(images, labels, bad, sum(decoded[i].numel() for i in order), block)
 
 
-class ResidentBatches:
-    """Batches of a ResidentImages split in a sampler's order, in SkippingLoader's input form
-    (inputs, targets, bad samples): training keys are (index, epoch, copy) and seed each sample's augmentation
-    as loader.TransformedDataset does; validation keys are plain indices."""
+class DrawnParams(torch.utils.data.Dataset):
+    """Training keys (index, epoch, copy) -> (index, SampleParams), or (index, BadSample) for an image found
+    unreadable at load. Holds only plain data (image sizes, the ParamDraws), so loader processes can draw the
+    next batches' parameters while the training process runs the step: the per-sample random draws, which must
+    stay per-sample (they reproduce timm's CPU transforms seed for seed), are then off the training process."""
 
-    def __init__(self, split: ResidentImages, sampler: Iterable, batch_size: int, drop_last: bool, transform,
-                 seed: Optional[int] = None):
-        self.split, self.sampler, self.batch_size, self.drop_last = split, sampler, batch_size, drop_last
-        self.transform, self.seed = transform, seed
+    def __init__(self, split: ResidentImages, draws, seed: int):
+        self.sizes = ([tuple(split.block.shape[-2:])] * len(split) if split.block is not None
+                      else [None if img is None else tuple(img.shape[-2:]) for img in split.images])
+        self.bad, self.draws, self.seed = dict(split.bad), draws, seed
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, key):
+        index, epoch, copy = _split_key(key)
+        if self.sizes[index] is None:
+            return index, self.bad[index]
+        return index, self.draws(*self.sizes[index], sample_seed(self.seed, epoch, index, copy))
+
+
+def listed(batch: list) -> list:
+    """collate_fn that keeps a batch of (index, params) as it is."""
+    return batch
+
+
+class ResidentBatches:
+    """Batches of a ResidentImages split, in SkippingLoader's input form (inputs, targets, bad samples).
+
+    ``keys`` yields either batches of (index, SampleParams | BadSample) (training: a DataLoader over DrawnParams)
+    or single validation indices, batched here."""
+
+    def __init__(self, split: ResidentImages, keys: Iterable, batch_size: int, drop_last: bool, transform,
+                 drawn: bool = False):
+        self.split, self.keys, self.batch_size, self.drop_last = split, keys, batch_size, drop_last
+        self.transform, self.drawn = transform, drawn
         self.dataset = split
 
     def __len__(self) -> int:
-        n = len(self.sampler)
+        if self.drawn:
+            return len(self.keys)
+        n = len(self.keys)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        keys = []
-        for key in self.sampler:
-            keys.append(key)
-            if len(keys) == self.batch_size:
-                yield self._batch(keys)
-                keys = []
-        if keys and not self.drop_last:
-            yield self._batch(keys)
+        if self.drawn:
+            for batch in self.keys:
+                yield self._batch(batch)
+            return
+        batch = []
+        for index in self.keys:
+            batch.append((index, None))
+            if len(batch) == self.batch_size:
+                yield self._batch(batch)
+                batch = []
+        if batch and not self.drop_last:
+            yield self._batch(batch)
 
-    def _batch(self, keys: list):
-        images, indices, seeds, bad = [], [], [], []
-        for key in keys:
-            index, epoch, copy = _split_key(key)
-            image = self.split.images[index]
-            if image is None:
+    def _batch(self, entries: list):
+        indices, params, bad = [], [], []
+        for index, drawn in entries:
+            if self.split.images[index] is None:
                 bad.append(self.split.bad[index])
                 continue
-            images.append(image)
             indices.append(index)
-            if self.seed is not None:
-                seeds.append(sample_seed(self.seed, epoch, index, copy))
-        if not images:
+            params.append(drawn)
+        if not indices:
             return None, None, bad
         picked = torch.tensor(indices, dtype=torch.int64)
         if self.split.block is not None:
             images = self.split.block[picked.to(self.split.block.device)]
+        else:
+            images = [self.split.images[i] for i in indices]
         targets = self.split.labels[picked]
-        x, y = self.transform.from_decoded(images, targets, seeds if self.seed is not None else None)
+        if self.drawn:
+            x, y = self.transform.from_params(images, targets, params)
+        else:
+            x, y = self.transform.from_decoded(images, targets)
         return x, y, bad

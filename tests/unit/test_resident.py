@@ -59,6 +59,20 @@ def test_batches_are_the_gpu_decode_paths_to_the_bit(tree):
     assert torch.equal(torch.cat([x for x, _ in val_a]), torch.cat([x for x, _ in val_b]))
 
 
+def test_loader_processes_draw_the_same_parameters_and_leave_the_training_rng_alone(tree):
+    """-j 2: the per-sample draws move to loader processes; the batches stay the same to the bit, and the
+    training process's RNG stream does not depend on the loader (a resumed run must continue it)."""
+    torch.manual_seed(0)
+    in_process, _ = epoch_batches(cfg_for(tree, data_on_device=True), epoch=2)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    drawn_apart, loaders = epoch_batches(cfg_for(tree, data_on_device=True, workers=2), epoch=2)
+    assert torch.equal(torch.rand(3), expected)
+    assert loaders.train.loader.keys.num_workers == 2
+    for (xa, ya), (xb, yb) in zip(in_process, drawn_apart, strict=True):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
 def test_a_resumed_epoch_yields_exactly_the_batches_not_yet_seen(tree):
     (tree / "train" / "bee" / "broken.png").unlink()  # a refilled batch would shift what "the same batch" means
     cfg = cfg_for(tree, data_on_device=True)
@@ -94,7 +108,7 @@ def test_two_ranks_split_validation_exactly_and_share_the_training_order(tree):
 
 def test_grey_images_for_a_one_channel_model_stay_one_channel():
     cfg = Config().update({"dataset": "digits", "model": "test_resnet", "in_chans": 1, "batch_size": 8,
-                           "data_on_device": True}).validate()
+                           "workers": 0, "data_on_device": True}).validate()
     data_config = {**DATA_CONFIG, "input_size": [1, 16, 16], "mean": [0.5], "std": [0.25]}
     loaders = build_loaders(cfg, build_source(cfg), data_config, 0, 1, device="cpu")
     loaders.set_epoch(0)
