@@ -92,6 +92,42 @@ class EpochProgress:
     num_updates: int
     loss_sum: torch.Tensor  # device scalar: sum over this rank's finite-loss samples
     seen: torch.Tensor  # device scalar: samples counted in loss_sum
+    ensure_finite: Callable[[], None] = lambda: None  # raises NonFiniteLossError now (a sync): before a checkpoint
+
+
+class FiniteWatch:
+    """Reads the device's count of consecutive non-finite losses without stalling the host every few steps.
+
+    On CUDA, each ``poll`` starts a non-blocking copy of the count into pinned memory and reads the copy the
+    previous poll started, long finished by then: a NaN streak is caught one poll late, and the host never waits
+    for the step in flight (it keeps queueing the next batches' work ahead of the GPU). ``now`` reads at once
+    (a sync): at log lines, which sync anyway, before a checkpoint, and at the end of the epoch."""
+
+    def __init__(self, device: torch.device, patience: int, epoch: int, deferred: Optional[bool] = None):
+        self.cuda = device.type == "cuda"
+        self.deferred = self.cuda if deferred is None else deferred  # on the CPU a read costs nothing
+        self.patience, self.epoch = patience, epoch
+        self.pending = None  # (host copy, CUDA event or None, step)
+
+    def poll(self, worst: torch.Tensor, step: int) -> None:
+        if not self.deferred:
+            return self.now(worst, step)
+        if self.pending is not None:
+            host, event, at = self.pending
+            if event is not None:
+                event.synchronize()
+            _check_finite(host, self.patience, self.epoch, at)
+        if self.cuda:
+            host = torch.empty((), dtype=worst.dtype, pin_memory=True)
+            host.copy_(worst, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = worst.clone(), None
+        self.pending = (host, event, step)
+
+    def now(self, worst: torch.Tensor, step: int) -> None:
+        _check_finite(worst, self.patience, self.epoch, step)
 
 
 def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, use_mixup: bool = True,
@@ -119,6 +155,7 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
     seen = torch.tensor(float(carry[1]), device=p.device, dtype=torch.float64)
     streak = torch.zeros((), device=p.device, dtype=torch.int64)  # consecutive non-finite losses
     worst = torch.zeros((), device=p.device, dtype=torch.int64)
+    watch = FiniteWatch(p.device, nan_patience, epoch)
     local_seen = 0
     start = last_log = time.perf_counter()
     data_time = 0.0
@@ -157,8 +194,10 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
         local_seen += n
         step = batch_idx + 1
         logging_now = log is not None and (step % log_interval == 0 or batch_idx == num_batches - 1)
-        if logging_now or step % nan_patience == 0:
-            _check_finite(worst, nan_patience, epoch, step)
+        if logging_now:
+            watch.now(worst, step)
+        elif step % nan_patience == 0:
+            watch.poll(worst, step)
         if logging_now:
             now = time.perf_counter()
             log(dict(epoch=epoch, step=step, steps=num_batches, loss=loss.item(),
@@ -168,11 +207,12 @@ def train_one_epoch(epoch: int, loader, parts: TrainParts, num_updates: int, *, 
             if on_log_batch is not None:
                 on_log_batch(x.detach(), epoch, step)
         if stepping and on_update is not None:
-            on_update(EpochProgress(step, num_batches, num_updates, loss_sum, seen))
+            on_update(EpochProgress(step, num_batches, num_updates, loss_sum, seen,
+                                    ensure_finite=lambda step=step: watch.now(worst, step)))
         if on_step is not None:
             on_step(step, num_batches, time.perf_counter() - start)
         tick = time.perf_counter()
-    _check_finite(worst, nan_patience, epoch, num_batches)
+    watch.now(worst, num_batches)
     totals = all_reduce_sum(torch.stack([loss_sum, seen]))
     elapsed = time.perf_counter() - start
     train_loss = (totals[0] / totals[1].clamp(min=1)).item()
@@ -231,8 +271,10 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast: Cal
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top.eq(y[:, None])
+        # The count as a fill on the device: torch.tensor(n, device=cuda) would copy from pageable memory, which
+        # waits for the stream, once per batch.
         sums += torch.stack([loss_fn(logits, y).double(), hits[:, :1].sum().double(), hits.sum().double(),
-                             torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+                             torch.full((), float(len(y)), device=device, dtype=torch.float64)])
     loss_sum, top1, top5, count = all_reduce_sum(sums).tolist()
     n = max(count, 1.0)
     return dict(loss=loss_sum / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n, samples=int(count))

@@ -195,6 +195,7 @@ def train_loop_per_worker(config: dict) -> dict:
             interval = cfg.checkpoint.recovery_interval
             if not interval or progress.num_updates % interval or progress.batches_done >= progress.total_batches:
                 return
+            progress.ensure_finite()  # never a recovery checkpoint past --nan-patience
             state.num_updates = progress.num_updates
             state.in_epoch = dict(epoch=epoch, batches=progress.batches_done, world_size=world, batch_size=batch,
                                   samples=loaders.samples_after(progress.batches_done - start_batch))

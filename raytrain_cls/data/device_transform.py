@@ -358,9 +358,9 @@ def resize_crops(images: Union[torch.Tensor, Sequence[torch.Tensor]], boxes: Seq
         for k, img in enumerate(images):
             pixels[k, :, :img.shape[-2], :img.shape[-1]] = img
     device = pixels.device
-    box = torch.tensor([(b.top, b.left, b.height, b.width) for b in boxes], dtype=torch.int64)
-    rows = resample_matrices(box[:, 0].to(device), box[:, 2].to(device), size[0], pixels.shape[-2], interpolation)
-    cols = resample_matrices(box[:, 1].to(device), box[:, 3].to(device), size[1], pixels.shape[-1], interpolation)
+    box = to_device(torch.tensor([(b.top, b.left, b.height, b.width) for b in boxes], dtype=torch.int64), device)
+    rows = resample_matrices(box[:, 0], box[:, 2], size[0], pixels.shape[-2], interpolation)
+    cols = resample_matrices(box[:, 1], box[:, 3], size[1], pixels.shape[-1], interpolation)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 10-bit mantissa would move pixels by levels
     try:
@@ -591,9 +591,9 @@ class DeviceTransform:
                 for i in members:
                     batch[i] = resize_crop(images[i], params[i].box, self.size, interpolation)
                 continue
-            picked = (images[torch.tensor(members, device=images.device)] if isinstance(images, torch.Tensor)
+            picked = (images[to_device(torch.tensor(members), images.device)] if isinstance(images, torch.Tensor)
                       else [images[i] for i in members])
-            batch[torch.tensor(members, device=self.device)] = resize_crops(
+            batch[to_device(torch.tensor(members), self.device)] = resize_crops(
                 picked, [params[i].box for i in members], self.size, interpolation)
         return batch
 

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from .device_transform import to_device
 from .loader import BadSample, _split_key, read_sample, sample_seed
 from .sources import DataError, ImageDataset
 
@@ -164,7 +165,7 @@ class ResidentBatches:
             return None, None, bad
         picked = torch.tensor(indices, dtype=torch.int64)
         if self.split.block is not None:
-            images = self.split.block[picked.to(self.split.block.device)]
+            images = self.split.block[to_device(picked, self.split.block.device)]  # pinned: no stream wait
         else:
             images = [self.split.images[i] for i in indices]
         targets = self.split.labels[picked]

@@ -111,6 +111,21 @@ def test_nan_loss_stops_the_run_after_nan_patience_steps():
     assert logged == []  # stopped at step 2 of 4, before any progress line
 
 
+def test_a_deferred_finite_watch_reads_each_poll_one_poll_late_and_now_at_once():
+    """The CUDA mode of FiniteWatch (no host stall: each poll reads the copy the poll before started), run on
+    the CPU: a streak that reaches the patience is caught at the next poll, naming the step it was seen at."""
+    from raytrain_cls.engine import FiniteWatch
+
+    watch = FiniteWatch(torch.device("cpu"), patience=3, epoch=7, deferred=True)
+    watch.poll(torch.tensor(0), step=3)
+    watch.poll(torch.tensor(3), step=6)  # reads step 3's copy (0): nothing yet
+    with pytest.raises(NonFiniteLossError, match="NaN/Inf for 3 consecutive steps.*epoch 7 step 6"):
+        watch.poll(torch.tensor(3), step=9)
+    with pytest.raises(NonFiniteLossError, match="epoch 7 step 10"):
+        FiniteWatch(torch.device("cpu"), 3, 7, deferred=True).now(torch.tensor(4), step=10)
+    assert not FiniteWatch(torch.device("cpu"), 3, 7).deferred  # on the CPU a read costs nothing: no delay
+
+
 def test_an_epoch_of_only_non_finite_losses_fails_even_below_the_patience():
     model = linear_model()
     x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
