@@ -310,12 +310,15 @@ def build_resident_loaders(cfg: Config, source: Source, data_config: dict, rank:
     val = load_resident(source.val, val_order, device, mode)
     sampler = _train_sampler(cfg, source, rank, world_size)
     transform = build_device_transform(cfg, data_config, True, device)
-    # -j N: loader processes draw the per-sample augmentation parameters ahead; pixels never leave the device.
-    draws = DataLoader(DrawnParams(train, transform.draws, cfg.run.seed), batch_size=d.batch_size,
-                       sampler=_EpochTagged(sampler), drop_last=True, num_workers=d.workers,
-                       persistent_workers=d.workers > 0, collate_fn=listed,
-                       generator=torch.Generator().manual_seed(cfg.run.seed))  # not the training RNG stream
-    train_batches = ResidentBatches(train, draws, d.batch_size, True, transform, drawn=True)
+    if transform.augments:
+        # -j N: loader processes draw the per-sample augmentation parameters ahead; pixels never leave the device.
+        draws = DataLoader(DrawnParams(train, transform.draws, cfg.run.seed), batch_size=d.batch_size,
+                           sampler=_EpochTagged(sampler), drop_last=True, num_workers=d.workers,
+                           persistent_workers=d.workers > 0, collate_fn=listed,
+                           generator=torch.Generator().manual_seed(cfg.run.seed))  # not the training RNG stream
+        train_batches = ResidentBatches(train, draws, d.batch_size, True, transform, drawn=True)
+    else:  # --no-aug: nothing to draw
+        train_batches = ResidentBatches(train, _EpochTagged(sampler), d.batch_size, True, transform)
     val_batches = ResidentBatches(val, val_order, d.validation_batch_size or d.batch_size, False,
                                   build_device_transform(cfg, data_config, False, device))
     _check_full_batch(len(train_batches), d.batch_size, world_size, len(train))

@@ -125,7 +125,7 @@ class ResidentBatches:
     """Batches of a ResidentImages split, in SkippingLoader's input form (inputs, targets, bad samples).
 
     ``keys`` yields either batches of (index, SampleParams | BadSample) (training: a DataLoader over DrawnParams)
-    or single validation indices, batched here."""
+    or single keys, batched here (validation, and training without augmentation: --no-aug)."""
 
     def __init__(self, split: ResidentImages, keys: Iterable, batch_size: int, drop_last: bool, transform,
                  drawn: bool = False):
@@ -145,8 +145,8 @@ class ResidentBatches:
                 yield self._batch(batch)
             return
         batch = []
-        for index in self.keys:
-            batch.append((index, None))
+        for key in self.keys:
+            batch.append((_split_key(key)[0], None))
             if len(batch) == self.batch_size:
                 yield self._batch(batch)
                 batch = []

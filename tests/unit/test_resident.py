@@ -73,6 +73,14 @@ def test_loader_processes_draw_the_same_parameters_and_leave_the_training_rng_al
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
+def test_no_aug_training_batches_are_the_gpu_decode_paths_too(tree):
+    resident, _ = epoch_batches(cfg_for(tree, data_on_device=True, no_aug=True), epoch=1)
+    streamed, _ = epoch_batches(cfg_for(tree, gpu_decode=True, no_aug=True), epoch=1)
+    assert len(resident) == len(streamed) == 19 // 4
+    for (xa, ya), (xb, yb) in zip(resident, streamed):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
 def test_a_resumed_epoch_yields_exactly_the_batches_not_yet_seen(tree):
     (tree / "train" / "bee" / "broken.png").unlink()  # a refilled batch would shift what "the same batch" means
     cfg = cfg_for(tree, data_on_device=True)
