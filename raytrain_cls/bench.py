@@ -206,6 +206,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     gc.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
     gc.add_argument("--train-steps", type=int, default=100, help="at least this many steps per timed epoch")
     gc.add_argument("--work-dir", default=None, help="folder for the JPEGs and shards (default: a temporary one)")
+    from .bench_step import add_parser as add_step_parser
+
+    add_step_parser(sub)
     for name in ("loader", "train"):
         b = sub.add_parser(name, help=f"{name} img/s of each input path on the same data")
         b.add_argument("--data-dir", default=None, help="the data (parquet, folder; optional for the built-in sets)")
@@ -225,6 +228,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         w, h = (int(v) for v in args.size.lower().split("x"))
         make_data(args.dst, args.images, (w, h), args.classes)
         return 0
+    if args.what == "step":
+        from .bench_step import main as step_main
+
+        return step_main(args)
     if args.what == "gpu-checks":
         w, h = (int(v) for v in args.size.lower().split("x"))
         rows = gpu_checks(args.out, args.device, args.images, (w, h), args.batch_size, args.workers, args.model,

@@ -64,3 +64,27 @@ def test_the_train_step_times_the_second_of_two_epochs_of_at_least_train_steps(t
     assert seen == [(2, pytest.approx(80 / 24, rel=1e-3), False), (2, pytest.approx(80 / 24, rel=1e-3), True)]
     assert [(r["step"], r["img_per_sec"], r["epochs"]) for r in rows[2:]] == [("train-torch", 123.4, 2),
                                                                                ("train-gpu", 123.4, 2)]
+
+
+def test_the_step_bench_hosts_the_same_model_on_device_data_for_two_long_epochs():
+    """What the hosted side of `bench step` runs: the user's model flags, the synthetic set held on the device
+    without augmentation, epochs of at least --steps steps, one worker."""
+    from raytrain_cls.bench_step import step_config
+
+    cfg = step_config(["--model", "resnet10t", "-b", "8", "--channels-last"], steps=40, compiled=False)
+    assert (cfg.model.model, cfg.data.batch_size, cfg.model.channels_last) == ("resnet10t", 8, True)
+    assert cfg.data.dataset == "synthetic" and cfg.data.data_on_device and cfg.aug.no_aug
+    assert cfg.data.synthetic_samples == 8 * 16 and cfg.data.epoch_repeats * 16 >= 40
+    assert cfg.scaling.num_workers == 1 and not cfg.model.torchcompile
+    assert step_config(["--model", "resnet10t"], steps=4, compiled=True).model.torchcompile == "inductor"
+
+
+def test_the_bare_loop_trains_the_configured_model_and_times_its_steps():
+    import torch
+
+    from raytrain_cls.bench_step import bare_loop, step_config
+
+    cfg = step_config(["--model", "test_resnet", "-b", "4", "--img-size", "32", "--num-classes", "3"], steps=3,
+                      compiled=False)
+    result = bare_loop(cfg, torch.device("cpu"), steps=3, warmup=1)
+    assert result["steps"] == 3 and result["img_per_sec"] > 0 and result["seconds"] > 0
