@@ -207,8 +207,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     gc.add_argument("--train-steps", type=int, default=100, help="at least this many steps per timed epoch")
     gc.add_argument("--work-dir", default=None, help="folder for the JPEGs and shards (default: a temporary one)")
     from .bench_step import add_parser as add_step_parser
+    from .bench_tta import add_parser as add_tta_parser
 
     add_step_parser(sub)
+    add_tta_parser(sub)
     for name in ("loader", "train"):
         b = sub.add_parser(name, help=f"{name} img/s of each input path on the same data")
         b.add_argument("--data-dir", default=None, help="the data (parquet, folder; optional for the built-in sets)")
@@ -228,10 +230,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         w, h = (int(v) for v in args.size.lower().split("x"))
         make_data(args.dst, args.images, (w, h), args.classes)
         return 0
-    if args.what == "step":
+    if args.what in ("step", "tta"):
         from .bench_step import main as step_main
+        from .bench_tta import main as tta_main
 
-        return step_main(args)
+        return (step_main if args.what == "step" else tta_main)(args)
     if args.what == "gpu-checks":
         w, h = (int(v) for v in args.size.lower().split("x"))
         rows = gpu_checks(args.out, args.device, args.images, (w, h), args.batch_size, args.workers, args.model,

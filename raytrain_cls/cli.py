@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint directory (e.g. <run>/epoch-0009; a path or a URI)")
     export.add_argument("out_dir", help="where to write model.safetensors, ema.safetensors, config.json")
     add_prepare_parser(sub)
-    sub.add_parser("bench", help="benchmarks: step | loader | train | gpu-checks | make-data (prints JSON lines; "
+    sub.add_parser("bench", help="benchmarks: step | tta | loader | train | gpu-checks | make-data (prints JSON lines; "
                                  "`raytrain-cls bench --help`)")
     return parser
 

@@ -88,3 +88,19 @@ def test_the_bare_loop_trains_the_configured_model_and_times_its_steps():
                       compiled=False)
     result = bare_loop(cfg, torch.device("cpu"), steps=3, warmup=1)
     assert result["steps"] == 3 and result["img_per_sec"] > 0 and result["seconds"] > 0
+
+
+def test_time_to_accuracy_clocks_each_epoch_from_command_start_and_first_step(tmp_path):
+    from raytrain_cls.bench_tta import EpochClock, time_to_accuracy
+
+    clock = EpochClock(str(tmp_path / "tta.jsonl"), "eval_top1")
+    clock.after_report(None, [{"epoch": 0, "eval_top1": 80.0}, {"epoch": 0, "eval_top1": 79.0}], None)
+    clock.after_report(None, [{"epoch": 0, "step": 9, "recovery": 1, "eval_top1": -1e9}], None)  # not an epoch
+    clock.after_report(None, [{"epoch": 1, "eval_top1": 93.6}], None)
+    rows = [json.loads(line) for line in (tmp_path / "tta.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["value"]) for r in rows] == [(0, 80.0), (1, 93.6)]  # rank 0's, epochs only
+    rows[0]["at"], rows[1]["at"] = 130.0, 140.5
+    result = time_to_accuracy(rows, start=100.0, first_step=120.0, target=93.5)
+    assert result["epochs"][1] == dict(epoch=1, top1=93.6, s_from_start=40.5, s_from_first_step=20.5)
+    assert result["reached"]["epoch"] == 1
+    assert time_to_accuracy(rows, 100.0, None, target=99.0)["reached"] is None

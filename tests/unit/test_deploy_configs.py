@@ -44,7 +44,7 @@ def test_every_job_config_loads_and_validates(path):
 def test_job_configs_target_the_hardware_they_say():
     smoke = load_config(str(ROOT / "jobs" / "digits_smoke.yaml"))
     assert smoke.scaling.use_gpu is False and smoke.data.dataset == "digits"
-    for gpu_job in ("fashion_mnist_resnet18", "imagenet_resnet50"):
+    for gpu_job in ("fashion_mnist_resnet18", "fashion_mnist_fast", "imagenet_resnet50"):
         cfg = load_config(str(ROOT / "jobs" / f"{gpu_job}.yaml"))
         assert cfg.scaling.use_gpu is True and cfg.precision.amp and cfg.precision.amp_dtype == "bfloat16"
     imagenet = load_config(str(ROOT / "jobs" / "imagenet_resnet50.yaml"))
