@@ -119,21 +119,28 @@ def bench_train(cfg, epochs: int = 2) -> dict:
                 train_seconds=round(m["train_time"], 2), bad=m.get("train_bad_samples", 0))
 
 
-CHECKS = ("decode", "loader", "train")
+CHECKS = ("decode", "loader", "train", "step", "tta")  # issue 4's three, then issue 8's step pair and time to accuracy
+DEFAULT_CHECKS = ("decode", "loader", "train")
+TTA_RECIPE = str(Path(__file__).resolve().parents[1] / "jobs" / "fashion_mnist_fast.yaml")  # in the checkout
 
 
 def gpu_checks(out: str, device: str, images: int, size: tuple[int, int], batch_size: int, workers: int,
-               model: str, only: Sequence[str] = CHECKS, train_steps: int = 100,
-               work_dir: Optional[str] = None) -> list[dict]:
+               model: str, only: Sequence[str] = DEFAULT_CHECKS, train_steps: int = 100,
+               work_dir: Optional[str] = None, fm_dir: Optional[str] = None, tta_overrides: Sequence[str] = ()
+               ) -> list[dict]:
     """Everything issue 4 asks a GPU machine to measure, as one command: device decode parity and throughput,
     loader img/s per path, and two Ray Train epochs per path (the second one's img/s counts), each of at least
-    ``train_steps`` steps (passes over the data are repeated to get there). Each step's result (or its error) is
-    appended to OUT/gpu-checks.jsonl as soon as it exists, so a run cut short still leaves what it measured.
-    The JPEGs and shards (~600 MB at the defaults) go to ``work_dir``, by default a temporary folder removed at
-    the end: OUT holds only the results (on the GPU machines, everything under $OUT is shipped back)."""
+    ``train_steps`` steps (passes over the data are repeated to get there); and on request issue 8's bare vs
+    Ray-hosted step pair (``step``, bench_step.py) and the Fashion-MNIST time to accuracy (``tta``,
+    bench_tta.py, on jobs/fashion_mnist_fast.yaml with the IDX files in ``fm_dir``). Each step's result (or its
+    error) is appended to OUT/gpu-checks.jsonl as soon as it exists, so a run cut short still leaves what it
+    measured. The JPEGs, shards and runs (~600 MB at the defaults) go to ``work_dir``, by default a temporary
+    folder removed at the end: OUT holds only the results (on the GPU machines, everything under $OUT is
+    shipped back)."""
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="raytrain-cls-gpu-checks-") as tmp:
-            return gpu_checks(out, device, images, size, batch_size, workers, model, only, train_steps, tmp)
+            return gpu_checks(out, device, images, size, batch_size, workers, model, only, train_steps, tmp,
+                              fm_dir, tta_overrides)
     results: list[dict] = []
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +191,25 @@ def gpu_checks(out: str, device: str, images: int, size: tuple[int, int], batch_
         for path in ("torch", "gpu"):
             record(f"train-{path}", lambda path=path: bench_train(
                 _config(str(shards), "parquet", path, overrides + gpu)))
+    cuda = device.startswith("cuda")
+    if "step" in only:
+        from .bench_step import measure
+
+        flags = ["--model", model, "-b", str(batch_size)]
+        flags += ["--amp", "--amp-dtype", "bfloat16", "--channels-last"] if cuda else []
+
+        def step_pair() -> dict:
+            bare, hosted = measure(flags, device, train_steps, warmup=10, compiled=False)
+            return dict(bare_img_per_sec=bare["img_per_sec"], hosted_img_per_sec=hosted["img_per_sec"],
+                        ratio=hosted["ratio_to_bare"], model=model, batch_size=batch_size)
+
+        record("step-eager", step_pair)
+    if "tta" in only:
+        from .bench_tta import run as run_tta
+
+        flags = [*(["--data-dir", fm_dir] if fm_dir else []), "--output", str(Path(work_dir) / "runs"),
+                 "--experiment", "tta", *([] if cuda else ["--no-use-gpu"]), *tta_overrides]
+        record("tta", lambda: run_tta(TTA_RECIPE, flags, target=93.5))
     return results
 
 
@@ -203,7 +229,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     gc.add_argument("-b", "--batch-size", type=int, default=256)
     gc.add_argument("-j", "--workers", type=int, default=8)
     gc.add_argument("--model", default="resnet50")
-    gc.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    gc.add_argument("--only", default=",".join(DEFAULT_CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    gc.add_argument("--fm-dir", default=None, help="tta: the Fashion-MNIST IDX files (default: the Debian package's)")
+    gc.add_argument("--tta-flags", default="", help="tta: extra train flags for the recipe, e.g. '--epochs 2'")
     gc.add_argument("--train-steps", type=int, default=100, help="at least this many steps per timed epoch")
     gc.add_argument("--work-dir", default=None, help="folder for the JPEGs and shards (default: a temporary one)")
     from .bench_step import add_parser as add_step_parser
@@ -237,8 +265,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return (step_main if args.what == "step" else tta_main)(args)
     if args.what == "gpu-checks":
         w, h = (int(v) for v in args.size.lower().split("x"))
+        only = [c for c in args.only.split(",") if c]
+        unknown = sorted(set(only) - set(CHECKS))
+        if unknown:
+            raise SystemExit(f"unknown checks {unknown}: choose from {list(CHECKS)}")
         rows = gpu_checks(args.out, args.device, args.images, (w, h), args.batch_size, args.workers, args.model,
-                          [c for c in args.only.split(",") if c], args.train_steps, args.work_dir)
+                          only, args.train_steps, args.work_dir, args.fm_dir, args.tta_flags.split())
         return 0 if all(r["ok"] for r in rows) else 1
     paths = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(paths) - set(PATHS))

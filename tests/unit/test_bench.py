@@ -104,3 +104,37 @@ def test_time_to_accuracy_clocks_each_epoch_from_command_start_and_first_step(tm
     assert result["epochs"][1] == dict(epoch=1, top1=93.6, s_from_start=40.5, s_from_first_step=20.5)
     assert result["reached"]["epoch"] == 1
     assert time_to_accuracy(rows, 100.0, None, target=99.0)["reached"] is None
+
+
+def test_gpu_checks_run_issue_8s_step_pair_and_time_to_accuracy_on_request(tmp_path, monkeypatch, capsys):
+    """--only step,tta: the step pair gets the model and GPU flags, the tta run the recipe, the Fashion-MNIST
+    folder and a run directory under the work folder; each result is one line."""
+    import raytrain_cls.bench_step as bench_step
+    import raytrain_cls.bench_tta as bench_tta
+
+    calls = {}
+
+    def fake_measure(flags, device, steps, warmup, compiled):
+        calls["step"] = (flags, device, steps, compiled)
+        return [{"img_per_sec": 100.0}, {"img_per_sec": 99.0, "ratio_to_bare": 0.99}]
+
+    def fake_tta(recipe, overrides, target):
+        calls["tta"] = (recipe, overrides, target)
+        return {"reached": {"epoch": 9, "s_from_first_step": 18.0}}
+
+    monkeypatch.setattr(bench_step, "measure", fake_measure)
+    monkeypatch.setattr(bench_tta, "run", fake_tta)
+    code = main(["bench", "gpu-checks", str(tmp_path), "--device", "cpu", "-b", "64", "--model", "resnet50",
+                 "--only", "step,tta", "--fm-dir", "/data/fm", "--tta-flags", "--epochs 2", "--train-steps", "30",
+                 "--work-dir", str(tmp_path / "work")])
+    rows = [json.loads(line) for line in (tmp_path / "gpu-checks.jsonl").read_text().splitlines()]
+    assert code == 0, rows
+    assert [r["step"] for r in rows] == ["environment", "step-eager", "tta"]
+    assert rows[1]["ratio"] == 0.99 and rows[2]["reached"]["epoch"] == 9
+    assert calls["step"] == (["--model", "resnet50", "-b", "64"], "cpu", 30, False)  # no AMP flags on a CPU
+    recipe, overrides, target = calls["tta"]
+    assert recipe.endswith("jobs/fashion_mnist_fast.yaml") and Path(recipe).is_file() and target == 93.5
+    assert overrides == ["--data-dir", "/data/fm", "--output", str(tmp_path / "work" / "runs"), "--experiment",
+                         "tta", "--no-use-gpu", "--epochs", "2"]
+    with pytest.raises(SystemExit, match="unknown checks"):
+        main(["bench", "gpu-checks", str(tmp_path), "--only", "step,warp"])
