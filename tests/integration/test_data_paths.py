@@ -1,6 +1,6 @@
-"""Real Ray Train runs over the data paths of issue 4: bad images skipped and counted (and the run failed past
---max-bad-fraction), Parquet shards through the DataLoader path, and the Ray Data path on 2 CPU workers with a
-CPU left free for Ray Data."""
+"""Real Ray Train runs over the data paths of issues 4 and 8: bad images skipped and counted with the data held on
+the device (and a DataLoader run failed past --max-bad-fraction), Parquet shards through the DataLoader path,
+and the Ray Data path on 2 CPU workers with a CPU left free for Ray Data."""
 import csv
 import io
 import json
@@ -72,35 +72,28 @@ def run(tmp_path, name, *args):
                  "--warmup-epochs", "0", "--output", str(tmp_path), "--experiment", name, *args])
 
 
-def test_bad_images_are_skipped_counted_and_logged(ray_local, tree_with_bad_files, tmp_path, capsys):
-    code = run(tmp_path, "bad", "--data-dir", str(tree_with_bad_files), "--epochs", "1", "--max-bad-fraction", "0.05")
-    captured = capsys.readouterr()
-    assert code == EXIT_OK, captured.err
-    metrics = json.loads((tmp_path / "bad" / "result.json").read_text())["last_metrics"]
-    # 183 training files dealt as 5 full batches of 16 per worker (160 samples): the bad ones among them counted.
-    assert 0 < metrics["train_bad_samples"] <= 3 and metrics["eval_bad_samples"] == 0
-    assert metrics["eval_samples"] == 60
-    assert "unreadable training image(s) in epoch 0" in captured.out
-    assert any(n in captured.out for n in BAD)
-
-
-def test_data_on_device_trains_two_workers_skipping_bad_images_each_epoch(ray_local, tree_with_bad_files, tmp_path,
-                                                                          capsys):
-    """--data-on-device: decoded once per worker, gathered and augmented on the (CPU) device, no loader processes;
-    the bad files found at load are skipped and counted whenever the sampler deals them, as on the other paths."""
-    code = run(tmp_path, "resident", "--data-dir", str(tree_with_bad_files), "--epochs", "4", "--data-on-device",
-               "--max-bad-fraction", "0.05", "--warmup-epochs", "0", "--lr", "0.05")
+def test_bad_images_are_skipped_counted_and_logged_with_the_data_on_the_device(ray_local, tree_with_bad_files,
+                                                                              tmp_path, capsys):
+    """--data-on-device on 2 workers: decoded once per worker, gathered and augmented on the (CPU) device, no
+    loader processes; the bad files found at load are skipped, counted and logged with their paths whenever the
+    sampler deals them, as on the DataLoader path (whose real-run count is the next test's failure)."""
+    code = run(tmp_path, "bad", "--data-dir", str(tree_with_bad_files), "--epochs", "4", "--data-on-device",
+               "--max-bad-fraction", "0.05", "--lr", "0.05")
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     assert "Data on the device: 210 images" in captured.out  # 180 readable training images + a 30-image val share
-    with (tmp_path / "resident" / "summary.csv").open() as f:
+    with (tmp_path / "bad" / "summary.csv").open() as f:
         losses = [float(row["train_loss"]) for row in csv.DictReader(f)]
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
-    result = json.loads((tmp_path / "resident" / "result.json").read_text())
+    result = json.loads((tmp_path / "bad" / "result.json").read_text())
     metrics = result["last_metrics"]
-    assert 0 < metrics["train_bad_samples"] <= 3 and metrics["eval_samples"] == 60
+    # 183 training files dealt as 5 full batches of 16 per worker (160 samples): the bad ones among them counted.
+    assert 0 < metrics["train_bad_samples"] <= 3 and metrics["eval_bad_samples"] == 0
+    assert metrics["eval_samples"] == 60
+    assert "unreadable training image(s) in epoch" in captured.out
+    assert any(n in captured.out for n in BAD)
     # 3 classes: chance is 33 %. 20 steps of batch 16 reach 58 % here, exactly as --gpu-decode does (same batches);
-    # the eval accuracy of so short a run swings with its BatchNorm statistics, on the CPU path too.
+    # the eval accuracy of so short a run swings with its BatchNorm statistics, on the DataLoader path too.
     assert result["best_value"] > 50.0
 
 
