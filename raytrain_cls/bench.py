@@ -205,11 +205,11 @@ def gpu_checks(out: str, device: str, images: int, size: tuple[int, int], batch_
 
         record("step-eager", step_pair)
     if "tta" in only:
-        from .bench_tta import run as run_tta
+        from .bench_tta import run_command
 
         flags = [*(["--data-dir", fm_dir] if fm_dir else []), "--output", str(Path(work_dir) / "runs"),
                  "--experiment", "tta", *([] if cuda else ["--no-use-gpu"]), *tta_overrides]
-        record("tta", lambda: run_tta(TTA_RECIPE, flags, target=93.5))
+        record("tta", lambda: run_command(TTA_RECIPE, flags, target=93.5))
     return results
 
 

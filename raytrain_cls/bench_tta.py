@@ -70,6 +70,28 @@ def run(recipe: Optional[str], overrides: Sequence[str], target: Optional[float]
     return result
 
 
+def run_command(recipe: str, overrides: Sequence[str], target: Optional[float], timeout: float = 1800) -> dict:
+    """`raytrain-cls bench tta` in a process of its own, as a user runs it (its clock starts with that process,
+    imports and ray.init included); returns its summary line. A Ray this process started is shut down first,
+    so the command starts its own, as it would alone."""
+    import subprocess
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cmd = [sys.executable, "-m", "raytrain_cls", "bench", "tta", "-c", recipe,
+           *([] if target is None else ["--target", str(target)]), "--", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summary = next((line for line in reversed(lines) if "target" in line), None)
+    if proc.returncode != 0 or summary is None:
+        raise RuntimeError(f"bench tta exited {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}")
+    summary["epochs"] = [line for line in lines if "epoch" in line and "target" not in line]
+    return summary
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("tta", help="time to accuracy: every epoch's top-1 against the wall clock from command start")
     p.add_argument("-c", "--config", default=None, help="a recipe name or YAML file (as in train)")

@@ -123,7 +123,7 @@ def test_gpu_checks_run_issue_8s_step_pair_and_time_to_accuracy_on_request(tmp_p
         return {"reached": {"epoch": 9, "s_from_first_step": 18.0}}
 
     monkeypatch.setattr(bench_step, "measure", fake_measure)
-    monkeypatch.setattr(bench_tta, "run", fake_tta)
+    monkeypatch.setattr(bench_tta, "run_command", fake_tta)
     code = main(["bench", "gpu-checks", str(tmp_path), "--device", "cpu", "-b", "64", "--model", "resnet50",
                  "--only", "step,tta", "--fm-dir", "/data/fm", "--tta-flags", "--epochs 2", "--train-steps", "30",
                  "--work-dir", str(tmp_path / "work")])
