@@ -339,26 +339,58 @@ def resample_matrices(starts: torch.Tensor, lengths: torch.Tensor, out_size: int
     return (weights / weights.sum(-1, keepdim=True)).to(torch.float32)
 
 
+# Images of different sizes are padded to a common size for the batched resize; a bucket is closed once its
+# padding would more than double the pixels it holds, so one huge photo among small ones costs its own bucket,
+# not a batch-sized block of its size.
+MAX_PADDING_FACTOR = 2.0
+
+
 def resize_crops(images: Union[torch.Tensor, Sequence[torch.Tensor]], boxes: Sequence["CropBox"],
                  size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """uint8 (C,H,W) images (a list, or a (B,C,H,W) tensor) -> float (B,C,*size) of 8-bit levels: each image's
-    box cropped and resized like PIL, all in two batched matrix products (per-sample resize_crop launches a few
-    kernels per image, which bounds a fast GPU to the host's launch rate). Images of different sizes are
-    zero-padded to the largest; the padding gets no weight. Bilinear and bicubic only."""
+    box cropped and resized like PIL, in batched matrix products (per-sample resize_crop launches a few kernels
+    per image, which bounds a fast GPU to the host's launch rate). Equal-size images are resized whole, the box
+    picked by the weights; otherwise the boxes are cut out (views) and zero-padded, in buckets of similar size
+    (MAX_PADDING_FACTOR); padding gets no weight. Bilinear and bicubic only."""
     if interpolation not in ("bilinear", "bicubic"):
         raise ValueError(f"batched resizing does bilinear and bicubic, not {interpolation!r}")
-    if isinstance(images, torch.Tensor):
-        pixels = images.float()
-    elif len({tuple(img.shape) for img in images}) == 1:
-        pixels = torch.stack(list(images)).float()
-    else:
-        channels = images[0].shape[0]
-        pixels = images[0].new_zeros((len(images), channels, max(i.shape[-2] for i in images),
-                                      max(i.shape[-1] for i in images)), dtype=torch.float32)
-        for k, img in enumerate(images):
-            pixels[k, :, :img.shape[-2], :img.shape[-1]] = img
+    if isinstance(images, torch.Tensor) or len({tuple(img.shape) for img in images}) == 1:
+        pixels = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+        return _resize_boxes(pixels.float(), [(b.top, b.left, b.height, b.width) for b in boxes], size,
+                             interpolation)
+    crops = [img[:, b.top:b.top + b.height, b.left:b.left + b.width] for img, b in zip(images, boxes)]
+    out = torch.empty((len(crops), crops[0].shape[0], *size), device=crops[0].device)
+    for bucket in size_buckets([tuple(c.shape[-2:]) for c in crops]):
+        height, width = max(crops[i].shape[-2] for i in bucket), max(crops[i].shape[-1] for i in bucket)
+        pixels = crops[0].new_zeros((len(bucket), crops[0].shape[0], height, width), dtype=torch.float32)
+        for k, i in enumerate(bucket):
+            pixels[k, :, :crops[i].shape[-2], :crops[i].shape[-1]] = crops[i]
+        resized = _resize_boxes(pixels, [(0, 0, *crops[i].shape[-2:]) for i in bucket], size, interpolation)
+        out[to_device(torch.tensor(bucket), out.device)] = resized
+    return out
+
+
+def size_buckets(shapes: Sequence[tuple[int, int]], factor: float = MAX_PADDING_FACTOR) -> list[list[int]]:
+    """Indices of ``shapes`` grouped, smallest first, so that padding each group to its largest height and width
+    holds at most ``factor`` times the group's own pixels (a lone outlier gets a group of its own)."""
+    order = sorted(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets:
+            group = buckets[-1] + [i]
+            padded = len(group) * max(shapes[j][0] for j in group) * max(shapes[j][1] for j in group)
+            if padded <= factor * sum(shapes[j][0] * shapes[j][1] for j in group):
+                buckets[-1] = group
+                continue
+        buckets.append([i])
+    return buckets
+
+
+def _resize_boxes(pixels: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, int],
+                  interpolation: str) -> torch.Tensor:
+    """Float (B,C,H,W) -> (B,C,*size): (top, left, height, width) of each image resized, two matrix products."""
     device = pixels.device
-    box = to_device(torch.tensor([(b.top, b.left, b.height, b.width) for b in boxes], dtype=torch.int64), device)
+    box = to_device(torch.tensor(list(boxes), dtype=torch.int64), device)
     rows = resample_matrices(box[:, 0], box[:, 2], size[0], pixels.shape[-2], interpolation)
     cols = resample_matrices(box[:, 1], box[:, 3], size[1], pixels.shape[-1], interpolation)
     tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -439,3 +439,21 @@ def test_equal_size_images_are_resized_for_eval_in_one_batch_like_one_by_one():
     assert torch.equal(together, one_by_one)
     as_block, _ = transform.from_decoded(torch.stack(images), torch.arange(5))
     assert torch.equal(as_block, together)
+
+
+def test_one_huge_image_among_small_ones_gets_its_own_padding_bucket():
+    from raytrain_cls.data.device_transform import CropBox, resize_crop, resize_crops, size_buckets
+
+    shapes = [(30, 40)] * 6 + [(3000, 4000)] + [(28, 36)] * 3
+    buckets = size_buckets(shapes)
+    assert sorted(i for b in buckets for i in b) == list(range(10))
+    assert [6] in buckets  # padding the small ones to 3000 x 4000 would be a 10 x 36 MP block
+    for bucket in buckets:
+        padded = len(bucket) * max(shapes[i][0] for i in bucket) * max(shapes[i][1] for i in bucket)
+        assert padded <= 2 * sum(shapes[i][0] * shapes[i][1] for i in bucket)
+    images = [torch.from_numpy(np.asarray(photo(h, w, seed)).transpose(2, 0, 1).copy())
+              for seed, (h, w) in enumerate([(30, 40), (300, 400), (28, 36)])]
+    boxes = [CropBox(2, 3, 20, 30), CropBox(10, 20, 250, 300), CropBox(0, 0, 28, 36)]
+    batched = resize_crops(images, boxes, (24, 24), "bicubic")
+    single = torch.stack([resize_crop(img, box, (24, 24), "bicubic") for img, box in zip(images, boxes)])
+    assert (batched - single).abs().max() <= 1
