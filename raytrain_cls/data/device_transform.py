@@ -572,10 +572,6 @@ class DeviceTransform:
         return ParamDraws(self.scale, self.ratio, self.train_interpolation, self.hflip, self.vflip,
                           self.jitter_enabled, self.jitter_ranges, self.eraser is not None)
 
-    def draw_params(self, height: int, width: int, seed: int) -> SampleParams:
-        """One training sample's random parameters (ParamDraws)."""
-        return self.draws(height, width, seed)
-
     def eval_resize_size(self, height: int, width: int) -> tuple[int, int]:
         """The size timm's eval (or no-aug train) transform resizes an image of this size to, before cropping."""
         out_h, out_w = self.size

@@ -16,7 +16,7 @@ other paths do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -66,8 +66,7 @@ def check_fits(need: int, device: torch.device) -> None:
                         f"drop --data-on-device, or use --gpu-decode")
 
 
-def load_resident(dataset: ImageDataset, indices: Iterable[int], device: torch.device, mode: str,
-                  progress: Optional[Callable[[int], None]] = None) -> ResidentImages:
+def load_resident(dataset: ImageDataset, indices: Iterable[int], device: torch.device, mode: str) -> ResidentImages:
     """Decodes ``indices`` of ``dataset`` (PIL, in ``mode``) onto ``device``; the other entries stay None."""
     decoded: dict[int, torch.Tensor] = {}
     bad: dict = {}
@@ -78,8 +77,6 @@ def load_resident(dataset: ImageDataset, indices: Iterable[int], device: torch.d
         else:
             pixels = np.array(sample[0], dtype=np.uint8)  # a copy: PIL's buffer is read-only
             decoded[index] = torch.from_numpy(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
-        if progress is not None:
-            progress(1)
     images: list = [None] * len(dataset)
     order = sorted(decoded)
     block = None
