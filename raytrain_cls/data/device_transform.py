@@ -404,6 +404,8 @@ def _resize_boxes(pixels: torch.Tensor, boxes: Sequence[tuple[int, int, int, int
 
 def _resize(batch: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """Float (B,C,h,w) in [0, 255] -> (B,C,*size), rounded and clipped to 8-bit levels like PIL's resampling."""
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch  # 8-bit levels at their own size: every filter gives weight 1 to the pixel itself
     if interpolation == "nearest":
         # PIL's NEAREST samples at pixel centres, which is torch's "nearest-exact" (plain "nearest" shifts by half)
         return F.interpolate(batch, size=size, mode="nearest-exact")
