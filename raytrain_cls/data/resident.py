@@ -26,8 +26,10 @@ from .loader import BadSample, _split_key, read_sample, sample_seed
 from .sources import DataError, ImageDataset
 
 # Of the device memory free at load, the resident data set may take at most this share: the model, its
-# activations and the optimizer state need the rest.
+# activations and the optimizer state need the rest. CPU workers share their host's memory with each other (and
+# with Ray's object store), so each may take a smaller share of what the host has available.
 MAX_MEMORY_SHARE = 0.5
+MAX_HOST_MEMORY_SHARE = 0.25
 
 
 @dataclass
@@ -54,15 +56,27 @@ def image_bytes(dataset: ImageDataset, channels: int, count: Optional[int] = Non
     return count * channels * height * width
 
 
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for data on ``device``: CUDA's free memory, or the host's MemAvailable (Linux); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def check_fits(need: int, device: torch.device) -> None:
-    """Refuses, before decoding anything, data that would take more than MAX_MEMORY_SHARE of the free device
-    memory (CUDA only: on the CPU the host's memory is the limit, and the OS says so)."""
-    if device.type != "cuda":
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    if need > MAX_MEMORY_SHARE * free:
-        raise DataError(f"--data-on-device: the data set needs about {need / 2**30:.2f} GiB of device memory but "
-                        f"only {free / 2**30:.2f} GiB are free (at most {MAX_MEMORY_SHARE:.0%} of it goes to data): "
+    """Refuses, before decoding anything, data that would take more than its share of the memory available on
+    ``device`` (MAX_MEMORY_SHARE of a GPU's free memory, MAX_HOST_MEMORY_SHARE of the host's available memory):
+    a clear error instead of an out-of-memory kill mid-load."""
+    free = available_memory(device)
+    share = MAX_MEMORY_SHARE if device.type == "cuda" else MAX_HOST_MEMORY_SHARE
+    if free is not None and need > share * free:
+        where = "device" if device.type == "cuda" else "host"
+        raise DataError(f"--data-on-device: the data set needs about {need / 2**30:.2f} GiB of {where} memory but "
+                        f"only {free / 2**30:.2f} GiB are available (at most {share:.0%} of it goes to data): "
                         f"drop --data-on-device, or use --gpu-decode")
 
 

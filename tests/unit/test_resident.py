@@ -138,7 +138,16 @@ def test_more_than_half_the_free_device_memory_is_refused_before_decoding(monkey
     check_fits(500, torch.device("cuda", 0))
     with pytest.raises(DataError, match=r"--data-on-device: .* 0\.00 GiB of device memory"):
         check_fits(501, torch.device("cuda", 0))
-    check_fits(10 ** 12, torch.device("cpu"))  # on the CPU the host's memory is the limit
+
+
+def test_on_cpu_workers_more_than_a_quarter_of_the_hosts_available_memory_is_refused():
+    from raytrain_cls.data.resident import available_memory
+
+    available = available_memory(torch.device("cpu"))
+    assert available is not None and available > 0  # this host's MemAvailable
+    check_fits(available // 8, torch.device("cpu"))
+    with pytest.raises(DataError, match=r"--data-on-device: the data set needs about .* GiB of host memory"):
+        check_fits(available, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("flat, key", [
