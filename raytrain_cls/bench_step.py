@@ -41,7 +41,7 @@ def step_config(overrides: Sequence[str], steps: int, compiled: bool):
 
 def bare_loop(cfg, device: torch.device, steps: int, warmup: int) -> dict:
     """img/s of fwd + bwd + optimizer step on one fixed batch on ``device``; nothing else in the loop."""
-    from .engine import autocast_factory
+    from .engine import amp_parts
     from .loss import build_train_loss
     from .model import build_model, compile_model
     from .optim import build_optimizer
@@ -53,9 +53,7 @@ def bare_loop(cfg, device: torch.device, steps: int, warmup: int) -> dict:
     optimizer = build_optimizer(cfg, model)
     train_model = compile_model(cfg, model)
     loss_fn = build_train_loss(cfg).to(device)
-    amp_dtype = torch.float16 if cfg.precision.amp_dtype == "float16" else torch.bfloat16
-    autocast = autocast_factory(device, cfg.precision.amp, amp_dtype)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision.amp and amp_dtype == torch.float16 else None
+    autocast, scaler = amp_parts(cfg.precision, device)
     batch = cfg.data.batch_size
     x = torch.randn(batch, *input_size, device=device)
     if cfg.model.channels_last:

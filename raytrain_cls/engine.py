@@ -49,6 +49,14 @@ def autocast_factory(device: torch.device, enabled: bool, dtype: torch.dtype) ->
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def amp_parts(precision, device: torch.device) -> tuple[Callable[[], ContextManager], Optional[torch.amp.GradScaler]]:
+    """(autocast factory, GradScaler or None) from the config's precision group: float16 autocast steps through a
+    GradScaler, bfloat16 needs none. The per-worker loop and `bench step`'s bare loop share it."""
+    dtype = torch.float16 if precision.amp_dtype == "float16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if precision.amp and dtype == torch.float16 else None
+    return autocast_factory(device, precision.amp, dtype), scaler
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         values = values.clone()

@@ -26,7 +26,7 @@ from .data.loader import BadSampleLog, SkippingLoader
 from .data.naflex import loss_scale
 from .data.ray_data import DATASET_NAME as RAY_DATASET
 from .data.ray_data import ray_data_loader, rows_per_worker
-from .engine import EpochProgress, TrainParts, autocast_factory, evaluate, train_one_epoch
+from .engine import EpochProgress, TrainParts, amp_parts, evaluate, train_one_epoch
 from .distill import build_distillation
 from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
@@ -127,8 +127,7 @@ def train_loop_per_worker(config: dict) -> dict:
     optimizer = build_optimizer(cfg, kd.train_module)
     updates_per_epoch = math.ceil(len(loaders.train) / cfg.optim.grad_accum_steps)
     scheduler, _ = build_scheduler(cfg, optimizer, updates_per_epoch)
-    amp_dtype = torch.float16 if cfg.precision.amp_dtype == "float16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision.amp and amp_dtype == torch.float16 else None
+    autocast, scaler = amp_parts(cfg.precision, device)
     state = TrainState(config, model, optimizer, scheduler, scaler, ema, aux=kd.aux)
 
     nodes = _count_nodes(world)
@@ -163,7 +162,6 @@ def train_loop_per_worker(config: dict) -> dict:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = compile_model(cfg, train_model)  # after DDP, as timm does
-    autocast = autocast_factory(device, cfg.precision.amp, amp_dtype)
     parts = TrainParts(model=train_model, optimizer=optimizer, loss_fn=kd.loss,
                        device=device, autocast=autocast, scaler=scaler,
                        mixup=build_mixup(cfg, res["num_classes"]), scheduler=scheduler, ema=ema, ema_source=model,
