@@ -554,25 +554,19 @@ class DeviceTransform:
             raise ValueError(f"crop_mode {crop_mode!r} is not one of center, squash, border")
         self.border_fill = [float(round(255 * m)) for m in _per_channel(mean, channels)]
         self.eval_interpolation = "bilinear" if interpolation == "random" else _interpolation(interpolation)
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
-        self.hflip, self.vflip = float(hflip), float(vflip)
         strengths = _color_jitter_strengths(color_jitter)
         self.jitter_enabled = strengths is not None  # timm adds ColorJitter (and its randperm draw) even at 0
         self.jitter_ranges = tuple(_jitter_range(v) for v in strengths) if strengths else (None, None, None)
         self.train_interpolation = _interpolation(train_interpolation)
         self.eraser = (RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=self.device)
                        if re_prob > 0 else None)
+        # The CPU half: every random draw of a training sample (plain data, so loader processes can run it too).
+        self.draws = ParamDraws(tuple(scale), tuple(ratio), self.train_interpolation, float(hflip), float(vflip),
+                                self.jitter_enabled, self.jitter_ranges, self.eraser is not None)
 
     @property
     def augments(self) -> bool:
         return self.train and not self.no_aug
-
-    # ---- CPU: parameter draws
-
-    @property
-    def draws(self) -> ParamDraws:
-        return ParamDraws(self.scale, self.ratio, self.train_interpolation, self.hflip, self.vflip,
-                          self.jitter_enabled, self.jitter_ranges, self.eraser is not None)
 
     def eval_resize_size(self, height: int, width: int) -> tuple[int, int]:
         """The size timm's eval (or no-aug train) transform resizes an image of this size to, before cropping."""
@@ -690,8 +684,7 @@ class DeviceTransform:
         if not len(images):
             return torch.empty((0, len(self.border_fill), *self.size), device=self.device), labels
         if self.augments:
-            draws = self.draws
-            params = [draws(img.shape[-2], img.shape[-1], seed) for img, seed in zip(images, seeds)]
+            params = [self.draws(img.shape[-2], img.shape[-1], seed) for img, seed in zip(images, seeds)]
             return self._train_pixels(images, params), labels
         return self._eval_pixels(images), labels
 
