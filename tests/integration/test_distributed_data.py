@@ -1,5 +1,7 @@
 """Two real Ray Train workers (gloo) each read a disjoint share of the training data and exactly their share of
 the validation data, through the same build_source/build_loaders calls the production worker makes."""
+import sys
+
 import pytest
 
 from raytrain_cls.config import load_config
@@ -7,24 +9,17 @@ from raytrain_cls.config import load_config
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(autouse=True)
-def _ship_this_module_by_value():
-    """Ray workers cannot import a pytest test module; send its functions by value instead."""
-    import sys
-
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-def _record_indices(config: dict) -> list:
+def _on_two_ranks(config: dict) -> dict:
+    """Both checks in one Ray Train run (a run costs ~13 s of Ray start-up here): the sample ids each rank's
+    loaders hand out, and the metrics of the same untrained model evaluated over the ranks' validation shares."""
     import ray.train
+    import torch
     import torch.distributed as dist
 
     from raytrain_cls.config import Config
     from raytrain_cls.data import build_loaders, build_source
+    from raytrain_cls.engine import autocast_factory, evaluate
+    from raytrain_cls.model import build_model
 
     cfg = Config.from_dict(config)
     ctx = ray.train.get_context()
@@ -34,22 +29,40 @@ def _record_indices(config: dict) -> list:
     train_ids = [key[0] for key in loaders.train.sampler]  # keys: (index, epoch, copy)
     val_ids = list(loaders.val.sampler)
     batches = sum(1 for _ in loaders.train)  # the loader really iterates (transforms run) on each worker
-    gathered = [None] * world
-    dist.all_gather_object(gathered, dict(train=train_ids, val=val_ids, batches=batches))
-    return gathered  # Ray hands rank 0's return value to the driver as result.return_value
+    shares = [None] * world
+    dist.all_gather_object(shares, dict(train=train_ids, val=val_ids, batches=batches))
+    torch.manual_seed(0)  # the same (untrained, so often wrong) model on every rank
+    model = build_model(cfg, 10, torch.device("cpu"))
+    metrics = evaluate(model, loaders.val, torch.device("cpu"), autocast_factory(torch.device("cpu"), False, None))
+    return dict(shares=shares, metrics=metrics)  # rank 0's return value reaches the driver as result.return_value
 
 
-def test_two_workers_see_disjoint_shares(ray_local, tmp_path):
+def digits_config():
+    cfg = load_config("digits", {"workers": 0, "batch_size": 32, "model": "test_resnet"})
+    cfg.resolved = dict(data_config=dict(input_size=[3, 32, 32], interpolation="bicubic", mean=[0.5] * 3,
+                                         std=[0.5] * 3, crop_pct=1.0, crop_mode="center"))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ray_local, tmp_path_factory):
+    import ray.cloudpickle
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = load_config("digits", {"workers": 0, "batch_size": 32})
-    cfg.resolved = dict(data_config=dict(input_size=[3, 32, 32], interpolation="bicubic", mean=[0.5] * 3,
-                                         std=[0.5] * 3, crop_pct=1.0, crop_mode="center"))
-    trainer = TorchTrainer(_record_indices, train_loop_config=cfg.to_dict(),
-                           scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
-                           run_config=ray.train.RunConfig(name="shares", storage_path=str(tmp_path)))
-    shares = trainer.fit().return_value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
+    try:
+        trainer = TorchTrainer(_on_two_ranks, train_loop_config=digits_config().to_dict(),
+                               scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+                               run_config=ray.train.RunConfig(name="two-ranks",
+                                                              storage_path=str(tmp_path_factory.mktemp("ranks"))))
+        return trainer.fit().return_value
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_two_workers_see_disjoint_shares(two_ranks):
+    shares = two_ranks["shares"]
     assert len(shares) == 2
     a, b = (set(s["train"]) for s in shares)
     num_train = len(load_source_sizes()[0])
@@ -69,40 +82,16 @@ def load_source_sizes():
     return src.train, src.val
 
 
-def _evaluate_on_ranks(config: dict) -> dict:
-    import ray.train
-    import torch
-
-    from raytrain_cls.config import Config
-    from raytrain_cls.data import build_loaders, build_source
-    from raytrain_cls.engine import autocast_factory, evaluate
-    from raytrain_cls.model import build_model
-
-    cfg = Config.from_dict(config)
-    ctx = ray.train.get_context()
-    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], ctx.get_world_rank(),
-                            ctx.get_world_size())
-    torch.manual_seed(0)  # the same (untrained, so often wrong) model on every rank
-    model = build_model(cfg, 10, torch.device("cpu"))
-    return evaluate(model, loaders.val, torch.device("cpu"), autocast_factory(torch.device("cpu"), False, None))
-
-
-def test_top1_over_two_ranks_equals_one_rank_on_an_odd_validation_set(ray_local, tmp_path):
+def test_top1_over_two_ranks_equals_one_rank_on_an_odd_validation_set(two_ranks):
     """359 validation images split 180/179: exact metrics, no sample padded in or counted twice."""
-    import ray.train
     import torch
-    from ray.train.torch import TorchTrainer
 
     from raytrain_cls.data import build_loaders, build_source
     from raytrain_cls.engine import autocast_factory, evaluate
     from raytrain_cls.model import build_model
 
-    cfg = load_config("digits", {"workers": 0, "model": "test_resnet"})
-    cfg.resolved = dict(data_config=dict(input_size=[3, 32, 32], interpolation="bicubic", mean=[0.5] * 3,
-                                         std=[0.5] * 3, crop_pct=1.0, crop_mode="center"))
-    two = TorchTrainer(_evaluate_on_ranks, train_loop_config=cfg.to_dict(),
-                       scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
-                       run_config=ray.train.RunConfig(name="eval2", storage_path=str(tmp_path))).fit().return_value
+    cfg = digits_config()
+    two = two_ranks["metrics"]
     loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], 0, 1)
     torch.manual_seed(0)
     model = build_model(cfg, 10, torch.device("cpu"))

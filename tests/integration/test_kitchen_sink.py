@@ -11,9 +11,15 @@ pytestmark = pytest.mark.integration
 
 
 def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
-    # an untrained teacher: weighted lightly, it must only not break the loop
+    """Feature distillation among the rest: resnet10t's 512-wide features onto an untrained teacher's 96 (weighted
+    lightly, it must only not break the loop); the student+projection module runs under DDP and the projection's
+    weights ride in the checkpoint. (Logit distillation is the unit tests'; token distillation is below.)"""
+    import torch
+
+    from raytrain_cls.state import STATE_FILE
+
     code = main(["train", "--model", "resnet10t", *save_teacher(tmp_path / "teacher.safetensors"),
-                 "--task-loss-weight", "0.9", "--epochs", "4", "--cooldown-epochs", "1", "--warmup-epochs", "1",
+                 "--kd-distill-type", "feature", "--task-loss-weight", "0.9", "--epochs", "4", "--cooldown-epochs", "1", "--warmup-epochs", "1",
                  "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
                  "--smoothing", "0.1", "--drop-path", "0.05", "--model-ema", "--model-ema-decay", "0.9",
                  "--clip-grad", "0.05", "--clip-mode", "agc", "--grad-accum-steps", "2", "--amp",
@@ -31,6 +37,8 @@ def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
     wandb_id = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]["wandb_id"]
     records = list((run_dir / "wandb").glob(f"offline-run-*/run-{wandb_id}.wandb"))
     assert len(records) == 1 and records[0].stat().st_size > 0  # rank 0 logged to W&B (offline here)
+    state = torch.load(run_dir / "epoch-0004" / STATE_FILE, weights_only=True)
+    assert state["aux"]["weight"].shape == (96, 512)
 
 
 def save_teacher(path):
@@ -42,22 +50,6 @@ def save_teacher(path):
     teacher = timm.create_model("test_resnet", num_classes=10)
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
     return ["--kd-model-name", "test_resnet", "--kd-model-path", str(path)]
-
-
-def test_feature_distillation_trains_on_two_workers(ray_local, tmp_path):
-    """resnet10t's 512-wide features onto the teacher's 96: the student+projection module runs under DDP and
-    the projection's weights ride in the checkpoint."""
-    import torch
-
-    from raytrain_cls.state import STATE_FILE
-
-    code = main(["train", "--model", "resnet10t", "--img-size", "32", *save_teacher(tmp_path / "t.safetensors"),
-                 "--kd-distill-type", "feature", "--task-loss-weight", "0.8", "--epochs", "1", "--warmup-epochs", "0",
-                 "-b", "32", "-j", "0", "--log-interval", "100", "--output", str(tmp_path), "--experiment", "feature"])
-    assert code == EXIT_OK
-    assert yaml.safe_load((tmp_path / "feature" / "config.yaml").read_text())["resolved"]["num_workers"] == 2
-    state = torch.load(tmp_path / "feature" / "epoch-0000" / STATE_FILE, weights_only=True)
-    assert state["aux"]["weight"].shape == (96, 512)
 
 
 def test_timms_own_args_yaml_runs_with_token_distillation(ray_local, tmp_path):

@@ -32,11 +32,12 @@ def size(uri: str) -> int:
 
 @pytest.fixture(scope="module")
 def asha_search(ray_local, s3_upload, tmp_path_factory):
-    """4 trials one after another, two good LRs and two hopeless ones: ASHA must stop the hopeless ones. The
+    """4 one-worker trials, two at a time on the 2 CPUs, two good LRs and two hopeless ones: ASHA must stop a
+    hopeless one (the last at the latest: by its first rung two trials, one good, have recorded theirs). The
     search directory is on S3 (a local moto server), as a multi-node search keeps it."""
     out = s3_upload(tmp_path_factory.mktemp("empty"), "integration/tune")
     code = main(["tune", *TINY, "--epochs", "4", "--search", "lr=grid:0.1,0.0000005,0.05,0.0000001",
-                 "--num-samples", "1", "--max-concurrent-trials", "1", "--scheduler", "asha", "--grace-period", "1",
+                 "--num-samples", "1", "--max-concurrent-trials", "2", "--scheduler", "asha", "--grace-period", "1",
                  "--reduction-factor", "2", "--output", out, "--experiment", "asha"])
     return code, join(out, "asha")
 
