@@ -283,8 +283,8 @@ def run_config_file(run_dir: str) -> Optional[str]:
 # ---- fit -----------------------------------------------------------------------------------------------------
 def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
     import ray.train
-    from ray.train.torch import TorchTrainer
 
+    from .ray_trainer import trainer_class
     from .report import SummaryCallback
     from .worker import train_loop_per_worker
 
@@ -295,7 +295,7 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
         from .data.ray_data import DATASET_NAME, train_dataset
 
         datasets[DATASET_NAME] = train_dataset(cfg)
-    return TorchTrainer(
+    return trainer_class()(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         datasets=datasets or None,

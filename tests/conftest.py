@@ -1,5 +1,6 @@
 """Shared test set-up. Unit tests (tests/unit) never start Ray; integration tests share one private local Ray."""
 import os
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,29 @@ def ray_local():
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_processes(ray_local):
+    """processes(title) -> pids of the shared Ray's processes titled `title` (Ray names an actor's process
+    ray::<Class>): children of this session's raylet only, never another cluster's on the same host."""
+    session = ray_local._private.worker.global_worker.node.session_name.encode()
+
+    def processes(title: str) -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if not (entry / "cmdline").read_bytes().startswith(title.encode()):
+                        continue
+                    ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                    if session in Path(f"/proc/{ppid}/cmdline").read_bytes():
+                        pids.append(int(entry.name))
+                except (OSError, IndexError):
+                    pass
+        return pids
+
+    return processes
 
 
 @pytest.fixture(scope="session")

@@ -42,12 +42,12 @@ def save_digits_as_hf_dataset(path) -> str:
     return str(path)
 
 
-def test_naflex_run_on_a_hf_dataset_learns_and_survives_a_killed_worker(ray_local, tmp_path):
+def test_naflex_run_on_a_hf_dataset_learns_and_survives_a_killed_worker(ray_processes, tmp_path):
     data = save_digits_as_hf_dataset(tmp_path / "hf-digits")
     run_dir = tmp_path / "naflex"
     args = ["-c", "digits", "--dataset", f"hfds/{data}", "--input-key", "picture", "--target-key", "digit", *NAFLEX,
             "--output", str(tmp_path), "--experiment", "naflex"]
-    codes = train_killing_a_worker(ray_local, args, run_dir, timeout=180)
+    codes = train_killing_a_worker(ray_processes, args, run_dir, timeout=180)
     assert codes == [EXIT_OK]
 
     result = json.loads((run_dir / "result.json").read_text())
