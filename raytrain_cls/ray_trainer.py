@@ -7,7 +7,12 @@ started with --include-dashboard=false) the question always fails: the cleaner l
 Controller actor state" to the driver every second of the run, frees nothing, and when the controller is killed
 (a Tune trial ASHA stops) it never learns so and lives on, logging, until the cluster stops. On such a cluster the
 run goes without it: a normal end frees the group through the controller as always, and a search frees the groups
-of the trials it ends itself (tune._stopped_trial_cleaner)."""
+of the trials it ends itself (tune._stopped_trial_cleaner).
+
+The probe runs where the run's driver runs, the cleaner on the head node. They can disagree only where the
+dashboard listens on the head's loopback (cluster/local) and the driver is on another node: that run then goes
+without a cleaner that could have worked, and loses nothing by it. Its placement group still goes with the driver's
+job when the driver dies, and a search's driver frees the groups of the trials it stops."""
 from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
