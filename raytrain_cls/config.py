@@ -324,6 +324,12 @@ class CheckpointConfig:
     max_failures: int = option(0, "worker-group failures to recover from (Ray FailureConfig); -1 = unlimited", min=-1)
     recovery_interval: int = option(0, "also checkpoint every N optimizer updates inside an epoch (0 = off); resuming "
                                        "from one continues that epoch exactly where it stopped", min=0)
+    preemption_check_interval: int = option(50, "every N optimizer updates, ask Ray Train whether a node of the run "
+                                                "is being preempted (drained); on the first notice, write a recovery "
+                                                "checkpoint at once so the restart loses nothing (0 = never ask)",
+                                            min=0)
+    max_preemption_failures: int = option(-1, "node preemptions to recover from, counted apart from --max-failures "
+                                              "(Ray FailureConfig); -1 = unlimited", min=-1)
     resume: str = option("", "continue a run (its directory, or its name under --output), or start a new run from "
                              "a checkpoint directory (weights, optimizer, epoch)")
     no_resume_opt: bool = option(False, "with --resume CHECKPOINT: restore the weights but not the optimizer state")

@@ -304,7 +304,8 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
                                                placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=paths.experiment, storage_path=paths.output,
-            failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=c.max_failures,
+                                                   max_preemption_failures=c.max_preemption_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=c.checkpoint_hist,
                                                          checkpoint_score_attribute=f"eval_{c.eval_metric}",
                                                          checkpoint_score_order=score_order),

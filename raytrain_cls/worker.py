@@ -32,6 +32,7 @@ from .loss import build_mixup, build_train_loss
 from .model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from .optim import build_optimizer, build_scheduler
 from .console import WorkerConsole
+from .preemption import PreemptionNotice
 from .report import PLACEMENT_GROUP_METRIC
 from .startup import process_start, stamp
 from .state import CHECKPOINT_PREFIX, MODEL_FILE, TrainState, load_weights, rng_state
@@ -182,6 +183,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     log = log_step if rank == 0 else None
     last, last_eval = {}, None
+    # Ray Data streams cannot resume mid-epoch, so a checkpoint there would not save the epoch's work.
+    preemption = PreemptionNotice(cfg.checkpoint.preemption_check_interval if cfg.data.loader != "ray" else 0)
     for epoch in range(state.start_epoch, num_epochs):
         position = state.in_epoch if state.in_epoch and state.in_epoch["epoch"] == epoch else None
         consumed = position["samples"] if position else 0  # global samples of this epoch already trained on
@@ -190,15 +193,24 @@ def train_loop_per_worker(config: dict) -> dict:
         mixing = cfg.aug.mixup_off_epoch == 0 or epoch < cfg.aug.mixup_off_epoch
 
         def on_update(progress: EpochProgress, epoch=epoch, consumed=consumed, start_batch=start_batch) -> None:
+            if progress.batches_done >= progress.total_batches:
+                return  # the epoch's own checkpoint comes next
             interval = cfg.checkpoint.recovery_interval
-            if not interval or progress.num_updates % interval or progress.batches_done >= progress.total_batches:
+            due = bool(interval) and progress.num_updates % interval == 0
+            notice = preemption.check(progress.num_updates)  # every rank asks: it is a collective
+            if not (due or notice):
                 return
+            if notice and rank == 0:
+                say(f"Preemption notice: {notice}; recovery checkpoint at epoch {epoch}, update "
+                    f"{progress.num_updates}")
             progress.ensure_finite()  # never a recovery checkpoint past --nan-patience
             state.num_updates = progress.num_updates
             state.in_epoch = dict(epoch=epoch, batches=progress.batches_done, world_size=world, batch_size=batch,
                                   samples=loaders.samples_after(progress.batches_done - start_batch))
             metrics = dict(epoch=epoch, step=progress.batches_done, num_updates=progress.num_updates, recovery=1,
                            resumed_from=resumed_from, **{f"eval_{metric}": recovery_score(metric)})
+            if notice:
+                metrics["preemption"] = 1
             report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}-step-{progress.num_updates:07d}",
                    progress.loss_sum.item(), progress.seen.item())
 

@@ -27,6 +27,7 @@ setsid ray start --address "127.0.0.1:$port" --block --num-cpus "$cpus" --disabl
     --runtime-env-agent-port $((base + 5)) --min-worker-port $((base + 100)) --max-worker-port $((base + 399)) \
     > "$dir/$name.log" 2>&1 < /dev/null &
 echo $! > "$dir/$name.pid"
+echo "$base" > "$dir/$name.node-port"  # how drain.sh finds this node among the cluster's
 
 for _ in $(seq 240); do
     if grep -q "Ray runtime started" "$dir/$name.log"; then

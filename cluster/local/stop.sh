@@ -2,6 +2,7 @@
 # Stop what start-head.sh / add-worker.sh started, by their own pids only (never a blanket `ray stop`).
 #   cluster/local/stop.sh [--port 6390] [--grace 10]     the worker nodes, then the head (graceful)
 #   cluster/local/stop.sh [--port 6390] --node w1 [--kill]   one node; --kill = SIGKILL its process group
+#   (a preemption with notice first: drain.sh --node w1, then stop.sh --node w1 --kill)
 # Graceful = SIGTERM, then SIGKILL of the node's process group after --grace seconds: an idle head exits in ~4 s,
 # but one whose worker node was lost can sit out SIGTERM for 30 s and more (seen with Ray 2.60).
 here=$(cd "$(dirname "$0")" && pwd)
@@ -36,7 +37,7 @@ stop_one() {  # stop_one NAME
         wait_for_pid_exit "$pid" 10 || true
         echo "stopped $1 (pid $pid)"
     fi
-    rm -f "$pidfile"
+    rm -f "$pidfile" "$dir/$1.node-port"
 }
 
 if [ -n "$node" ]; then
