@@ -361,8 +361,10 @@ class RunConfig:
 @dataclass
 class ScalingConfig:
     num_workers: Optional[int] = option(None, "Ray training workers (processes, one per GPU); default: one per GPU "
-                                           "when using GPUs, else 2", min=1)
-    use_gpu: Optional[bool] = option(None, "train on GPUs (default: when the Ray cluster has them)")
+                                           "the cluster has or its autoscaler can add, when using GPUs, else 2",
+                                        min=1)
+    use_gpu: Optional[bool] = option(None, "train on GPUs (default: when the Ray cluster has them or its autoscaler "
+                                           "can add them)")
     resources_per_worker: Optional[dict] = option(None, "Ray resources per worker, e.g. CPU=4 GPU=1", nargs="*")
     placement_strategy: str = option("PACK", "how Ray places the workers on nodes",
                                      choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))

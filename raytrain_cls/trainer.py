@@ -6,6 +6,7 @@ re-derives it from its own view of the cluster.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -51,36 +52,45 @@ class RunPaths:
 # ---- Ray connection ------------------------------------------------------------------------------------------
 def connect() -> dict:
     """Attach to RAY_ADDRESS when set (a cluster, or the job's own cluster under `ray job submit`), else start a
-    private local Ray. Returns the cluster's total resources."""
+    private local Ray. Returns what the cluster can give a run: its total resources, or as much as its autoscaler
+    can grow it to (capacity.py)."""
     import ray
 
+    from .capacity import cluster_capacity
+
+    private = False
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         # address="local" always starts a fresh cluster: a bare ray.init() would silently join any cluster
         # running on this host, and trip over the stale address file of one that was stopped.
         ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
-    return ray.cluster_resources()
+        private = not address
+    return cluster_capacity(ray.cluster_resources(), limits={} if private else None)
 
 
 # ---- resolution ----------------------------------------------------------------------------------------------
 def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
     """(use_gpu, num_workers) from the config and the cluster; fails early on what cannot be scheduled."""
     s = cfg.scaling
-    gpus, cpus = int(cluster.get("GPU", 0)), cluster.get("CPU", 0)
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)  # math.inf: an autoscaler without a limit
     use_gpu = s.use_gpu if s.use_gpu is not None else gpus > 0
     if use_gpu and gpus == 0:
-        raise ConfigError("scaling.use_gpu", True, "the Ray cluster has no GPUs (drop --use-gpu to train on CPUs)")
-    num_workers = s.num_workers or (gpus if use_gpu else 2)
+        raise ConfigError("scaling.use_gpu", True, "the Ray cluster has no GPUs, and no autoscaler that can add "
+                          "any (drop --use-gpu to train on CPUs)")
+    if use_gpu and not s.num_workers and math.isinf(gpus):
+        raise ConfigError("scaling.num_workers", None, "the cluster's autoscaler can add GPUs without limit: say "
+                          "how many GPU workers to train with (--num-workers N)")
+    num_workers = s.num_workers or (int(gpus) if use_gpu else 2)
     per_worker = dict(s.resources_per_worker or {})
     need_gpu = per_worker.get("GPU", 1 if use_gpu else 0) * num_workers
     need_cpu = per_worker.get("CPU", 1) * num_workers
     if need_gpu > gpus:
         raise ConfigError("scaling.num_workers", num_workers,
-                          f"needs {need_gpu:g} GPUs but the Ray cluster has {gpus}")
+                          f"needs {need_gpu:g} GPUs but the Ray cluster has {gpus:g} (or can scale to that many)")
     if need_cpu > cpus:
         raise ConfigError("scaling.num_workers", num_workers,
                           f"needs {need_cpu:g} CPUs ({per_worker.get('CPU', 1):g} per worker) but the Ray cluster "
-                          f"has {cpus:g}; lower --num-workers or resources_per_worker CPU")
+                          f"has {cpus:g} (or can scale to that many); lower --num-workers or resources_per_worker CPU")
     if cfg.data.loader == "ray" and cpus - need_cpu < 1:
         raise ConfigError("data.loader", "ray", f"Ray Data needs at least one CPU the training workers do not "
                           f"reserve, or it waits forever: the workers take {need_cpu:g} of the cluster's {cpus:g} "
