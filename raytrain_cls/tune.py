@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,12 +338,18 @@ def finished_run(run_dir: str, cfg: Config) -> Optional[dict]:
     return result if last.get("epoch") == resolve_num_epochs(cfg) - 1 else None
 
 
+MAX_DEFAULT_CONCURRENCY = 64  # where an autoscaler has no limit (capacity.py: math.inf); Tune queues the rest
+
+
 def default_concurrency(spec: SearchSpec, cluster: dict) -> int:
-    per_trial_cpu = spec.workers_per_trial * spec.cpus_per_worker
-    fits = int(cluster.get("CPU", 1) // per_trial_cpu)
+    """As many trials at once as the cluster (or what its autoscaler can add) fits."""
+    def how_many(available: float, per_trial: float) -> float:
+        return available if math.isinf(available) else available // per_trial  # inf // x is nan
+
+    fits = how_many(cluster.get("CPU", 1), spec.workers_per_trial * spec.cpus_per_worker)
     if spec.gpus_per_worker:
-        fits = min(fits, int(cluster.get("GPU", 0) // (spec.workers_per_trial * spec.gpus_per_worker)))
-    return max(1, fits)
+        fits = min(fits, how_many(cluster.get("GPU", 0), spec.workers_per_trial * spec.gpus_per_worker))
+    return max(1, int(min(fits, MAX_DEFAULT_CONCURRENCY)))
 
 
 def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, name: str, cluster: dict,

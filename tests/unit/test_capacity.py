@@ -57,3 +57,14 @@ def test_without_a_gpu_limit_the_worker_count_must_be_given():
         resolve_scaling(load_config("digits", {}), capacity)
     assert e.value.key == "scaling.num_workers" and "--num-workers" in str(e.value)
     assert resolve_scaling(load_config("digits", {"num_workers": 16}), capacity) == (True, 16)
+
+
+def test_a_search_runs_as_many_trials_at_once_as_the_cluster_can_grow_to():
+    from raytrain_cls.tune import MAX_DEFAULT_CONCURRENCY, SearchSpec, default_concurrency
+
+    quarter_gpu = SearchSpec(gpus_per_worker=0.25, cpus_per_worker=2)
+    aws = cluster_capacity({"CPU": 0.0}, bootstrap_limits(AWS_GPU))  # 4 GPUs, 32 CPUs once grown
+    assert default_concurrency(quarter_gpu, aws) == 16
+    assert default_concurrency(SearchSpec(), {"CPU": 2.0}) == 2
+    unlimited = cluster_capacity({"CPU": 0.0}, {"CPU": UNLIMITED, "GPU": UNLIMITED})
+    assert default_concurrency(quarter_gpu, unlimited) == MAX_DEFAULT_CONCURRENCY
