@@ -25,6 +25,7 @@ setsid ray start --address "127.0.0.1:$port" --block --num-cpus "$cpus" --disabl
     --node-manager-port "$base" --object-manager-port $((base + 1)) --metrics-export-port $((base + 2)) \
     --dashboard-agent-listen-port $((base + 3)) --dashboard-agent-grpc-port $((base + 4)) \
     --runtime-env-agent-port $((base + 5)) --min-worker-port $((base + 100)) --max-worker-port $((base + 399)) \
+    --temp-dir "$dir/ray-$name" \
     > "$dir/$name.log" 2>&1 < /dev/null &
 echo $! > "$dir/$name.pid"
 echo "$base" > "$dir/$name.node-port"  # how drain.sh finds this node among the cluster's
