@@ -19,7 +19,8 @@ def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
     from raytrain_cls.state import STATE_FILE
 
     code = main(["train", "--model", "resnet10t", *save_teacher(tmp_path / "teacher.safetensors"),
-                 "--kd-distill-type", "feature", "--task-loss-weight", "0.9", "--epochs", "4", "--cooldown-epochs", "1", "--warmup-epochs", "1",
+                 "--kd-distill-type", "feature", "--task-loss-weight", "0.9", "--epochs", "4", "--cooldown-epochs", "1",
+                 "--warmup-epochs", "1",
                  "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
                  "--smoothing", "0.1", "--drop-path", "0.05", "--model-ema", "--model-ema-decay", "0.9",
                  "--clip-grad", "0.05", "--clip-mode", "agc", "--grad-accum-steps", "2", "--amp",
@@ -37,6 +38,7 @@ def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
     wandb_id = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]["wandb_id"]
     records = list((run_dir / "wandb").glob(f"offline-run-*/run-{wandb_id}.wandb"))
     assert len(records) == 1 and records[0].stat().st_size > 0  # rank 0 logged to W&B (offline here)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]["num_workers"] == 2  # under DDP
     state = torch.load(run_dir / "epoch-0004" / STATE_FILE, weights_only=True)
     assert state["aux"]["weight"].shape == (96, 512)
 
