@@ -18,6 +18,7 @@ from typing import Optional, Sequence, TextIO
 
 import torch
 
+from .capacity import UNREAD_LIMITS_HINT, Capacity, has, waiting_note
 from .config import Config, ConfigError, dump_yaml, read_yaml
 from .console import start_live_display, use_bar
 from .data import build_source
@@ -50,22 +51,22 @@ class RunPaths:
 
 
 # ---- Ray connection ------------------------------------------------------------------------------------------
-def connect() -> dict:
+def connect() -> Capacity:
     """Attach to RAY_ADDRESS when set (a cluster, or the job's own cluster under `ray job submit`), else start a
     private local Ray. Returns what the cluster can give a run: its total resources, or as much as its autoscaler
     can grow it to (capacity.py)."""
     import ray
 
-    from .capacity import cluster_capacity
+    from .capacity import connected_capacity
 
-    private = False
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         # address="local" always starts a fresh cluster: a bare ray.init() would silently join any cluster
         # running on this host, and trip over the stale address file of one that was stopped.
         ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
-        private = not address
-    return cluster_capacity(ray.cluster_resources(), limits={} if private else None)
+        if not address:  # our own: no autoscaler to ask about
+            return Capacity(ray.cluster_resources())
+    return connected_capacity()
 
 
 # ---- resolution ----------------------------------------------------------------------------------------------
@@ -76,21 +77,21 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
     use_gpu = s.use_gpu if s.use_gpu is not None else gpus > 0
     if use_gpu and gpus == 0:
         raise ConfigError("scaling.use_gpu", True, "the Ray cluster has no GPUs, and no autoscaler that can add "
-                          "any (drop --use-gpu to train on CPUs)")
+                          f"any: drop --use-gpu to train on CPUs ({UNREAD_LIMITS_HINT})")
     if use_gpu and not s.num_workers and math.isinf(gpus):
         raise ConfigError("scaling.num_workers", None, "the cluster's autoscaler can add GPUs without limit: say "
                           "how many GPU workers to train with (--num-workers N)")
     num_workers = s.num_workers or (int(gpus) if use_gpu else 2)
     per_worker = dict(s.resources_per_worker or {})
-    need_gpu = per_worker.get("GPU", 1 if use_gpu else 0) * num_workers
-    need_cpu = per_worker.get("CPU", 1) * num_workers
+    need_gpu, need_cpu = (run_needs(cfg, use_gpu, num_workers)[k] for k in ("GPU", "CPU"))
     if need_gpu > gpus:
         raise ConfigError("scaling.num_workers", num_workers,
-                          f"needs {need_gpu:g} GPUs but the Ray cluster has {gpus:g} (or can scale to that many)")
+                          f"needs {need_gpu:g} GPUs but {has(cluster, 'GPU')} ({UNREAD_LIMITS_HINT})")
     if need_cpu > cpus:
         raise ConfigError("scaling.num_workers", num_workers,
-                          f"needs {need_cpu:g} CPUs ({per_worker.get('CPU', 1):g} per worker) but the Ray cluster "
-                          f"has {cpus:g} (or can scale to that many); lower --num-workers or resources_per_worker CPU")
+                          f"needs {need_cpu:g} CPUs ({per_worker.get('CPU', 1):g} per worker) but "
+                          f"{has(cluster, 'CPU')}; lower --num-workers or resources_per_worker CPU "
+                          f"({UNREAD_LIMITS_HINT})")
     if cfg.data.loader == "ray" and cpus - need_cpu < 1:
         raise ConfigError("data.loader", "ray", f"Ray Data needs at least one CPU the training workers do not "
                           f"reserve, or it waits forever: the workers take {need_cpu:g} of the cluster's {cpus:g} "
@@ -104,6 +105,13 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
     if cfg.precision.amp and cfg.precision.amp_dtype == "float16" and not use_gpu:
         raise ConfigError("precision.amp_dtype", "float16", "float16 AMP needs GPUs; use --amp-dtype bfloat16 on CPUs")
     return use_gpu, num_workers
+
+
+def run_needs(cfg: Config, use_gpu: bool, num_workers: int) -> dict:
+    """GPUs and CPUs the run's workers reserve together."""
+    per_worker = cfg.scaling.resources_per_worker or {}
+    return {"GPU": per_worker.get("GPU", 1 if use_gpu else 0) * num_workers,
+            "CPU": per_worker.get("CPU", 1) * num_workers}
 
 
 def resolve_data_config(cfg: Config, num_classes: int, pretrained_cfg: Optional[dict] = None) -> dict:
@@ -386,6 +394,9 @@ def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extr
     echo(f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r['train_samples']} train / "
          f"{r['val_samples']} val images, {r['num_classes']} classes) with {r['num_workers']} "
          f"{'GPU' if r['use_gpu'] else 'CPU'} workers for {r['num_epochs']} epochs; lr {r['lr']:.4g} ({r['lr_rule']})")
+    note = waiting_note(cluster, run_needs(cfg, r["use_gpu"], r["num_workers"]))
+    if note:
+        echo(note)
     stop_display = None
     r["progress_board"] = None
     if use_bar(cfg.run.progress, console):

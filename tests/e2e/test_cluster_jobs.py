@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from processes import pids_mentioning
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,16 +36,7 @@ def sh(*args: str, env: dict | None = None, timeout: float = 600, check: bool = 
 
 def cluster_processes() -> list[int]:
     """Pids whose command line mentions this test cluster's state directory (all its Ray processes do)."""
-    marker = f"raytrain-cls-cluster-{PORT}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
+    return pids_mentioning(f"raytrain-cls-cluster-{PORT}".encode())
 
 
 @pytest.fixture(scope="module")

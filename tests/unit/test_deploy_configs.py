@@ -120,6 +120,23 @@ def test_raycluster_manifest():
     _check_cluster_spec(doc["spec"])
 
 
+def test_the_raycluster_head_tells_the_driver_what_the_autoscaler_can_add(monkeypatch):
+    """KubeRay's autoscaler keeps its limits in the RayCluster; the driver reads them from the head's environment
+    (capacity.py). They must be what the worker groups can really grow to."""
+    from raytrain_cls import capacity
+
+    spec = _kuberay("raycluster.yaml")["spec"]
+    env = {e["name"]: e["value"] for c in spec["headGroupSpec"]["template"]["spec"]["containers"]
+           for e in c.get("env", [])}
+    monkeypatch.setenv(capacity.LIMITS_ENV, env[capacity.LIMITS_ENV])
+    most = {"GPU": 0, "CPU": 0}
+    for group in spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        most["GPU"] += group["maxReplicas"] * int(limits.get("nvidia.com/gpu", 0))
+        most["CPU"] += group["maxReplicas"] * int(limits["cpu"])
+    assert capacity.env_limits() == most
+
+
 def test_rayjob_manifest_runs_a_valid_raytrain_command():
     doc = _kuberay("rayjob.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
