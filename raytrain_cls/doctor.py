@@ -109,6 +109,32 @@ def check_cluster() -> list[Check]:
     return checks
 
 
+def check_autoscaler() -> Optional[Check]:
+    """What the driver will count on beyond the nodes that are up (capacity.py), read without connecting: the
+    environment variable, or the running autoscaler's file for RAY_ADDRESS's port, or the launcher's file."""
+    from .capacity import BOOTSTRAP_CONFIG, LIMITS_ENV, config_limits, env_limits, monitor_config
+    from .config import ConfigError
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    port = address.split("://", 1)[-1].rstrip("/").rpartition(":")[2]
+    if not address or address.startswith("http") or not port.isdigit():
+        return None  # a private local Ray, or a job server address: no GCS port to match an autoscaler by
+    try:
+        limits, source = env_limits(), f"${LIMITS_ENV}"
+    except ConfigError as e:
+        return Check("autoscaler", False, e.reason, f"export {LIMITS_ENV}=GPU=4,CPU=32 (or unset it)")
+    if not limits:
+        for path in (monitor_config(int(port)), BOOTSTRAP_CONFIG.expanduser()):
+            limits, source = (config_limits(path), str(path)) if path else (None, None)
+            if limits:
+                break
+    if not limits:
+        return Check("autoscaler", True, "no limits found on this host: runs are sized by the nodes that are up "
+                     f"(an autoscaler the driver cannot read, e.g. KubeRay's: set {LIMITS_ENV})")
+    shown = ", ".join(f"{k} {v:g}" for k, v in sorted(limits.items()) if k in ("CPU", "GPU") or v)
+    return Check("autoscaler", True, f"can grow the cluster to {shown} (from {source})")
+
+
 def check_storage(output: str) -> Check:
     from .trainer import resolve_output
 
@@ -146,4 +172,6 @@ def check_data(cfg: Config) -> Check:
 
 
 def run_doctor(cfg: Config) -> list[Check]:
-    return [*check_versions(), check_gpu(), *check_cluster(), check_storage(cfg.checkpoint.output), check_data(cfg)]
+    autoscaler = check_autoscaler()
+    return [*check_versions(), check_gpu(), *check_cluster(), *([autoscaler] if autoscaler else []),
+            check_storage(cfg.checkpoint.output), check_data(cfg)]

@@ -9,7 +9,7 @@ import pytest
 
 from raytrain_cls.cli import main
 from raytrain_cls.config import load_config
-from raytrain_cls.doctor import check_cluster, check_data, check_storage
+from raytrain_cls.doctor import check_autoscaler, check_cluster, check_data, check_storage
 from raytrain_cls.plots import plot_run, plot_search
 from raytrain_cls.report import write_summary
 
@@ -34,6 +34,27 @@ def test_doctor_reports_a_missing_token(monkeypatch, tmp_path, listening_port):
 def test_doctor_reports_an_unreachable_cluster(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     assert not check_cluster()[0].ok
+
+
+def test_doctor_says_what_the_autoscaler_can_add_and_from_where(monkeypatch, tmp_path):
+    from raytrain_cls import capacity
+
+    monkeypatch.setattr(capacity, "BOOTSTRAP_CONFIG", tmp_path / "none.yaml")
+    monkeypatch.delenv(capacity.LIMITS_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert check_autoscaler() is None  # a private local Ray has none
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    found = check_autoscaler()
+    assert found.ok and "no limits found" in found.detail and capacity.LIMITS_ENV in found.detail
+    monkeypatch.setenv(capacity.LIMITS_ENV, "GPU=4,CPU=32")
+    assert check_autoscaler().detail == f"can grow the cluster to CPU 32, GPU 4 (from ${capacity.LIMITS_ENV})"
+    monkeypatch.setenv(capacity.LIMITS_ENV, "GPU=four")
+    bad = check_autoscaler()
+    assert not bad.ok and "GPU=4,CPU=32" in bad.fix
+    monkeypatch.delenv(capacity.LIMITS_ENV)
+    aws = Path(__file__).parents[2] / "cluster" / "autoscaler" / "aws-gpu.yaml"
+    monkeypatch.setattr(capacity, "BOOTSTRAP_CONFIG", aws)
+    assert check_autoscaler().detail == f"can grow the cluster to CPU 32, GPU 4 (from {aws})"
 
 
 def test_doctor_reports_unwritable_storage(tmp_path):
