@@ -213,6 +213,9 @@ def gpu_checks(out: str, device: str, images: int, size: tuple[int, int], batch_
     return results
 
 
+ALIASES = {"loader": "data", "train": "e2e"}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raytrain-cls bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -239,8 +242,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     add_step_parser(sub)
     add_tta_parser(sub)
-    for name in ("loader", "train"):
-        b = sub.add_parser(name, help=f"{name} img/s of each input path on the same data")
+    for name, alias in ALIASES.items():  # the names issue #8 uses work too
+        b = sub.add_parser(name, aliases=[alias], help=f"{name} img/s of each input path on the same data "
+                                                         f"(also: {alias})")
         b.add_argument("--data-dir", default=None, help="the data (parquet, folder; optional for the built-in sets)")
         b.add_argument("--dataset", default="parquet", choices=("parquet", "folder", "synthetic", "fashion_mnist",
                                                                 "digits"))
@@ -249,7 +253,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if name == "loader":
             b.add_argument("--device", default="cpu")
             b.add_argument("--batches", type=int, default=20)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.what = {alias: name for name, alias in ALIASES.items()}.get(args.what, args.what)
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -138,3 +138,11 @@ def test_gpu_checks_run_issue_8s_step_pair_and_time_to_accuracy_on_request(tmp_p
                          "tta", "--no-use-gpu", "--epochs", "2"]
     with pytest.raises(SystemExit, match="unknown checks"):
         main(["bench", "gpu-checks", str(tmp_path), "--only", "step,warp"])
+
+
+def test_the_issue_names_data_and_e2e_run_the_loader_and_train_benches():
+    from raytrain_cls.bench import parse_args
+
+    assert parse_args(["data", "--dataset", "digits"]).what == "loader"
+    assert parse_args(["e2e", "--paths", "torch"]).what == "train"
+    assert parse_args(["loader"]).what == "loader"
