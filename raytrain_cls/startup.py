@@ -23,8 +23,10 @@ PHASES = (
     ("resolved", "config resolution (data set scan)"),
     ("fit", "run directory + trainer set-up"),
     ("worker_process", "Ray Train controller + worker group"),
-    ("worker_imported", "worker process imports"),
-    ("worker_entered", "torch.distributed set-up"),
+    # Ray Train imports torch and forms the process group before it hands a worker the train function, so the
+    # worker module's first line (worker_imported) comes after both (checked: the group is up there, timm is not).
+    ("worker_imported", "worker start (Ray worker, torch, process group)"),
+    ("worker_entered", "train function imports (timm, raytrain_cls)"),
     ("data_ready", "data set + loaders"),
     ("model_ready", "model, optimizer, checkpoint restore"),
     ("first_step", "first training step"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-IMPORTED_AT = time.time()  # before the heavy imports: the start-up breakdown's "worker process imports" ends here
+IMPORTED_AT = time.time()  # before the heavy imports: the start-up breakdown's "worker start" ends here
 
 import math  # noqa: E402
 import random  # noqa: E402
