@@ -93,7 +93,13 @@ def monitor_config(gcs_port: int, proc: Path = PROC) -> Optional[Path]:
         values = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
         address, config = values.get("gcs-address", ""), values.get("autoscaling-config")
         if config and address.rpartition(":")[2] == str(gcs_port):
-            return Path(config).expanduser()
+            path = Path(config).expanduser()
+            if not path.is_absolute():  # relative to where `ray start` ran, which the monitor inherited
+                try:
+                    path = Path(os.readlink(entry / "cwd")) / path
+                except OSError:
+                    pass
+            return path
     return None
 
 

@@ -103,6 +103,12 @@ def test_the_autoscaler_serving_this_clusters_gcs_port_names_its_config(tmp_path
     assert monitor_config(6379, tmp_path / "no-proc") is None
 
 
+def test_a_relative_config_path_is_read_from_the_monitors_working_directory(tmp_path):
+    proc = fake_proc(tmp_path, {21: monitor_args("v2", 6379, "cluster.yaml")})
+    (proc / "21" / "cwd").symlink_to(tmp_path / "where-ray-start-ran")
+    assert monitor_config(6379, proc) == tmp_path / "where-ray-start-ran" / "cluster.yaml"
+
+
 def test_limits_come_from_the_gcs_then_the_monitors_file_then_the_launchers_file(tmp_path, monkeypatch):
     monitor_yaml, bootstrap_yaml = tmp_path / "monitor.yaml", tmp_path / "bootstrap.yaml"
     for path, gpus in ((monitor_yaml, 2), (bootstrap_yaml, 8)):
