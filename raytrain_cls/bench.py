@@ -17,12 +17,35 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 PATHS = ("torch", "gpu", "device", "ray")  # DataLoader + CPU transforms, --gpu-decode, --data-on-device, Ray Data
+
+
+def table(title: str, rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """The rows as an aligned text table of those columns that any row has (JSON lines stay the record)."""
+    columns = [c for c in columns if any(c in r for r in rows)]
+
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return str(value)[:60]
+
+    cells = [columns] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join([title, *lines])
+
+
+def print_table(title: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """For people, on stderr: stdout keeps one JSON line per result for scripts (and gpu-checks' files)."""
+    print(table(title, rows, columns), file=sys.stderr, flush=True)
 
 
 def environment(device: str = "cpu") -> dict:
@@ -277,6 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f"unknown checks {unknown}: choose from {list(CHECKS)}")
         rows = gpu_checks(args.out, args.device, args.images, (w, h), args.batch_size, args.workers, args.model,
                           only, args.train_steps, args.work_dir, args.fm_dir, args.tta_flags.split())
+        print_table("bench gpu-checks", rows, ("step", "ok", "img_per_sec", "ratio_to_bare", "reached",
+                                               "wall_s", "error"))
         return 0 if all(r["ok"] for r in rows) else 1
     paths = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(paths) - set(PATHS))
@@ -284,6 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"unknown paths {unknown}: choose from {list(PATHS)}")
     if args.what == "loader" and "ray" in paths:
         raise SystemExit("the Ray Data path runs inside Ray Train: measure it with `bench train --paths ray`")
+    rows = []
     for path in paths:
         cfg = _config(args.data_dir, args.dataset, path, args.overrides)
         if args.what == "loader":
@@ -292,8 +318,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             numbers = bench_train(cfg)
             env = environment("cuda" if cfg.resolved.get("use_gpu") else "cpu")
-        print(json.dumps(dict(bench=args.what, path=path, model=cfg.model.model, batch_size=cfg.data.batch_size,
-                              loader_workers=cfg.data.workers, **numbers, **env)), flush=True)
+        row = dict(bench=args.what, path=path, model=cfg.model.model, batch_size=cfg.data.batch_size,
+                   loader_workers=cfg.data.workers, **numbers, **env)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print_table(f"bench {args.what}", rows, ("path", "model", "batch_size", "loader_workers", "img_per_sec",
+                                             "images", "seconds", "bad", "epochs", "device", "date"))
     return 0
 
 

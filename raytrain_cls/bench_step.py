@@ -111,6 +111,10 @@ def measure(overrides: Sequence[str], device: str, steps: int, warmup: int, comp
     hosted = dict(common, side="hosted", **bench_train(cfg), **environment(device))
     hosted["ratio_to_bare"] = round(hosted["img_per_sec"] / bare["img_per_sec"], 3)
     print(json.dumps(hosted), flush=True)
+    from .bench import print_table
+
+    print_table("bench step", [bare, hosted], ("side", "mode", "model", "batch_size", "amp", "img_per_sec",
+                                               "ratio_to_bare", "device"))
     return [bare, hosted]
 
 

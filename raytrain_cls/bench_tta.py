@@ -102,7 +102,7 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import environment
+    from .bench import environment, print_table
 
     result = run(args.config, args.overrides, args.target)
     for epoch in result["epochs"]:
@@ -110,4 +110,9 @@ def main(args: argparse.Namespace) -> int:
     summary = {k: v for k, v in result.items() if k != "epochs"}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(json.dumps(dict(bench="tta", **summary, **environment(device)), default=str), flush=True)
+    reached = result["reached"]
+    verdict = ("no target" if result["target"] is None else f"target {result['target']:g} " +
+               (f"reached at epoch {reached['epoch']}, {reached['s_from_start']:g} s from start" if reached
+                else "not reached"))
+    print_table(f"bench tta: {verdict}", result["epochs"], ("epoch", "top1", "s_from_start", "s_from_first_step"))
     return 0

@@ -43,6 +43,10 @@ def test_the_loader_bench_runs_past_the_end_of_an_epoch(tmp_path, capsys):
     assert code == 0, rows
     assert [r["step"] for r in rows] == ["environment", "data", "loader-torch", "loader-gpu"]
     assert all(r["images"] >= 16 for r in rows[2:])
+    err = capsys.readouterr().err.splitlines()  # and a table for people, after the JSON lines on stdout
+    table = err[err.index("bench gpu-checks"):]
+    assert table[1].split()[:3] == ["step", "ok", "img_per_sec"]
+    assert [line.split()[0] for line in table[2:]] == ["environment", "data", "loader-torch", "loader-gpu"]
 
 
 def test_the_train_step_times_the_second_of_two_epochs_of_at_least_train_steps(tmp_path, monkeypatch, capsys):
@@ -146,3 +150,14 @@ def test_the_issue_names_data_and_e2e_run_the_loader_and_train_benches():
     assert parse_args(["data", "--dataset", "digits"]).what == "loader"
     assert parse_args(["e2e", "--paths", "torch"]).what == "train"
     assert parse_args(["loader"]).what == "loader"
+
+
+def test_a_table_aligns_the_columns_rows_have_and_leaves_the_rest_out():
+    from raytrain_cls.bench import table
+
+    text = table("bench x", [dict(path="torch", img_per_sec=641.5123, bad=0), dict(path="gpu", img_per_sec=12345.6)],
+                 ("path", "img_per_sec", "bad", "never"))
+    assert text.splitlines() == ["bench x",
+                                 "path   img_per_sec  bad",
+                                 "torch  641.5        0",
+                                 "gpu    12346"]
