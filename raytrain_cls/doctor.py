@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import socket
 import sys
 import tempfile
 import uuid
@@ -86,14 +85,15 @@ def check_cluster() -> list[Check]:
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         return [Check("ray cluster", True, "RAY_ADDRESS unset: `train` starts a private local Ray")]
+    from .config import ConfigError
+    from .trainer import check_reachable
+
     checks = []
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5):
-            checks.append(Check("ray cluster", True, f"{address} reachable"))
-    except (OSError, ValueError) as e:
-        checks.append(Check("ray cluster", False, f"{address} not reachable ({e})",
+        check_reachable(address, timeout=5)
+        checks.append(Check("ray cluster", True, f"{address} reachable"))
+    except ConfigError as e:
+        checks.append(Check("ray cluster", False, f"RAY_ADDRESS={address}: {e.reason}",
                             "start the cluster (cluster/local/start-head.sh) or fix RAY_ADDRESS"))
     source = token_source()
     mode = os.environ.get("RAY_AUTH_MODE", "")

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +62,35 @@ def connect() -> Capacity:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
+        if address:
+            check_reachable(address)
         # address="local" always starts a fresh cluster: a bare ray.init() would silently join any cluster
         # running on this host, and trip over the stale address file of one that was stopped.
         ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
         if not address:  # our own: no autoscaler to ask about
             return Capacity(ray.cluster_resources())
     return connected_capacity()
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail at once, naming RAY_ADDRESS, where ray.init would retry an address nobody answers for minutes while
+    logging GCS timeouts. 'auto'/'local' are Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    key = "environment RAY_ADDRESS"
+    if scheme in ("http", "https"):
+        raise ConfigError(key, address, "that is a job server address, for `ray job submit --address`; a driver "
+                          "joins a cluster at its GCS address (HOST:6379), and `ray job submit` sets that for the "
+                          "jobs it runs")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, address, f"no Ray cluster answers there ({e}): start one (cluster/local/start-head.sh) "
+                          "or fix RAY_ADDRESS; unset it to train on a private local Ray") from None
 
 
 # ---- resolution ----------------------------------------------------------------------------------------------

@@ -236,3 +236,25 @@ def test_a_fixed_size_model_at_another_image_size_is_refused_with_the_fix():
     cfg = resolve(_cfg(model="deit_tiny_patch16_224", img_size=32, model_kwargs={"img_size": 32}), {"CPU": 2.0})
     assert cfg.resolved["data_config"]["input_size"] == [3, 32, 32]
     resolve(_cfg(model="test_resnet", img_size=40), {"CPU": 2.0})  # convolutional: any size
+
+
+def test_a_ray_address_nobody_answers_fails_at_once_naming_it():
+    """ray.init would retry such an address for minutes, logging GCS timeouts (seen: still at it after 120 s)."""
+    import socket
+
+    from raytrain_cls.trainer import check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")
+        check_reachable(f"ray://127.0.0.1:{port}")
+    for address in ("auto", "local"):
+        check_reachable(address)  # Ray's to resolve
+    for address, reason in ((f"127.0.0.1:{port}", "no Ray cluster answers there"),
+                            ("no-port-here", "no Ray cluster answers there"),
+                            ("http://127.0.0.1:8265", "job server address")):
+        with pytest.raises(ConfigError) as e:
+            check_reachable(address, timeout=2)
+        assert e.value.key == "environment RAY_ADDRESS" and reason in e.value.reason
