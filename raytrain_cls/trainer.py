@@ -66,10 +66,30 @@ def connect() -> Capacity:
             check_reachable(address)
         # address="local" always starts a fresh cluster: a bare ray.init() would silently join any cluster
         # running on this host, and trip over the stale address file of one that was stopped.
-        ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
+        try:
+            ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
+        except (ConnectionError, RuntimeError) as e:
+            if address and refused_token(e):
+                raise ConfigError("environment RAY_ADDRESS", address, "the cluster refused this driver's token "
+                                  "(missing or wrong): export RAY_AUTH_MODE=token and the cluster's token as "
+                                  "RAY_AUTH_TOKEN (`ray get-auth-token` on its head) or in ~/.ray/auth_token") from None
+            raise
         if not address:  # our own: no autoscaler to ask about
             return Capacity(ray.cluster_resources())
     return connected_capacity()
+
+
+def refused_token(error: BaseException) -> bool:
+    """Whether ray.init failed because the cluster's token authentication refused us (the cause, some levels down
+    a ConnectionError, is Ray's AuthenticationError; its text says InvalidAuthToken)."""
+    from ray.exceptions import AuthenticationError
+
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, AuthenticationError) or "InvalidAuthToken" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:

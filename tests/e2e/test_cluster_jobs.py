@@ -26,8 +26,9 @@ JOB_ADDRESS = f"http://127.0.0.1:{DASH}"
 
 
 def sh(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "RAY_AUTH_MODE": "token", **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
+    full_env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    full_env.pop("RAY_ADDRESS", None)  # never a cluster the caller's shell points at; only one `env` names
+    full_env.update(env or {})
     proc = subprocess.run(list(args), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -85,6 +86,15 @@ def test_submission_without_the_right_token_is_refused(cluster, env, reason):
               env=env, timeout=120, check=False)
     assert proc.returncode != 0
     assert reason in proc.stdout + proc.stderr
+
+
+def test_a_driver_with_the_wrong_token_gets_a_clear_error(cluster):
+    """Ray retries a refused token for ~20 s and then raises a ConnectionError several causes deep; the driver
+    says what to set instead (exit 2, before any cluster work)."""
+    proc = sh(sys.executable, "-m", "raytrain_cls", "train", "--epochs", "1",
+              env={"RAY_ADDRESS": f"127.0.0.1:{PORT}", "RAY_AUTH_TOKEN": "not-the-token"}, timeout=180, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the cluster refused this driver's token" in proc.stderr and "ray get-auth-token" in proc.stderr
 
 
 def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):

@@ -258,3 +258,21 @@ def test_a_ray_address_nobody_answers_fails_at_once_naming_it():
         with pytest.raises(ConfigError) as e:
             check_reachable(address, timeout=2)
         assert e.value.key == "environment RAY_ADDRESS" and reason in e.value.reason
+
+
+def test_a_refused_token_is_found_however_deep_ray_wraps_it():
+    from ray.exceptions import AuthenticationError
+
+    from raytrain_cls.trainer import refused_token
+
+    try:
+        try:
+            try:
+                raise AuthenticationError("RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
+            except AuthenticationError as e:
+                raise RuntimeError("Failed to connect to GCS.") from e
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379") from e
+    except ConnectionError as e:
+        assert refused_token(e)
+    assert not refused_token(ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379"))
