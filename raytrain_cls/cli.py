@@ -16,6 +16,7 @@ import yaml
 from .config import GROUPS, Config, ConfigError, canonical_dataset, iter_fields, load_config, recipe_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
 GROUP_TITLES = {
     "data": "data (timm's dataset flags; -j/--workers = loader processes per training worker)",
@@ -221,7 +222,7 @@ def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int
     from .data import DataError
     from .startup import process_start
     from .state import CheckpointError
-    from .trainer import TrainingError, train
+    from .trainer import RunInterrupted, TrainingError, train
 
     # After the driver's imports (torch, timm); from the process start only when this process is the command.
     stamps = {"driver": time.time()}
@@ -237,6 +238,9 @@ def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int
     except TrainingError as e:
         print(f"raytrain-cls: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except RunInterrupted as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -244,7 +248,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .config import Config, read_yaml, resolve_config_path
     from .data import DataError
     from .storage import join
-    from .tune import SEARCH_FILE, load_search_file, parse_search, space_from_cli, tune_search
+    from .tune import SEARCH_FILE, SearchInterrupted, load_search_file, parse_search, space_from_cli, tune_search
 
     try:
         if args.resume:
@@ -263,6 +267,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except (ConfigError, DataError) as e:
         print(f"raytrain-cls: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except SearchInterrupted as e:
+        print(f"raytrain-cls: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

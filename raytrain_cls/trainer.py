@@ -12,6 +12,7 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,15 @@ HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
 
 class TrainingError(RuntimeError):
     """The run started but failed; the message names the failing rank and the worker's error."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the run; its registered checkpoints stay, and --resume continues it."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        super().__init__(f"interrupted: the run stopped, its checkpoints are kept. Continue it with: "
+                         f"raytrain-cls train --resume {run_dir}")
 
 
 @dataclass
@@ -451,6 +461,13 @@ def fit_run(cfg: Config, paths: RunPaths, start_from: Optional[str] = None, extr
         result = build_trainer(cfg, paths, extra_callbacks).fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"training failed: {explain_failure(e)} (run directory {paths.run_dir})") from e
+    except (KeyboardInterrupt, SystemExit):
+        # On SIGINT, TorchTrainer.fit's handler aborts the run and then sys.exit()s (its only exit), which would
+        # end the command with status 1 and not a word; a SIGINT before that handler is a KeyboardInterrupt.
+        # Only in the main thread: a Tune trial (another thread) is ended by Tune, its way.
+        if threading.current_thread() is not threading.main_thread():
+            raise
+        raise RunInterrupted(paths.run_dir) from None
     finally:
         if stop_display is not None:
             stop_display()

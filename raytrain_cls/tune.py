@@ -387,7 +387,7 @@ def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, na
 @dataclass
 class TrialRow:
     trial_id: str
-    status: str  # completed | stopped (early, by the scheduler) | error
+    status: str  # completed | stopped (early, by the scheduler) | error | unfinished (the search was interrupted)
     params: dict
     best: Optional[float]
     best_epoch: Optional[int]
@@ -397,10 +397,45 @@ class TrialRow:
     startup_s: Optional[float] = None  # the trial's fit() to its first training step (startup.py)
 
 
-def summarize(results, spec: SearchSpec, base: Config, max_t: int, search_dir: str = "") -> list[TrialRow]:
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune's trial states short of TERMINATED / ERROR
+
+
+class SearchInterrupted(Exception):
+    """Ctrl-C ended the search early; Tune saved its state, and --resume continues it."""
+
+    def __init__(self, search_dir: str, finished: int, total: int):
+        self.search_dir = search_dir
+        super().__init__(f"search interrupted with {finished} of {total} trials finished (trials.csv has the results "
+                         f"so far). Continue it with: raytrain-cls tune --resume {search_dir}")
+
+
+def saved_states(search_dir: str) -> dict:
+    """Trial id -> Tune's state for it, as the search saved it last. Not the ResultGrid's: after Ctrl-C Tune
+    saves a running trial as PENDING (so that --resume runs it) but leaves it TERMINATED in memory. {} when the
+    state cannot be read."""
+    try:
+        from ray.tune import ExperimentAnalysis
+
+        return {t.trial_id: t.status for t in ExperimentAnalysis(search_dir).trials}
+    except Exception:  # noqa: BLE001 - no saved state to go by: no trial is called unfinished
+        return {}
+
+
+def total_trials(spec: SearchSpec) -> int:
+    """How many trials the search makes: num_samples for each point of the grid dimensions (Tune's rule)."""
+    points = 1
+    for kind, args in spec.space.values():
+        points *= len(args) if kind == "grid" else 1
+    return spec.num_samples * points
+
+
+def summarize(results, spec: SearchSpec, base: Config, max_t: int, search_dir: str = "",
+              states: Optional[dict] = None) -> list[TrialRow]:
     """One row per trial, best first. In a search directory on cloud storage Ray names checkpoints
-    bucket-relative; they are given as URIs under the trial's run directory instead."""
+    bucket-relative; they are given as URIs under the trial's run directory instead. ``states``: Tune's state per
+    trial id (default: as saved in ``search_dir``)."""
     metric, mode = metric_and_mode(spec, base)
+    states = saved_states(search_dir) if states is None and search_dir else (states or {})
     rows = []
     for r in results:
         df = r.metrics_dataframe
@@ -416,7 +451,9 @@ def summarize(results, spec: SearchSpec, base: Config, max_t: int, search_dir: s
                 checkpoint = df["checkpoint_path"].iloc[pick]
                 if checkpoint and is_uri(search_dir):
                     checkpoint = join(trial_run_dir(search_dir, trial_id), Path(checkpoint).name)
-        status = "error" if r.error else ("completed" if len(curve) >= max_t else "stopped")
+        tune_status = states.get(str(trial_id)) or next((v for k, v in states.items() if k in str(trial_id)), None)
+        status = "error" if r.error else "completed" if len(curve) >= max_t else \
+            "unfinished" if tune_status in UNFINISHED else "stopped"
         params = {k: r.config.get(k) for k in spec.space}
         rows.append(TrialRow(str(trial_id), status, params, best, best_epoch, len(curve), checkpoint, curve,
                              trial_startup_s(r.metrics or {})))
@@ -525,13 +562,19 @@ def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, ec
     summary = dict(search_dir=search_dir, trials=len(rows), completed=sum(t.status == "completed" for t in rows),
                    stopped=sum(t.status == "stopped" for t in rows), errors=sum(t.status == "error" for t in rows))
     if not scored:
+        if sum(t.status != "unfinished" for t in rows) < total_trials(spec):
+            raise SearchInterrupted(search_dir, sum(t.status != "unfinished" for t in rows), total_trials(spec))
         raise ConfigError("search", name, "no trial reported a metric; see the trial errors above")
     best = scored[0]
     write_text(join(search_dir, BEST_FILE), best_config_yaml(trial_base(base, spec), best, max_t))
     summary.update(best_trial=best.trial_id, best_value=best.best, best_params=best.params,
                    best_checkpoint=best.checkpoint, best_config=join(search_dir, BEST_FILE))
-    echo(f"Best: trial {best.trial_id} {metric} {best.best:.4f}; config {summary['best_config']}; "
-         f"checkpoint {best.checkpoint}")
+    finished = sum(t.status != "unfinished" for t in rows)
+    interrupted = finished < total_trials(spec)  # Tune returns normally when Ctrl-C ends a search
+    echo(f"Best{' so far' if interrupted else ''}: trial {best.trial_id} {metric} {best.best:.4f}; config "
+         f"{summary['best_config']}; checkpoint {best.checkpoint}")
+    if interrupted:
+        raise SearchInterrupted(search_dir, finished, total_trials(spec))
     return summary
 
 

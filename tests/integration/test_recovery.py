@@ -116,6 +116,25 @@ def test_a_killed_driver_is_resumed_without_redoing_finished_epochs(ray_local, t
     assert resumed_from >= (max(done_before) + 1) * UPDATES_PER_EPOCH - 4, (resumed_from, done_before)
 
 
+def test_ctrl_c_stops_the_run_and_says_how_to_continue_it(ray_local, tmp_path):
+    """Ray's own SIGINT handler aborts the run and then sys.exit()s: before, the command ended with status 1 and
+    not a word. Now it ends as a SIGINT'd command does (130), naming the --resume that continues the run."""
+    run_dir = tmp_path / "ctrl-c"
+    cmd = [sys.executable, "-m", "raytrain_cls", "train", *COMMON, "--output", str(tmp_path), "--experiment", "ctrl-c"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (run_dir / "summary.csv").is_file(), 180, "a finished epoch")
+        proc.send_signal(signal.SIGINT)  # to the driver alone, as a terminal's Ctrl-C reaches the foreground job
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert f"raytrain-cls train --resume {run_dir}" in err
+    assert list(run_dir.glob("epoch-*")), "no checkpoint kept to continue from"
+
+
 def test_a_driver_killed_before_the_first_checkpoint_resumes_from_the_checkpoint_it_started_from(straight_run,
                                                                                                    tmp_path):
     """A run started with --resume CHECKPOINT whose driver dies before the run writes a checkpoint of its own:

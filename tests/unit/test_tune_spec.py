@@ -97,6 +97,25 @@ def test_summary_orders_by_best_and_marks_early_stops(tmp_path):
     assert table[0]["startup_s"] == ""  # these trials reported no start-up stamps
 
 
+def test_a_trial_ctrl_c_left_running_is_unfinished_not_stopped_early(tmp_path):
+    from raytrain_cls.tune import total_trials
+
+    spec = parse_search({"space": {"lr": "uniform:0.01:0.1"}, "num_samples": 3})
+    results = [_result("a", [50, 60, 70, 80]), _result("b", [40, 45]), _result("c", [30])]
+    # b: stopped by ASHA; c: running when Ctrl-C came, which Tune saves as PENDING so that --resume runs it
+    rows = summarize(results, spec, BASE, max_t=4, states={"a": "TERMINATED", "b": "TERMINATED", "c": "PENDING"})
+    assert [(r.trial_id, r.status) for r in rows] == [("a", "completed"), ("b", "stopped"), ("c", "unfinished")]
+    assert total_trials(spec) == 3
+    grid_spec = parse_search({"space": {"lr": "grid:0.01,0.1", "mixup": "grid:0,0.2,0.4"}, "num_samples": 2})
+    assert total_trials(grid_spec) == 2 * 2 * 3  # num_samples for each grid point, as Tune counts
+    # Without Tune's saved states, no trial is called unfinished (a trial never started still shows the gap).
+    assert [r.status for r in summarize([_result("c", [30])], spec, BASE, max_t=4, search_dir=str(tmp_path))] \
+        == ["stopped"]
+    # Trials without metrics are named by their directory, which holds the id
+    named = summarize([_result("run_trial_c_3_lr=0.05", [30])], spec, BASE, max_t=4, states={"c": "RUNNING"})
+    assert named[0].status == "unfinished"
+
+
 def test_trials_say_what_each_fit_cost_before_its_first_step():
     stamps = {"driver": 10.0, "ray_ready": 10.5, "fit": 11.0, "worker_entered": 30.0, "first_step": 34.25}
     assert trial_startup_s({"startup": stamps}) == 24.25
