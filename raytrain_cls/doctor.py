@@ -111,8 +111,8 @@ def check_cluster() -> list[Check]:
 
 def check_autoscaler() -> Optional[Check]:
     """What the driver will count on beyond the nodes that are up (capacity.py), read without connecting: the
-    environment variable, or the running autoscaler's file for RAY_ADDRESS's port, or the launcher's file."""
-    from .capacity import BOOTSTRAP_CONFIG, LIMITS_ENV, config_limits, env_limits, monitor_config
+    GCS's config needs a connection, so the environment variable and this host's autoscaler files speak here."""
+    from .capacity import LIMITS_ENV, autoscaler_limits
     from .config import ConfigError
 
     address = os.environ.get("RAY_ADDRESS", "")
@@ -120,14 +120,9 @@ def check_autoscaler() -> Optional[Check]:
     if not address or address.startswith("http") or not port.isdigit():
         return None  # a private local Ray, or a job server address: no GCS port to match an autoscaler by
     try:
-        limits, source = env_limits(), f"${LIMITS_ENV}"
+        limits, source = autoscaler_limits(int(port))
     except ConfigError as e:
         return Check("autoscaler", False, e.reason, f"export {LIMITS_ENV}=GPU=4,CPU=32 (or unset it)")
-    if not limits:
-        for path in (monitor_config(int(port)), BOOTSTRAP_CONFIG.expanduser()):
-            limits, source = (config_limits(path), str(path)) if path else (None, None)
-            if limits:
-                break
     if not limits:
         return Check("autoscaler", True, "no limits found on this host: runs are sized by the nodes that are up "
                      f"(an autoscaler the driver cannot read, e.g. KubeRay's: set {LIMITS_ENV})")

@@ -561,20 +561,20 @@ def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, ec
              + " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items()))
     summary = dict(search_dir=search_dir, trials=len(rows), completed=sum(t.status == "completed" for t in rows),
                    stopped=sum(t.status == "stopped" for t in rows), errors=sum(t.status == "error" for t in rows))
+    finished, total = sum(t.status != "unfinished" for t in rows), total_trials(spec)
+    interrupted = finished < total  # Tune returns normally when Ctrl-C ends a search
     if not scored:
-        if sum(t.status != "unfinished" for t in rows) < total_trials(spec):
-            raise SearchInterrupted(search_dir, sum(t.status != "unfinished" for t in rows), total_trials(spec))
+        if interrupted:
+            raise SearchInterrupted(search_dir, finished, total)
         raise ConfigError("search", name, "no trial reported a metric; see the trial errors above")
     best = scored[0]
     write_text(join(search_dir, BEST_FILE), best_config_yaml(trial_base(base, spec), best, max_t))
     summary.update(best_trial=best.trial_id, best_value=best.best, best_params=best.params,
                    best_checkpoint=best.checkpoint, best_config=join(search_dir, BEST_FILE))
-    finished = sum(t.status != "unfinished" for t in rows)
-    interrupted = finished < total_trials(spec)  # Tune returns normally when Ctrl-C ends a search
     echo(f"Best{' so far' if interrupted else ''}: trial {best.trial_id} {metric} {best.best:.4f}; config "
          f"{summary['best_config']}; checkpoint {best.checkpoint}")
     if interrupted:
-        raise SearchInterrupted(search_dir, finished, total_trials(spec))
+        raise SearchInterrupted(search_dir, finished, total)
     return summary
 
 
