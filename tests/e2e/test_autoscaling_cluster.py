@@ -69,7 +69,11 @@ class FakeCluster:
              "--dashboard-agent-listen-port", str(port + 100), "--ray-client-server-port", str(port + 200),
              "--disable-usage-stats", "--temp-dir", str(state / "ray")],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        self.wait_for_autoscaler()
+        try:
+            self.wait_for_autoscaler()
+        except BaseException:  # no test holds this cluster yet to stop it: do it here, then report why
+            self.stop()
+            raise
 
     def wait_for_autoscaler(self, timeout: float = 120):
         """Until the autoscaler's monitor process runs (it starts after the GCS and the raylet)."""
