@@ -114,10 +114,11 @@ def check_autoscaler() -> Optional[Check]:
     GCS's config needs a connection, so the environment variable and this host's autoscaler files speak here."""
     from .capacity import LIMITS_ENV, autoscaler_limits
     from .config import ConfigError
+    from .trainer import split_address
 
     address = os.environ.get("RAY_ADDRESS", "")
-    port = address.split("://", 1)[-1].rstrip("/").rpartition(":")[2]
-    if not address or address.startswith("http") or not port.isdigit():
+    scheme, _, port = split_address(address)
+    if not address or scheme.startswith("http") or not port.isdigit():
         return None  # a private local Ray, or a job server address: no GCS port to match an autoscaler by
     try:
         limits, source = autoscaler_limits(int(port))

@@ -102,20 +102,26 @@ def refused_token(error: BaseException) -> bool:
     return False
 
 
+def split_address(address: str) -> tuple[str, str, str]:
+    """A RAY_ADDRESS as (scheme or '', host, port text): 'ray://h:10001', 'h:6379', 'http://h:8265/'."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    host, _, port = rest.rstrip("/").rpartition(":")
+    return scheme, host, port
+
+
 def check_reachable(address: str, timeout: float = 10.0) -> None:
     """Fail at once, naming RAY_ADDRESS, where ray.init would retry an address nobody answers for minutes while
     logging GCS timeouts. 'auto'/'local' are Ray's to resolve."""
     if address in ("auto", "local"):
         return
-    scheme, sep, rest = address.partition("://")
-    if not sep:
-        scheme, rest = "", address
+    scheme, host, port = split_address(address)
     key = "environment RAY_ADDRESS"
     if scheme in ("http", "https"):
         raise ConfigError(key, address, "that is a job server address, for `ray job submit --address`; a driver "
                           "joins a cluster at its GCS address (HOST:6379), and `ray job submit` sets that for the "
                           "jobs it runs")
-    host, _, port = rest.rstrip("/").rpartition(":")
     try:
         socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
     except (OSError, ValueError) as e:
@@ -137,7 +143,8 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
                           "how many GPU workers to train with (--num-workers N)")
     num_workers = s.num_workers or (int(gpus) if use_gpu else 2)
     per_worker = dict(s.resources_per_worker or {})
-    need_gpu, need_cpu = (run_needs(cfg, use_gpu, num_workers)[k] for k in ("GPU", "CPU"))
+    needs = run_needs(cfg, use_gpu, num_workers)
+    need_gpu, need_cpu = needs["GPU"], needs["CPU"]
     if need_gpu > gpus:
         raise ConfigError("scaling.num_workers", num_workers,
                           f"needs {need_gpu:g} GPUs but {has(cluster, 'GPU')} ({UNREAD_LIMITS_HINT})")
