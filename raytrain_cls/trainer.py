@@ -26,6 +26,7 @@ from .console import start_live_display, use_bar
 from .data import build_source
 from .data.transforms import data_config_kwargs
 from .model import meta_model
+from .onednn import onednn_env
 from .optim import resolve_lr, resolve_num_epochs
 from .report import CONFIG_FILE, build_result, write_result
 from .startup import breakdown, describe, stamp
@@ -391,9 +392,16 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
             callbacks=[SummaryCallback(paths.run_dir), *extra_callbacks],
             # Our rank-0 progress lines are the console output; Ray's per-report INFO lines would drown them.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            # Ray's print patch sends worker prints through a logger that also echoes them: each line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+            worker_runtime_env={"env_vars": worker_env(cfg)}),
     )
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """Environment variables of the train workers, set before they import anything."""
+    # Ray's print patch sends worker prints through a logger that also echoes them: each line twice.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env.update(onednn_env(cfg.precision, cfg.resolved["use_gpu"]))  # CPU bf16: keep off AMX's NaN-leaking kernel
+    return env
 
 
 def wandb_run_id(cfg: Config, earlier: dict) -> str:
