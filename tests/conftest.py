@@ -1,4 +1,5 @@
 """Shared test set-up. Unit tests (tests/unit) never start Ray; integration tests share one private local Ray."""
+
 import os
 from pathlib import Path
 
@@ -16,8 +17,12 @@ os.environ.pop("RAY_ADDRESS", None)
 
 # s3:// tests talk to a local moto S3 server; Ray workers inherit these from the process that starts Ray, so they
 # are set before any cluster exists. setdefault: real credentials of a developer stay untouched (moto takes any).
-for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                     ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+for _key, _value in (
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+):
     os.environ.setdefault(_key, _value)
 
 # --log-wandb runs in tests write W&B's records locally (no account, no network); Ray workers inherit this too.
@@ -42,8 +47,7 @@ def ray_local():
     search driver's does (tune._stopped_trial_cleaner). The end-to-end tests run clusters with the dashboard."""
     import ray
 
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True, configure_logging=False)
     yield ray
     ray.shutdown()
 
@@ -93,8 +97,9 @@ def s3_upload(s3_endpoint):
     s3.create_dir("data")
 
     def upload(local_dir, prefix: str) -> str:
-        fs.copy_files(str(local_dir), f"data/{prefix}", source_filesystem=fs.LocalFileSystem(),
-                      destination_filesystem=s3)
+        fs.copy_files(
+            str(local_dir), f"data/{prefix}", source_filesystem=fs.LocalFileSystem(), destination_filesystem=s3
+        )
         return f"s3://data/{prefix}?{query}"
 
     return upload

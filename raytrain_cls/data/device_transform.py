@@ -34,14 +34,16 @@ device RNG (deterministic per sample seed, but not the CPU path's numbers). Hue 
 does ``device_transform_kwargs``. Call a DeviceTransform from one thread (the training loop): it swaps python's
 global ``random`` state while erasing and restores it afterwards.
 """
+
 from __future__ import annotations
 
 import io
 import math
 import random
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -51,7 +53,7 @@ from timm.data.constants import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENE
 from timm.data.random_erasing import RandomErasing
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from ..config import DEFAULT_MAX_IMAGE_PIXELS, Config
+from raytrain_cls.core.config import DEFAULT_MAX_IMAGE_PIXELS, Config
 
 Encoded = Union[torch.Tensor, bytes, bytearray, memoryview]
 
@@ -65,6 +67,7 @@ _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 # ----------------------------------------------------------------------------------------------------- decode
+
 
 class BadImage(Exception):
     """One encoded image that will not be decoded; ``reason`` says why."""
@@ -108,8 +111,10 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Imag
     except Exception as e:  # UnidentifiedImageError, DecompressionBombError, SyntaxError, ...
         raise BadImage(f"{type(e).__name__}: {e}") from None
     if width * height > max_pixels:
-        raise BadImage(f"{width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} "
-                       "(a possible decompression bomb)")
+        raise BadImage(
+            f"{width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} "
+            "(a possible decompression bomb)"
+        )
     if width == 0 or height == 0:
         raise BadImage(f"empty image {width}x{height}")
     if data.startswith(_JPEG_MAGIC):
@@ -163,9 +168,13 @@ def rgb_to_grey(img: torch.Tensor) -> torch.Tensor:
     return ((r * wr + g * wg + b * wb + 0x8000) >> 16).to(torch.uint8).unsqueeze(0)
 
 
-def decode_batch(encoded: Sequence[Encoded], device: Union[str, torch.device], mode: str = "RGB",
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 reasons: Optional[dict[int, str]] = None) -> tuple[list[torch.Tensor], list[int]]:
+def decode_batch(
+    encoded: Sequence[Encoded],
+    device: Union[str, torch.device],
+    mode: str = "RGB",
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    reasons: Optional[dict[int, str]] = None,
+) -> tuple[list[torch.Tensor], list[int]]:
     """Decode encoded images (uint8 1-D tensors or bytes) to uint8 (C,H,W) tensors on ``device``.
 
     Returns (images, bad): ``images`` holds the decodable ones in input order (C = 3 for mode "RGB", 1 for "L"),
@@ -210,6 +219,7 @@ def decode_batch(encoded: Sequence[Encoded], device: Union[str, torch.device], m
 
 # ------------------------------------------------------------------------------------------ parameter draws
 
+
 @dataclass(frozen=True)
 class CropBox:
     top: int
@@ -218,8 +228,9 @@ class CropBox:
     width: int
 
 
-def random_resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
-                            rng: random.Random) -> CropBox:
+def random_resized_crop_box(
+    height: int, width: int, scale: Sequence[float], ratio: Sequence[float], rng: random.Random
+) -> CropBox:
     """timm's RandomResizedCropAndInterpolation.get_params, drawing from ``rng`` instead of the global ``random``:
     the same calls in the same order, so a Random seeded like the CPU path's global one gives the same box."""
     area = height * width
@@ -257,6 +268,7 @@ def _jitter_range(value: float) -> Optional[tuple[float, float]]:
 @dataclass
 class SampleParams:
     """Everything random about one training sample, drawn on the CPU."""
+
     box: CropBox
     interpolation: str
     hflip: bool = False
@@ -271,6 +283,7 @@ class SampleParams:
 class ParamDraws:
     """The CPU half of a training DeviceTransform: draws a sample's SampleParams from its seed. Plain data (no
     device tensors), so loader processes can draw ahead of the training process (--data-on-device -j N)."""
+
     scale: tuple[float, float]
     ratio: tuple[float, float]
     train_interpolation: str  # bilinear | bicubic | nearest | random
@@ -286,8 +299,9 @@ class ParamDraws:
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(seed)
         box = random_resized_crop_box(height, width, self.scale, self.ratio, rng)
-        interpolation = (rng.choice(("bilinear", "bicubic")) if self.train_interpolation == "random"
-                         else self.train_interpolation)
+        interpolation = (
+            rng.choice(("bilinear", "bicubic")) if self.train_interpolation == "random" else self.train_interpolation
+        )
         params = SampleParams(box, interpolation, seed=seed, erase_rng=rng if self.erases else None)
         if self.hflip > 0:
             params.hflip = bool(torch.rand(1, generator=gen) < self.hflip)
@@ -298,15 +312,17 @@ class ParamDraws:
             params.jitter_order = tuple(op for op in order if op != 3)  # hue is never on here
             params.jitter_factors = tuple(
                 None if r is None else float(torch.empty(1).uniform_(r[0], r[1], generator=gen))
-                for r in self.jitter_ranges)
+                for r in self.jitter_ranges
+            )
         return params
 
 
 # ------------------------------------------------------------------------------------------ device kernels
 
+
 def resize_crop(img: torch.Tensor, box: CropBox, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """uint8 (C,H,W) -> float (C,*size) of 8-bit levels: crop, then resize with antialiasing like PIL."""
-    crop = img[:, box.top:box.top + box.height, box.left:box.left + box.width].unsqueeze(0).float()
+    crop = img[:, box.top : box.top + box.height, box.left : box.left + box.width].unsqueeze(0).float()
     return _resize(crop, size, interpolation)[0]
 
 
@@ -321,8 +337,9 @@ def _filter_weights(x: torch.Tensor, interpolation: str) -> torch.Tensor:
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
 
 
-def resample_matrices(starts: torch.Tensor, lengths: torch.Tensor, out_size: int, in_size: int,
-                      interpolation: str) -> torch.Tensor:
+def resample_matrices(
+    starts: torch.Tensor, lengths: torch.Tensor, out_size: int, in_size: int, interpolation: str
+) -> torch.Tensor:
     """(B, out_size, in_size) weights that crop [start, start + length) of an axis and resample it to
     ``out_size`` as PIL does (and torch's antialiased interpolate): the filter widened by the downscaling
     factor, its window clipped to the crop, the weights of each output pixel normalised to sum to 1."""
@@ -345,8 +362,12 @@ def resample_matrices(starts: torch.Tensor, lengths: torch.Tensor, out_size: int
 MAX_PADDING_FACTOR = 2.0
 
 
-def resize_crops(images: Union[torch.Tensor, Sequence[torch.Tensor]], boxes: Sequence["CropBox"],
-                 size: tuple[int, int], interpolation: str) -> torch.Tensor:
+def resize_crops(
+    images: Union[torch.Tensor, Sequence[torch.Tensor]],
+    boxes: Sequence[CropBox],
+    size: tuple[int, int],
+    interpolation: str,
+) -> torch.Tensor:
     """uint8 (C,H,W) images (a list, or a (B,C,H,W) tensor) -> float (B,C,*size) of 8-bit levels: each image's
     box cropped and resized like PIL, in batched matrix products (per-sample resize_crop launches a few kernels
     per image, which bounds a fast GPU to the host's launch rate). Equal-size images are resized whole, the box
@@ -356,15 +377,14 @@ def resize_crops(images: Union[torch.Tensor, Sequence[torch.Tensor]], boxes: Seq
         raise ValueError(f"batched resizing does bilinear and bicubic, not {interpolation!r}")
     if isinstance(images, torch.Tensor) or len({tuple(img.shape) for img in images}) == 1:
         pixels = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
-        return _resize_boxes(pixels.float(), [(b.top, b.left, b.height, b.width) for b in boxes], size,
-                             interpolation)
-    crops = [img[:, b.top:b.top + b.height, b.left:b.left + b.width] for img, b in zip(images, boxes)]
+        return _resize_boxes(pixels.float(), [(b.top, b.left, b.height, b.width) for b in boxes], size, interpolation)
+    crops = [img[:, b.top : b.top + b.height, b.left : b.left + b.width] for img, b in zip(images, boxes)]
     out = torch.empty((len(crops), crops[0].shape[0], *size), device=crops[0].device)
     for bucket in size_buckets([tuple(c.shape[-2:]) for c in crops]):
         height, width = max(crops[i].shape[-2] for i in bucket), max(crops[i].shape[-1] for i in bucket)
         pixels = crops[0].new_zeros((len(bucket), crops[0].shape[0], height, width), dtype=torch.float32)
         for k, i in enumerate(bucket):
-            pixels[k, :, :crops[i].shape[-2], :crops[i].shape[-1]] = crops[i]
+            pixels[k, :, : crops[i].shape[-2], : crops[i].shape[-1]] = crops[i]
         resized = _resize_boxes(pixels, [(0, 0, *crops[i].shape[-2:]) for i in bucket], size, interpolation)
         out[to_device(torch.tensor(bucket), out.device)] = resized
     return out
@@ -386,8 +406,9 @@ def size_buckets(shapes: Sequence[tuple[int, int]], factor: float = MAX_PADDING_
     return buckets
 
 
-def _resize_boxes(pixels: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, int],
-                  interpolation: str) -> torch.Tensor:
+def _resize_boxes(
+    pixels: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, int], interpolation: str
+) -> torch.Tensor:
     """Float (B,C,H,W) -> (B,C,*size): (top, left, height, width) of each image resized, two matrix products."""
     device = pixels.device
     box = to_device(torch.tensor(list(boxes), dtype=torch.int64), device)
@@ -423,10 +444,10 @@ def _center_crop_or_pad(img: torch.Tensor, size: tuple[int, int], fill: Sequence
         padded = img.new_empty((*img.shape[:-2], h + pad_h, w + pad_w))
         for channel, value in enumerate(fill):
             padded[..., channel, :, :].fill_(value)
-        padded[..., pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w] = img
+        padded[..., pad_h // 2 : pad_h // 2 + h, pad_w // 2 : pad_w // 2 + w] = img
         img, h, w = padded, h + pad_h, w + pad_w
     top, left = int(round((h - out_h) / 2.0)), int(round((w - out_w) / 2.0))
-    return img[..., top:top + out_h, left:left + out_w]
+    return img[..., top : top + out_h, left : left + out_w]
 
 
 def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -447,6 +468,7 @@ def flip_samples(batch: torch.Tensor, samples: list[int], dim: int) -> None:
 # Colour jitter on (B,C,H,W) float batches holding 8-bit levels (integers in [0, 255], exact in float32), with
 # PIL's arithmetic: the CPU path's torchvision ColorJitter runs PIL's ImageEnhance, i.e. Image.blend, which
 # truncates each result to uint8. Rounding instead would shift every jittered image by ~0.5 level per op.
+
 
 def pil_grey(batch: torch.Tensor) -> torch.Tensor:
     """PIL's convert("L") on 8-bit levels: (19595 R + 38470 G + 7471 B + 2^15) >> 16, exact in float32 (< 2^24)."""
@@ -482,8 +504,9 @@ def adjust_saturation(batch: torch.Tensor, factor: torch.Tensor) -> torch.Tensor
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation)
 
 
-def color_jitter(batch: torch.Tensor, factors: Sequence[Sequence[Optional[float]]],
-                 orders: Sequence[Sequence[int]]) -> torch.Tensor:
+def color_jitter(
+    batch: torch.Tensor, factors: Sequence[Sequence[Optional[float]]], orders: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """Brightness / contrast / saturation, in place on (B,C,H,W), with per-sample factors (None: op off) in
     per-sample order. Samples sharing an order (at most 6 groups) are processed together, so each pixel goes
     through each op once; the grouping is decided on the host from host data, with no device sync."""
@@ -508,6 +531,7 @@ def color_jitter(batch: torch.Tensor, factors: Sequence[Sequence[Optional[float]
 
 # ------------------------------------------------------------------------------------------------ transform
 
+
 def _interpolation(name: str) -> str:
     if name not in _INTERPOLATIONS + ("random",):
         raise ValueError(f"interpolation {name!r} is not one of {_INTERPOLATIONS + ('random',)}")
@@ -530,14 +554,28 @@ class DeviceTransform:
     """Batched decode + timm augmentation on ``device``: ``transform(encoded, labels, seeds)`` ->
     (float images (B,C,H,W) normalized, labels, bad input indices), bad samples dropped."""
 
-    def __init__(self, train: bool, input_size: Sequence[int] = (3, 224, 224),
-                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
-                 crop_pct: Optional[float] = None, crop_mode: Optional[str] = None,
-                 interpolation: str = "bilinear", no_aug: bool = False,
-                 scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-                 hflip: float = 0.5, vflip: float = 0.0, color_jitter=0.4, train_interpolation: str = "random",
-                 re_prob: float = 0.0, re_mode: str = "const", re_count: int = 1,
-                 device: Union[str, torch.device] = "cpu", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        train: bool,
+        input_size: Sequence[int] = (3, 224, 224),
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        crop_pct: Optional[float] = None,
+        crop_mode: Optional[str] = None,
+        interpolation: str = "bilinear",
+        no_aug: bool = False,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        color_jitter=0.4,
+        train_interpolation: str = "random",
+        re_prob: float = 0.0,
+        re_mode: str = "const",
+        re_count: int = 1,
+        device: Union[str, torch.device] = "cpu",
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         channels, height, width = (int(v) for v in input_size)
         if channels not in (1, 3):
             raise ValueError(f"input_size needs 1 (grey) or 3 (RGB) channels, not {channels}")
@@ -558,11 +596,20 @@ class DeviceTransform:
         self.jitter_enabled = strengths is not None  # timm adds ColorJitter (and its randperm draw) even at 0
         self.jitter_ranges = tuple(_jitter_range(v) for v in strengths) if strengths else (None, None, None)
         self.train_interpolation = _interpolation(train_interpolation)
-        self.eraser = (RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=self.device)
-                       if re_prob > 0 else None)
+        self.eraser = (
+            RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=self.device) if re_prob > 0 else None
+        )
         # The CPU half: every random draw of a training sample (plain data, so loader processes can run it too).
-        self.draws = ParamDraws(tuple(scale), tuple(ratio), self.train_interpolation, float(hflip), float(vflip),
-                                self.jitter_enabled, self.jitter_ranges, self.eraser is not None)
+        self.draws = ParamDraws(
+            tuple(scale),
+            tuple(ratio),
+            self.train_interpolation,
+            float(hflip),
+            float(vflip),
+            self.jitter_enabled,
+            self.jitter_ranges,
+            self.eraser is not None,
+        )
 
     @property
     def augments(self) -> bool:
@@ -588,8 +635,9 @@ class DeviceTransform:
 
     # ---- device: pixels
 
-    def _train_pixels(self, images: Union[torch.Tensor, list[torch.Tensor]], params: list[SampleParams]
-                      ) -> torch.Tensor:
+    def _train_pixels(
+        self, images: Union[torch.Tensor, list[torch.Tensor]], params: list[SampleParams]
+    ) -> torch.Tensor:
         batch = self._crops(images, params)
         flip_samples(batch, [i for i, p in enumerate(params) if p.hflip], dim=-1)
         flip_samples(batch, [i for i, p in enumerate(params) if p.vflip], dim=-2)
@@ -615,10 +663,14 @@ class DeviceTransform:
                 for i in members:
                     batch[i] = resize_crop(images[i], params[i].box, self.size, interpolation)
                 continue
-            picked = (images[to_device(torch.tensor(members), images.device)] if isinstance(images, torch.Tensor)
-                      else [images[i] for i in members])
+            picked = (
+                images[to_device(torch.tensor(members), images.device)]
+                if isinstance(images, torch.Tensor)
+                else [images[i] for i in members]
+            )
             batch[to_device(torch.tensor(members), self.device)] = resize_crops(
-                picked, [params[i].box for i in members], self.size, interpolation)
+                picked, [params[i].box for i in members], self.size, interpolation
+            )
         return batch
 
     def _eval_pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -661,8 +713,9 @@ class DeviceTransform:
 
     # ---- the whole thing
 
-    def __call__(self, encoded: Sequence[Encoded], labels, seeds: Optional[Sequence[int]] = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def __call__(
+        self, encoded: Sequence[Encoded], labels, seeds: Optional[Sequence[int]] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Encoded images, their labels and (training) their sample seeds -> (normalized float (B,C,H,W) on the
         device, labels on the device, input indices of the images that could not be decoded and were dropped)."""
         if self.augments and (seeds is None or len(seeds) != len(encoded)):
@@ -674,8 +727,9 @@ class DeviceTransform:
         seeds = [seeds[i] for i in keep] if seeds is not None else None
         return (*self.from_decoded(images, labels, seeds), bad)
 
-    def from_decoded(self, images: Sequence[torch.Tensor], labels, seeds: Optional[Sequence[int]] = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_decoded(
+        self, images: Sequence[torch.Tensor], labels, seeds: Optional[Sequence[int]] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded uint8 (C,H,W) images on the device (C matching the model's input), their labels and (training)
         sample seeds -> (normalized float (B,C,H,W), labels), both on the device. --data-on-device enters here."""
         if self.augments and (seeds is None or len(seeds) != len(images)):
@@ -688,8 +742,9 @@ class DeviceTransform:
             return self._train_pixels(images, params), labels
         return self._eval_pixels(images), labels
 
-    def from_params(self, images: Union[torch.Tensor, Sequence[torch.Tensor]], labels,
-                    params: Sequence[SampleParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_params(
+        self, images: Union[torch.Tensor, Sequence[torch.Tensor]], labels, params: Sequence[SampleParams]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pixels from parameters drawn elsewhere (ParamDraws in loader processes)."""
         return self._train_pixels(images, list(params)), to_device(torch.as_tensor(labels), self.device)
 
@@ -716,22 +771,39 @@ def _device_generator(device: torch.device) -> Optional[torch.Generator]:
 
 # ------------------------------------------------------------------------------------------ config adapters
 
+
 def device_transform_kwargs(cfg: Config, data_config: dict, is_training: bool) -> dict:
     """DeviceTransform keyword arguments; mirrors transforms.transform_kwargs for the CPU path."""
-    kwargs = dict(train=is_training, input_size=tuple(data_config["input_size"]), mean=tuple(data_config["mean"]),
-                  std=tuple(data_config["std"]), crop_pct=data_config["crop_pct"],
-                  crop_mode=data_config.get("crop_mode"), interpolation=data_config["interpolation"],
-                  max_pixels=cfg.data.max_image_pixels)
+    kwargs = dict(
+        train=is_training,
+        input_size=tuple(data_config["input_size"]),
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        crop_pct=data_config["crop_pct"],
+        crop_mode=data_config.get("crop_mode"),
+        interpolation=data_config["interpolation"],
+        max_pixels=cfg.data.max_image_pixels,
+    )
     if is_training:
         a = cfg.aug
         if a.aa:
             raise ValueError(f"auto-augment ({a.aa}) runs on PIL images on the CPU: not with --gpu-decode")
-        kwargs.update(no_aug=a.no_aug, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip, vflip=a.vflip,
-                      color_jitter=a.color_jitter, train_interpolation=a.train_interpolation,
-                      re_prob=a.reprob, re_mode=a.remode, re_count=a.recount)
+        kwargs.update(
+            no_aug=a.no_aug,
+            scale=tuple(a.scale),
+            ratio=tuple(a.ratio),
+            hflip=a.hflip,
+            vflip=a.vflip,
+            color_jitter=a.color_jitter,
+            train_interpolation=a.train_interpolation,
+            re_prob=a.reprob,
+            re_mode=a.remode,
+            re_count=a.recount,
+        )
     return kwargs
 
 
-def build_device_transform(cfg: Config, data_config: dict, is_training: bool,
-                           device: Union[str, torch.device]) -> DeviceTransform:
+def build_device_transform(
+    cfg: Config, data_config: dict, is_training: bool, device: Union[str, torch.device]
+) -> DeviceTransform:
     return DeviceTransform(device=device, **device_transform_kwargs(cfg, data_config, is_training))

@@ -8,6 +8,7 @@ Images stay encoded in the Arrow table and are decoded by our guarded decoder (b
 labels come from a ClassLabel column's names, else from the training split's distinct values, and validation
 is labelled through the training class list.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,16 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import HF_PREFIX
-from .sources import SPLIT_SYNONYMS, BadImageError, DataError, ImageDataset, Source, decode_image
+from raytrain_cls.core.datasets import HF_PREFIX
+from raytrain_cls.data.sources import (
+    SPLIT_SYNONYMS,
+    BadImageError,
+    DataError,
+    ImageDataset,
+    Source,
+    decode_image,
+    load_class_map,
+)
 
 
 class HfImages(ImageDataset):
@@ -67,8 +76,11 @@ def load_splits(name: str, cache_dir: Optional[str], download: bool) -> dict:
         try:
             loaded = datasets.load_dataset(name, cache_dir=cache_dir)
         except (FileNotFoundError, ConnectionError, ValueError) as e:
-            hint = "" if download else (" (loading is offline: add --dataset-download to fetch it from the Hub, "
-                                        "or give a local folder)")
+            hint = (
+                ""
+                if download
+                else (" (loading is offline: add --dataset-download to fetch it from the Hub, or give a local folder)")
+            )
             raise DataError(f"cannot load the Hugging Face data set {name!r}: {e}{hint}") from None
     return dict(loaded)
 
@@ -84,7 +96,7 @@ def load_hf_source(cfg) -> Source:
     import datasets
 
     d = cfg.data
-    name = d.dataset[len(HF_PREFIX):]
+    name = d.dataset[len(HF_PREFIX) :]
     image_key, target_key = d.input_key or "image", d.target_key or "label"
     splits = load_splits(name, d.data_dir, d.dataset_download)
     train_name, val_name = find_split(splits, name, d.train_split), find_split(splits, name, d.val_split)
@@ -92,8 +104,10 @@ def load_hf_source(cfg) -> Source:
     for split, ds in ((train_name, train), (val_name, val)):
         missing = [k for k in (image_key, target_key) if k not in ds.column_names]
         if missing:
-            raise DataError(f"the {split} split of {name!r} has no column {missing[0]!r} (its columns: "
-                            f"{ds.column_names}): set --input-key / --target-key")
+            raise DataError(
+                f"the {split} split of {name!r} has no column {missing[0]!r} (its columns: "
+                f"{ds.column_names}): set --input-key / --target-key"
+            )
     feature = train.features[target_key]
     if isinstance(feature, datasets.ClassLabel):
         source_names = list(feature.names)
@@ -106,20 +120,22 @@ def load_hf_source(cfg) -> Source:
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({lab for split in labels for lab in split} - set(index))
     if unknown:
-        raise DataError(f"labels {unknown[:5]} of {name!r} are not among the training classes "
-                        f"{classes[:10]}{'...' if len(classes) > 10 else ''}")
+        raise DataError(
+            f"labels {unknown[:5]} of {name!r} are not among the training classes "
+            f"{classes[:10]}{'...' if len(classes) > 10 else ''}"
+        )
     sets = []
     for split, ds, labs in ((train_name, train, labels[0]), (val_name, val, labels[1])):
         ds = ds.cast_column(image_key, datasets.Image(decode=False))
-        sets.append(HfImages(ds, image_key, np.asarray([index[lab] for lab in labs], dtype=np.int64),
-                             f"{name}:{split}"))
+        sets.append(
+            HfImages(ds, image_key, np.asarray([index[lab] for lab in labs], dtype=np.int64), f"{name}:{split}")
+        )
     return Source(sets[0], sets[1], classes)
 
 
 def _pinned_classes(class_map: Optional[str], found: list) -> list:
     if not class_map:
         return found
-    from .sources import load_class_map
 
     return load_class_map(class_map)
 

@@ -5,32 +5,31 @@ Augmentation randomness is a pure function of (seed, epoch, sample index, copy):
 sample does not depend on the number of Ray workers, loader processes, or on where a resumed run restarted; the
 copy number (--aug-repeats) gives each repeat of a sample its own augmentation.
 """
+
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
 
-from ..config import Config
-from .sampler import ResumableDistributedSampler, ShardSampler
-from .sources import BadImageError, DataError, ImageDataset, ParquetImages, Source
-from .transforms import build_transform
-
-_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread (seed, epoch, index) over seeds
-
-
-def sample_seed(seed: int, epoch: int, index: int, copy: int = 0) -> int:
-    return ((seed * _MIX) ^ (epoch * 0x85EBCA6B) ^ (index * 0xC2B2AE35) ^ (copy * 0x27D4EB2F)) % (2 ** 31)
-
-
-def _split_key(key) -> tuple[int, int, int]:
-    """(index, epoch, copy) from a training sampler's key, or a plain index (validation)."""
-    if isinstance(key, tuple):
-        return key if len(key) == 3 else (*key, 0)
-    return key, 0, 0
+from raytrain_cls.core.config import Config
+from raytrain_cls.data.device_transform import build_device_transform
+from raytrain_cls.data.naflex import (
+    NaFlexBatchSampler,
+    NaFlexEvalCollate,
+    NaFlexTrainCollate,
+    NaFlexTrainDataset,
+    build_naflex_mixup,
+    naflex_eval_transform,
+    naflex_patch_sizes,
+    naflex_train_transforms,
+)
+from raytrain_cls.data.resident import DrawnParams, ResidentBatches, check_fits, image_bytes, listed, load_resident
+from raytrain_cls.data.sampler import ResumableDistributedSampler, ShardSampler
+from raytrain_cls.data.samples import BadSample, read_sample, sample_seed, seeded, split_bad, split_key
+from raytrain_cls.data.sources import BadImageError, DataError, ImageDataset, ParquetImages, Source
+from raytrain_cls.data.transforms import build_transform
 
 
 class TransformedDataset(torch.utils.data.Dataset):
@@ -43,7 +42,7 @@ class TransformedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        index, epoch, copy = _split_key(key)
+        index, epoch, copy = split_key(key)
         sample = read_sample(self.base, index, self.img_mode)
         if isinstance(sample, BadSample):
             return sample
@@ -51,48 +50,6 @@ class TransformedDataset(torch.utils.data.Dataset):
         if self.seed is None:
             return self.transform(img), target
         return seeded(self.transform, img, seed=sample_seed(self.seed, epoch, index, copy)), target
-
-
-def read_sample(base: ImageDataset, index: int, img_mode: str):
-    """(PIL image in ``img_mode``, target), or a BadSample standing in for an unreadable image."""
-    try:
-        img, target = base[index]
-    except BadImageError as e:
-        return BadSample(e.where, e.reason)
-    return (img.convert(img_mode) if img.mode != img_mode else img), target
-
-
-def seeded(fn, *args, seed: int):
-    """fn(*args) with python/numpy/torch RNGs seeded by ``seed``. In the training process itself (-j 0) the RNG
-    streams are restored afterwards, so the training randomness (mixup, dropout) does not depend on how the data
-    was loaded; a loader process owns its RNGs and needs no restore."""
-    def run():
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also touches CUDA, 100x slower
-        return fn(*args)
-
-    if torch.utils.data.get_worker_info() is not None:
-        return run()
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        return run()
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
-
-
-@dataclass(frozen=True)
-class BadSample:
-    """Stands in for a sample that could not be decoded, so the batch can be assembled without it."""
-    where: str
-    reason: str
-
-
-def split_bad(samples: list) -> tuple[list, list]:
-    """(readable samples, BadSample stand-ins), each in their original order."""
-    return [s for s in samples if not isinstance(s, BadSample)], [s for s in samples if isinstance(s, BadSample)]
 
 
 def collate_skipping_bad(samples: list):
@@ -116,7 +73,7 @@ class BadSampleLog:
 
     def add(self, bad: list[BadSample]) -> None:
         self.count += len(bad)
-        for b in bad[:max(0, self.KEEP - len(self.examples))]:
+        for b in bad[: max(0, self.KEEP - len(self.examples))]:
             self.examples.append(f"{b.where} ({b.reason})")
 
     def reset(self) -> None:
@@ -134,7 +91,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        index, epoch, copy = _split_key(key)
+        index, epoch, copy = split_key(key)
         try:
             data, target = self.base.encoded(index)
         except BadImageError as e:
@@ -147,8 +104,13 @@ class EncodedDataset(torch.utils.data.Dataset):
 def collate_encoded(samples: list):
     """(encoded byte tensors, targets, seeds, where each came from, bad samples): nothing decoded yet."""
     good, bad = split_bad(samples)
-    return ([s[0] for s in good], torch.tensor([s[1] for s in good], dtype=torch.int64), [s[2] for s in good],
-            [s[3] for s in good], bad)
+    return (
+        [s[0] for s in good],
+        torch.tensor([s[1] for s in good], dtype=torch.int64),
+        [s[2] for s in good],
+        [s[3] for s in good],
+        bad,
+    )
 
 
 class DeviceDecode:
@@ -162,8 +124,12 @@ class DeviceDecode:
         if not encoded:
             return None, None, bad
         x, y, failed = self.transform(encoded, targets, seeds)
-        bad = bad + [BadSample(wheres[i], "cannot be decoded (corrupt, truncated, not an image, or more than "
-                                          "--max-image-pixels)") for i in failed]
+        bad = bad + [
+            BadSample(
+                wheres[i], "cannot be decoded (corrupt, truncated, not an image, or more than --max-image-pixels)"
+            )
+            for i in failed
+        ]
         return (x, y, bad) if len(y) else (None, None, bad)
 
 
@@ -198,8 +164,10 @@ class SkippingLoader:
                 self.bad.add(bad)
             if x is None:
                 if self.fill:
-                    raise DataError(f"every sample of a training batch was unreadable, e.g. {bad[0].where} "
-                                    f"({bad[0].reason}): check the data set")
+                    raise DataError(
+                        f"every sample of a training batch was unreadable, e.g. {bad[0].where} "
+                        f"({bad[0].reason}): check the data set"
+                    )
                 continue
             if self.fill and bad and not self.collate_fills:
                 n = len(y) // self.splits
@@ -250,16 +218,15 @@ def image_mode(data_config: dict) -> str:
     return "L" if data_config["input_size"][0] == 1 else "RGB"
 
 
-def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int,
-                  device: torch.device | str = "cpu") -> Loaders:
+def build_loaders(
+    cfg: Config, source: Source, data_config: dict, rank: int, world_size: int, device: torch.device | str = "cpu"
+) -> Loaders:
     d = cfg.data
     if d.naflex_loader:
         return build_naflex_loaders(cfg, source, data_config, rank, world_size)
     if d.data_on_device:
         return build_resident_loaders(cfg, source, data_config, rank, world_size, device)
     if d.gpu_decode:
-        from .device_transform import build_device_transform
-
         train_ds, val_ds = EncodedDataset(source.train, seed=cfg.run.seed), EncodedDataset(source.val)
         collate = collate_encoded
         decode = [DeviceDecode(build_device_transform(cfg, data_config, training, device)) for training in (1, 0)]
@@ -271,36 +238,57 @@ def build_loaders(cfg: Config, source: Source, data_config: dict, rank: int, wor
     sampler = _train_sampler(cfg, source, rank, world_size)
     # The loader's own generator: otherwise each new iterator draws its base seed from the global torch RNG,
     # which would shift the training RNG stream by where a resumed run restarted.
-    common = dict(num_workers=d.workers, pin_memory=d.pin_mem and not d.gpu_decode, persistent_workers=d.workers > 0,
-                  generator=torch.Generator().manual_seed(cfg.run.seed), collate_fn=collate)
+    common = dict(
+        num_workers=d.workers,
+        pin_memory=d.pin_mem and not d.gpu_decode,
+        persistent_workers=d.workers > 0,
+        generator=torch.Generator().manual_seed(cfg.run.seed),
+        collate_fn=collate,
+    )
     train = DataLoader(train_ds, batch_size=d.batch_size, sampler=_EpochTagged(sampler), drop_last=True, **common)
-    val = DataLoader(val_ds, batch_size=d.validation_batch_size or d.batch_size,
-                     sampler=ShardSampler(len(val_ds), rank, world_size), drop_last=False, **common)
+    val = DataLoader(
+        val_ds,
+        batch_size=d.validation_batch_size or d.batch_size,
+        sampler=ShardSampler(len(val_ds), rank, world_size),
+        drop_last=False,
+        **common,
+    )
     _check_full_batch(len(train), d.batch_size, world_size, len(train_ds))
-    return Loaders(SkippingLoader(train, fill=True, decode=decode[0], splits=cfg.aug.aug_splits),
-                   SkippingLoader(val, fill=False, decode=decode[1]), sampler, d.batch_size)
+    return Loaders(
+        SkippingLoader(train, fill=True, decode=decode[0], splits=cfg.aug.aug_splits),
+        SkippingLoader(val, fill=False, decode=decode[1]),
+        sampler,
+        d.batch_size,
+    )
 
 
 def _check_full_batch(batches: int, batch_size: int, world_size: int, samples: int) -> None:
     if batches == 0:
-        raise ValueError(f"data.batch_size {batch_size} x {world_size} workers is larger than the {samples} "
-                         f"training samples: no full batch per epoch")
+        raise ValueError(
+            f"data.batch_size {batch_size} x {world_size} workers is larger than the {samples} "
+            f"training samples: no full batch per epoch"
+        )
 
 
 def _train_sampler(cfg: Config, source: Source, rank: int, world_size: int) -> ResumableDistributedSampler:
     d = cfg.data
-    return ResumableDistributedSampler(len(source.train), rank, world_size, seed=cfg.run.seed, shuffle=True,
-                                       repeats=d.epoch_repeats, aug_repeats=cfg.aug.aug_repeats,
-                                       **_shard_order(source.train, d.shuffle_window))
+    return ResumableDistributedSampler(
+        len(source.train),
+        rank,
+        world_size,
+        seed=cfg.run.seed,
+        shuffle=True,
+        repeats=d.epoch_repeats,
+        aug_repeats=cfg.aug.aug_repeats,
+        **_shard_order(source.train, d.shuffle_window),
+    )
 
 
-def build_resident_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int,
-                           device: torch.device | str = "cpu") -> Loaders:
+def build_resident_loaders(
+    cfg: Config, source: Source, data_config: dict, rank: int, world_size: int, device: torch.device | str = "cpu"
+) -> Loaders:
     """--data-on-device (resident.py): the whole training split and this rank's validation share decoded onto
     the device once; batches gathered there in the samplers' order and augmented by a DeviceTransform."""
-    from .device_transform import build_device_transform
-    from .resident import DrawnParams, ResidentBatches, check_fits, image_bytes, listed, load_resident
-
     d, device = cfg.data, torch.device(device)
     mode = image_mode(data_config)
     channels = 1 if mode == "L" else 3
@@ -312,43 +300,74 @@ def build_resident_loaders(cfg: Config, source: Source, data_config: dict, rank:
     transform = build_device_transform(cfg, data_config, True, device)
     if transform.augments:
         # -j N: loader processes draw the per-sample augmentation parameters ahead; pixels never leave the device.
-        draws = DataLoader(DrawnParams(train, transform.draws, cfg.run.seed), batch_size=d.batch_size,
-                           sampler=_EpochTagged(sampler), drop_last=True, num_workers=d.workers,
-                           persistent_workers=d.workers > 0, collate_fn=listed,
-                           generator=torch.Generator().manual_seed(cfg.run.seed))  # not the training RNG stream
+        draws = DataLoader(
+            DrawnParams(train, transform.draws, cfg.run.seed),
+            batch_size=d.batch_size,
+            sampler=_EpochTagged(sampler),
+            drop_last=True,
+            num_workers=d.workers,
+            persistent_workers=d.workers > 0,
+            collate_fn=listed,
+            generator=torch.Generator().manual_seed(cfg.run.seed),
+        )  # not the training RNG stream
         train_batches = ResidentBatches(train, draws, d.batch_size, True, transform, drawn=True)
     else:  # --no-aug: nothing to draw
         train_batches = ResidentBatches(train, _EpochTagged(sampler), d.batch_size, True, transform)
-    val_batches = ResidentBatches(val, val_order, d.validation_batch_size or d.batch_size, False,
-                                  build_device_transform(cfg, data_config, False, device))
+    val_batches = ResidentBatches(
+        val,
+        val_order,
+        d.validation_batch_size or d.batch_size,
+        False,
+        build_device_transform(cfg, data_config, False, device),
+    )
     _check_full_batch(len(train_batches), d.batch_size, world_size, len(train))
-    return Loaders(SkippingLoader(train_batches, fill=True), SkippingLoader(val_batches, fill=False), sampler,
-                   d.batch_size)
+    return Loaders(
+        SkippingLoader(train_batches, fill=True), SkippingLoader(val_batches, fill=False), sampler, d.batch_size
+    )
 
 
 def build_naflex_loaders(cfg: Config, source: Source, data_config: dict, rank: int, world_size: int) -> Loaders:
     """--naflex-loader: variable-resolution patch batches for training, one fixed length for validation."""
-    from .naflex import (NaFlexBatchSampler, NaFlexEvalCollate, NaFlexTrainCollate, NaFlexTrainDataset,
-                         build_naflex_mixup, naflex_eval_transform, naflex_patch_sizes, naflex_train_transforms)
-
     d, res = cfg.data, cfg.resolved
     mode = image_mode(data_config)
     patch_sizes = naflex_patch_sizes(cfg, res["naflex_patch_size"])
-    order = ResumableDistributedSampler(len(source.train), rank, world_size, seed=cfg.run.seed, shuffle=True,
-                                        repeats=d.epoch_repeats, **_shard_order(source.train, d.shuffle_window))
-    batches = NaFlexBatchSampler(order, d.naflex_train_seq_lens, d.batch_size * max(d.naflex_train_seq_lens),
-                                 d.naflex_patch_size_probs or [1.0] * len(patch_sizes))
-    common = dict(num_workers=d.workers, pin_memory=d.pin_mem, persistent_workers=d.workers > 0,
-                  generator=torch.Generator().manual_seed(cfg.run.seed))
-    train_ds = NaFlexTrainDataset(source.train, naflex_train_transforms(cfg, data_config, patch_sizes), mode,
-                                  cfg.run.seed)
+    order = ResumableDistributedSampler(
+        len(source.train),
+        rank,
+        world_size,
+        seed=cfg.run.seed,
+        shuffle=True,
+        repeats=d.epoch_repeats,
+        **_shard_order(source.train, d.shuffle_window),
+    )
+    batches = NaFlexBatchSampler(
+        order,
+        d.naflex_train_seq_lens,
+        d.batch_size * max(d.naflex_train_seq_lens),
+        d.naflex_patch_size_probs or [1.0] * len(patch_sizes),
+    )
+    common = dict(
+        num_workers=d.workers,
+        pin_memory=d.pin_mem,
+        persistent_workers=d.workers > 0,
+        generator=torch.Generator().manual_seed(cfg.run.seed),
+    )
+    train_ds = NaFlexTrainDataset(
+        source.train, naflex_train_transforms(cfg, data_config, patch_sizes), mode, cfg.run.seed
+    )
     collate = NaFlexTrainCollate(patch_sizes, build_naflex_mixup(cfg, res["num_classes"]), cfg.run.seed)
     train = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, **common)
-    val_ds = TransformedDataset(source.val, naflex_eval_transform(data_config, res["naflex_patch_size"],
-                                                                  d.naflex_max_seq_len), mode)
-    val = DataLoader(val_ds, batch_size=d.validation_batch_size or d.batch_size, drop_last=False,
-                     sampler=ShardSampler(len(val_ds), rank, world_size),
-                     collate_fn=NaFlexEvalCollate(d.naflex_max_seq_len), **common)
+    val_ds = TransformedDataset(
+        source.val, naflex_eval_transform(data_config, res["naflex_patch_size"], d.naflex_max_seq_len), mode
+    )
+    val = DataLoader(
+        val_ds,
+        batch_size=d.validation_batch_size or d.batch_size,
+        drop_last=False,
+        sampler=ShardSampler(len(val_ds), rank, world_size),
+        collate_fn=NaFlexEvalCollate(d.naflex_max_seq_len),
+        **common,
+    )
     return Loaders(SkippingLoader(train, fill=True, collate_fills=True), SkippingLoader(val, fill=False), batches)
 
 

@@ -14,18 +14,22 @@ record, and a resume on the same worker count continues the exact plan. On anoth
 epoch gets a plan of its own that still trains each remaining sample once. Augmentation is seeded per (seed,
 epoch, sample), mixup per (seed, epoch, batch position): no dependence on loader processes or Ray workers.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.utils.data import Sampler
 
-from .loader import BadSample, read_sample, sample_seed, seeded, split_bad
-from .sampler import ResumableDistributedSampler
-from .sources import ImageDataset
+from raytrain_cls.core.loss import mixup_active, mixup_kwargs
+from raytrain_cls.data.sampler import ResumableDistributedSampler
+from raytrain_cls.data.samples import BadSample, read_sample, sample_seed, seeded, split_bad
+from raytrain_cls.data.sources import ImageDataset
+from raytrain_cls.data.transforms import transform_kwargs
 
 BATCH_DIVISOR = 8  # timm rounds NaFlex batch sizes down to a multiple of 8 (never below 1)
 _PLAN = 0x5EED  # "copy" tags that keep the plan's and mixup's random streams apart from the samples'
@@ -36,8 +40,9 @@ def step_batch_size(tokens_per_batch: int, seq_len: int) -> int:
     return max(1, tokens_per_batch // seq_len // BATCH_DIVISOR * BATCH_DIVISOR)
 
 
-def canonical_steps(samples_per_rank: int, seq_lens: Sequence[int], tokens_per_batch: int,
-                    seed: int) -> list[tuple[int, int]]:
+def canonical_steps(
+    samples_per_rank: int, seq_lens: Sequence[int], tokens_per_batch: int, seed: int
+) -> list[tuple[int, int]]:
     """(sequence length, per-rank batch) steps that cover ``samples_per_rank`` samples: each step's length drawn
     from a generator seeded by the run seed alone, its batch the token budget over that length, the last one
     cut to what is left. The same multiset for every epoch, so an epoch always has the same number of steps."""
@@ -60,8 +65,16 @@ class Step:
     start: int  # the step's first position in the epoch's global order
 
 
-def plan_steps(start: int, end: int, world: int, seq_lens: Sequence[int], tokens_per_batch: int,
-               patch_probs: Sequence[float], seed: int, epoch: int) -> list[Step]:
+def plan_steps(
+    start: int,
+    end: int,
+    world: int,
+    seq_lens: Sequence[int],
+    tokens_per_batch: int,
+    patch_probs: Sequence[float],
+    seed: int,
+    epoch: int,
+) -> list[Step]:
     """The steps that take positions [start, end) of an epoch's order on ``world`` ranks (the last step padded to
     a multiple of ``world``). Steps are timm's canonical multiset in an order shuffled by (seed, epoch, start)."""
     per_rank = math.ceil((end - start) / world)
@@ -81,8 +94,13 @@ def plan_steps(start: int, end: int, world: int, seq_lens: Sequence[int], tokens
 class NaFlexBatchSampler(Sampler[list]):
     """This rank's batches of an epoch as lists of keys (index, epoch, position, seq_len, patch_idx)."""
 
-    def __init__(self, order: ResumableDistributedSampler, seq_lens: Sequence[int], tokens_per_batch: int,
-                 patch_probs: Sequence[float] = (1.0,)):
+    def __init__(
+        self,
+        order: ResumableDistributedSampler,
+        seq_lens: Sequence[int],
+        tokens_per_batch: int,
+        patch_probs: Sequence[float] = (1.0,),
+    ):
         self.order, self.seq_lens, self.tokens = order, list(seq_lens), tokens_per_batch
         total = float(sum(patch_probs))
         self.patch_probs = [p / total for p in patch_probs]
@@ -112,8 +130,10 @@ class NaFlexBatchSampler(Sampler[list]):
         for step in self.steps:
             positions = step.start + o.rank + world * torch.arange(step.batch)
             positions = torch.where(positions >= n, positions - n, positions)  # the padding wraps to the start
-            yield [(index, o.epoch, p, step.seq_len, step.patch_idx)
-                   for index, p in zip(order[positions].tolist(), positions.tolist())]
+            yield [
+                (index, o.epoch, p, step.seq_len, step.patch_idx)
+                for index, p in zip(order[positions].tolist(), positions.tolist())
+            ]
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -178,8 +198,9 @@ class NaFlexTrainCollate:
         targets = torch.tensor([s.target for s in good], dtype=torch.int64)
         if self.mixup is not None:
             self.mixup.set_epoch(first.epoch)  # timm's --mixup-off-epoch
-            images, soft = seeded(self.mixup, images, targets,
-                                  seed=sample_seed(self.seed, first.epoch, first.position, _MIXUP))
+            images, soft = seeded(
+                self.mixup, images, targets, seed=sample_seed(self.seed, first.epoch, first.position, _MIXUP)
+            )
             targets = torch.stack(list(soft))
         patchify = self.patchify[first.patch_idx]
         x, y = NaFlexCollator(first.seq_len)([(patchify(img), t) for img, t in zip(images, targets)])
@@ -210,28 +231,34 @@ def naflex_train_transforms(cfg, data_config: dict, patch_sizes: Sequence[int]) 
     """timm's training transform for each (sequence length, patch size index): crop and resize to the budget."""
     from timm.data import create_transform
 
-    from .transforms import transform_kwargs
-
     kwargs = transform_kwargs(cfg, data_config, True)
-    return {(seq_len, i): create_transform(**kwargs, naflex=True, patch_size=(p, p), max_seq_len=seq_len)
-            for seq_len in sorted(set(cfg.data.naflex_train_seq_lens)) for i, p in enumerate(patch_sizes)}
+    return {
+        (seq_len, i): create_transform(**kwargs, naflex=True, patch_size=(p, p), max_seq_len=seq_len)
+        for seq_len in sorted(set(cfg.data.naflex_train_seq_lens))
+        for i, p in enumerate(patch_sizes)
+    }
 
 
 def naflex_eval_transform(data_config: dict, patch_size: int, max_seq_len: int) -> Callable:
     """timm's NaFlex validation transform: resize (aspect kept) to at most max_seq_len patches, patchify."""
     from timm.data import create_transform
 
-    return create_transform(input_size=tuple(data_config["input_size"]), is_training=False,
-                            interpolation=data_config["interpolation"], mean=tuple(data_config["mean"]),
-                            std=tuple(data_config["std"]), naflex=True, patch_size=(patch_size, patch_size),
-                            max_seq_len=max_seq_len, patchify=True)
+    return create_transform(
+        input_size=tuple(data_config["input_size"]),
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        naflex=True,
+        patch_size=(patch_size, patch_size),
+        max_seq_len=max_seq_len,
+        patchify=True,
+    )
 
 
 def build_naflex_mixup(cfg, num_classes: int):
     """timm's NaFlexMixup from the run's mixup settings (mode and cutmix min/max do not apply to it)."""
     from timm.data import NaFlexMixup
-
-    from ..loss import mixup_active, mixup_kwargs
 
     if not mixup_active(cfg):
         return None

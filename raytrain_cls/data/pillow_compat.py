@@ -6,6 +6,7 @@ Up to Pillow 12 that zeroed the image through a lookup table; Pillow 13 raises V
 loader worker in the middle of an epoch. timm picks its op from NAME_TO_OP when an AugmentOp is built, so
 installing the op below before the transforms are made gives every policy Pillow 12's result on any Pillow.
 """
+
 from __future__ import annotations
 
 from PIL import Image, ImageOps

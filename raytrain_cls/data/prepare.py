@@ -11,6 +11,7 @@ complete, so an interrupted run never leaves a half data set under DST and never
 finished folder can be copied to object storage (e.g. ``aws s3 sync DST s3://bucket/prefix``) and trained from with
 ``--dataset parquet --data-dir s3://bucket/prefix``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,20 +20,31 @@ import multiprocessing
 import os
 import shutil
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-from ..config import DEFAULT_MAX_IMAGE_PIXELS, canonical_dataset
-from ..progress import Progress
-from .shards import MANIFEST, Manifest, ShardWriter, SplitInfo
-from .sources import (FASHION_MNIST_DIR, ArrayImages, BadImageError, DataError, FileImages, Source, decode_image,
-                      load_digits_source, load_fashion_mnist_source, load_folder_source)
+from raytrain_cls.core.config import DEFAULT_MAX_IMAGE_PIXELS
+from raytrain_cls.core.datasets import PREPARABLE, canonical_dataset
+from raytrain_cls.core.progress import Progress
+from raytrain_cls.data.shards import MANIFEST, Manifest, ShardWriter, SplitInfo
+from raytrain_cls.data.sources import (
+    FASHION_MNIST_DIR,
+    ArrayImages,
+    BadImageError,
+    DataError,
+    FileImages,
+    Source,
+    decode_image,
+    load_digits_source,
+    load_fashion_mnist_source,
+    load_folder_source,
+)
 
-PREPARABLE = ("folder", "digits", "fashion_mnist")
 SPLIT_NAMES = ("train", "validation")  # the manifest's split names, whatever the source calls them
 BLOCK_PER_WORKER = 64  # samples in flight per worker process: bounds memory on large data sets
 
@@ -90,8 +102,14 @@ def plan_folder_split(name: str, ds: FileImages, root: Path, max_pixels: int) ->
     # shards wherever it lives.
     paths = [f.relative_to(root).as_posix() for f in ds.files]
     # Skipped files are reported by their full path, so the user can find them.
-    return SplitPlan(name, [str(f) for f in ds.files], ds.targets, paths,
-                     functools.partial(read_verified, max_pixels=max_pixels), shown_as=lambda p: str(root / p))
+    return SplitPlan(
+        name,
+        [str(f) for f in ds.files],
+        ds.targets,
+        paths,
+        functools.partial(read_verified, max_pixels=max_pixels),
+        shown_as=lambda p: str(root / p),
+    )
 
 
 def plan_array_split(name: str, ds: ArrayImages) -> SplitPlan:
@@ -106,13 +124,16 @@ def resolve_dataset(src: str, dataset: Optional[str]) -> str:
         return kind if kind in ("digits", "fashion_mnist") else "folder"
     kind = canonical_dataset(dataset)
     if kind not in PREPARABLE:
-        raise DataError(f"prepare reads {', '.join(PREPARABLE)}, not {dataset!r}"
-                        + (" (it already is a prepared data set)" if kind == "parquet" else ""))
+        raise DataError(
+            f"prepare reads {', '.join(PREPARABLE)}, not {dataset!r}"
+            + (" (it already is a prepared data set)" if kind == "parquet" else "")
+        )
     return kind
 
 
-def load_plans(src: str, kind: str, class_map: Optional[str], train_split: str, val_split: str,
-               max_pixels: int) -> tuple[Source, list[SplitPlan], str]:
+def load_plans(
+    src: str, kind: str, class_map: Optional[str], train_split: str, val_split: str, max_pixels: int
+) -> tuple[Source, list[SplitPlan], str]:
     """(the source, one plan per output split, a description of SRC for the manifest)."""
     if kind == "digits":
         if canonical_dataset(src) != "digits":
@@ -157,8 +178,16 @@ def convert_in_order(plan: SplitPlan, pool, workers: int) -> Iterator[tuple[Opti
         yield from pool.imap(plan.convert, chunk, chunksize=max(1, len(chunk) // (4 * workers)))
 
 
-def write_split(plan: SplitPlan, folder: Path, shard_size: int, num_classes: int, pool, workers: int,
-                progress: Progress, log: Callable[[str], None]) -> tuple[SplitInfo, list[dict]]:
+def write_split(
+    plan: SplitPlan,
+    folder: Path,
+    shard_size: int,
+    num_classes: int,
+    pool,
+    workers: int,
+    progress: Progress,
+    log: Callable[[str], None],
+) -> tuple[SplitInfo, list[dict]]:
     writer = ShardWriter(str(folder), plan.name, shard_size, num_classes)
     skipped = []
     for (data, reason), label, path in zip(convert_in_order(plan, pool, workers), plan.labels, plan.paths):
@@ -201,8 +230,10 @@ def check_destination(src: str, kind: str, dst: str) -> None:
     if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
         raise DataError(f"DST {dst} exists and is not a folder")
     if dst.is_dir() and not (dst / MANIFEST).is_file() and any(dst.iterdir()):
-        raise DataError(f"DST {dst} is a non-empty folder that is not a prepared data set (no {MANIFEST}); "
-                        "refusing to replace it: choose another DST or remove it yourself")
+        raise DataError(
+            f"DST {dst} is a non-empty folder that is not a prepared data set (no {MANIFEST}); "
+            "refusing to replace it: choose another DST or remove it yourself"
+        )
 
 
 def publish(partial: Path, dst: Path) -> None:
@@ -225,10 +256,20 @@ def publish(partial: Path, dst: Path) -> None:
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
-def prepare(src: str, dst: str, *, dataset: Optional[str] = None, shard_size: int = 1024,
-            class_map: Optional[str] = None, train_split: str = "train", val_split: str = "validation",
-            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, workers: Optional[int] = None,
-            log: Callable[[str], None] = _log_stderr, progress_stream=None) -> Manifest:
+def prepare(
+    src: str,
+    dst: str,
+    *,
+    dataset: Optional[str] = None,
+    shard_size: int = 1024,
+    class_map: Optional[str] = None,
+    train_split: str = "train",
+    val_split: str = "validation",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    workers: Optional[int] = None,
+    log: Callable[[str], None] = _log_stderr,
+    progress_stream=None,
+) -> Manifest:
     """Convert SRC into Parquet shards in the local folder DST and return the manifest written there.
 
     ``workers`` processes check/encode the images (default: one per CPU; 0 or 1: in this process). The order of
@@ -265,15 +306,24 @@ def prepare(src: str, dst: str, *, dataset: Optional[str] = None, shard_size: in
     return manifest
 
 
-def write_all(plans: list[SplitPlan], classes: list[str], described: str, folder: Path, shard_size: int,
-              workers: int, log: Callable[[str], None], progress_stream) -> Manifest:
+def write_all(
+    plans: list[SplitPlan],
+    classes: list[str],
+    described: str,
+    folder: Path,
+    shard_size: int,
+    workers: int,
+    log: Callable[[str], None],
+    progress_stream,
+) -> Manifest:
     splits, skipped = {}, []
     pool = _pool_context().Pool(workers) if workers > 1 else None
     try:
         with Progress(sum(len(p) for p in plans), "prepare", stream=progress_stream) as progress:
             for plan in plans:
-                splits[plan.name], split_skipped = write_split(plan, folder, shard_size, len(classes), pool,
-                                                               workers, progress, log)
+                splits[plan.name], split_skipped = write_split(
+                    plan, folder, shard_size, len(classes), pool, workers, progress, log
+                )
                 skipped += split_skipped
     finally:
         if pool is not None:
@@ -305,8 +355,11 @@ def summary(manifest: Manifest, dst: Path) -> str:
     for name, split in manifest.splits.items():
         lines.append(f"  {name:<11} {split.num_samples:>9,} samples in {len(split.shards):,} shard(s)")
     lines.append(f"  skipped     {len(manifest.skipped):>9,} file(s)")
-    lines.append(f"  size        {format_bytes(sum(s.bytes for s in shards)):>9} in {len(shards):,} shard(s) + "
-                 f"{MANIFEST}")
-    lines.append(f"Train from it with --dataset parquet --data-dir {dst} (or copy it to object storage, e.g. "
-                 f"`aws s3 sync {dst} s3://BUCKET/PREFIX`, and use --data-dir s3://BUCKET/PREFIX)")
+    lines.append(
+        f"  size        {format_bytes(sum(s.bytes for s in shards)):>9} in {len(shards):,} shard(s) + {MANIFEST}"
+    )
+    lines.append(
+        f"Train from it with --dataset parquet --data-dir {dst} (or copy it to object storage, e.g. "
+        f"`aws s3 sync {dst} s3://BUCKET/PREFIX`, and use --data-dir s3://BUCKET/PREFIX)"
+    )
     return "\n".join(lines)

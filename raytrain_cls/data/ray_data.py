@@ -9,6 +9,7 @@ inside one (config validation refuses --recovery-interval with it).
 Ray Data runs its tasks on CPUs that the training workers have not reserved: leave at least one free (e.g.
 ``resources_per_worker: {CPU: 0.5}`` on a small machine); with none free it waits forever.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,11 +19,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import Config
-from .loader import BadSample, SkippingLoader, image_mode
-from .shards import shard_files
-from .sources import BadImageError, decode_image, manifest_split, read_parquet_manifest
-from .transforms import transform_kwargs
+from raytrain_cls.core.config import Config
+from raytrain_cls.data.loader import SkippingLoader, image_mode
+from raytrain_cls.data.samples import BadSample
+from raytrain_cls.data.shards import shard_files
+from raytrain_cls.data.sources import BadImageError, decode_image, manifest_split, read_parquet_manifest
+from raytrain_cls.data.transforms import transform_kwargs
 
 DATASET_NAME = "train"
 
@@ -37,9 +39,16 @@ def train_dataset(cfg: Config):
     ds = ray.data.read_parquet(paths, filesystem=fs)
     # Shuffle the blocks (shards) each epoch; the workers add a local shuffle buffer on top.
     ds = ds.randomize_block_order()
-    return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=64,
-                          fn_kwargs=dict(spec=json.dumps(transform_kwargs(cfg, data_config, True)),
-                                         mode=image_mode(data_config), max_pixels=d.max_image_pixels))
+    return ds.map_batches(
+        preprocess_batch,
+        batch_format="numpy",
+        batch_size=64,
+        fn_kwargs=dict(
+            spec=json.dumps(transform_kwargs(cfg, data_config, True)),
+            mode=image_mode(data_config),
+            max_pixels=d.max_image_pixels,
+        ),
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,17 +89,31 @@ def preprocess_batch(batch: dict, spec: str, mode: str, max_pixels: int) -> dict
         c, h, w = json.loads(spec)["input_size"]
         shape = (c, h, w)
     images = [a if a is not None else np.zeros(shape, dtype=np.uint8) for a in images]
-    return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64),
-            "ok": np.asarray(ok, dtype=bool), "where": np.asarray(where, dtype=object),
-            "reason": np.asarray(reason, dtype=object)}
+    return {
+        "image": np.stack(images),
+        "label": np.asarray(batch["label"], dtype=np.int64),
+        "ok": np.asarray(ok, dtype=bool),
+        "where": np.asarray(where, dtype=object),
+        "reason": np.asarray(reason, dtype=object),
+    }
 
 
 class RayDataBatches:
     """This worker's share of the Ray Dataset as (inputs on the device, targets, bad samples), the shape of
     batch a SkippingLoader takes: it does the skipping, counting and refilling, as for the DataLoader paths."""
 
-    def __init__(self, shard, rows_per_worker: int, batch_size: int, data_config: dict, device: torch.device,
-                 re_prob: float = 0.0, re_mode: str = "pixel", re_count: int = 1, shuffle_buffer: Optional[int] = None):
+    def __init__(
+        self,
+        shard,
+        rows_per_worker: int,
+        batch_size: int,
+        data_config: dict,
+        device: torch.device,
+        re_prob: float = 0.0,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+        shuffle_buffer: Optional[int] = None,
+    ):
         self.shard, self.batch_size, self.device = shard, batch_size, device
         self.num_batches = rows_per_worker // batch_size
         self.shuffle_buffer = shuffle_buffer or 4 * batch_size
@@ -107,8 +130,13 @@ class RayDataBatches:
         return self.num_batches
 
     def __iter__(self):
-        batches = self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
-                                          local_shuffle_buffer_size=self.shuffle_buffer, prefetch_batches=2)
+        batches = self.shard.iter_batches(
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=self.shuffle_buffer,
+            prefetch_batches=2,
+        )
         for i, batch in enumerate(batches):
             if i >= self.num_batches:  # every rank takes the same number of steps
                 break
@@ -124,10 +152,10 @@ class RayDataBatches:
             yield x, torch.from_numpy(batch["label"][ok]), bad
 
 
-def ray_data_loader(shard, rows_per_worker: int, batch_size: int, data_config: dict, device: torch.device,
-                    **erasing) -> SkippingLoader:
-    return SkippingLoader(RayDataBatches(shard, rows_per_worker, batch_size, data_config, device, **erasing),
-                          fill=True)
+def ray_data_loader(
+    shard, rows_per_worker: int, batch_size: int, data_config: dict, device: torch.device, **erasing
+) -> SkippingLoader:
+    return SkippingLoader(RayDataBatches(shard, rows_per_worker, batch_size, data_config, device, **erasing), fill=True)
 
 
 def rows_per_worker(num_samples: int, world: int) -> int:

@@ -13,17 +13,19 @@ them, one after another (a data set small enough for this decodes in seconds: Fa
 bad image is found once, at load, and is then skipped and counted every time the sampler deals it, as the
 other paths do.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .device_transform import to_device
-from .loader import BadSample, _split_key, read_sample, sample_seed
-from .sources import DataError, ImageDataset
+from raytrain_cls.data.device_transform import to_device
+from raytrain_cls.data.samples import BadSample, read_sample, sample_seed, split_key
+from raytrain_cls.data.sources import DataError, ImageDataset
 
 # Of the device memory free at load, the resident data set may take at most this share: the model, its
 # activations and the optimizer state need the rest. CPU workers share their host's memory with each other (and
@@ -35,6 +37,7 @@ MAX_HOST_MEMORY_SHARE = 0.25
 @dataclass
 class ResidentImages:
     """A split's images as uint8 (C,H,W) tensors on the device (None for an unreadable image), and labels."""
+
     images: list
     labels: torch.Tensor  # int64, on the CPU: a batch's labels are gathered there and sent with its pixels
     bad: dict = field(default_factory=dict)  # index -> BadSample
@@ -75,9 +78,11 @@ def check_fits(need: int, device: torch.device) -> None:
     share = MAX_MEMORY_SHARE if device.type == "cuda" else MAX_HOST_MEMORY_SHARE
     if free is not None and need > share * free:
         where = "device" if device.type == "cuda" else "host"
-        raise DataError(f"--data-on-device: the data set needs about {need / 2**30:.2f} GiB of {where} memory but "
-                        f"only {free / 2**30:.2f} GiB are available (at most {share:.0%} of it goes to data): "
-                        f"drop --data-on-device, or use --gpu-decode")
+        raise DataError(
+            f"--data-on-device: the data set needs about {need / 2**30:.2f} GiB of {where} memory but "
+            f"only {free / 2**30:.2f} GiB are available (at most {share:.0%} of it goes to data): "
+            f"drop --data-on-device, or use --gpu-decode"
+        )
 
 
 def load_resident(dataset: ImageDataset, indices: Iterable[int], device: torch.device, mode: str) -> ResidentImages:
@@ -113,15 +118,18 @@ class DrawnParams(torch.utils.data.Dataset):
     stay per-sample (they reproduce timm's CPU transforms seed for seed), are then off the training process."""
 
     def __init__(self, split: ResidentImages, draws, seed: int):
-        self.sizes = ([tuple(split.block.shape[-2:])] * len(split) if split.block is not None
-                      else [None if img is None else tuple(img.shape[-2:]) for img in split.images])
+        self.sizes = (
+            [tuple(split.block.shape[-2:])] * len(split)
+            if split.block is not None
+            else [None if img is None else tuple(img.shape[-2:]) for img in split.images]
+        )
         self.bad, self.draws, self.seed = dict(split.bad), draws, seed
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     def __getitem__(self, key):
-        index, epoch, copy = _split_key(key)
+        index, epoch, copy = split_key(key)
         if self.sizes[index] is None:
             return index, self.bad[index]
         return index, self.draws(*self.sizes[index], sample_seed(self.seed, epoch, index, copy))
@@ -138,8 +146,9 @@ class ResidentBatches:
     ``keys`` yields either batches of (index, SampleParams | BadSample) (training: a DataLoader over DrawnParams)
     or single keys, batched here (validation, and training without augmentation: --no-aug)."""
 
-    def __init__(self, split: ResidentImages, keys: Iterable, batch_size: int, drop_last: bool, transform,
-                 drawn: bool = False):
+    def __init__(
+        self, split: ResidentImages, keys: Iterable, batch_size: int, drop_last: bool, transform, drawn: bool = False
+    ):
         self.split, self.keys, self.batch_size, self.drop_last = split, keys, batch_size, drop_last
         self.transform, self.drawn = transform, drawn
         self.dataset = split
@@ -157,7 +166,7 @@ class ResidentBatches:
             return
         batch = []
         for key in self.keys:
-            batch.append((_split_key(key)[0], None))
+            batch.append((split_key(key)[0], None))
             if len(batch) == self.batch_size:
                 yield self._batch(batch)
                 batch = []

@@ -8,14 +8,15 @@ copies land on r different ranks (or, with fewer ranks, in one batch); the copy 
 index so that each copy is augmented differently.
 Validation: rank r takes samples r, r + world, ... with no padding, so summed counts are exact.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch.utils.data import Sampler
-
 
 PASSES_MAX = 1000  # --epoch-repeats is capped there, so (epoch, pass) keys never collide
 
@@ -44,7 +45,7 @@ def block_order(block_sizes: Sequence[int], seed: int, epoch: int, window: int) 
     blocks = torch.randperm(len(block_sizes), generator=gen).tolist()
     parts = []
     for w in range(0, len(blocks), window):
-        ids = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in blocks[w:w + window]])
+        ids = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in blocks[w : w + window]])
         parts.append(ids[torch.randperm(len(ids), generator=gen)])
     return torch.cat(parts)
 
@@ -56,9 +57,18 @@ class ResumableDistributedSampler(Sampler[int]):
     (DDP ranks must take the same number of steps), as torch's DistributedSampler does.
     """
 
-    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int = 0, shuffle: bool = True,
-                 blocks: Optional[Sequence[int]] = None, window: int = 0, repeats: float = 0.0,
-                 aug_repeats: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        blocks: Optional[Sequence[int]] = None,
+        window: int = 0,
+        repeats: float = 0.0,
+        aug_repeats: int = 0,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if blocks is not None and sum(blocks) != num_samples:
@@ -89,7 +99,7 @@ class ResumableDistributedSampler(Sampler[int]):
         pad = (-len(positions)) % self.world_size
         if pad:
             positions = torch.cat([positions, torch.arange(pad)])
-        return positions[self.rank::self.world_size]
+        return positions[self.rank :: self.world_size]
 
     def order(self) -> torch.Tensor:
         """The epoch's global order of sample indices (every pass of --epoch-repeats, one after the other)."""

@@ -10,6 +10,7 @@ The manifest is written last, so a folder without one is an unfinished write, ne
 shard is checked against the manifest's size and sha256 when it is read; a mismatch is an error, not a silent
 retrain on different data.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,9 @@ import json
 import os
 import posixpath
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -73,26 +75,46 @@ class Manifest:
     source: str = ""
 
     def to_json(self) -> str:
-        splits = {name: dict(num_samples=s.num_samples, class_counts=s.class_counts,
-                             shards=[vars(x) for x in s.shards]) for name, s in self.splits.items()}
-        return json.dumps(dict(format=FORMAT, version=VERSION, classes=self.classes, splits=splits,
-                               skipped=self.skipped, source=self.source), indent=1)
+        splits = {
+            name: dict(num_samples=s.num_samples, class_counts=s.class_counts, shards=[vars(x) for x in s.shards])
+            for name, s in self.splits.items()
+        }
+        return json.dumps(
+            dict(
+                format=FORMAT,
+                version=VERSION,
+                classes=self.classes,
+                splits=splits,
+                skipped=self.skipped,
+                source=self.source,
+            ),
+            indent=1,
+        )
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "Manifest":
+    def from_json(cls, text: str, where: str) -> Manifest:
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
                 raise ShardError(f"{where}: not a raytrain-cls shard manifest (format {raw.get('format')!r})")
             if raw.get("version") != VERSION:
-                raise ShardError(f"{where}: manifest version {raw.get('version')} is not supported (this is "
-                                 f"version {VERSION})")
-            splits = {name: SplitInfo(int(s["num_samples"]), [int(c) for c in s["class_counts"]],
-                                      [ShardInfo(str(x["file"]), int(x["num_samples"]), int(x["bytes"]),
-                                                 str(x["sha256"])) for x in s["shards"]])
-                      for name, s in raw["splits"].items()}
-            return cls([str(c) for c in raw["classes"]], splits, list(raw.get("skipped", [])),
-                       str(raw.get("source", "")))
+                raise ShardError(
+                    f"{where}: manifest version {raw.get('version')} is not supported (this is version {VERSION})"
+                )
+            splits = {
+                name: SplitInfo(
+                    int(s["num_samples"]),
+                    [int(c) for c in s["class_counts"]],
+                    [
+                        ShardInfo(str(x["file"]), int(x["num_samples"]), int(x["bytes"]), str(x["sha256"]))
+                        for x in s["shards"]
+                    ],
+                )
+                for name, s in raw["splits"].items()
+            }
+            return cls(
+                [str(c) for c in raw["classes"]], splits, list(raw.get("skipped", [])), str(raw.get("source", ""))
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ShardError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 
@@ -104,8 +126,9 @@ def read_manifest(root: str) -> Manifest:
         with fs.open_input_stream(path) as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
-        raise ShardError(f"{root} holds no {MANIFEST}: not a prepared data set, or its `raytrain-cls prepare` "
-                         "did not finish") from None
+        raise ShardError(
+            f"{root} holds no {MANIFEST}: not a prepared data set, or its `raytrain-cls prepare` did not finish"
+        ) from None
     except OSError as e:
         raise ShardError(f"cannot read {root}/{MANIFEST}: {e}") from None
     return Manifest.from_json(text, f"{root}/{MANIFEST}")
@@ -134,12 +157,13 @@ class ShardWriter:
         if not self.rows:
             return
         images, labels, paths = zip(*self.rows)
-        table = pa.table([pa.array(images, pa.binary()), pa.array(labels, pa.int64()), pa.array(paths, pa.string())],
-                         schema=_schema())
+        table = pa.table(
+            [pa.array(images, pa.binary()), pa.array(labels, pa.int64()), pa.array(paths, pa.string())],
+            schema=_schema(),
+        )
         sink = io.BytesIO()
         # Encoded images do not compress further; no dictionary pages for unique blobs.
-        pq.write_table(table, sink, row_group_size=self.row_group_size, compression="none",
-                       use_dictionary=["label"])
+        pq.write_table(table, sink, row_group_size=self.row_group_size, compression="none", use_dictionary=["label"])
         data = sink.getvalue()
         name = f"{self.split}-{len(self.shards):05d}.parquet"
         with open(os.path.join(self.folder, name), "wb") as f:
@@ -167,15 +191,20 @@ def read_shard(root: str, shard: ShardInfo, verify: bool = True):
     except (FileNotFoundError, OSError) as e:
         raise ShardError(f"cannot read shard {root}/{shard.file}: {e}") from None
     if len(data) != shard.bytes:
-        raise ShardError(f"shard {root}/{shard.file} holds {len(data)} bytes, the manifest says {shard.bytes} "
-                         "(truncated or replaced): re-run `raytrain-cls prepare`")
+        raise ShardError(
+            f"shard {root}/{shard.file} holds {len(data)} bytes, the manifest says {shard.bytes} "
+            "(truncated or replaced): re-run `raytrain-cls prepare`"
+        )
     if verify and hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise ShardError(f"shard {root}/{shard.file} does not match its sha256 in the manifest (altered or "
-                         "corrupt): re-run `raytrain-cls prepare`")
+        raise ShardError(
+            f"shard {root}/{shard.file} does not match its sha256 in the manifest (altered or "
+            "corrupt): re-run `raytrain-cls prepare`"
+        )
     table = pq.read_table(pa.BufferReader(data))
     if table.num_rows != shard.num_samples:
-        raise ShardError(f"shard {root}/{shard.file} holds {table.num_rows} rows, the manifest says "
-                         f"{shard.num_samples}")
+        raise ShardError(
+            f"shard {root}/{shard.file} holds {table.num_rows} rows, the manifest says {shard.num_samples}"
+        )
     return table
 
 

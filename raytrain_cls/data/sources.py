@@ -4,6 +4,7 @@ A source is built the same way on every Ray worker from the config alone (no dat
 store), and every source gives validation samples labels through the *training* class list, never by sorting
 each split on its own.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -12,24 +13,38 @@ import io
 import lzma
 import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from ..config import DEFAULT_MAX_IMAGE_PIXELS, HF_PREFIX, Config, ConfigError, canonical_dataset
-from .shards import MANIFEST, Manifest, ShardError, ShardReader, SplitInfo, read_manifest
+from raytrain_cls.core.config import DEFAULT_MAX_IMAGE_PIXELS, Config
+from raytrain_cls.data.shards import MANIFEST, Manifest, ShardError, ShardReader, SplitInfo, read_manifest
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                         "bag", "ankle_boot"]
+FASHION_MNIST_CLASSES = [
+    "t-shirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 # timm searches these names when the requested split folder is missing (timm.data.dataset_factory._search_split).
-SPLIT_SYNONYMS = {"validation": ("validation", "val", "valid", "test"), "val": ("val", "validation", "valid", "test"),
-                  "train": ("train", "training")}
+SPLIT_SYNONYMS = {
+    "validation": ("validation", "val", "valid", "test"),
+    "val": ("val", "validation", "valid", "test"),
+    "train": ("train", "training"),
+}
 
 
 class DataError(RuntimeError):
@@ -46,8 +61,8 @@ class BadImageError(DataError):
 
 @dataclass
 class Source:
-    train: "ImageDataset"
-    val: "ImageDataset"
+    train: ImageDataset
+    val: ImageDataset
     classes: list[str]
 
     @property
@@ -65,8 +80,11 @@ def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PI
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise BadImageError(where, f"{w}x{h} = {w * h:,} pixels, more than --max-image-pixels "
-                                               f"{max_pixels:,} (a possible decompression bomb)")
+                    raise BadImageError(
+                        where,
+                        f"{w}x{h} = {w * h:,} pixels, more than --max-image-pixels "
+                        f"{max_pixels:,} (a possible decompression bomb)",
+                    )
                 img.load()
                 return img.convert("RGB")
     except BadImageError:
@@ -118,7 +136,6 @@ def array_dataset(images: np.ndarray, labels: np.ndarray, name: str) -> ImageDat
 class FileImages(ImageDataset):
     """Image files on a (local or mounted) file system, one label each."""
 
-
     def __init__(self, files: Sequence[Path], targets: Sequence[int]):
         self.files, self.targets = list(files), np.asarray(targets, dtype=np.int64)
 
@@ -138,7 +155,6 @@ class FileImages(ImageDataset):
 
 class ParquetImages(ImageDataset):
     """One split of Parquet shards (see shards.py); each shard is read whole, verified, and cached."""
-
 
     def __init__(self, root: str, split: SplitInfo, cache_shards: int = 8):
         self.reader = ShardReader(root, split, cache_shards)
@@ -215,8 +231,11 @@ def load_digits_source() -> Source:
     n_val = len(labels) // 5
     val, train = order[:n_val], order[n_val:]
     classes = [str(c) for c in range(10)]
-    return Source(array_dataset(images[train], labels[train], "digits/train"),
-                  array_dataset(images[val], labels[val], "digits/validation"), classes)
+    return Source(
+        array_dataset(images[train], labels[train], "digits/train"),
+        array_dataset(images[val], labels[val], "digits/validation"),
+        classes,
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -227,11 +246,12 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: holds {body.size} bytes of data, the header promises {int(np.prod(dims))} "
-                        "(truncated download?)")
+        raise DataError(
+            f"{path}: holds {body.size} bytes of data, the header promises {int(np.prod(dims))} (truncated download?)"
+        )
     return body.reshape(dims)
 
 
@@ -239,10 +259,12 @@ def _find_idx(root: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", f"{stem}.xz", stem):
         if (root / name).is_file():
             return root / name
-    raise DataError(f"Fashion-MNIST file {stem}(.gz|.xz) not found in {root}. Install the data set with "
-                    f"`sudo apt-get install dataset-fashion-mnist` (files land in {FASHION_MNIST_DIR}) or pass "
-                    "--data-dir DIR holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-                    "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+    raise DataError(
+        f"Fashion-MNIST file {stem}(.gz|.xz) not found in {root}. Install the data set with "
+        f"`sudo apt-get install dataset-fashion-mnist` (files land in {FASHION_MNIST_DIR}) or pass "
+        "--data-dir DIR holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
+    )
 
 
 def load_fashion_mnist_source(data_dir: Optional[str]) -> Source:
@@ -261,8 +283,10 @@ def find_split(root: Path, split: str) -> Path:
     for name in SPLIT_SYNONYMS.get(split, (split,)):
         if (root / name).is_dir():
             return root / name
-    raise DataError(f"no '{split}' split folder in {root} (looked for {list(SPLIT_SYNONYMS.get(split, (split,)))}); "
-                    "an ImageFolder data set holds train/ and validation/ folders with one sub-folder per class")
+    raise DataError(
+        f"no '{split}' split folder in {root} (looked for {list(SPLIT_SYNONYMS.get(split, (split,)))}); "
+        "an ImageFolder data set holds train/ and validation/ folders with one sub-folder per class"
+    )
 
 
 def _scan_classes(split_dir: Path) -> list[str]:
@@ -327,10 +351,14 @@ def load_folder_source(data_dir: str, train_split: str, val_split: str, class_ma
         val_classes = _scan_classes(val_dir)
         if set(val_classes) != set(classes):
             missing, extra = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
-            raise DataError(f"the classes of {val_dir} differ from those of {train_dir}: missing from validation "
-                            f"{missing}, only in validation {extra} (a --class-map file pins the classes and "
-                            "allows splits without some of them)")
-    splits = [FileImages(*_scan_files(split_dir, classes, pinned=bool(class_map))) for split_dir in (train_dir, val_dir)]
+            raise DataError(
+                f"the classes of {val_dir} differ from those of {train_dir}: missing from validation "
+                f"{missing}, only in validation {extra} (a --class-map file pins the classes and "
+                "allows splits without some of them)"
+            )
+    splits = [
+        FileImages(*_scan_files(split_dir, classes, pinned=bool(class_map))) for split_dir in (train_dir, val_dir)
+    ]
     if len(splits[0]) == 0:
         raise DataError(f"{train_dir} holds no images of the classes in {class_map}")
     return Source(splits[0], splits[1], classes)
@@ -368,30 +396,6 @@ def load_synthetic_source(cfg: Config) -> Source:
     n, classes = cfg.data.synthetic_samples, cfg.model.num_classes or 1000
     size = synthetic_size(cfg)
     names = [f"class_{i:04d}" for i in range(classes)]
-    return Source(SyntheticImages(n, classes, size, seed=0), SyntheticImages(max(1, n // 10), classes, size, seed=1),
-                  names)
-
-
-def build_source(cfg: Config) -> Source:
-    """The data set the config names; raises DataError (what is wrong, how to fix it) when it cannot be read."""
-    d = cfg.data
-    kind = canonical_dataset(d.dataset)
-    if kind == "digits":
-        source = load_digits_source()
-    elif kind == "fashion_mnist":
-        source = load_fashion_mnist_source(d.data_dir)
-    elif kind == "folder":
-        source = load_folder_source(d.data_dir, d.train_split, d.val_split, d.class_map)
-    elif kind == "parquet":
-        source = load_parquet_source(d.data_dir, d.train_split, d.val_split)
-    elif kind == "synthetic":
-        source = load_synthetic_source(cfg)
-    elif kind.startswith(HF_PREFIX):
-        from .hf import load_hf_source
-
-        source = load_hf_source(cfg)
-    else:
-        raise ConfigError("data.dataset", d.dataset, "unknown data set")
-    for ds in (source.train, source.val):
-        ds.max_pixels = d.max_image_pixels
-    return source
+    return Source(
+        SyntheticImages(n, classes, size, seed=0), SyntheticImages(max(1, n // 10), classes, size, seed=1), names
+    )

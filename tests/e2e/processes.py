@@ -1,5 +1,6 @@
 """Process ids on this host whose command line mentions a marker: how the end-to-end tests find every process of a
 cluster they started (its state or temp directory is in each one's command line) without touching anyone else's."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,6 +1,7 @@
 """End to end through a real local cluster: cluster/local scripts, `ray job submit` with token auth, a second
 node, a preemption notice for that node and then its loss mid-run. Each cluster is stopped by its own process ids
 only."""
+
 from __future__ import annotations
 
 import csv
@@ -42,8 +43,17 @@ def cluster_processes() -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    started = sh("bash", str(LOCAL / "start-head.sh"), "--port", str(PORT), "--dashboard-port", str(DASH),
-                 "--num-cpus", "2", timeout=180)
+    started = sh(
+        "bash",
+        str(LOCAL / "start-head.sh"),
+        "--port",
+        str(PORT),
+        "--dashboard-port",
+        str(DASH),
+        "--num-cpus",
+        "2",
+        timeout=180,
+    )
     try:
         yield started.stdout
     finally:
@@ -77,13 +87,27 @@ def test_jobs_api_refuses_requests_without_the_token(cluster):
     assert e.value.code == 401
 
 
-@pytest.mark.parametrize("env, reason", [
-    ({"RAY_AUTH_MODE": "disabled"}, "no authentication token was found"),
-    ({"RAY_AUTH_TOKEN": "not-the-token"}, "invalid or incorrect"),
-])
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({"RAY_AUTH_MODE": "disabled"}, "no authentication token was found"),
+        ({"RAY_AUTH_TOKEN": "not-the-token"}, "invalid or incorrect"),
+    ],
+)
 def test_submission_without_the_right_token_is_refused(cluster, env, reason):
-    proc = sh("ray", "job", "submit", "--address", JOB_ADDRESS, "--", "echo", "should-not-run",
-              env=env, timeout=120, check=False)
+    proc = sh(
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        JOB_ADDRESS,
+        "--",
+        "echo",
+        "should-not-run",
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode != 0
     assert reason in proc.stdout + proc.stderr
 
@@ -91,8 +115,17 @@ def test_submission_without_the_right_token_is_refused(cluster, env, reason):
 def test_a_driver_with_the_wrong_token_gets_a_clear_error(cluster):
     """Ray retries a refused token for ~20 s and then raises a ConnectionError several causes deep; the driver
     says what to set instead (exit 2, before any cluster work)."""
-    proc = sh(sys.executable, "-m", "raytrain_cls", "train", "--epochs", "1",
-              env={"RAY_ADDRESS": f"127.0.0.1:{PORT}", "RAY_AUTH_TOKEN": "not-the-token"}, timeout=180, check=False)
+    proc = sh(
+        sys.executable,
+        "-m",
+        "raytrain_cls",
+        "train",
+        "--epochs",
+        "1",
+        env={"RAY_ADDRESS": f"127.0.0.1:{PORT}", "RAY_AUTH_TOKEN": "not-the-token"},
+        timeout=180,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the cluster refused this driver's token" in proc.stderr and "ray get-auth-token" in proc.stderr
 
@@ -101,8 +134,18 @@ def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):
     """2 workers SPREAD over head + a second node. The second node gets a preemption notice (drain.sh, as a spot
     reclaim would): the run checkpoints at once, mid-epoch. The node is then killed and restarted: the run
     finishes from that checkpoint or a later one, having lost no update since the notice."""
-    add = ("bash", str(LOCAL / "add-worker.sh"), "--port", str(PORT), "--name", "w1", "--num-cpus", "2",
-           "--base-port", str(WORKER_BASE))
+    add = (
+        "bash",
+        str(LOCAL / "add-worker.sh"),
+        "--port",
+        str(PORT),
+        "--name",
+        "w1",
+        "--num-cpus",
+        "2",
+        "--base-port",
+        str(WORKER_BASE),
+    )
     sh(*add, timeout=180)
     run_dir = tmp_path / "twonode"
     log = tmp_path / "driver.log"
@@ -110,17 +153,39 @@ def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):
     # No --recovery-interval: the only mid-epoch checkpoint can be the preemption's. Asked every 5 updates (22 an
     # epoch here), so the notice is acted on well inside the run.
     with log.open("w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "raytrain_cls", "train", "-c", "jobs/digits_smoke.yaml",
-                                   "--placement-strategy", "SPREAD", "--epochs", "5", "--max-failures", "2",
-                                   "--preemption-check-interval", "5",
-                                   "--output", str(tmp_path), "--experiment", "twonode"],
-                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "raytrain_cls",
+                "train",
+                "-c",
+                "jobs/digits_smoke.yaml",
+                "--placement-strategy",
+                "SPREAD",
+                "--epochs",
+                "5",
+                "--max-failures",
+                "2",
+                "--preemption-check-interval",
+                "5",
+                "--output",
+                str(tmp_path),
+                "--experiment",
+                "twonode",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_until(lambda: (run_dir / "epoch-0000").is_dir(), 240, "the first checkpoint", driver, log)
         assert "2 training worker(s) on 2 node(s)" in log.read_text()
         sh("bash", str(LOCAL / "drain.sh"), "--port", str(PORT), "--node", "w1", "--deadline", "120", timeout=120)
-        notice_updates = wait_until(lambda: preemption_checkpoint_updates(run_dir), 60,
-                                    "the preemption's checkpoint", driver, log)
+        notice_updates = wait_until(
+            lambda: preemption_checkpoint_updates(run_dir), 60, "the preemption's checkpoint", driver, log
+        )
         time.sleep(2)  # Ray registers a reported checkpoint at its next worker poll
         sh("bash", str(LOCAL / "stop.sh"), "--port", str(PORT), "--node", "w1", "--kill")  # the reclaim
         time.sleep(2)
@@ -139,7 +204,7 @@ def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):
 
 def preemption_checkpoint_updates(run_dir: Path):
     """The update count of the run's mid-epoch checkpoint once it is complete, else None."""
-    from raytrain_cls.state import CheckpointError, read_meta
+    from raytrain_cls.core.state import CheckpointError, read_meta
 
     for folder in run_dir.glob("epoch-*-step-*"):
         try:

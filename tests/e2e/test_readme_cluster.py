@@ -1,5 +1,6 @@
 """The README's cluster commands, run exactly as written (a local head, jobs/digits_smoke.yaml through `ray job
 submit`, a driver attached by address, stop): the end-to-end submission test of the smoke job."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def test_readme_cluster_commands_work_verbatim():
     before = set(RUNS.iterdir()) if RUNS.is_dir() else set()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     try:
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=900)
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        )
     finally:  # whatever happened, the head the block started goes away (by its own pid)
         subprocess.run(["bash", "cluster/local/stop.sh"], cwd=ROOT, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -42,6 +44,5 @@ def test_readme_cluster_commands_work_verbatim():
     assert "succeeded" in output.lower()
     # `ray job submit` streams the job's own logs: jobs/digits_smoke.yaml's 4 epochs and its final summary
     assert "Epoch 3/3" in output and "Best eval_top1" in output
-    job_run = next(run for run in new_runs
-                   if yaml.safe_load((run / "config.yaml").read_text())["sched"]["epochs"] == 4)
+    job_run = next(run for run in new_runs if yaml.safe_load((run / "config.yaml").read_text())["sched"]["epochs"] == 4)
     assert json.loads((job_run / "result.json").read_text())["best_value"] > 80

@@ -1,6 +1,7 @@
 """Real Ray Train runs over the data paths of issues 4 and 8: bad images skipped and counted with the data held on
 the device (and a DataLoader run failed past --max-bad-fraction), Parquet shards through the DataLoader path,
 and the Ray Data path on 2 CPU workers with a CPU left free for Ray Data."""
+
 import csv
 import io
 import json
@@ -11,7 +12,7 @@ import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from raytrain_cls.cli import EXIT_FAILED, EXIT_OK, main
+from raytrain_cls.commands.cli import EXIT_FAILED, EXIT_OK, main
 from raytrain_cls.data.shards import Manifest, ShardWriter
 
 pytestmark = pytest.mark.integration
@@ -35,8 +36,11 @@ def digit_samples():
                 yield split, name, int(i), digit_png(digits.images[i])
 
 
-BAD = {"truncated.png": lambda good: good[: len(good) // 2], "empty.png": lambda good: b"",
-       "notes.png": lambda good: b"plain text\n"}
+BAD = {
+    "truncated.png": lambda good: good[: len(good) // 2],
+    "empty.png": lambda good: b"",
+    "notes.png": lambda good: b"plain text\n",
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +71,60 @@ def digit_shards(tmp_path_factory):
 
 def run(tmp_path, name, *args):
     # The digits recipe's mild augmentation: 15 steps are enough to leave chance (33 %) far behind.
-    return main(["train", "--model", "resnet10t", "--img-size", "32", "--crop-pct", "1", "-b", "16", "-j", "0",
-                 "--scale", "0.6", "1", "--hflip", "0", "--color-jitter", "0", "--opt", "sgd", "--lr", "0.1",
-                 "--warmup-epochs", "0", "--output", str(tmp_path), "--experiment", name, *args])
+    return main(
+        [
+            "train",
+            "--model",
+            "resnet10t",
+            "--img-size",
+            "32",
+            "--crop-pct",
+            "1",
+            "-b",
+            "16",
+            "-j",
+            "0",
+            "--scale",
+            "0.6",
+            "1",
+            "--hflip",
+            "0",
+            "--color-jitter",
+            "0",
+            "--opt",
+            "sgd",
+            "--lr",
+            "0.1",
+            "--warmup-epochs",
+            "0",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            name,
+            *args,
+        ]
+    )
 
 
-def test_bad_images_are_skipped_counted_and_logged_with_the_data_on_the_device(ray_local, tree_with_bad_files,
-                                                                              tmp_path, capsys):
+def test_bad_images_are_skipped_counted_and_logged_with_the_data_on_the_device(
+    ray_local, tree_with_bad_files, tmp_path, capsys
+):
     """--data-on-device on 2 workers: decoded once per worker, gathered and augmented on the (CPU) device, no
     loader processes; the bad files found at load are skipped, counted and logged with their paths whenever the
     sampler deals them, as on the DataLoader path (whose real-run count is the next test's failure)."""
-    code = run(tmp_path, "bad", "--data-dir", str(tree_with_bad_files), "--epochs", "4", "--data-on-device",
-               "--max-bad-fraction", "0.05", "--lr", "0.05")
+    code = run(
+        tmp_path,
+        "bad",
+        "--data-dir",
+        str(tree_with_bad_files),
+        "--epochs",
+        "4",
+        "--data-on-device",
+        "--max-bad-fraction",
+        "0.05",
+        "--lr",
+        "0.05",
+    )
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     assert "Data on the device: 210 images" in captured.out  # 180 readable training images + a 30-image val share
@@ -98,8 +144,18 @@ def test_bad_images_are_skipped_counted_and_logged_with_the_data_on_the_device(r
 
 
 def test_too_many_bad_images_fail_the_run_with_examples(ray_local, tree_with_bad_files, tmp_path, capsys):
-    code = run(tmp_path, "too-bad", "--data-dir", str(tree_with_bad_files), "--epochs", "1", "--seed", "3",
-               "--max-bad-fraction", "0.001")
+    code = run(
+        tmp_path,
+        "too-bad",
+        "--data-dir",
+        str(tree_with_bad_files),
+        "--epochs",
+        "1",
+        "--seed",
+        "3",
+        "--max-bad-fraction",
+        "0.001",
+    )
     err = capsys.readouterr().err
     assert code == EXIT_FAILED
     assert "could not be read, more than --max-bad-fraction 0.001" in err
@@ -116,8 +172,26 @@ def prepared_digits(tmp_path_factory):
 
 def recipe_run(tmp_path, name, data_dir, *args, epochs=3):
     """The digits recipe (the default job) for a few of its 10 epochs, on Parquet shards."""
-    return main(["train", "-c", "digits", "--dataset", "parquet", "--data-dir", str(data_dir), "--epochs",
-                 str(epochs), "--warmup-epochs", "0", "--output", str(tmp_path), "--experiment", name, *args])
+    return main(
+        [
+            "train",
+            "-c",
+            "digits",
+            "--dataset",
+            "parquet",
+            "--data-dir",
+            str(data_dir),
+            "--epochs",
+            str(epochs),
+            "--warmup-epochs",
+            "0",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            name,
+            *args,
+        ]
+    )
 
 
 def test_prepared_shards_train_through_the_dataloader_path(ray_local, prepared_digits, tmp_path, capsys):
@@ -132,8 +206,17 @@ def test_prepared_shards_train_through_the_dataloader_path(ray_local, prepared_d
 
 
 def test_ray_data_path_trains_with_a_cpu_left_free(ray_local, prepared_digits, tmp_path, capsys):
-    code = recipe_run(tmp_path, "raydata", prepared_digits, "--loader", "ray", "--num-workers", "2",
-                      "--resources-per-worker", "CPU=0.5")  # 3 epochs: Ray Data's order is not seeded, 2 vary
+    code = recipe_run(
+        tmp_path,
+        "raydata",
+        prepared_digits,
+        "--loader",
+        "ray",
+        "--num-workers",
+        "2",
+        "--resources-per-worker",
+        "CPU=0.5",
+    )  # 3 epochs: Ray Data's order is not seeded, 2 vary
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     metrics = json.loads((tmp_path / "raydata" / "result.json").read_text())["last_metrics"]
@@ -142,18 +225,20 @@ def test_ray_data_path_trains_with_a_cpu_left_free(ray_local, prepared_digits, t
     assert metrics["eval_samples"] == 359 and metrics["eval_top1"] > 90.0
 
 
-def test_shards_on_s3_train_with_device_decode_into_a_run_on_s3_that_resumes(ray_local, digit_shards, s3_upload,
-                                                                               tmp_path, capsys):
+def test_shards_on_s3_train_with_device_decode_into_a_run_on_s3_that_resumes(
+    ray_local, digit_shards, s3_upload, tmp_path, capsys
+):
     """Training workers (other processes) read the shards from an s3:// URI (a local moto S3 server) and decode
     them with the --gpu-decode path, here on their CPU device; the run itself lives on S3 too, as on a multi-node
     cluster, and `--resume` of it from there continues with its own config.yaml."""
-    from raytrain_cls.storage import join, read_text
+    from raytrain_cls.core.storage import join, read_text
 
     uri = s3_upload(digit_shards, "integration/digit-shards")
     output = uri.replace("/digit-shards?", "/runs?")
     run_dir = join(output, "s3")
-    code = run(tmp_path, "s3", "--dataset", "parquet", "--data-dir", uri, "--epochs", "1", "--gpu-decode",
-               "--output", output)
+    code = run(
+        tmp_path, "s3", "--dataset", "parquet", "--data-dir", uri, "--epochs", "1", "--gpu-decode", "--output", output
+    )
     assert code == EXIT_OK, capsys.readouterr().err
     cfg = yaml.safe_load(read_text(join(run_dir, "config.yaml")))
     assert cfg["data"]["data_dir"] == uri and cfg["resolved"]["train_samples"] == 180
@@ -171,9 +256,18 @@ def test_shards_on_s3_train_with_device_decode_into_a_run_on_s3_that_resumes(ray
 
 
 def test_ray_data_path_without_a_free_cpu_is_refused_before_training(ray_local, digit_shards, tmp_path, capsys):
-    code = run(tmp_path, "raydata-full", "--dataset", "parquet", "--data-dir", str(digit_shards),
-               "--loader", "ray", "--num-workers", "2")
+    code = run(
+        tmp_path,
+        "raydata-full",
+        "--dataset",
+        "parquet",
+        "--data-dir",
+        str(digit_shards),
+        "--loader",
+        "ray",
+        "--num-workers",
+        "2",
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Ray Data needs at least one CPU" in err
     assert not (tmp_path / "raydata-full" / "result.json").exists()
-

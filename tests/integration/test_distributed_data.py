@@ -1,10 +1,11 @@
 """Two real Ray Train workers (gloo) each read a disjoint share of the training data and exactly their share of
 the validation data, through the same build_source/build_loaders calls the production worker makes."""
+
 import sys
 
 import pytest
 
-from raytrain_cls.config import load_config
+from raytrain_cls.core.config import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -16,10 +17,10 @@ def _on_two_ranks(config: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from raytrain_cls.config import Config
+    from raytrain_cls.core.config import Config
+    from raytrain_cls.core.engine import autocast_factory, evaluate
+    from raytrain_cls.core.model import build_model
     from raytrain_cls.data import build_loaders, build_source
-    from raytrain_cls.engine import autocast_factory, evaluate
-    from raytrain_cls.model import build_model
 
     cfg = Config.from_dict(config)
     ctx = ray.train.get_context()
@@ -39,8 +40,16 @@ def _on_two_ranks(config: dict) -> dict:
 
 def digits_config():
     cfg = load_config("digits", {"workers": 0, "batch_size": 32, "model": "test_resnet"})
-    cfg.resolved = dict(data_config=dict(input_size=[3, 32, 32], interpolation="bicubic", mean=[0.5] * 3,
-                                         std=[0.5] * 3, crop_pct=1.0, crop_mode="center"))
+    cfg.resolved = dict(
+        data_config=dict(
+            input_size=[3, 32, 32],
+            interpolation="bicubic",
+            mean=[0.5] * 3,
+            std=[0.5] * 3,
+            crop_pct=1.0,
+            crop_mode="center",
+        )
+    )
     return cfg
 
 
@@ -52,10 +61,12 @@ def two_ranks(ray_local, tmp_path_factory):
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
     try:
-        trainer = TorchTrainer(_on_two_ranks, train_loop_config=digits_config().to_dict(),
-                               scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
-                               run_config=ray.train.RunConfig(name="two-ranks",
-                                                              storage_path=str(tmp_path_factory.mktemp("ranks"))))
+        trainer = TorchTrainer(
+            _on_two_ranks,
+            train_loop_config=digits_config().to_dict(),
+            scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+            run_config=ray.train.RunConfig(name="two-ranks", storage_path=str(tmp_path_factory.mktemp("ranks"))),
+        )
         return trainer.fit().return_value
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -86,9 +97,9 @@ def test_top1_over_two_ranks_equals_one_rank_on_an_odd_validation_set(two_ranks)
     """359 validation images split 180/179: exact metrics, no sample padded in or counted twice."""
     import torch
 
+    from raytrain_cls.core.engine import autocast_factory, evaluate
+    from raytrain_cls.core.model import build_model
     from raytrain_cls.data import build_loaders, build_source
-    from raytrain_cls.engine import autocast_factory, evaluate
-    from raytrain_cls.model import build_model
 
     cfg = digits_config()
     two = two_ranks["metrics"]

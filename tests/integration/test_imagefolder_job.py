@@ -1,4 +1,5 @@
 """A user's ImageFolder tree (timm's default dataset type) trains through --data-dir with timm's defaults."""
+
 import csv
 import json
 
@@ -8,7 +9,7 @@ import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from raytrain_cls.cli import EXIT_OK, main
+from raytrain_cls.commands.cli import EXIT_OK, main
 
 pytestmark = pytest.mark.integration
 CLASSES = ["one", "seven", "zero"]  # folder names, deliberately not in digit order
@@ -32,9 +33,33 @@ def folder_tree(tmp_path_factory):
 
 
 def test_imagefolder_run_uses_the_tree_classes(ray_local, folder_tree, tmp_path, capsys):
-    code = main(["train", "--data-dir", str(folder_tree), "--model", "test_resnet", "--img-size", "32",
-                 "-b", "16", "-j", "0", "--output", str(tmp_path), "--experiment", "pets",
-                 "--progress", "bar", "--log-interval", "2", "--epochs", "3", "--val-interval", "2"])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(folder_tree),
+            "--model",
+            "test_resnet",
+            "--img-size",
+            "32",
+            "-b",
+            "16",
+            "-j",
+            "0",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "pets",
+            "--progress",
+            "bar",
+            "--log-interval",
+            "2",
+            "--epochs",
+            "3",
+            "--val-interval",
+            "2",
+        ]
+    )
     assert code == EXIT_OK, capsys.readouterr().err
     run_dir = tmp_path / "pets"
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())

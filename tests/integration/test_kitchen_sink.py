@@ -1,11 +1,12 @@
 """timm's options all at once on 2 gloo workers: the loop runs them together and the model still learns."""
+
 import csv
 import json
 
 import pytest
 import yaml
 
-from raytrain_cls.cli import EXIT_OK, main
+from raytrain_cls.commands.cli import EXIT_OK, main
 
 pytestmark = pytest.mark.integration
 
@@ -16,16 +17,61 @@ def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
     weights ride in the checkpoint. (Logit distillation is the unit tests'; token distillation is below.)"""
     import torch
 
-    from raytrain_cls.state import STATE_FILE
+    from raytrain_cls.core.state import STATE_FILE
 
-    code = main(["train", "--model", "resnet10t", *save_teacher(tmp_path / "teacher.safetensors"),
-                 "--kd-distill-type", "feature", "--task-loss-weight", "0.9", "--epochs", "4", "--cooldown-epochs", "1",
-                 "--warmup-epochs", "1",
-                 "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
-                 "--smoothing", "0.1", "--drop-path", "0.05", "--model-ema", "--model-ema-decay", "0.9",
-                 "--clip-grad", "0.05", "--clip-mode", "agc", "--grad-accum-steps", "2", "--amp",
-                 "--amp-dtype", "bfloat16", "--bn-momentum", "0.05", "--dist-bn", "reduce",
-                 "--log-wandb", "--wandb-tags", "sink", "--output", str(tmp_path), "--experiment", "sink"])
+    code = main(
+        [
+            "train",
+            "--model",
+            "resnet10t",
+            *save_teacher(tmp_path / "teacher.safetensors"),
+            "--kd-distill-type",
+            "feature",
+            "--task-loss-weight",
+            "0.9",
+            "--epochs",
+            "4",
+            "--cooldown-epochs",
+            "1",
+            "--warmup-epochs",
+            "1",
+            "--aa",
+            "rand-m9-mstd0.5-inc1",
+            "--reprob",
+            "0.25",
+            "--mixup",
+            "0.2",
+            "--cutmix",
+            "1.0",
+            "--smoothing",
+            "0.1",
+            "--drop-path",
+            "0.05",
+            "--model-ema",
+            "--model-ema-decay",
+            "0.9",
+            "--clip-grad",
+            "0.05",
+            "--clip-mode",
+            "agc",
+            "--grad-accum-steps",
+            "2",
+            "--amp",
+            "--amp-dtype",
+            "bfloat16",
+            "--bn-momentum",
+            "0.05",
+            "--dist-bn",
+            "reduce",
+            "--log-wandb",
+            "--wandb-tags",
+            "sink",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "sink",
+        ]
+    )
     assert code == EXIT_OK
     run_dir = tmp_path / "sink"
     with (run_dir / "summary.csv").open() as f:
@@ -62,11 +108,43 @@ def test_timms_own_args_yaml_runs_with_token_distillation(ray_local, tmp_path):
 
     args_yaml = Path(__file__).parents[1] / "data" / "timm_args.yaml"
     # a ViT's size is the model's (timm's --img-size only sizes the data): --model-kwargs img_size=32
-    code = main(["train", "-c", str(args_yaml), "--dataset", "sklearn/digits", "--img-size", "32",
-                 "--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", "img_size=32", "depth=1",
-                 "embed_dim=32", "num_heads=2", *save_teacher(tmp_path / "t.safetensors"), "--kd-distill-type",
-                 "token", "--task-loss-weight", "0.8", "--epochs", "1", "--warmup-epochs", "0", "-b", "32", "-j", "0",
-                 "--log-interval", "100", "--output", str(tmp_path), "--experiment", "timm"])
+    code = main(
+        [
+            "train",
+            "-c",
+            str(args_yaml),
+            "--dataset",
+            "sklearn/digits",
+            "--img-size",
+            "32",
+            "--model",
+            "deit_tiny_distilled_patch16_224",
+            "--model-kwargs",
+            "img_size=32",
+            "depth=1",
+            "embed_dim=32",
+            "num_heads=2",
+            *save_teacher(tmp_path / "t.safetensors"),
+            "--kd-distill-type",
+            "token",
+            "--task-loss-weight",
+            "0.8",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "-b",
+            "32",
+            "-j",
+            "0",
+            "--log-interval",
+            "100",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "timm",
+        ]
+    )
     assert code == EXIT_OK
     saved = yaml.safe_load((tmp_path / "timm" / "config.yaml").read_text())
     assert saved["optim"]["weight_decay"] == 2e-5 and saved["loss"]["smoothing"] == 0.1

@@ -1,30 +1,67 @@
 """timm's --naflex-loader on 2 gloo workers, reading a Hugging Face data set (--dataset hfds/...): variable-resolution
 patch batches train a NaFlexVit, a worker killed mid-epoch is replaced from a recovery checkpoint, and
-`raytrain-cls eval` reproduces the run's validation (predict runs too). One Ray run for both features keeps the suite short."""
+`raytrain-cls eval` reproduces the run's validation (predict runs too). One Ray run for both features keeps the suite
+short."""
+
 import csv
 import json
 
 import pytest
 import yaml
 from PIL import Image
-
-from raytrain_cls.cli import EXIT_OK
-from raytrain_cls.data.sources import load_digits_source
-from raytrain_cls.inference import evaluate_checkpoint, predict
-
 from test_recovery import summary_epochs, train_killing_a_worker
+
+from raytrain_cls.commands.cli import EXIT_OK
+from raytrain_cls.commands.inference import evaluate_checkpoint, predict
+from raytrain_cls.data.sources import load_digits_source
 
 pytestmark = pytest.mark.integration
 
 EPOCHS = 6
 CLASSES = [f"digit-{i}" for i in range(10)]
 # A 4-block NaFlexVit with 4x4-pixel patches: digits (8x8) resized to 4, 16 or 36 patches per training batch.
-NAFLEX = ["--model", "naflexvit_base_patch16_gap", "--model-kwargs", "depth=4", "embed_dim=64", "num_heads=4",
-          "patch_size=4", "class_token=True", "global_pool=token", "--in-chans", "1", "--naflex-loader",
-          "--naflex-train-seq-lens", "4", "16", "36", "--naflex-max-seq-len", "16", "-b", "8",
-          "--mixup", "0.1", "--mixup-prob", "0.5", "--opt", "adamw", "--lr", "3e-3", "--weight-decay", "0.05",
-          "--warmup-epochs", "0", "--epochs", str(EPOCHS), "--recovery-interval", "4", "--max-failures", "1",
-          "--log-interval", "100"]
+NAFLEX = [
+    "--model",
+    "naflexvit_base_patch16_gap",
+    "--model-kwargs",
+    "depth=4",
+    "embed_dim=64",
+    "num_heads=4",
+    "patch_size=4",
+    "class_token=True",
+    "global_pool=token",
+    "--in-chans",
+    "1",
+    "--naflex-loader",
+    "--naflex-train-seq-lens",
+    "4",
+    "16",
+    "36",
+    "--naflex-max-seq-len",
+    "16",
+    "-b",
+    "8",
+    "--mixup",
+    "0.1",
+    "--mixup-prob",
+    "0.5",
+    "--opt",
+    "adamw",
+    "--lr",
+    "3e-3",
+    "--weight-decay",
+    "0.05",
+    "--warmup-epochs",
+    "0",
+    "--epochs",
+    str(EPOCHS),
+    "--recovery-interval",
+    "4",
+    "--max-failures",
+    "1",
+    "--log-interval",
+    "100",
+]
 
 
 def save_digits_as_hf_dataset(path) -> str:
@@ -34,8 +71,10 @@ def save_digits_as_hf_dataset(path) -> str:
     features = datasets.Features(picture=datasets.Image(), digit=datasets.ClassLabel(names=CLASSES))
 
     def split(images):
-        return datasets.Dataset.from_dict(dict(picture=[Image.fromarray(img, "L") for img in images.images],
-                                               digit=images.targets.tolist()), features=features)
+        return datasets.Dataset.from_dict(
+            dict(picture=[Image.fromarray(img, "L") for img in images.images], digit=images.targets.tolist()),
+            features=features,
+        )
 
     digits = load_digits_source()
     datasets.DatasetDict(train=split(digits.train), validation=split(digits.val)).save_to_disk(str(path))
@@ -45,8 +84,21 @@ def save_digits_as_hf_dataset(path) -> str:
 def test_naflex_run_on_a_hf_dataset_learns_and_survives_a_killed_worker(ray_processes, tmp_path):
     data = save_digits_as_hf_dataset(tmp_path / "hf-digits")
     run_dir = tmp_path / "naflex"
-    args = ["-c", "digits", "--dataset", f"hfds/{data}", "--input-key", "picture", "--target-key", "digit", *NAFLEX,
-            "--output", str(tmp_path), "--experiment", "naflex"]
+    args = [
+        "-c",
+        "digits",
+        "--dataset",
+        f"hfds/{data}",
+        "--input-key",
+        "picture",
+        "--target-key",
+        "digit",
+        *NAFLEX,
+        "--output",
+        str(tmp_path),
+        "--experiment",
+        "naflex",
+    ]
     codes = train_killing_a_worker(ray_processes, args, run_dir, timeout=180)
     assert codes == [EXIT_OK]
 

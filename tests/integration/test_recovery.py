@@ -1,5 +1,6 @@
 """Fault recovery on a real local Ray: a SIGKILLed worker, a SIGKILLed driver (with its whole Ray), and a resume
 onto a different number of workers. The promise under test: the run finishes as if nothing had happened."""
+
 import csv
 import json
 import os
@@ -15,16 +16,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raytrain_cls.cli import EXIT_OK, main
-from raytrain_cls.state import MODEL_FILE, read_meta
+from raytrain_cls.commands.cli import EXIT_OK, main
+from raytrain_cls.core.state import MODEL_FILE, read_meta
 
 pytestmark = pytest.mark.integration
 
 EPOCHS = 5
 UPDATES_PER_EPOCH = 22  # digits: 1438 train samples, batch 32 x 2 workers, drop_last
 # A tiny model keeps checkpoints small, a recovery checkpoint every 4 updates keeps the latest one mid-epoch.
-COMMON = ["--model", "test_resnet", "--epochs", str(EPOCHS), "--recovery-interval", "4", "--checkpoint-hist", "100",
-          "--max-failures", "1", "--log-interval", "100"]
+COMMON = [
+    "--model",
+    "test_resnet",
+    "--epochs",
+    str(EPOCHS),
+    "--recovery-interval",
+    "4",
+    "--checkpoint-hist",
+    "100",
+    "--max-failures",
+    "1",
+    "--log-interval",
+    "100",
+]
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -76,8 +89,9 @@ def train_killing_a_worker(ray_processes, args: list, run_dir: Path, timeout: fl
 
 def test_a_killed_worker_is_replaced_and_the_result_is_bitwise_the_same(ray_processes, straight_run, tmp_path):
     run_dir = tmp_path / "faulted"
-    codes = train_killing_a_worker(ray_processes, [*COMMON, "--output", str(tmp_path), "--experiment", "faulted"],
-                                   run_dir)
+    codes = train_killing_a_worker(
+        ray_processes, [*COMMON, "--output", str(tmp_path), "--experiment", "faulted"], run_dir
+    )
     assert codes == [EXIT_OK]
 
     result = json.loads((run_dir / "result.json").read_text())
@@ -90,14 +104,16 @@ def test_a_killed_worker_is_replaced_and_the_result_is_bitwise_the_same(ray_proc
 
 def test_a_killed_driver_is_resumed_without_redoing_finished_epochs(ray_local, tmp_path):
     run_dir = tmp_path / "driver"
-    cmd = [sys.executable, "-m", "raytrain_cls", "train", *COMMON, "--output", str(tmp_path),
-           "--experiment", "driver"]
+    cmd = [sys.executable, "-m", "raytrain_cls", "train", *COMMON, "--output", str(tmp_path), "--experiment", "driver"]
     # Its own session: SIGKILL to the group takes the driver and the local Ray it started down together, as a
     # lost head node would.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: (run_dir / "summary.csv").is_file() and len(summary_epochs(run_dir)) >= 2, 180,
-                 "two finished epochs")
+        wait_for(
+            lambda: (run_dir / "summary.csv").is_file() and len(summary_epochs(run_dir)) >= 2,
+            180,
+            "two finished epochs",
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -135,14 +151,26 @@ def test_ctrl_c_stops_the_run_and_says_how_to_continue_it(ray_local, tmp_path):
     assert list(run_dir.glob("epoch-*")), "no checkpoint kept to continue from"
 
 
-def test_a_driver_killed_before_the_first_checkpoint_resumes_from_the_checkpoint_it_started_from(straight_run,
-                                                                                                   tmp_path):
+def test_a_driver_killed_before_the_first_checkpoint_resumes_from_the_checkpoint_it_started_from(
+    straight_run, tmp_path
+):
     """A run started with --resume CHECKPOINT whose driver dies before the run writes a checkpoint of its own:
     `--resume RUN` continues from that checkpoint (not from scratch) and ends exactly as the straight run."""
     start = straight_run / f"epoch-{EPOCHS - 2:04d}"
     run_dir = tmp_path / "early"
-    cmd = [sys.executable, "-m", "raytrain_cls", "train", *COMMON, "--resume", str(start), "--output", str(tmp_path),
-           "--experiment", "early"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raytrain_cls",
+        "train",
+        *COMMON,
+        "--resume",
+        str(start),
+        "--output",
+        str(tmp_path),
+        "--experiment",
+        "early",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # config.yaml is written just before the fit: the driver dies before any worker trains a step
         wait_for(lambda: (run_dir / "config.yaml").is_file(), 180, "the run's config.yaml")
@@ -163,8 +191,22 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_worker_count(straight_run, tm
     ckpt = sorted(straight_run.glob("epoch-0002-step-*"))[0]
     position = read_meta(ckpt)["in_epoch"]
     assert position["epoch"] == 2 and position["world_size"] == 2
-    code = main(["train", *COMMON, "--epochs", "3", "--num-workers", "1", "--resume", str(ckpt),
-                 "--output", str(tmp_path), "--experiment", "one-worker"])
+    code = main(
+        [
+            "train",
+            *COMMON,
+            "--epochs",
+            "3",
+            "--num-workers",
+            "1",
+            "--resume",
+            str(ckpt),
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "one-worker",
+        ]
+    )
     assert code == EXIT_OK
     result = json.loads((tmp_path / "one-worker" / "result.json").read_text())
     last = result["last_metrics"]
@@ -186,8 +228,24 @@ def test_start_epoch_starts_a_new_run_there_with_the_schedule_stepped(straight_r
     import yaml
 
     lr = yaml.safe_load((straight_run / "config.yaml").read_text())["resolved"]["lr"]
-    code = main(["train", *COMMON, "--num-workers", "1", "--lr", repr(lr), "--start-epoch", str(EPOCHS - 1),
-                 "--resume", str(straight_run / "epoch-0001"), "--output", str(tmp_path), "--experiment", "late"])
+    code = main(
+        [
+            "train",
+            *COMMON,
+            "--num-workers",
+            "1",
+            "--lr",
+            repr(lr),
+            "--start-epoch",
+            str(EPOCHS - 1),
+            "--resume",
+            str(straight_run / "epoch-0001"),
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "late",
+        ]
+    )
     assert code == EXIT_OK
     assert summary_epochs(tmp_path / "late") == [EPOCHS - 1]
     assert summary_lrs(tmp_path / "late")[EPOCHS - 1] == pytest.approx(summary_lrs(straight_run)[EPOCHS - 1])

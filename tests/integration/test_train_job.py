@@ -1,4 +1,5 @@
 """The embedded default job, run as a user runs it (the CLI), on a private local Ray with 2 CPU workers (gloo)."""
+
 import csv
 import json
 import re
@@ -9,13 +10,13 @@ import pytest
 import torch
 import yaml
 
-from raytrain_cls.cli import EXIT_OK, main
-from raytrain_cls.config import Config
+from raytrain_cls.commands.cli import EXIT_OK, main
+from raytrain_cls.core.config import Config
+from raytrain_cls.core.engine import autocast_factory, evaluate
+from raytrain_cls.core.model import build_model
+from raytrain_cls.core.state import MODEL_FILE, load_weights, read_meta
 from raytrain_cls.data import build_loaders, build_source
-from raytrain_cls.engine import autocast_factory, evaluate
-from raytrain_cls.model import build_model
-from raytrain_cls.report import SUMMARY_COLUMNS
-from raytrain_cls.state import MODEL_FILE, load_weights, read_meta
+from raytrain_cls.run.report import SUMMARY_COLUMNS
 
 pytestmark = pytest.mark.integration
 EPOCHS = 4
@@ -98,8 +99,21 @@ def test_reusing_a_run_name_is_refused_before_any_work(default_run, capsys):
 
 def test_a_failing_run_exits_1_naming_the_rank_and_its_error(ray_local, tmp_path, capsys):
     """An absurd LR blows the loss up inside the workers: the command says so and exits 1, no traceback dump."""
-    code = main(["train", "--epochs", "1", "--lr", "1e30", "--warmup-epochs", "0", "--output", str(tmp_path),
-                 "--experiment", "diverges"])
+    code = main(
+        [
+            "train",
+            "--epochs",
+            "1",
+            "--lr",
+            "1e30",
+            "--warmup-epochs",
+            "0",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "diverges",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     # both ranks diverge; Ray names whichever failure it saw first
@@ -136,8 +150,10 @@ def test_eval_cli_reproduces_the_runs_top1(default_run, tmp_path, capsys):
     assert "top1" in capsys.readouterr().out
     # the same evaluation split across 2 Ray tasks: every sample counted once, the same numbers
     on_ray = tmp_path / "eval-ray.json"
-    assert main(["eval", result["best_checkpoint"], "-j", "0", "--ray-workers", "2",
-                 "--results-file", str(on_ray)]) == EXIT_OK
+    assert (
+        main(["eval", result["best_checkpoint"], "-j", "0", "--ray-workers", "2", "--results-file", str(on_ray)])
+        == EXIT_OK
+    )
     ev2 = json.loads(on_ray.read_text())
     assert ev2["shards"] == 2 and ev2["samples"] == 359 and ev2["per_class"] == ev["per_class"]
     assert ev2["top1"] == ev["top1"] and ev2["top5"] == ev["top5"]
@@ -153,7 +169,9 @@ def test_predict_cli_names_the_classes_of_known_images(default_run, tmp_path, ca
     best = json.loads((run_dir / "result.json").read_text())["best_checkpoint"]
     digits = load_digits()
     for i in range(1500, 1520):  # validation images of the fixed split are among the last 20 %
-        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8"), "L").save(tmp_path / f"{digits.target[i]}-{i}.png")
+        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8"), "L").save(
+            tmp_path / f"{digits.target[i]}-{i}.png"
+        )
     out = tmp_path / "preds.csv"
     assert main(["predict", best, str(tmp_path), "--topk", "3", "--out", str(out)]) == EXIT_OK
     with out.open() as f:
@@ -172,16 +190,19 @@ def test_eval_and_predict_read_prepared_shards(default_run, tmp_path, capsys):
     shards = tmp_path / "shards"
     assert main(["prepare", "digits", str(shards), "-j", "0"]) == EXIT_OK
     out = tmp_path / "eval.json"
-    assert main(["eval", best, "--dataset", "parquet", "--data-dir", str(shards), "-j", "0",
-                 "--results-file", str(out)]) == EXIT_OK
+    assert (
+        main(["eval", best, "--dataset", "parquet", "--data-dir", str(shards), "-j", "0", "--results-file", str(out)])
+        == EXIT_OK
+    )
     ev = json.loads(out.read_text())
     assert ev["samples"] == 359 and ev["skipped"] == 0
     assert abs(ev["top1"] - result["best_value"]) <= 100.0 / 359 + 1e-6
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "broken.png").write_bytes(b"not a png")
     preds = tmp_path / "preds.json"
-    assert main(["predict", best, str(shards), str(tmp_path / "junk"), "--format", "json",
-                 "--out", str(preds)]) == EXIT_OK
+    assert (
+        main(["predict", best, str(shards), str(tmp_path / "junk"), "--format", "json", "--out", str(preds)]) == EXIT_OK
+    )
     rows = json.loads(preds.read_text())
     assert len(rows) == 1797 + 1
     assert rows[-1]["path"].endswith("broken.png") and "not an image" in rows[-1]["error"]

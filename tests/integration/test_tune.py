@@ -1,5 +1,6 @@
 """Ray Tune searches on the shared local Ray: ASHA stopping bad trials, best.yaml closing the loop, and an
 interrupted search resumed without rerunning finished trials."""
+
 import csv
 import io
 import os
@@ -7,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from raytrain_cls.cli import EXIT_OK, main
-from raytrain_cls.config import load_config
-from raytrain_cls.storage import exists, join, read_text
+from raytrain_cls.commands.cli import EXIT_OK, main
+from raytrain_cls.core.config import load_config
+from raytrain_cls.core.storage import exists, join, read_text
 
 pytestmark = pytest.mark.integration
 TINY = ["--model", "test_resnet", "--warmup-epochs", "0", "--log-interval", "1000", "--checkpoint-hist", "1"]
@@ -36,9 +36,30 @@ def asha_search(ray_local, s3_upload, tmp_path_factory):
     hopeless one (the last at the latest: by its first rung two trials, one good, have recorded theirs). The
     search directory is on S3 (a local moto server), as a multi-node search keeps it."""
     out = s3_upload(tmp_path_factory.mktemp("empty"), "integration/tune")
-    code = main(["tune", *TINY, "--epochs", "4", "--search", "lr=grid:0.1,0.0000005,0.05,0.0000001",
-                 "--num-samples", "1", "--max-concurrent-trials", "2", "--scheduler", "asha", "--grace-period", "1",
-                 "--reduction-factor", "2", "--output", out, "--experiment", "asha"])
+    code = main(
+        [
+            "tune",
+            *TINY,
+            "--epochs",
+            "4",
+            "--search",
+            "lr=grid:0.1,0.0000005,0.05,0.0000001",
+            "--num-samples",
+            "1",
+            "--max-concurrent-trials",
+            "2",
+            "--scheduler",
+            "asha",
+            "--grace-period",
+            "1",
+            "--reduction-factor",
+            "2",
+            "--output",
+            out,
+            "--experiment",
+            "asha",
+        ]
+    )
     return code, join(out, "asha")
 
 
@@ -67,21 +88,51 @@ def test_best_yaml_closes_the_loop(asha_search, tmp_path):
     cfg = load_config(join(search_dir, "best.yaml"))
     assert cfg.optim.lr == float(best["lr"])
     assert best["checkpoint"].startswith("s3://") and exists(join(best["checkpoint"], "meta.json"))
-    code = main(["train", "-c", join(search_dir, "best.yaml"), "--epochs", "1", "--initial-checkpoint",
-                 best["checkpoint"], "--output", str(tmp_path), "--experiment", "from-best"])
+    code = main(
+        [
+            "train",
+            "-c",
+            join(search_dir, "best.yaml"),
+            "--epochs",
+            "1",
+            "--initial-checkpoint",
+            best["checkpoint"],
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "from-best",
+        ]
+    )
     assert code == EXIT_OK
     assert (tmp_path / "from-best" / "result.json").is_file()
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
     search_dir = tmp_path / "resumable"
-    cmd = [sys.executable, "-m", "raytrain_cls", "tune", *TINY, "--epochs", "2", "--search",
-           "lr=grid:0.1,0.05", "--num-samples", "1", "--max-concurrent-trials", "1", "--scheduler", "fifo",
-           "--output", str(tmp_path), "--experiment", "resumable"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raytrain_cls",
+        "tune",
+        *TINY,
+        "--epochs",
+        "2",
+        "--search",
+        "lr=grid:0.1,0.05",
+        "--num-samples",
+        "1",
+        "--max-concurrent-trials",
+        "1",
+        "--scheduler",
+        "fifo",
+        "--output",
+        str(tmp_path),
+        "--experiment",
+        "resumable",
+    ]
     # The search driver joins the shared cluster (one Ray per host: Train's placement-group cleaner needs that).
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials_dir = search_dir / "trials"
     try:
         deadline = time.monotonic() + 300

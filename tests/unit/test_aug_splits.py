@@ -1,24 +1,30 @@
 """timm's --aug-splits with --jsd-loss, --split-bn and --resplit: split-major batches of a clean view and
 augmented views of the same samples, the JSD loss over them, per-split BatchNorm statistics, and no erasing of
 the clean split with --resplit. Bad files are refilled within every split."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
 from PIL import Image
 
-from raytrain_cls.config import Config, ConfigError
+from raytrain_cls.commands.export import _save_plain
+from raytrain_cls.core.config import Config, ConfigError
+from raytrain_cls.core.engine import TrainParts, autocast_factory, train_one_epoch
+from raytrain_cls.core.loss import build_train_loss
+from raytrain_cls.core.model import build_model
 from raytrain_cls.data.loader import build_loaders
-from raytrain_cls.data.sources import build_source
-from raytrain_cls.engine import TrainParts, autocast_factory, train_one_epoch
-from raytrain_cls.export import _save_plain
-from raytrain_cls.loss import build_train_loss
-from raytrain_cls.model import build_model
+from raytrain_cls.data.registry import build_source
 
 CPU = torch.device("cpu")
-DATA_CONFIG = {"input_size": [3, 16, 16], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
-               "crop_pct": 1.0, "crop_mode": "center"}
+DATA_CONFIG = {
+    "input_size": [3, 16, 16],
+    "interpolation": "bilinear",
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
 
 
 @pytest.fixture()
@@ -34,8 +40,23 @@ def tree(tmp_path):
 
 
 def cfg_for(root, **flat) -> Config:
-    return Config().update({"dataset": "folder", "data_dir": str(root), "model": "test_resnet", "batch_size": 4,
-                            "workers": 0, "seed": 3, "aug_splits": 3, "aa": "augmix-m5-w4-d2", **flat}).validate()
+    return (
+        Config()
+        .update(
+            {
+                "dataset": "folder",
+                "data_dir": str(root),
+                "model": "test_resnet",
+                "batch_size": 4,
+                "workers": 0,
+                "seed": 3,
+                "aug_splits": 3,
+                "aa": "augmix-m5-w4-d2",
+                **flat,
+            }
+        )
+        .validate()
+    )
 
 
 def first_batch(cfg):
@@ -87,8 +108,13 @@ def test_split_bn_trains_with_jsd_and_exports_plain_weights(tree, tmp_path):
     assert splits and all(len(m.aux_bn) == 2 for m in splits)
     loaders = build_loaders(cfg, build_source(cfg), DATA_CONFIG, 0, 1)
     loaders.set_epoch(0)
-    parts = TrainParts(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-                       loss_fn=build_train_loss(cfg), device=CPU, autocast=autocast_factory(CPU, False, torch.float32))
+    parts = TrainParts(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        loss_fn=build_train_loss(cfg),
+        device=CPU,
+        autocast=autocast_factory(CPU, False, torch.float32),
+    )
     aux_before = splits[0].aux_bn[0].running_mean.clone()
     metrics, updates = train_one_epoch(0, loaders.train, parts, 0)
     assert updates == 3 and metrics["train_samples"] == 36 and torch.isfinite(torch.tensor(metrics["train_loss"]))
@@ -102,8 +128,12 @@ def test_split_bn_trains_with_jsd_and_exports_plain_weights(tree, tmp_path):
 
 def test_aug_split_combinations_refused_by_name():
     base = {"dataset": "digits"}
-    for extra, key in (({"aug_splits": 1}, "aug.aug_splits"), ({"jsd_loss": True}, "loss.jsd_loss"),
-                       ({"split_bn": True}, "model.split_bn"), ({"aug_splits": 2, "mixup": 0.2}, "aug.aug_splits"),
-                       ({"aug_splits": 2, "jsd_loss": True, "bce_loss": True}, "loss.jsd_loss")):
+    for extra, key in (
+        ({"aug_splits": 1}, "aug.aug_splits"),
+        ({"jsd_loss": True}, "loss.jsd_loss"),
+        ({"split_bn": True}, "model.split_bn"),
+        ({"aug_splits": 2, "mixup": 0.2}, "aug.aug_splits"),
+        ({"aug_splits": 2, "jsd_loss": True, "bce_loss": True}, "loss.jsd_loss"),
+    ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             Config().update({**base, **extra}).validate()

@@ -1,5 +1,6 @@
 """Bad images: decoded inside the guard, converted from every mode, skipped and counted by the loader, never
 loaded with Pillow's LOAD_TRUNCATED_IMAGES; class folders and class maps that cannot work fail by name."""
+
 from __future__ import annotations
 
 import io
@@ -10,12 +11,19 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from raytrain_cls.config import Config
+from raytrain_cls.core.config import Config
 from raytrain_cls.data.loader import build_loaders
-from raytrain_cls.data.sources import BadImageError, DataError, build_source, decode_image, load_class_map
+from raytrain_cls.data.registry import build_source
+from raytrain_cls.data.sources import BadImageError, DataError, decode_image, load_class_map
 
-DATA_CONFIG = {"input_size": [3, 16, 16], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
-               "crop_pct": 1.0, "crop_mode": "center"}
+DATA_CONFIG = {
+    "input_size": [3, 16, 16],
+    "interpolation": "bilinear",
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
 
 
 def jpeg_bytes(size=(32, 24), color=(200, 30, 30), mode="RGB") -> bytes:
@@ -44,7 +52,9 @@ BAD_FILES = {
 GOOD_MODES = {
     "grey.png": lambda: png_bytes(Image.new("L", (20, 20), 90)),
     "alpha.png": lambda: png_bytes(Image.new("RGBA", (20, 20), (10, 200, 10, 128))),
-    "palette.png": lambda: png_bytes(Image.new("RGB", (20, 20), (10, 20, 250)).convert("P", palette=Image.Palette.ADAPTIVE)),
+    "palette.png": lambda: png_bytes(
+        Image.new("RGB", (20, 20), (10, 20, 250)).convert("P", palette=Image.Palette.ADAPTIVE)
+    ),
     "cmyk.jpg": lambda: jpeg_bytes((20, 20), (0, 100, 50, 0), mode="CMYK"),
     "rgb.jpg": lambda: jpeg_bytes((20, 20)),
 }
@@ -64,8 +74,21 @@ def make_tree(root: Path, bad_in_train: bool = True, n_good: int = 8) -> Path:
 
 
 def folder_cfg(root: Path, **flat) -> Config:
-    return Config().update({"dataset": "folder", "data_dir": str(root), "model": "test_resnet", "batch_size": 4,
-                            "workers": 0, "max_image_pixels": 10_000, **flat}).validate()
+    return (
+        Config()
+        .update(
+            {
+                "dataset": "folder",
+                "data_dir": str(root),
+                "model": "test_resnet",
+                "batch_size": 4,
+                "workers": 0,
+                "max_image_pixels": 10_000,
+                **flat,
+            }
+        )
+        .validate()
+    )
 
 
 # ---- decoding ----------------------------------------------------------------------------------------------
@@ -100,7 +123,7 @@ def test_bomb_refused_before_decompressing(monkeypatch):
 
 
 def test_default_pixel_limit_is_pillows():
-    from raytrain_cls.config import DEFAULT_MAX_IMAGE_PIXELS
+    from raytrain_cls.core.config import DEFAULT_MAX_IMAGE_PIXELS
 
     assert DEFAULT_MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS == Config().data.max_image_pixels
 
@@ -207,7 +230,7 @@ def test_empty_class_folder_named_even_with_a_class_map(tmp_path):
 
 
 def test_class_map_is_validated_before_any_work(tmp_path):
-    from raytrain_cls.config import ConfigError
+    from raytrain_cls.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="data.class_map"):
         folder_cfg(tmp_path, class_map=str(tmp_path / "nope.txt"))

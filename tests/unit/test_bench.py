@@ -1,5 +1,6 @@
 """raytrain-cls bench: the GPU-check runner works end to end on the CPU device (so a GPU session only has to
 run it), records every step as a JSON line as soon as it exists, and keeps going past a failing step."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,31 @@ from pathlib import Path
 
 import pytest
 
-from raytrain_cls.cli import main
+from raytrain_cls.entry import main
 
 
 def test_gpu_checks_on_cpu_writes_a_line_per_step(tmp_path, capsys):
-    code = main(["bench", "gpu-checks", str(tmp_path), "--device", "cpu", "--images", "24", "--size", "96x80",
-                 "-b", "8", "-j", "0", "--model", "test_resnet", "--only", "decode,loader"])
+    code = main(
+        [
+            "bench",
+            "gpu-checks",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--images",
+            "24",
+            "--size",
+            "96x80",
+            "-b",
+            "8",
+            "-j",
+            "0",
+            "--model",
+            "test_resnet",
+            "--only",
+            "decode,loader",
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "gpu-checks.jsonl").read_text().splitlines()]
     assert code == 0, rows
     assert [r["step"] for r in rows] == ["environment", "decode", "data", "loader-torch", "loader-gpu"]
@@ -25,55 +45,126 @@ def test_gpu_checks_on_cpu_writes_a_line_per_step(tmp_path, capsys):
 
 
 def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path, capsys):
-    code = main(["bench", "gpu-checks", str(tmp_path), "--device", "cpu", "--images", "16", "--size", "96x80",
-                 "-b", "8", "-j", "0", "--model", "no_such_model", "--only", "loader"])
+    code = main(
+        [
+            "bench",
+            "gpu-checks",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--images",
+            "16",
+            "--size",
+            "96x80",
+            "-b",
+            "8",
+            "-j",
+            "0",
+            "--model",
+            "no_such_model",
+            "--only",
+            "loader",
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "gpu-checks.jsonl").read_text().splitlines()]
     assert code == 1
-    assert [(r["step"], r["ok"]) for r in rows] == [("environment", True), ("data", True),
-                                                    ("loader-torch", False), ("loader-gpu", False)]
+    assert [(r["step"], r["ok"]) for r in rows] == [
+        ("environment", True),
+        ("data", True),
+        ("loader-torch", False),
+        ("loader-gpu", False),
+    ]
     assert "no_such_model" in rows[2]["error"]
 
 
 def test_the_loader_bench_runs_past_the_end_of_an_epoch(tmp_path, capsys):
     # 24 images at -b 8 are 3 batches an epoch, less than the warm-up of 1 + 2 x 2 loader processes' prefetch:
     # the GPU command (4,096 images, -b 256, -j 16) is in the same position.
-    code = main(["bench", "gpu-checks", str(tmp_path), "--device", "cpu", "--images", "24", "--size", "64x48",
-                 "-b", "8", "-j", "2", "--model", "test_resnet", "--only", "loader"])
+    code = main(
+        [
+            "bench",
+            "gpu-checks",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--images",
+            "24",
+            "--size",
+            "64x48",
+            "-b",
+            "8",
+            "-j",
+            "2",
+            "--model",
+            "test_resnet",
+            "--only",
+            "loader",
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "gpu-checks.jsonl").read_text().splitlines()]
     assert code == 0, rows
     assert [r["step"] for r in rows] == ["environment", "data", "loader-torch", "loader-gpu"]
     assert all(r["images"] >= 16 for r in rows[2:])
     err = capsys.readouterr().err.splitlines()  # and a table for people, after the JSON lines on stdout
-    table = err[err.index("bench gpu-checks"):]
+    table = err[err.index("bench gpu-checks") :]
     assert table[1].split()[:3] == ["step", "ok", "img_per_sec"]
     assert [line.split()[0] for line in table[2:]] == ["environment", "data", "loader-torch", "loader-gpu"]
 
 
 def test_the_train_step_times_the_second_of_two_epochs_of_at_least_train_steps(tmp_path, monkeypatch, capsys):
-    import raytrain_cls.trainer as trainer
+    import raytrain_cls.bench.common as bench_common
 
     seen = []
 
     def fake_train(cfg, echo=print):
         seen.append((cfg.sched.epochs, cfg.data.epoch_repeats, cfg.data.gpu_decode))
-        return {"last_metrics": {"epoch": cfg.sched.epochs - 1, "img_per_sec": 123.4, "train_samples": 80,
-                                 "train_time": 0.65}}
+        return {
+            "last_metrics": {
+                "epoch": cfg.sched.epochs - 1,
+                "img_per_sec": 123.4,
+                "train_samples": 80,
+                "train_time": 0.65,
+            }
+        }
 
-    monkeypatch.setattr(trainer, "train", fake_train)
-    code = main(["bench", "gpu-checks", str(tmp_path), "--device", "cpu", "--images", "24", "--size", "64x48",
-                 "-b", "8", "-j", "0", "--model", "test_resnet", "--only", "train", "--train-steps", "10"])
+    monkeypatch.setattr(bench_common, "train", fake_train)  # as the run driver would be called
+    code = main(
+        [
+            "bench",
+            "gpu-checks",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--images",
+            "24",
+            "--size",
+            "64x48",
+            "-b",
+            "8",
+            "-j",
+            "0",
+            "--model",
+            "test_resnet",
+            "--only",
+            "train",
+            "--train-steps",
+            "10",
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "gpu-checks.jsonl").read_text().splitlines()]
     assert code == 0, rows
     # 10 steps x 8 images = 80 images an epoch: 80 / 24 passes over the data
     assert seen == [(2, pytest.approx(80 / 24, rel=1e-3), False), (2, pytest.approx(80 / 24, rel=1e-3), True)]
-    assert [(r["step"], r["img_per_sec"], r["epochs"]) for r in rows[2:]] == [("train-torch", 123.4, 2),
-                                                                               ("train-gpu", 123.4, 2)]
+    assert [(r["step"], r["img_per_sec"], r["epochs"]) for r in rows[2:]] == [
+        ("train-torch", 123.4, 2),
+        ("train-gpu", 123.4, 2),
+    ]
 
 
 def test_the_step_bench_hosts_the_same_model_on_device_data_for_two_long_epochs():
     """What the hosted side of `bench step` runs: the user's model flags, the synthetic set held on the device
     without augmentation, epochs of at least --steps steps, one worker."""
-    from raytrain_cls.bench_step import step_config
+    from raytrain_cls.bench.step import step_config
 
     cfg = step_config(["--model", "resnet10t", "-b", "8", "--channels-last"], steps=40, compiled=False)
     assert (cfg.model.model, cfg.data.batch_size, cfg.model.channels_last) == ("resnet10t", 8, True)
@@ -86,16 +177,17 @@ def test_the_step_bench_hosts_the_same_model_on_device_data_for_two_long_epochs(
 def test_the_bare_loop_trains_the_configured_model_and_times_its_steps():
     import torch
 
-    from raytrain_cls.bench_step import bare_loop, step_config
+    from raytrain_cls.bench.step import bare_loop, step_config
 
-    cfg = step_config(["--model", "test_resnet", "-b", "4", "--img-size", "32", "--num-classes", "3"], steps=3,
-                      compiled=False)
+    cfg = step_config(
+        ["--model", "test_resnet", "-b", "4", "--img-size", "32", "--num-classes", "3"], steps=3, compiled=False
+    )
     result = bare_loop(cfg, torch.device("cpu"), steps=3, warmup=1)
     assert result["steps"] == 3 and result["img_per_sec"] > 0 and result["seconds"] > 0
 
 
 def test_time_to_accuracy_clocks_each_epoch_from_command_start_and_first_step(tmp_path):
-    from raytrain_cls.bench_tta import EpochClock, time_to_accuracy
+    from raytrain_cls.bench.tta import EpochClock, time_to_accuracy
 
     clock = EpochClock(str(tmp_path / "tta.jsonl"), "eval_top1")
     clock.after_report(None, [{"epoch": 0, "eval_top1": 80.0}, {"epoch": 0, "eval_top1": 79.0}], None)
@@ -113,8 +205,8 @@ def test_time_to_accuracy_clocks_each_epoch_from_command_start_and_first_step(tm
 def test_gpu_checks_run_issue_8s_step_pair_and_time_to_accuracy_on_request(tmp_path, monkeypatch, capsys):
     """--only step,tta: the step pair gets the model and GPU flags, the tta run the recipe, the Fashion-MNIST
     folder and a run directory under the work folder; each result is one line."""
-    import raytrain_cls.bench_step as bench_step
-    import raytrain_cls.bench_tta as bench_tta
+    import raytrain_cls.bench.step as bench_step
+    import raytrain_cls.bench.tta as bench_tta
 
     calls = {}
 
@@ -128,9 +220,29 @@ def test_gpu_checks_run_issue_8s_step_pair_and_time_to_accuracy_on_request(tmp_p
 
     monkeypatch.setattr(bench_step, "measure", fake_measure)
     monkeypatch.setattr(bench_tta, "run_command", fake_tta)
-    code = main(["bench", "gpu-checks", str(tmp_path), "--device", "cpu", "-b", "64", "--model", "resnet50",
-                 "--only", "step,tta", "--fm-dir", "/data/fm", "--tta-flags", "--epochs 2", "--train-steps", "30",
-                 "--work-dir", str(tmp_path / "work")])
+    code = main(
+        [
+            "bench",
+            "gpu-checks",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "-b",
+            "64",
+            "--model",
+            "resnet50",
+            "--only",
+            "step,tta",
+            "--fm-dir",
+            "/data/fm",
+            "--tta-flags",
+            "--epochs 2",
+            "--train-steps",
+            "30",
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "gpu-checks.jsonl").read_text().splitlines()]
     assert code == 0, rows
     assert [r["step"] for r in rows] == ["environment", "step-eager", "tta"]
@@ -138,14 +250,23 @@ def test_gpu_checks_run_issue_8s_step_pair_and_time_to_accuracy_on_request(tmp_p
     assert calls["step"] == (["--model", "resnet50", "-b", "64"], "cpu", 30, False)  # no AMP flags on a CPU
     recipe, overrides, target = calls["tta"]
     assert recipe.endswith("jobs/fashion_mnist_fast.yaml") and Path(recipe).is_file() and target == 93.5
-    assert overrides == ["--data-dir", "/data/fm", "--output", str(tmp_path / "work" / "runs"), "--experiment",
-                         "tta", "--no-use-gpu", "--epochs", "2"]
+    assert overrides == [
+        "--data-dir",
+        "/data/fm",
+        "--output",
+        str(tmp_path / "work" / "runs"),
+        "--experiment",
+        "tta",
+        "--no-use-gpu",
+        "--epochs",
+        "2",
+    ]
     with pytest.raises(SystemExit, match="unknown checks"):
         main(["bench", "gpu-checks", str(tmp_path), "--only", "step,warp"])
 
 
 def test_the_issue_names_data_and_e2e_run_the_loader_and_train_benches():
-    from raytrain_cls.bench import parse_args
+    from raytrain_cls.bench.cli import parse_args
 
     assert parse_args(["data", "--dataset", "digits"]).what == "loader"
     assert parse_args(["e2e", "--paths", "torch"]).what == "train"
@@ -153,11 +274,11 @@ def test_the_issue_names_data_and_e2e_run_the_loader_and_train_benches():
 
 
 def test_a_table_aligns_the_columns_rows_have_and_leaves_the_rest_out():
-    from raytrain_cls.bench import table
+    from raytrain_cls.bench.common import table
 
-    text = table("bench x", [dict(path="torch", img_per_sec=641.5123, bad=0), dict(path="gpu", img_per_sec=12345.6)],
-                 ("path", "img_per_sec", "bad", "never"))
-    assert text.splitlines() == ["bench x",
-                                 "path   img_per_sec  bad",
-                                 "torch  641.5        0",
-                                 "gpu    12346"]
+    text = table(
+        "bench x",
+        [dict(path="torch", img_per_sec=641.5123, bad=0), dict(path="gpu", img_per_sec=12345.6)],
+        ("path", "img_per_sec", "bad", "never"),
+    )
+    assert text.splitlines() == ["bench x", "path   img_per_sec  bad", "torch  641.5        0", "gpu    12346"]

@@ -2,17 +2,25 @@
 are up (the GPU nodes of cluster/autoscaler/aws-gpu.yaml start at 0). No Ray runs: the limits are given, or read from
 the cluster launcher's YAML (our own aws-gpu.yaml among them) and from the command lines of a made-up /proc. A live
 autoscaler is in tests/e2e/test_autoscaling_cluster.py."""
+
 import math
 from pathlib import Path
 
 import pytest
 import yaml
 
-from raytrain_cls import capacity as cap
-from raytrain_cls.capacity import (UNLIMITED, Capacity, cluster_capacity, config_limits, has, monitor_config,
-                                   waiting_note)
-from raytrain_cls.config import ConfigError, load_config
-from raytrain_cls.trainer import resolve_scaling
+from raytrain_cls.core.config import ConfigError, load_config
+from raytrain_cls.run import capacity as cap
+from raytrain_cls.run.capacity import (
+    UNLIMITED,
+    Capacity,
+    cluster_capacity,
+    config_limits,
+    has,
+    monitor_config,
+    waiting_note,
+)
+from raytrain_cls.run.driver import resolve_scaling
 
 AWS_GPU = Path(__file__).parents[2] / "cluster" / "autoscaler" / "aws-gpu.yaml"
 
@@ -23,8 +31,18 @@ def test_our_aws_gpu_cluster_can_grow_to_four_gpus_on_a_head_without_cpus():
 
 def test_the_cluster_wide_max_workers_caps_each_node_type(tmp_path):
     path = tmp_path / "ray_bootstrap_config.yaml"
-    path.write_text(yaml.safe_dump({"max_workers": 2, "head_node_type": "head", "available_node_types": {
-        "head": {"resources": {"CPU": 4}}, "gpu": {"max_workers": 10, "resources": {"CPU": 8, "GPU": 8}}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "max_workers": 2,
+                "head_node_type": "head",
+                "available_node_types": {
+                    "head": {"resources": {"CPU": 4}},
+                    "gpu": {"max_workers": 10, "resources": {"CPU": 8, "GPU": 8}},
+                },
+            }
+        )
+    )
     assert config_limits(path) == {"CPU": 4 + 2 * 8, "GPU": 2 * 8}
 
 
@@ -63,7 +81,7 @@ def test_without_a_gpu_limit_the_worker_count_must_be_given():
 
 
 def test_a_search_runs_as_many_trials_at_once_as_the_cluster_can_grow_to():
-    from raytrain_cls.tune import MAX_DEFAULT_CONCURRENCY, SearchSpec, default_concurrency
+    from raytrain_cls.run.tune import MAX_DEFAULT_CONCURRENCY, SearchSpec, default_concurrency
 
     quarter_gpu = SearchSpec(gpus_per_worker=0.25, cpus_per_worker=2)
     aws = cluster_capacity({"CPU": 0.0}, config_limits(AWS_GPU))  # 4 GPUs, 32 CPUs once grown
@@ -86,17 +104,27 @@ def fake_proc(tmp_path, processes: dict) -> Path:
 
 def monitor_args(version: str, port: int, config: str) -> list:
     script = f"/venv/lib/python3.11/site-packages/ray/autoscaler/{'v2' if version == 'v2' else '_private'}/monitor.py"
-    return ["/venv/bin/python3", "-u", script, "--logs-dir=/tmp/ray/session_x/logs",
-            f"--gcs-address=10.0.0.5:{port}", f"--autoscaling-config={config}", "--monitor-ip=10.0.0.5"]
+    return [
+        "/venv/bin/python3",
+        "-u",
+        script,
+        "--logs-dir=/tmp/ray/session_x/logs",
+        f"--gcs-address=10.0.0.5:{port}",
+        f"--autoscaling-config={config}",
+        "--monitor-ip=10.0.0.5",
+    ]
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_the_autoscaler_serving_this_clusters_gcs_port_names_its_config(tmp_path, version):
-    proc = fake_proc(tmp_path, {
-        11: ["/venv/bin/python3", "train.py", "--autoscaling-config=/wrong.yaml"],  # not a monitor
-        12: monitor_args(version, 6380, "/other-cluster.yaml"),  # another cluster on this host
-        13: monitor_args(version, 6379, "~/ray_bootstrap_config.yaml"),  # `ray up` passes it unexpanded
-    })
+    proc = fake_proc(
+        tmp_path,
+        {
+            11: ["/venv/bin/python3", "train.py", "--autoscaling-config=/wrong.yaml"],  # not a monitor
+            12: monitor_args(version, 6380, "/other-cluster.yaml"),  # another cluster on this host
+            13: monitor_args(version, 6379, "~/ray_bootstrap_config.yaml"),  # `ray up` passes it unexpanded
+        },
+    )
     assert monitor_config(6379, proc) == Path("~/ray_bootstrap_config.yaml").expanduser()
     assert monitor_config(6380, proc) == Path("/other-cluster.yaml")
     assert monitor_config(6390, proc) is None
@@ -112,8 +140,18 @@ def test_a_relative_config_path_is_read_from_the_monitors_working_directory(tmp_
 def test_limits_come_from_the_gcs_then_the_monitors_file_then_the_launchers_file(tmp_path, monkeypatch):
     monitor_yaml, bootstrap_yaml = tmp_path / "monitor.yaml", tmp_path / "bootstrap.yaml"
     for path, gpus in ((monitor_yaml, 2), (bootstrap_yaml, 8)):
-        path.write_text(yaml.safe_dump({"max_workers": 1, "head_node_type": "h", "available_node_types": {
-            "h": {"resources": {"CPU": 0}}, "g": {"max_workers": 1, "resources": {"GPU": gpus}}}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "max_workers": 1,
+                    "head_node_type": "h",
+                    "available_node_types": {
+                        "h": {"resources": {"CPU": 0}},
+                        "g": {"max_workers": 1, "resources": {"GPU": gpus}},
+                    },
+                }
+            )
+        )
     monkeypatch.setattr(cap, "BOOTSTRAP_CONFIG", bootstrap_yaml)
     monkeypatch.setattr(cap, "monitor_config", lambda port: monitor_yaml if port == 6379 else None)
     monkeypatch.setattr(cap, "gcs_limits", lambda: {"GPU": 16})
@@ -125,14 +163,17 @@ def test_limits_come_from_the_gcs_then_the_monitors_file_then_the_launchers_file
     assert cap.autoscaler_limits(6380) == (None, None)
 
 
-@pytest.mark.parametrize("text, limits", [("GPU=4,CPU=32", {"GPU": 4, "CPU": 32}),
-                                          (" GPU = 0.5 , TPU=-1 ", {"GPU": 0.5, "TPU": UNLIMITED}), ("", None)])
+@pytest.mark.parametrize(
+    "text, limits",
+    [("GPU=4,CPU=32", {"GPU": 4, "CPU": 32}), (" GPU = 0.5 , TPU=-1 ", {"GPU": 0.5, "TPU": UNLIMITED}), ("", None)],
+)
 def test_limits_named_in_the_environment_come_first(monkeypatch, text, limits):
     monkeypatch.setenv(cap.LIMITS_ENV, text)
     monkeypatch.setattr(cap, "gcs_limits", lambda: {"GPU": 16})
     assert cap.env_limits() == limits
-    assert cap.autoscaler_limits(6379) == ((limits, f"${cap.LIMITS_ENV}") if limits else
-                                           ({"GPU": 16}, "the cluster config in the GCS"))
+    assert cap.autoscaler_limits(6379) == (
+        (limits, f"${cap.LIMITS_ENV}") if limits else ({"GPU": 16}, "the cluster config in the GCS")
+    )
 
 
 @pytest.mark.parametrize("text", ["GPU", "GPU=four", "=4", "GPU=-3"])
@@ -149,8 +190,10 @@ def test_a_run_that_waits_for_the_autoscaler_says_so_and_refusals_say_what_is_up
     assert "2 GPU (0 up)" in note and "2 CPU (0 up)" in note and str(AWS_GPU) in note
     assert waiting_note(cluster_capacity({"CPU": 2.0, "GPU": 2.0}, None), {"GPU": 2, "CPU": 2}) is None
     assert waiting_note(Capacity({"CPU": 2.0}), {"CPU": 4}) is None  # no autoscaler: refused before, never waits
-    assert has(capacity, "GPU") == f"the Ray cluster has 0 now and its autoscaler can add up to 4 in all " \
-                                   f"(limits from {AWS_GPU})"
+    assert (
+        has(capacity, "GPU") == f"the Ray cluster has 0 now and its autoscaler can add up to 4 in all "
+        f"(limits from {AWS_GPU})"
+    )
     assert has(Capacity({"CPU": 2.0}), "CPU") == "the Ray cluster has 2"
     with pytest.raises(ConfigError) as e:  # the refusal names the way to tell the driver what it cannot read
         resolve_scaling(load_config("digits", {"use_gpu": True}), Capacity({"CPU": 2.0}))

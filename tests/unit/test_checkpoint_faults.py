@@ -1,4 +1,5 @@
 """A checkpoint write that fails, weights that went non-finite, a damaged file, per-rank RNG: nothing is lost."""
+
 from __future__ import annotations
 
 import errno
@@ -9,14 +10,15 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from raytrain_cls.config import Config
-from raytrain_cls.export import CONFIG_JSON, export_checkpoint
-from raytrain_cls.optim import build_optimizer
-from raytrain_cls.state import META_FILE, MODEL_FILE, CheckpointError, TrainState, non_finite_tensors, rng_state
+from raytrain_cls.commands.export import CONFIG_JSON, export_checkpoint
+from raytrain_cls.core.config import Config
+from raytrain_cls.core.optim import build_optimizer
+from raytrain_cls.core.state import META_FILE, MODEL_FILE, CheckpointError, TrainState, non_finite_tensors, rng_state
 
 CFG = Config().update({"dataset": "digits", "model": "test_resnet", "lr": 0.1, "img_size": 16}).validate()
-CFG.resolved = dict(num_classes=4, classes=["a", "b", "c", "d"],
-                    data_config=dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3))
+CFG.resolved = dict(
+    num_classes=4, classes=["a", "b", "c", "d"], data_config=dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3)
+)
 
 
 def new_state(seed: int = 0) -> TrainState:
@@ -107,7 +109,7 @@ def test_export_rebuilds_with_timm_alone(tmp_path):
 
 def test_export_and_eval_loading_take_a_checkpoint_on_s3(tmp_path, s3_upload):
     """A multi-node run keeps its checkpoints on cloud storage: export and eval/predict read them from there."""
-    from raytrain_cls.inference import load_model
+    from raytrain_cls.commands.inference import load_model
 
     state = new_state()
     state.epoch = 3

@@ -1,12 +1,13 @@
-"""raytrain_cls.cli: flags generated from the config fields, recipe choice, and usage errors before any Ray work."""
+"""raytrain_cls.commands.cli: flags made from the config fields, recipe choice, usage errors before any Ray work."""
+
 from __future__ import annotations
 
 import typing
 
 import pytest
 
-from raytrain_cls.cli import EXIT_USAGE, base_recipe, build_parser, main, overrides_of
-from raytrain_cls.config import Config, iter_fields, recipe_names
+from raytrain_cls.commands.cli import EXIT_USAGE, base_recipe, build_parser, main, overrides_of
+from raytrain_cls.core.config import Config, iter_fields, recipe_names
 
 
 def parse(*argv: str):
@@ -15,8 +16,24 @@ def parse(*argv: str):
 
 def test_parses_timm_style_flags():
     """Long and short (timm) flags, BooleanOptionalAction, nargs lists and KEY=VALUE dicts all parse to typed values."""
-    args = parse("--lr", "0.5", "-b", "16", "--no-amp", "--scale", "0.2", "1.0", "--model-kwargs", "a=1", "b=x",
-                 "--use-gpu", "--num-workers", "3", "-j", "2")
+    args = parse(
+        "--lr",
+        "0.5",
+        "-b",
+        "16",
+        "--no-amp",
+        "--scale",
+        "0.2",
+        "1.0",
+        "--model-kwargs",
+        "a=1",
+        "b=x",
+        "--use-gpu",
+        "--num-workers",
+        "3",
+        "-j",
+        "2",
+    )
     assert args.command == "train"
     assert args.lr == 0.5 and isinstance(args.lr, float)
     assert args.batch_size == 16 and isinstance(args.batch_size, int)
@@ -29,11 +46,34 @@ def test_parses_timm_style_flags():
 
 def test_overrides_hold_only_given_flags():
     """Defaults are SUPPRESSed: a flag not on the command line never overrides the recipe or YAML."""
-    args = parse("--lr", "0.5", "-b", "16", "--no-amp", "--scale", "0.2", "1.0", "--model-kwargs", "a=1", "b=x",
-                 "--use-gpu", "--num-workers", "3", "-j", "2")
-    assert overrides_of(args) == {"lr": 0.5, "batch_size": 16, "amp": False, "scale": [0.2, 1.0],
-                                  "model_kwargs": {"a": 1, "b": "x"}, "use_gpu": True, "num_workers": 3,
-                                  "workers": 2}
+    args = parse(
+        "--lr",
+        "0.5",
+        "-b",
+        "16",
+        "--no-amp",
+        "--scale",
+        "0.2",
+        "1.0",
+        "--model-kwargs",
+        "a=1",
+        "b=x",
+        "--use-gpu",
+        "--num-workers",
+        "3",
+        "-j",
+        "2",
+    )
+    assert overrides_of(args) == {
+        "lr": 0.5,
+        "batch_size": 16,
+        "amp": False,
+        "scale": [0.2, 1.0],
+        "model_kwargs": {"a": 1, "b": "x"},
+        "use_gpu": True,
+        "num_workers": 3,
+        "workers": 2,
+    }
     assert overrides_of(parse()) == {}
     assert overrides_of(parse("-c", "digits")) == {}
     assert overrides_of(parse("-c", "digits", "--resume", "runs/a")) == {"resume": "runs/a"}
@@ -138,12 +178,12 @@ def test_base_recipe_explicit_config_wins():
 def ray_forbidden(monkeypatch):
     """Fails the test if the command tries to connect to Ray (a session-wide Ray may already be up, so
     `ray.is_initialized()` alone would prove nothing)."""
-    import raytrain_cls.trainer
+    import raytrain_cls.run.driver
 
     def refuse():
         raise AssertionError("Ray was contacted before the config error was reported")
 
-    monkeypatch.setattr(raytrain_cls.trainer, "connect", refuse)
+    monkeypatch.setattr(raytrain_cls.run.driver, "connect", refuse)
 
 
 def test_invalid_value_is_a_usage_error_before_ray(capsys, ray_forbidden):

@@ -1,4 +1,5 @@
-"""raytrain_cls.config: timm's defaults, the three spellings of a config, and every ConfigError path."""
+"""raytrain_cls.core.config: timm's defaults, the three spellings of a config, and every ConfigError path."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,8 +7,20 @@ import math
 
 import pytest
 
-from raytrain_cls.config import (FIELDS, GROUPS, RECIPES_DIR, Config, ConfigError, _coerce, dump_yaml, iter_fields,
-                                 load_config, read_yaml, recipe_names, resolve_config_path)
+from raytrain_cls.core.config import (
+    FIELDS,
+    GROUPS,
+    RECIPES_DIR,
+    Config,
+    ConfigError,
+    _coerce,
+    dump_yaml,
+    iter_fields,
+    load_config,
+    read_yaml,
+    recipe_names,
+    resolve_config_path,
+)
 
 
 def valid(**flat) -> Config:
@@ -29,28 +42,92 @@ def raises(key: str, *fragments: str):
 # ---- defaults ------------------------------------------------------------------------------------------------
 TIMM_TRAIN_PY_DEFAULTS = {
     # timm/train.py's argparse defaults (huggingface/pytorch-image-models, main branch).
-    "dataset": "", "data_dir": None, "train_split": "train", "val_split": "validation", "batch_size": 128,
-    "validation_batch_size": None, "workers": 4, "pin_mem": False,
-    "no_aug": False, "scale": [0.08, 1.0], "ratio": [3.0 / 4.0, 4.0 / 3.0], "hflip": 0.5, "vflip": 0.0,
-    "color_jitter": 0.4, "aa": None, "train_interpolation": "random", "reprob": 0.0, "remode": "pixel",
-    "recount": 1, "mixup": 0.0, "cutmix": 0.0, "cutmix_minmax": None, "mixup_prob": 1.0,
-    "mixup_switch_prob": 0.5, "mixup_mode": "batch", "mixup_off_epoch": 0,
-    "model": "resnet50", "pretrained": False, "num_classes": None, "gp": None, "img_size": None,
-    "in_chans": None, "input_size": None, "crop_pct": None, "mean": None, "std": None, "interpolation": "",
-    "drop": 0.0, "drop_path": None, "channels_last": False, "model_kwargs": {},
-    "opt": "sgd", "opt_eps": None, "opt_betas": None, "momentum": 0.9, "weight_decay": 2e-5, "clip_grad": None,
-    "clip_mode": "norm", "lr": None, "lr_base": 0.1, "lr_base_size": 256, "lr_base_scale": "",
+    "dataset": "",
+    "data_dir": None,
+    "train_split": "train",
+    "val_split": "validation",
+    "batch_size": 128,
+    "validation_batch_size": None,
+    "workers": 4,
+    "pin_mem": False,
+    "no_aug": False,
+    "scale": [0.08, 1.0],
+    "ratio": [3.0 / 4.0, 4.0 / 3.0],
+    "hflip": 0.5,
+    "vflip": 0.0,
+    "color_jitter": 0.4,
+    "aa": None,
+    "train_interpolation": "random",
+    "reprob": 0.0,
+    "remode": "pixel",
+    "recount": 1,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "cutmix_minmax": None,
+    "mixup_prob": 1.0,
+    "mixup_switch_prob": 0.5,
+    "mixup_mode": "batch",
+    "mixup_off_epoch": 0,
+    "model": "resnet50",
+    "pretrained": False,
+    "num_classes": None,
+    "gp": None,
+    "img_size": None,
+    "in_chans": None,
+    "input_size": None,
+    "crop_pct": None,
+    "mean": None,
+    "std": None,
+    "interpolation": "",
+    "drop": 0.0,
+    "drop_path": None,
+    "channels_last": False,
+    "model_kwargs": {},
+    "opt": "sgd",
+    "opt_eps": None,
+    "opt_betas": None,
+    "momentum": 0.9,
+    "weight_decay": 2e-5,
+    "clip_grad": None,
+    "clip_mode": "norm",
+    "lr": None,
+    "lr_base": 0.1,
+    "lr_base_size": 256,
+    "lr_base_scale": "",
     "grad_accum_steps": 1,
-    "sched": "cosine", "epochs": 300, "warmup_epochs": 5, "warmup_lr": 1e-5, "warmup_prefix": False,
-    "min_lr": 0.0, "cooldown_epochs": 0, "decay_epochs": 90, "decay_milestones": [90, 180, 270],
-    "decay_rate": 0.1, "patience_epochs": 10, "lr_noise": None, "lr_noise_pct": 0.67, "lr_noise_std": 1.0,
-    "lr_cycle_mul": 1.0, "lr_cycle_decay": 0.5, "lr_cycle_limit": 1, "lr_k_decay": 1.0,
+    "sched": "cosine",
+    "epochs": 300,
+    "warmup_epochs": 5,
+    "warmup_lr": 1e-5,
+    "warmup_prefix": False,
+    "min_lr": 0.0,
+    "cooldown_epochs": 0,
+    "decay_epochs": 90,
+    "decay_milestones": [90, 180, 270],
+    "decay_rate": 0.1,
+    "patience_epochs": 10,
+    "lr_noise": None,
+    "lr_noise_pct": 0.67,
+    "lr_noise_std": 1.0,
+    "lr_cycle_mul": 1.0,
+    "lr_cycle_decay": 0.5,
+    "lr_cycle_limit": 1,
+    "lr_k_decay": 1.0,
     "sched_on_updates": False,
-    "smoothing": 0.1, "bce_loss": False, "bce_target_thresh": None,
-    "model_ema": False, "model_ema_decay": 0.9998, "model_ema_force_cpu": False,
-    "amp": False, "amp_dtype": "float16",
-    "output": "", "experiment": "", "checkpoint_hist": 10, "eval_metric": "top1",
-    "seed": 42, "log_interval": 50,
+    "smoothing": 0.1,
+    "bce_loss": False,
+    "bce_target_thresh": None,
+    "model_ema": False,
+    "model_ema_decay": 0.9998,
+    "model_ema_force_cpu": False,
+    "amp": False,
+    "amp_dtype": "float16",
+    "output": "",
+    "experiment": "",
+    "checkpoint_hist": 10,
+    "eval_metric": "top1",
+    "seed": 42,
+    "log_interval": 50,
 }
 
 
@@ -72,8 +149,19 @@ def test_field_names_are_unique_and_grouped():
     """Every field lives in exactly one group, so flat keys are unambiguous."""
     names = [name for _, name, _, _ in iter_fields()]
     assert len(names) == len(set(names)) == len(FIELDS)
-    assert set(GROUPS) == {"data", "aug", "model", "optim", "sched", "loss", "ema", "precision", "checkpoint",
-                           "run", "scaling"}
+    assert set(GROUPS) == {
+        "data",
+        "aug",
+        "model",
+        "optim",
+        "sched",
+        "loss",
+        "ema",
+        "precision",
+        "checkpoint",
+        "run",
+        "scaling",
+    }
 
 
 # ---- update: grouped and flat --------------------------------------------------------------------------------
@@ -118,9 +206,19 @@ def test_update_resolved_is_stored_as_a_copy():
 
 # ---- dict / YAML round trip ----------------------------------------------------------------------------------
 def _non_default() -> Config:
-    return Config().update({"dataset": "digits", "lr": 0.25, "scale": [0.3, 0.9], "model_kwargs": {"a": 1},
-                            "resources_per_worker": {"CPU": 2}, "mean": [0.1, 0.2, 0.3], "use_gpu": False,
-                            "decay_milestones": [3, 7], "resolved": {"lr": 0.25, "epochs": 12}})
+    return Config().update(
+        {
+            "dataset": "digits",
+            "lr": 0.25,
+            "scale": [0.3, 0.9],
+            "model_kwargs": {"a": 1},
+            "resources_per_worker": {"CPU": 2},
+            "mean": [0.1, 0.2, 0.3],
+            "use_gpu": False,
+            "decay_milestones": [3, 7],
+            "resolved": {"lr": 0.25, "epochs": 12},
+        }
+    )
 
 
 def test_to_dict_from_dict_round_trip():
@@ -264,26 +362,29 @@ def test_resolved_must_be_a_mapping():
 
 
 # ---- _coerce: types ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("raw,key,reason", [
-    ({"epochs": "3"}, "sched.epochs", "expected an integer"),
-    ({"epochs": True}, "sched.epochs", "expected an integer"),
-    ({"epochs": 1.5}, "sched.epochs", "expected an integer"),
-    ({"batch_size": None}, "data.batch_size", "expected an integer"),
-    ({"lr": "0.1x"}, "optim.lr", "expected a number"),
-    ({"hflip": True}, "aug.hflip", "expected a number"),
-    ({"lr": float("nan")}, "optim.lr", "expected a finite number"),
-    ({"weight_decay": float("inf")}, "optim.weight_decay", "expected a finite number"),
-    ({"amp": "yes"}, "precision.amp", "expected true or false"),
-    ({"amp": 1}, "precision.amp", "expected true or false"),
-    ({"opt": 3}, "optim.opt", "expected a string"),
-    ({"scale": "big"}, "aug.scale", "expected a list"),
-    ({"scale": {"lo": 0.1}}, "aug.scale", "expected a list"),
-    ({"scale": [0.1, "x"]}, "aug.scale[1]", "expected a number"),
-    ({"decay_milestones": [10, 2.5]}, "sched.decay_milestones[1]", "expected an integer"),
-    ({"model_kwargs": ["a=1"]}, "model.model_kwargs", "expected a mapping"),
-    ({"resources_per_worker": 4}, "scaling.resources_per_worker", "expected a mapping"),
-    ({"optim": {"momentum": "high"}}, "optim.momentum", "expected a number"),
-])
+@pytest.mark.parametrize(
+    "raw,key,reason",
+    [
+        ({"epochs": "3"}, "sched.epochs", "expected an integer"),
+        ({"epochs": True}, "sched.epochs", "expected an integer"),
+        ({"epochs": 1.5}, "sched.epochs", "expected an integer"),
+        ({"batch_size": None}, "data.batch_size", "expected an integer"),
+        ({"lr": "0.1x"}, "optim.lr", "expected a number"),
+        ({"hflip": True}, "aug.hflip", "expected a number"),
+        ({"lr": float("nan")}, "optim.lr", "expected a finite number"),
+        ({"weight_decay": float("inf")}, "optim.weight_decay", "expected a finite number"),
+        ({"amp": "yes"}, "precision.amp", "expected true or false"),
+        ({"amp": 1}, "precision.amp", "expected true or false"),
+        ({"opt": 3}, "optim.opt", "expected a string"),
+        ({"scale": "big"}, "aug.scale", "expected a list"),
+        ({"scale": {"lo": 0.1}}, "aug.scale", "expected a list"),
+        ({"scale": [0.1, "x"]}, "aug.scale[1]", "expected a number"),
+        ({"decay_milestones": [10, 2.5]}, "sched.decay_milestones[1]", "expected an integer"),
+        ({"model_kwargs": ["a=1"]}, "model.model_kwargs", "expected a mapping"),
+        ({"resources_per_worker": 4}, "scaling.resources_per_worker", "expected a mapping"),
+        ({"optim": {"momentum": "high"}}, "optim.momentum", "expected a number"),
+    ],
+)
 def test_wrong_type(raw, key, reason):
     """Wrong types fail at update() time, naming the dotted key (with the list index for elements)."""
     with raises(key, reason):
@@ -302,41 +403,50 @@ def test_coerce_unsupported_type_is_a_programming_error():
 
 
 # ---- validate(): per-field bounds, choices, nargs ------------------------------------------------------------
-@pytest.mark.parametrize("raw,key,reason", [
-    ({"batch_size": 0}, "data.batch_size", "must be >= 1"),
-    ({"workers": -1}, "data.workers", "must be >= 0"),
-    ({"max_failures": -2}, "checkpoint.max_failures", "must be >= -1"),
-    ({"lr": 0}, "optim.lr", "must be > 0"),
-    ({"lr": -1}, "optim.lr", "must be > 0"),
-    ({"crop_pct": 0.0}, "model.crop_pct", "must be > 0"),
-    ({"crop_pct": 1.2}, "model.crop_pct", "must be <= 1"),
-    ({"hflip": 1.5}, "aug.hflip", "must be <= 1"),
-    ({"smoothing": 1.01}, "loss.smoothing", "must be <= 1"),
-    ({"model_ema_decay": 0}, "ema.model_ema_decay", "must be > 0"),
-])
+@pytest.mark.parametrize(
+    "raw,key,reason",
+    [
+        ({"batch_size": 0}, "data.batch_size", "must be >= 1"),
+        ({"workers": -1}, "data.workers", "must be >= 0"),
+        ({"max_failures": -2}, "checkpoint.max_failures", "must be >= -1"),
+        ({"lr": 0}, "optim.lr", "must be > 0"),
+        ({"lr": -1}, "optim.lr", "must be > 0"),
+        ({"crop_pct": 0.0}, "model.crop_pct", "must be > 0"),
+        ({"crop_pct": 1.2}, "model.crop_pct", "must be <= 1"),
+        ({"hflip": 1.5}, "aug.hflip", "must be <= 1"),
+        ({"smoothing": 1.01}, "loss.smoothing", "must be <= 1"),
+        ({"model_ema_decay": 0}, "ema.model_ema_decay", "must be > 0"),
+    ],
+)
 def test_out_of_range(raw, key, reason):
     with raises(key, reason, repr(next(iter(raw.values())))):
         valid(**raw)
 
 
-@pytest.mark.parametrize("raw,key,suggestion", [
-    ({"sched": "cosin"}, "sched.sched", "cosine"),
-    ({"mixup_mode": "elm"}, "aug.mixup_mode", "elem"),
-    ({"eval_metric": "top_1"}, "checkpoint.eval_metric", "top1"),
-    ({"amp_dtype": "bfloat"}, "precision.amp_dtype", "bfloat16"),
-    ({"clip_mode": "norms"}, "optim.clip_mode", "norm"),
-])
+@pytest.mark.parametrize(
+    "raw,key,suggestion",
+    [
+        ({"sched": "cosin"}, "sched.sched", "cosine"),
+        ({"mixup_mode": "elm"}, "aug.mixup_mode", "elem"),
+        ({"eval_metric": "top_1"}, "checkpoint.eval_metric", "top1"),
+        ({"amp_dtype": "bfloat"}, "precision.amp_dtype", "bfloat16"),
+        ({"clip_mode": "norms"}, "optim.clip_mode", "norm"),
+    ],
+)
 def test_choices_with_suggestion(raw, key, suggestion):
     with raises(key, "must be one of", f"did you mean '{suggestion}'"):
         valid(**raw)
 
 
-@pytest.mark.parametrize("raw,key,n", [
-    ({"scale": [0.5]}, "aug.scale", 2),
-    ({"ratio": [0.5, 1.0, 2.0]}, "aug.ratio", 2),
-    ({"cutmix_minmax": [0.2]}, "aug.cutmix_minmax", 2),
-    ({"input_size": [3, 32]}, "model.input_size", 3),
-])
+@pytest.mark.parametrize(
+    "raw,key,n",
+    [
+        ({"scale": [0.5]}, "aug.scale", 2),
+        ({"ratio": [0.5, 1.0, 2.0]}, "aug.ratio", 2),
+        ({"cutmix_minmax": [0.2]}, "aug.cutmix_minmax", 2),
+        ({"input_size": [3, 32]}, "model.input_size", 3),
+    ],
+)
 def test_nargs_count(raw, key, n):
     with raises(key, f"needs exactly {n} values"):
         valid(**raw)
@@ -367,13 +477,16 @@ def test_folder_needs_data_dir():
     valid(dataset="folder", data_dir="/somewhere")
 
 
-@pytest.mark.parametrize("raw,key", [
-    ({"scale": [0.9, 0.1]}, "aug.scale"),
-    ({"scale": [0.0, 1.0]}, "aug.scale"),
-    ({"ratio": [1.5, 0.5]}, "aug.ratio"),
-    ({"ratio": [-1.0, 1.0]}, "aug.ratio"),
-    ({"cutmix_minmax": [0.8, 0.2]}, "aug.cutmix_minmax"),
-])
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({"scale": [0.9, 0.1]}, "aug.scale"),
+        ({"scale": [0.0, 1.0]}, "aug.scale"),
+        ({"ratio": [1.5, 0.5]}, "aug.ratio"),
+        ({"ratio": [-1.0, 1.0]}, "aug.ratio"),
+        ({"cutmix_minmax": [0.8, 0.2]}, "aug.cutmix_minmax"),
+    ],
+)
 def test_pair_ordering(raw, key):
     with raises(key, "needs 0 < low <= high"):
         valid(**raw)
@@ -417,14 +530,17 @@ def test_input_size_positive():
         valid(input_size=[3, 0, 32])
 
 
-@pytest.mark.parametrize("raw,key,chans", [
-    ({"mean": [0.5, 0.5]}, "model.mean", 3),
-    ({"std": [0.5, 0.5]}, "model.std", 3),
-    ({"mean": []}, "model.mean", 3),
-    ({"mean": [0.5, 0.5, 0.5], "in_chans": 1}, "model.mean", 1),
-    ({"std": [0.5, 0.5, 0.5], "input_size": [1, 28, 28]}, "model.std", 1),
-    ({"mean": [0.5, 0.5, 0.5], "input_size": [4, 28, 28]}, "model.mean", 4),
-])
+@pytest.mark.parametrize(
+    "raw,key,chans",
+    [
+        ({"mean": [0.5, 0.5]}, "model.mean", 3),
+        ({"std": [0.5, 0.5]}, "model.std", 3),
+        ({"mean": []}, "model.mean", 3),
+        ({"mean": [0.5, 0.5, 0.5], "in_chans": 1}, "model.mean", 1),
+        ({"std": [0.5, 0.5, 0.5], "input_size": [1, 28, 28]}, "model.std", 1),
+        ({"mean": [0.5, 0.5, 0.5], "input_size": [4, 28, 28]}, "model.mean", 4),
+    ],
+)
 def test_mean_std_length(raw, key, chans):
     if not raw.get("mean", [0]):
         expected = "needs at least one value"
@@ -500,8 +616,9 @@ def test_validate_rechecks_bounds_after_direct_assignment():
         cfg.validate()
 
 
-@pytest.mark.parametrize("raw,key", [({"lr_noise": []}, "sched.lr_noise"),
-                                     ({"opt": "adamw", "opt_betas": []}, "optim.opt_betas")])
+@pytest.mark.parametrize(
+    "raw,key", [({"lr_noise": []}, "sched.lr_noise"), ({"opt": "adamw", "opt_betas": []}, "optim.opt_betas")]
+)
 def test_empty_list_for_one_or_more_values(raw, key):
     with raises(key):
         valid(**raw)

@@ -1,14 +1,24 @@
-"""raytrain_cls.console: when a bar is drawn, what it shows (position, loss, lr, img/s, ETA), and that permanent
+"""raytrain_cls.run.console: when a bar is drawn, what it shows (position, loss, lr, img/s, ETA), and that permanent
 lines (epochs, messages) never interleave with it. The actor and the thread are exercised without Ray."""
+
 from __future__ import annotations
 
 import io
 import time
 
-from raytrain_cls.console import BarRenderer, BoardState, LiveDisplay, WorkerConsole, use_bar
+from raytrain_cls.run.console import BarRenderer, BoardState, LiveDisplay, WorkerConsole, use_bar
 
-EPOCH = dict(epoch=0, train_loss=1.5, eval_loss=1.2, eval_top1=55.0, eval_top5=90.0, lr=0.1, img_per_sec=300.0,
-             best_metric=55.0, best_epoch=0)
+EPOCH = dict(
+    epoch=0,
+    train_loss=1.5,
+    eval_loss=1.2,
+    eval_top1=55.0,
+    eval_top5=90.0,
+    lr=0.1,
+    img_per_sec=300.0,
+    best_metric=55.0,
+    best_epoch=0,
+)
 LOG = dict(epoch=0, step=10, steps=40, loss=1.234, lr=0.05, img_per_sec=321.0, data_time=0.1, elapsed=2.0)
 
 
@@ -90,6 +100,9 @@ def test_worker_console_without_a_board_prints_plain_lines(capsys):
     c.tick(0, 1, 40, 0.1, 0)  # nothing: ticks exist only for a bar
     c.epoch(EPOCH)
     out = capsys.readouterr().out.splitlines()
-    assert out == ["hello", out[1], out[2]] and out[1].startswith("Train: 0/1 [  10/40") and \
-        out[2].startswith("Epoch 0/1: train_loss")
+    assert (
+        out == ["hello", out[1], out[2]]
+        and out[1].startswith("Train: 0/1 [  10/40")
+        and out[2].startswith("Epoch 0/1: train_loss")
+    )
     assert "\r" not in "".join(out)

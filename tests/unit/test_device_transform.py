@@ -1,5 +1,6 @@
 """The --gpu-decode path (data/device_transform.py) on the CPU device: decoding, bad inputs, and augmentation
 semantics against timm's create_transform (the CPU path), sample by sample under the same seeds."""
+
 import io
 import math
 import random
@@ -13,9 +14,16 @@ from PIL import Image
 from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from raytrain_cls.config import Config
-from raytrain_cls.data.device_transform import (BadImage, DeviceTransform, build_device_transform, decode_batch,
-                                                device_transform_kwargs, random_resized_crop_box, read_header)
+from raytrain_cls.core.config import Config
+from raytrain_cls.data.device_transform import (
+    BadImage,
+    DeviceTransform,
+    build_device_transform,
+    decode_batch,
+    device_transform_kwargs,
+    random_resized_crop_box,
+    read_header,
+)
 from raytrain_cls.data.transforms import transform_kwargs
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -27,8 +35,13 @@ def photo(height: int, width: int, seed: int) -> Image.Image:
     resampling, unlike white noise."""
     r = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [110 + 80 * np.sin(x / r.uniform(8, 40) + r.uniform(0, 6)) * np.cos(y / r.uniform(8, 40) + c)
-                + 40 * (x / width) - 30 * (y / height) for c in range(3)]
+    channels = [
+        110
+        + 80 * np.sin(x / r.uniform(8, 40) + r.uniform(0, 6)) * np.cos(y / r.uniform(8, 40) + c)
+        + 40 * (x / width)
+        - 30 * (y / height)
+        for c in range(3)
+    ]
     arr = np.stack(channels, -1) + r.normal(0, 5, (height, width, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
@@ -51,16 +64,18 @@ def png_claiming(width: int, height: int) -> bytes:
     """A valid tiny PNG whose IHDR (CRC fixed up) claims width x height: a decompression bomb's header."""
     data = bytearray(encode(Image.new("RGB", (4, 4)), "PNG"))
     ihdr = 8  # after the signature: length (4), b"IHDR" (4), 13 bytes of fields, CRC (4)
-    data[ihdr + 8:ihdr + 16] = struct.pack(">II", width, height)
-    data[ihdr + 21:ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(data[ihdr + 4:ihdr + 21])))
+    data[ihdr + 8 : ihdr + 16] = struct.pack(">II", width, height)
+    data[ihdr + 21 : ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(data[ihdr + 4 : ihdr + 21])))
     return bytes(data)
 
 
 def png_with_short_idat() -> bytes:
     """A 64x48 PNG header with too little (valid, CRC-correct) image data: torchvision 0.29's PNG decoder segfaults
     on this ("libpng error: Not enough image data"), so the device path must never hand PNGs to it."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     header = encode(photo(48, 64, seed=1), "PNG")[:33]  # signature + IHDR chunk
     return header + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
 
@@ -107,15 +122,17 @@ def test_decode_grey_mode_equals_pil_convert_l(name):
 def test_bad_inputs_are_reported_and_the_rest_decoded_in_order():
     good = [encode(photo(30 + i, 40, seed=i), fmt) for i, fmt in enumerate(["JPEG", "PNG", "JPEG"])]
     jpeg = good[0]
-    batch = [good[0],
-             jpeg[:-2],  # only the end-of-image marker missing
-             jpeg[:len(jpeg) // 2],  # cut in the middle of the scan
-             b"",
-             b"just some text, not an image at all\n",
-             good[1],
-             png_claiming(10_000, 9_000),  # 90M pixels: over PIL's 89.5M default, under its hard error
-             png_with_short_idat(),
-             good[2]]
+    batch = [
+        good[0],
+        jpeg[:-2],  # only the end-of-image marker missing
+        jpeg[: len(jpeg) // 2],  # cut in the middle of the scan
+        b"",
+        b"just some text, not an image at all\n",
+        good[1],
+        png_claiming(10_000, 9_000),  # 90M pixels: over PIL's 89.5M default, under its hard error
+        png_with_short_idat(),
+        good[2],
+    ]
     reasons = {}
     images, bad = decode_batch([as_tensor(b) for b in batch], "cpu", reasons=reasons)
     assert bad == [1, 2, 3, 4, 6, 7]
@@ -134,7 +151,7 @@ def test_header_check_refuses_truncated_jpegs_before_any_decoder():
     assert read_header(data).route == "nvjpeg"
     assert read_header(encode(photo(40, 50, seed=2).convert("CMYK"), "JPEG")).route == "libjpeg"
     assert read_header(encode(photo(40, 50, seed=2), "PNG")).route == "pil"
-    for cut in (data[:-2], data[:len(data) // 2], data[:len(data) - 40]):
+    for cut in (data[:-2], data[: len(data) // 2], data[: len(data) - 40]):
         with pytest.raises(BadImage, match="(?i)truncated"):
             read_header(cut)
     with pytest.raises(BadImage, match="pixels"):
@@ -175,8 +192,9 @@ def crop_statistics(boxes, height, width) -> np.ndarray:
     area = np.array([h * w / (height * width) for _, _, h, w in boxes])
     log_ratio = np.array([math.log(w / h) for _, _, h, w in boxes])
     quantiles = (0.1, 0.5, 0.9)
-    return np.concatenate([[area.mean()], np.quantile(area, quantiles), [log_ratio.mean()],
-                           np.quantile(log_ratio, quantiles)])
+    return np.concatenate(
+        [[area.mean()], np.quantile(area, quantiles), [log_ratio.mean()], np.quantile(log_ratio, quantiles)]
+    )
 
 
 @pytest.mark.parametrize("height,width", SHAPES)
@@ -193,10 +211,9 @@ def test_crop_distribution_matches_timm(height, width):
         theirs = [timm_box(height, width) for _ in range(n)]
     finally:
         random.setstate(saved)
-    np.testing.assert_allclose(crop_statistics(mine, height, width), crop_statistics(theirs, height, width),
-                               atol=0.03)
+    np.testing.assert_allclose(crop_statistics(mine, height, width), crop_statistics(theirs, height, width), atol=0.03)
     for top, left, h, w in mine:
-        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+        assert top >= 0 and top + h <= height and left >= 0 and left + w <= width
 
 
 # ------------------------------------------------------------------------------------ semantics vs timm
@@ -226,9 +243,14 @@ def restore_rngs():
 
 def paired_train_outputs(input_size, n_seeds, **aug):
     device = DeviceTransform(True, input_size=input_size, mean=MEAN, std=STD, **aug)
-    cpu = create_transform(input_size=input_size, is_training=True, mean=MEAN, std=STD,
-                           interpolation=aug.get("train_interpolation", "random"),
-                           **{k: v for k, v in aug.items() if k != "train_interpolation"})
+    cpu = create_transform(
+        input_size=input_size,
+        is_training=True,
+        mean=MEAN,
+        std=STD,
+        interpolation=aug.get("train_interpolation", "random"),
+        **{k: v for k, v in aug.items() if k != "train_interpolation"},
+    )
     ours, theirs = [], []
     for first in range(0, n_seeds, 16):
         seeds = [1000 + s for s in range(first, first + 16)]
@@ -267,12 +289,15 @@ def test_train_statistics_match_timm(restore_rngs):
     torch.testing.assert_close(ours.std((0, 2, 3)), theirs.std((0, 2, 3)), atol=0.005, rtol=0)
 
 
-@pytest.mark.parametrize("input_size,crop_pct,crop_mode,interpolation", [
-    ((3, 64, 64), 0.875, None, "bicubic"),
-    ((3, 56, 72), 0.9, "center", "bilinear"),
-    ((3, 64, 64), 1.0, "squash", "bicubic"),
-    ((3, 48, 64), 0.95, "border", "bilinear"),
-])
+@pytest.mark.parametrize(
+    "input_size,crop_pct,crop_mode,interpolation",
+    [
+        ((3, 64, 64), 0.875, None, "bicubic"),
+        ((3, 56, 72), 0.9, "center", "bilinear"),
+        ((3, 64, 64), 1.0, "squash", "bicubic"),
+        ((3, 48, 64), 0.95, "border", "bilinear"),
+    ],
+)
 def test_eval_output_close_to_timm(input_size, crop_pct, crop_mode, interpolation):
     """PIL resamples in fixed point and rounds per pass; we resample in float32 and round once: <= 1 level
     apart (measured: exactly 1 level, 0.0175, at worst). Tolerance 2 levels."""
@@ -289,10 +314,24 @@ def test_eval_nearest_close_to_timm():
 
 
 def eval_outputs(input_size, crop_pct, crop_mode, interpolation):
-    device = DeviceTransform(False, input_size=input_size, mean=MEAN, std=STD, crop_pct=crop_pct,
-                             crop_mode=crop_mode, interpolation=interpolation)
-    cpu = create_transform(input_size=input_size, is_training=False, mean=MEAN, std=STD, crop_pct=crop_pct,
-                           crop_mode=crop_mode, interpolation=interpolation)
+    device = DeviceTransform(
+        False,
+        input_size=input_size,
+        mean=MEAN,
+        std=STD,
+        crop_pct=crop_pct,
+        crop_mode=crop_mode,
+        interpolation=interpolation,
+    )
+    cpu = create_transform(
+        input_size=input_size,
+        is_training=False,
+        mean=MEAN,
+        std=STD,
+        crop_pct=crop_pct,
+        crop_mode=crop_mode,
+        interpolation=interpolation,
+    )
     out, _, _ = device(JPEGS, torch.arange(len(JPEGS)), list(range(len(JPEGS))))
     expected = torch.stack([cpu(Image.open(io.BytesIO(d)).convert("RGB")) for d in JPEGS])
     assert out.shape == expected.shape == (len(JPEGS), *input_size)
@@ -320,6 +359,7 @@ def test_grey_model_eval_matches_timm_on_l_images():
 
 # ----------------------------------------------------------------------------------------------- behaviour
 
+
 def test_labels_follow_inputs_with_bad_samples_removed():
     device = DeviceTransform(True, input_size=(3, 32, 32))
     encoded = [JPEGS[0], b"garbage", JPEGS[1], JPEGS[2][:100], JPEGS[3]]
@@ -335,8 +375,13 @@ def test_all_bad_batch_gives_empty_tensors():
 
 
 def test_same_seeds_same_output_different_seeds_differ(restore_rngs):
-    device = DeviceTransform(True, input_size=(3, 40, 40), re_prob=0.5, re_mode="pixel", **{
-        k: v for k, v in TRAIN_AUG.items() if not k.startswith("re_")})
+    device = DeviceTransform(
+        True,
+        input_size=(3, 40, 40),
+        re_prob=0.5,
+        re_mode="pixel",
+        **{k: v for k, v in TRAIN_AUG.items() if not k.startswith("re_")},
+    )
     labels = torch.arange(4)
     first, _, _ = device(JPEGS, labels, [1, 2, 3, 4])
     torch.rand(3)
@@ -362,8 +407,9 @@ def test_transform_leaves_global_rng_streams_alone(restore_rngs):
 def test_hflip_probability_zero_and_one():
     """Whole-image crop of a square image at its own size, no jitter: the output is the image, flipped or not."""
     square = encode(photo(32, 32, seed=5), "PNG")
-    common = dict(input_size=(3, 32, 32), scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0,
-                  train_interpolation="bilinear")
+    common = dict(
+        input_size=(3, 32, 32), scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0, train_interpolation="bilinear"
+    )
     never, _, _ = DeviceTransform(True, hflip=0.0, **common)([square] * 3, torch.zeros(3), [1, 2, 3])
     always, _, _ = DeviceTransform(True, hflip=1.0, **common)([square] * 3, torch.zeros(3), [1, 2, 3])
     plain, _, _ = DeviceTransform(False, input_size=(3, 32, 32), crop_pct=1.0)([square], torch.zeros(1), [0])
@@ -388,8 +434,9 @@ def test_random_erasing_probability_one_erases():
 def test_kwargs_mirror_the_cpu_transform_kwargs():
     cfg = Config()
     cfg.aug.reprob, cfg.aug.hflip, cfg.aug.color_jitter, cfg.aug.train_interpolation = 0.25, 0.3, 0.2, "bicubic"
-    data_config = dict(input_size=(3, 64, 64), mean=MEAN, std=STD, crop_pct=0.9, crop_mode="center",
-                       interpolation="bicubic")
+    data_config = dict(
+        input_size=(3, 64, 64), mean=MEAN, std=STD, crop_pct=0.9, crop_mode="center", interpolation="bicubic"
+    )
     ours, theirs = device_transform_kwargs(cfg, data_config, True), transform_kwargs(cfg, data_config, True)
     renamed = {"train": "is_training", "train_interpolation": "interpolation"}
     for key, value in ours.items():
@@ -424,11 +471,14 @@ def test_batched_crop_resize_equals_resizing_sample_by_sample(interpolation, hei
     if height <= size[0] and width <= size[1]:
         assert torch.equal(batched, single)
     # images of different sizes share one zero-padded batch; the padding gets no weight
-    mixed = resize_crops([images[0][:, :height // 2], *images[1:]], [CropBox(0, 0, height // 2, width), *boxes[1:]],
-                         size, interpolation)
+    mixed = resize_crops(
+        [images[0][:, : height // 2], *images[1:]], [CropBox(0, 0, height // 2, width), *boxes[1:]], size, interpolation
+    )
     assert torch.equal(mixed[1:], batched[1:])
-    assert torch.equal(mixed[0], resize_crops([images[0][:, :height // 2]], [CropBox(0, 0, height // 2, width)],
-                                              size, interpolation)[0])
+    assert torch.equal(
+        mixed[0],
+        resize_crops([images[0][:, : height // 2]], [CropBox(0, 0, height // 2, width)], size, interpolation)[0],
+    )
 
 
 def test_equal_size_images_are_resized_for_eval_in_one_batch_like_one_by_one():
@@ -451,8 +501,10 @@ def test_one_huge_image_among_small_ones_gets_its_own_padding_bucket():
     for bucket in buckets:
         padded = len(bucket) * max(shapes[i][0] for i in bucket) * max(shapes[i][1] for i in bucket)
         assert padded <= 2 * sum(shapes[i][0] * shapes[i][1] for i in bucket)
-    images = [torch.from_numpy(np.asarray(photo(h, w, seed)).transpose(2, 0, 1).copy())
-              for seed, (h, w) in enumerate([(30, 40), (300, 400), (28, 36)])]
+    images = [
+        torch.from_numpy(np.asarray(photo(h, w, seed)).transpose(2, 0, 1).copy())
+        for seed, (h, w) in enumerate([(30, 40), (300, 400), (28, 36)])
+    ]
     boxes = [CropBox(2, 3, 20, 30), CropBox(10, 20, 250, 300), CropBox(0, 0, 28, 36)]
     batched = resize_crops(images, boxes, (24, 24), "bicubic")
     single = torch.stack([resize_crop(img, box, (24, 24), "bicubic") for img, box in zip(images, boxes)])

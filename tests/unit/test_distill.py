@@ -1,6 +1,7 @@
 """Knowledge distillation (timm's --kd-model-name): a teacher from a local file only, timm's loss-weight rules; per
 kind (logit, feature, token) a KD term that is zero when the student is the teacher, pulls the student towards the
 teacher, and (feature) a projection that trains and is checkpointed."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,9 +9,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from raytrain_cls.config import Config, ConfigError
-from raytrain_cls.distill import LogitDistillationLoss, build_distillation, build_teacher, loss_weights
-from raytrain_cls.engine import TrainParts, autocast_factory, train_one_epoch
+from raytrain_cls.core.config import Config, ConfigError
+from raytrain_cls.core.distill import LogitDistillationLoss, build_distillation, build_teacher, loss_weights
+from raytrain_cls.core.engine import TrainParts, autocast_factory, train_one_epoch
 
 CPU = torch.device("cpu")
 DATA_CONFIG = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -26,8 +27,20 @@ def teacher_file(tmp_path):
 
 
 def kd_cfg(path, **flat) -> Config:
-    return Config().update({"dataset": "digits", "model": "test_resnet", "kd_model_name": "test_resnet",
-                            "kd_model_path": str(path), "smoothing": 0.0, **flat}).validate()
+    return (
+        Config()
+        .update(
+            {
+                "dataset": "digits",
+                "model": "test_resnet",
+                "kd_model_name": "test_resnet",
+                "kd_model_path": str(path),
+                "smoothing": 0.0,
+                **flat,
+            }
+        )
+        .validate()
+    )
 
 
 def test_loss_weights_follow_timm():
@@ -68,8 +81,13 @@ def test_distillation_pulls_the_student_towards_the_teacher(teacher_file):
     torch.manual_seed(5)
     student = timm.create_model("test_resnet", num_classes=4)
     loss = build_distillation(cfg, student, torch.nn.CrossEntropyLoss(), 4, DATA_CONFIG, CPU).loss
-    parts = TrainParts(model=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.05), loss_fn=loss,
-                       device=CPU, autocast=autocast_factory(CPU, False, torch.float32))
+    parts = TrainParts(
+        model=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.05),
+        loss_fn=loss,
+        device=CPU,
+        autocast=autocast_factory(CPU, False, torch.float32),
+    )
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
     first, _ = train_one_epoch(0, data, parts, 0)
@@ -101,7 +119,7 @@ def digits_batches(n: int = 4, size: int = 32):
 def test_feature_distillation_projects_trains_and_checkpoints_the_projection(teacher_file, tmp_path):
     """A test_vit student (width 64) learning test_resnet's features (width 96): a projection bridges the
     widths, its weights and the student's move, the MSE term falls, and the projection rides in the checkpoint."""
-    from raytrain_cls.state import TrainState
+    from raytrain_cls.core.state import TrainState
 
     path, _ = teacher_file
     cfg = kd_cfg(path, model="test_vit", kd_distill_type="feature", distill_loss_weight=1.0, task_loss_weight=0.0)
@@ -114,8 +132,14 @@ def test_feature_distillation_projects_trains_and_checkpoints_the_projection(tea
     assert logits.shape == (2, 4) and features.shape == (2, teacher_width)
     before = kd.aux.weight.detach().clone()
     opt = torch.optim.SGD(kd.train_module.parameters(), lr=0.05)
-    parts = TrainParts(model=kd.train_module, optimizer=opt, loss_fn=kd.loss, device=CPU,
-                       autocast=autocast_factory(CPU, False, torch.float32), ema_source=student)
+    parts = TrainParts(
+        model=kd.train_module,
+        optimizer=opt,
+        loss_fn=kd.loss,
+        device=CPU,
+        autocast=autocast_factory(CPU, False, torch.float32),
+        ema_source=student,
+    )
     data = digits_batches()
     first, _ = train_one_epoch(0, data, parts, 0)
     for epoch in range(1, 4):
@@ -125,26 +149,30 @@ def test_feature_distillation_projects_trains_and_checkpoints_the_projection(tea
 
     state = TrainState({}, student, opt, aux=kd.aux)
     state.save(tmp_path / "ckpt")
-    fresh = build_distillation(cfg, timm.create_model("test_vit", num_classes=4, img_size=32),
-                               torch.nn.CrossEntropyLoss(), 4, DATA_CONFIG, CPU)
-    TrainState({}, fresh.train_module.student, torch.optim.SGD(fresh.train_module.parameters(), lr=0.05),
-               aux=fresh.aux).load(tmp_path / "ckpt")
+    fresh = build_distillation(
+        cfg, timm.create_model("test_vit", num_classes=4, img_size=32), torch.nn.CrossEntropyLoss(), 4, DATA_CONFIG, CPU
+    )
+    TrainState(
+        {}, fresh.train_module.student, torch.optim.SGD(fresh.train_module.parameters(), lr=0.05), aux=fresh.aux
+    ).load(tmp_path / "ckpt")
     assert torch.equal(fresh.aux.weight, kd.aux.weight)
 
 
 def test_feature_distillation_of_equal_widths_needs_no_projection(teacher_file):
     path, _ = teacher_file
     cfg = kd_cfg(path, kd_distill_type="feature")
-    kd = build_distillation(cfg, timm.create_model("test_resnet", num_classes=4), torch.nn.CrossEntropyLoss(), 4,
-                            DATA_CONFIG, CPU)
+    kd = build_distillation(
+        cfg, timm.create_model("test_resnet", num_classes=4), torch.nn.CrossEntropyLoss(), 4, DATA_CONFIG, CPU
+    )
     assert kd.aux is None and kd.train_module.projection is None
 
 
 # ---- token distillation ----------------------------------------------------------------------------------------
 def tiny_deit():
     torch.manual_seed(3)
-    return timm.create_model("deit_tiny_distilled_patch16_224", num_classes=4, img_size=32, depth=1, embed_dim=32,
-                             num_heads=2)
+    return timm.create_model(
+        "deit_tiny_distilled_patch16_224", num_classes=4, img_size=32, depth=1, embed_dim=32, num_heads=2
+    )
 
 
 @pytest.mark.parametrize("kind", ["soft", "hard"])
@@ -152,8 +180,14 @@ def test_token_distillation_trains_the_distillation_head_on_the_teacher(teacher_
     """The distilled-token student returns (class, distillation) logits while training and their mean in eval;
     with the task weight at 0 only the distillation head learns, towards the teacher."""
     path, _ = teacher_file
-    cfg = kd_cfg(path, model="deit_tiny_distilled_patch16_224", kd_distill_type="token",
-                 kd_token_distill_type=kind, distill_loss_weight=1.0, task_loss_weight=0.0)
+    cfg = kd_cfg(
+        path,
+        model="deit_tiny_distilled_patch16_224",
+        kd_distill_type="token",
+        kd_token_distill_type=kind,
+        distill_loss_weight=1.0,
+        task_loss_weight=0.0,
+    )
     student = tiny_deit()
     kd = build_distillation(cfg, student, torch.nn.CrossEntropyLoss(), 4, DATA_CONFIG, CPU)
     assert kd.train_module is student and kd.aux is None
@@ -163,8 +197,13 @@ def test_token_distillation_trains_the_distillation_head_on_the_teacher(teacher_
     student.eval()
     torch.testing.assert_close(student(x), (cls_logits + dist_logits) / 2)
     head = student.head.weight.detach().clone()
-    parts = TrainParts(model=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.1), loss_fn=kd.loss,
-                       device=CPU, autocast=autocast_factory(CPU, False, torch.float32))
+    parts = TrainParts(
+        model=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+        loss_fn=kd.loss,
+        device=CPU,
+        autocast=autocast_factory(CPU, False, torch.float32),
+    )
     data = digits_batches()
     first, _ = train_one_epoch(0, data, parts, 0)
     for epoch in range(1, 6):
@@ -174,7 +213,7 @@ def test_token_distillation_trains_the_distillation_head_on_the_teacher(teacher_
 
 
 def test_token_distillation_needs_a_distilled_token_model(teacher_file):
-    from raytrain_cls.trainer import resolve
+    from raytrain_cls.run.driver import resolve
 
     path, _ = teacher_file
     cfg = kd_cfg(path, kd_distill_type="token")

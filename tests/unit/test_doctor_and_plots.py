@@ -1,4 +1,5 @@
 """doctor names each broken prerequisite with a fix; plot writes real PNGs; trackers refuse a missing MLflow."""
+
 from __future__ import annotations
 
 import csv
@@ -7,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from raytrain_cls.cli import main
-from raytrain_cls.config import load_config
-from raytrain_cls.doctor import check_autoscaler, check_cluster, check_data, check_storage
-from raytrain_cls.plots import plot_run, plot_search
-from raytrain_cls.report import write_summary
+from raytrain_cls.commands.cli import main
+from raytrain_cls.commands.doctor import check_autoscaler, check_cluster, check_data, check_storage
+from raytrain_cls.core.config import load_config
+from raytrain_cls.run.plots import plot_run, plot_search
+from raytrain_cls.run.report import write_summary
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def test_doctor_reports_an_unreachable_cluster(monkeypatch):
 
 
 def test_doctor_says_what_the_autoscaler_can_add_and_from_where(monkeypatch, tmp_path):
-    from raytrain_cls import capacity
+    from raytrain_cls.run import capacity
 
     monkeypatch.setattr(capacity, "BOOTSTRAP_CONFIG", tmp_path / "none.yaml")
     monkeypatch.delenv(capacity.LIMITS_ENV, raising=False)
@@ -81,8 +82,17 @@ def test_doctor_cli_exits_1_on_a_problem(tmp_path, capsys, monkeypatch):
 
 
 def test_plot_run_writes_three_pngs(tmp_path):
-    rows = {e: dict(epoch=e, train_loss=2 - e * 0.3, eval_loss=2.1 - e * 0.3, eval_top1=30 + 10 * e,
-                    eval_top5=70 + 5 * e, lr=0.1 / (e + 1)) for e in range(5)}
+    rows = {
+        e: dict(
+            epoch=e,
+            train_loss=2 - e * 0.3,
+            eval_loss=2.1 - e * 0.3,
+            eval_top1=30 + 10 * e,
+            eval_top5=70 + 5 * e,
+            lr=0.1 / (e + 1),
+        )
+        for e in range(5)
+    }
     write_summary(tmp_path / "summary.csv", rows)
     written = [Path(p) for p in plot_run(tmp_path)]
     assert [p.name for p in written] == ["loss.png", "accuracy.png", "lr.png"]
@@ -92,8 +102,17 @@ def test_plot_run_writes_three_pngs(tmp_path):
 def test_plot_reads_and_writes_a_run_on_s3(tmp_path, s3_upload, capsys):
     from pyarrow import fs
 
-    rows = {e: dict(epoch=e, train_loss=2 - e * 0.3, eval_loss=2.1 - e * 0.3, eval_top1=30 + 10 * e,
-                    eval_top5=70 + 5 * e, lr=0.1 / (e + 1)) for e in range(3)}
+    rows = {
+        e: dict(
+            epoch=e,
+            train_loss=2 - e * 0.3,
+            eval_loss=2.1 - e * 0.3,
+            eval_top1=30 + 10 * e,
+            eval_top5=70 + 5 * e,
+            lr=0.1 / (e + 1),
+        )
+        for e in range(3)
+    }
     write_summary(tmp_path / "run" / "summary.csv", rows)
     uri = s3_upload(tmp_path / "run", "unit/plots/run")
     assert main(["plot", uri]) == 0
@@ -111,8 +130,9 @@ def test_plot_search_draws_every_trial(tmp_path):
         w.writerow(["a", "completed", 0.1, 90, 3, 4, ""])
         w.writerow(["b", "stopped", 1e-5, 20, 0, 1, ""])
     for trial, n in (("a", 4), ("b", 1)):
-        rows = {e: dict(epoch=e, train_loss=1, eval_loss=1, eval_top1=20 + 20 * e, eval_top5=90, lr=0.1)
-                for e in range(n)}
+        rows = {
+            e: dict(epoch=e, train_loss=1, eval_loss=1, eval_top1=20 + 20 * e, eval_top5=90, lr=0.1) for e in range(n)
+        }
         write_summary(tmp_path / "trials" / f"trial-{trial}" / "summary.csv", rows)
     path = Path(plot_search(tmp_path))
     assert path.name == "trials.png" and path.stat().st_size > 10_000

@@ -1,4 +1,5 @@
-"""raytrain_cls.engine: the plain-PyTorch train/eval loop (no Ray, no process group, CPU)."""
+"""raytrain_cls.core.engine: the plain-PyTorch train/eval loop (no Ray, no process group, CPU)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from raytrain_cls.engine import (NonFiniteLossError, TrainParts, autocast_factory, evaluate, train_one_epoch)
+from raytrain_cls.core.engine import NonFiniteLossError, TrainParts, autocast_factory, evaluate, train_one_epoch
 
 CPU = torch.device("cpu")
 NO_AMP = autocast_factory(CPU, False, torch.float32)
@@ -23,18 +24,24 @@ def quadrant_data(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, 
     h = size // 2
     for i, k in enumerate(y.tolist()):
         r, c = divmod(k, 2)
-        x[i, :, r * h:(r + 1) * h, c * h:(c + 1) * h] += 1.0
+        x[i, :, r * h : (r + 1) * h, c * h : (c + 1) * h] += 1.0
     return x, y
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i:i + b], y[i:i + b]) for i in range(0, len(x), b)]
+    return [(x[i : i + b], y[i : i + b]) for i in range(0, len(x), b)]
 
 
 def parts_for(model: torch.nn.Module, optimizer=None, **kw) -> TrainParts:
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.5)
-    return TrainParts(model=model, optimizer=optimizer, loss_fn=torch.nn.CrossEntropyLoss(), device=CPU,
-                      autocast=kw.pop("autocast", NO_AMP), **kw)
+    return TrainParts(
+        model=model,
+        optimizer=optimizer,
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        device=CPU,
+        autocast=kw.pop("autocast", NO_AMP),
+        **kw,
+    )
 
 
 def linear_model(seed: int = 0, in_features: int = 12, classes: int = 3) -> torch.nn.Module:
@@ -106,15 +113,14 @@ def test_nan_loss_stops_the_run_after_nan_patience_steps():
     x[0, 0] = float("nan")
     logged = []
     with pytest.raises(NonFiniteLossError, match="NaN/Inf for 2 consecutive steps"):
-        train_one_epoch(3, batches(x, y, 4), parts_for(model), 0, log_interval=10, log=logged.append,
-                        nan_patience=2)
+        train_one_epoch(3, batches(x, y, 4), parts_for(model), 0, log_interval=10, log=logged.append, nan_patience=2)
     assert logged == []  # stopped at step 2 of 4, before any progress line
 
 
 def test_a_deferred_finite_watch_reads_each_poll_one_poll_late_and_now_at_once():
     """The CUDA mode of FiniteWatch (no host stall: each poll reads the copy the poll before started), run on
     the CPU: a streak that reaches the patience is caught at the next poll, naming the step it was seen at."""
-    from raytrain_cls.engine import FiniteWatch
+    from raytrain_cls.core.engine import FiniteWatch
 
     watch = FiniteWatch(torch.device("cpu"), patience=3, epoch=7, deferred=True)
     watch.poll(torch.tensor(0), step=3)
@@ -144,8 +150,13 @@ def test_an_epoch_continued_from_its_middle_matches_the_straight_epoch():
     resumed = linear_model()
     progress = []
     p = parts_for(resumed)
-    train_one_epoch(0, batches(x, y, 4)[:2], p, 0, on_update=lambda pr: progress.append(
-        (pr.batches_done, pr.num_updates, pr.loss_sum.item(), pr.seen.item())))
+    train_one_epoch(
+        0,
+        batches(x, y, 4)[:2],
+        p,
+        0,
+        on_update=lambda pr: progress.append((pr.batches_done, pr.num_updates, pr.loss_sum.item(), pr.seen.item())),
+    )
     done, updates, loss_sum, seen = progress[-1]
     assert (done, updates, seen) == (2, 2, 8)
     rest, n_rest = train_one_epoch(0, batches(x, y, 4)[2:], p, updates, start_batch=done, carry=(loss_sum, seen))
@@ -178,8 +189,7 @@ def test_scheduler_and_ema_are_stepped_per_update():
 
     model = linear_model()
     x, y = torch.randn(12, 12), torch.randint(0, 3, (12,))
-    _, updates = train_one_epoch(0, batches(x, y, 4), parts_for(model, scheduler=Sched(), ema=Ema(),
-                                                                 accum_steps=2), 10)
+    _, updates = train_one_epoch(0, batches(x, y, 4), parts_for(model, scheduler=Sched(), ema=Ema(), accum_steps=2), 10)
     assert updates == 12
     assert calls == [("ema", 11), ("sched", 11), ("ema", 12), ("sched", 12)]
 
@@ -222,13 +232,15 @@ class FixedLogits(torch.nn.Module):
 
 
 def test_evaluate_top1_top5_exact():
-    logits = torch.tensor([
-        [9., 1, 2, 3, 4, 5, 0],   # label 0: rank 1
-        [1., 9, 2, 3, 4, 5, 0],   # label 1: rank 1
-        [1., 2, 3, 9, 5, 6, 0],   # label 2: rank 4 -> top5 hit, top1 miss
-        [1., 2, 3, 9, 5, 6, 7],   # label 4: rank 4 -> top5 hit
-        [1., 2, 3, 9, 5, 6, 7],   # label 0: rank 7 -> miss
-    ])
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5, 0],  # label 0: rank 1
+            [1.0, 9, 2, 3, 4, 5, 0],  # label 1: rank 1
+            [1.0, 2, 3, 9, 5, 6, 0],  # label 2: rank 4 -> top5 hit, top1 miss
+            [1.0, 2, 3, 9, 5, 6, 7],  # label 4: rank 4 -> top5 hit
+            [1.0, 2, 3, 9, 5, 6, 7],  # label 0: rank 7 -> miss
+        ]
+    )
     y = torch.tensor([0, 1, 2, 4, 0])
     x = torch.arange(5, dtype=torch.float32)[:, None]
     loader = [(x[:3], y[:3]), (x[3:], y[3:])]
@@ -241,7 +253,7 @@ def test_evaluate_top1_top5_exact():
 
 def test_evaluate_top5_with_fewer_than_five_classes():
     """With 3 classes top-5 means 'any of the 3': always 100%, and it must not crash on topk(5)."""
-    logits = torch.tensor([[3., 2, 1], [3., 2, 1], [1., 2, 3], [3., 1, 2]])
+    logits = torch.tensor([[3.0, 2, 1], [3.0, 2, 1], [1.0, 2, 3], [3.0, 1, 2]])
     y = torch.tensor([0, 2, 2, 1])
     x = torch.arange(4, dtype=torch.float32)[:, None]
     out = evaluate(FixedLogits(logits), [(x, y)], CPU, NO_AMP)

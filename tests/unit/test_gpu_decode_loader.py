@@ -1,6 +1,7 @@
 """--gpu-decode through build_loaders (on the CPU device here: the same code that runs on a GPU worker, with
 torchvision's CPU decoders): the loader processes read bytes only, batches come out decoded, augmented and
 normalised, bad files are skipped and counted, and validation matches the CPU path."""
+
 from __future__ import annotations
 
 import io
@@ -11,12 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from raytrain_cls.config import Config, ConfigError
+from raytrain_cls.core.config import Config, ConfigError
 from raytrain_cls.data.loader import build_loaders
-from raytrain_cls.data.sources import build_source
+from raytrain_cls.data.registry import build_source
 
-DATA_CONFIG = {"input_size": [3, 24, 24], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3,
-               "crop_pct": 1.0, "crop_mode": "center"}
+DATA_CONFIG = {
+    "input_size": [3, 24, 24],
+    "interpolation": "bilinear",
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
 
 
 def smooth_image(seed: int, size=(40, 32)) -> Image.Image:
@@ -44,8 +51,21 @@ def tree(tmp_path):
 
 
 def cfg_for(root, **flat) -> Config:
-    return Config().update({"dataset": "folder", "data_dir": str(root), "model": "test_resnet", "batch_size": 4,
-                            "workers": 0, "seed": 5, **flat}).validate()
+    return (
+        Config()
+        .update(
+            {
+                "dataset": "folder",
+                "data_dir": str(root),
+                "model": "test_resnet",
+                "batch_size": 4,
+                "workers": 0,
+                "seed": 5,
+                **flat,
+            }
+        )
+        .validate()
+    )
 
 
 def test_gpu_decode_batches_are_normalised_device_tensors(tree):
@@ -85,8 +105,12 @@ def test_gpu_decode_augmentation_depends_only_on_seed_epoch_index(tree):
         loaders = build_loaders(cfg, src, DATA_CONFIG, rank, world)
         loaders.set_epoch(2, consumed)
         order = list(loaders.train_sampler)
-        return {order[b * 4 + j]: x[j] for b, (x, _) in enumerate(itertools.islice(loaders.train, 2))
-                for j in range(x.shape[0]) if b * 4 + j < len(order)}
+        return {
+            order[b * 4 + j]: x[j]
+            for b, (x, _) in enumerate(itertools.islice(loaders.train, 2))
+            for j in range(x.shape[0])
+            if b * 4 + j < len(order)
+        }
 
     one = first_batches(1, 0)
     two = {**first_batches(2, 0), **first_batches(2, 1)}
@@ -112,8 +136,11 @@ def test_gpu_decode_reads_parquet_shards(tmp_path):
         smooth_image(i).save(buf, format="JPEG", quality=90)
         (w if i < 8 else v).add(buf.getvalue(), i % 2, f"{i}.jpg")
     (tmp_path / MANIFEST).write_text(Manifest(["a", "b"], {"train": w.close(), "validation": v.close()}).to_json())
-    cfg = Config().update({"dataset": "parquet", "data_dir": str(tmp_path), "batch_size": 4, "workers": 0,
-                           "gpu_decode": True}).validate()
+    cfg = (
+        Config()
+        .update({"dataset": "parquet", "data_dir": str(tmp_path), "batch_size": 4, "workers": 0, "gpu_decode": True})
+        .validate()
+    )
     loaders = build_loaders(cfg, build_source(cfg), DATA_CONFIG, 0, 1)
     loaders.set_epoch(0)
     assert [x.shape for x, _ in loaders.train] == [(4, 3, 24, 24)] * 2

@@ -1,9 +1,10 @@
 """timm's `--dataset hfds/NAME` with --input-key/--target-key: Hugging Face data sets read from disk (saved with
 save_to_disk, or a folder of Parquet files), offline unless --dataset-download; sklearn's digits as the data."""
+
 import numpy as np
 import pytest
 
-from raytrain_cls.config import Config, ConfigError, load_config
+from raytrain_cls.core.config import Config, ConfigError, load_config
 from raytrain_cls.data import DataError, build_source
 from raytrain_cls.data.sources import BadImageError, read_digits
 
@@ -16,12 +17,14 @@ def digits_dict(n_train=60, n_val=20, image_key="image", target_key="label", cla
     from PIL import Image
 
     images, labels = read_digits()
-    pil = [Image.fromarray((img * 15).astype(np.uint8), mode="L") for img in images[:n_train + n_val]]
+    pil = [Image.fromarray((img * 15).astype(np.uint8), mode="L") for img in images[: n_train + n_val]]
     target = datasets.ClassLabel(names=CLASSES) if class_label else datasets.Value("string")
-    values = labels[:n_train + n_val].tolist() if class_label else [CLASSES[v] for v in labels[:n_train + n_val]]
+    values = labels[: n_train + n_val].tolist() if class_label else [CLASSES[v] for v in labels[: n_train + n_val]]
     features = datasets.Features({image_key: datasets.Image(), target_key: target})
-    split = lambda a, b: datasets.Dataset.from_dict({image_key: pil[a:b], target_key: values[a:b]},
-                                                    features=features)
+
+    def split(a, b):
+        return datasets.Dataset.from_dict({image_key: pil[a:b], target_key: values[a:b]}, features=features)
+
     return datasets.DatasetDict(train=split(0, n_train), test=split(n_train, n_train + n_val)), labels
 
 
@@ -50,9 +53,10 @@ def test_a_parquet_folder_with_other_column_names_and_string_labels(tmp_path):
     ds["test"].to_parquet(str(tmp_path / "pq" / "data" / "test-00000-of-00001.parquet"))
     with pytest.raises(DataError, match="no column 'image'.*--input-key"):
         build_source(hf_config(tmp_path / "pq", data_dir=str(tmp_path / "cache")))
-    source = build_source(hf_config(tmp_path / "pq", input_key="png", target_key="digit",
-                                    data_dir=str(tmp_path / "cache")))
-    assert source.classes == sorted(set(CLASSES[v] for v in labels[:60]))
+    source = build_source(
+        hf_config(tmp_path / "pq", input_key="png", target_key="digit", data_dir=str(tmp_path / "cache"))
+    )
+    assert source.classes == sorted({CLASSES[v] for v in labels[:60]})
     assert [source.classes[source.val[i][1]] for i in range(5)] == [CLASSES[v] for v in labels[60:65]]
 
 
@@ -82,10 +86,14 @@ def test_a_corrupt_image_row_is_a_bad_sample_not_a_crash(tmp_path):
     assert source.train[6][0].size == (8, 8)
 
 
-@pytest.mark.parametrize("extra,key", [(dict(dataset="digits", input_key="img"), "data.input_key"),
-                                       (dict(dataset="hfids/beans"), "data.dataset"),
-                                       (dict(dataset="hfds/x", dataset_trust_remote_code=True),
-                                        "data.dataset_trust_remote_code")])
+@pytest.mark.parametrize(
+    "extra,key",
+    [
+        (dict(dataset="digits", input_key="img"), "data.input_key"),
+        (dict(dataset="hfids/beans"), "data.dataset"),
+        (dict(dataset="hfds/x", dataset_trust_remote_code=True), "data.dataset_trust_remote_code"),
+    ],
+)
 def test_config_refusals(extra, key):
     cfg = Config()
     cfg.update(extra)
@@ -95,8 +103,9 @@ def test_config_refusals(extra, key):
 
 
 def test_timms_iterable_sizes_are_accepted_and_ignored_with_a_note(tmp_path, capsys):
-    (tmp_path / "args.yaml").write_text("dataset: hfds/x\ninput_key: img\ntrain_num_samples: 1000\n"
-                                        "val_num_samples: null\ndataset_download: true\n")
+    (tmp_path / "args.yaml").write_text(
+        "dataset: hfds/x\ninput_key: img\ntrain_num_samples: 1000\nval_num_samples: null\ndataset_download: true\n"
+    )
     cfg = load_config(str(tmp_path / "args.yaml"))
     assert cfg.data.input_key == "img" and cfg.data.dataset_download
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """raytrain_cls.data.loader: batch shapes and augmentation that depends only on (seed, epoch, sample index)."""
+
 from __future__ import annotations
 
 import itertools
@@ -6,12 +7,18 @@ import itertools
 import pytest
 import torch
 
-from raytrain_cls.config import Config
+from raytrain_cls.core.config import Config
 from raytrain_cls.data.loader import build_loaders
 from raytrain_cls.data.sources import load_digits_source
 
-DATA_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
-               "crop_pct": 1.0, "crop_mode": "center"}
+DATA_CONFIG = {
+    "input_size": [3, 32, 32],
+    "interpolation": "bicubic",
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +28,11 @@ def digits():
 
 def make_cfg(**flat) -> Config:
     # Default aug (random-resized crop, hflip 0.5, colour jitter 0.4, random interpolation): plenty of randomness.
-    return Config().update({"dataset": "digits", "model": "test_resnet", "batch_size": 4, "workers": 0,
-                            "seed": 11, **flat}).validate()
+    return (
+        Config()
+        .update({"dataset": "digits", "model": "test_resnet", "batch_size": 4, "workers": 0, "seed": 11, **flat})
+        .validate()
+    )
 
 
 def samples_by_index(cfg, source, rank, world, epoch, batches=2, consumed=0) -> dict[int, torch.Tensor]:
@@ -42,10 +52,10 @@ def test_batch_shapes(digits):
     loaders = build_loaders(cfg, digits, DATA_CONFIG, 0, 1)
     x, y = next(iter(loaders.train))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
-    assert y.shape == (4,) and y.dtype == torch.int64 and 0 <= y.min() and y.max() <= 9
+    assert y.shape == (4,) and y.dtype == torch.int64 and y.min() >= 0 and y.max() <= 9
     vx, vy = next(iter(loaders.val))
     assert vx.shape == (5, 3, 32, 32) and vy.shape == (5,)
-    assert -1.0 - 1e-6 <= x.min() and x.max() <= 1.0 + 1e-6  # normalised with mean 0.5, std 0.5
+    assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6  # normalised with mean 0.5, std 0.5
 
 
 def test_loader_lengths_per_rank(digits):
@@ -146,7 +156,7 @@ def test_aug_repeats_give_each_copy_its_own_augmentation(digits):
 
 
 def test_aug_repeats_need_the_torch_loader():
-    from raytrain_cls.config import ConfigError
+    from raytrain_cls.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="aug.aug_repeats.*--loader torch"):
         Config().update({"dataset": "parquet", "data_dir": "/tmp", "loader": "ray", "aug_repeats": 3}).validate()

@@ -1,16 +1,18 @@
 """Every LR schedule, per epoch and per update, equals the curve timm's train.py gets for the same flags: the
 reference is timm's own `scheduler_kwargs(args)` on an args namespace of our (timm-named) config fields, fed to
 `create_scheduler_v2`. So our kwargs adapter can never silently drop or rename a schedule flag."""
+
 from __future__ import annotations
 
 import argparse
 
 import pytest
 import torch
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs as timm_scheduler_kwargs
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler import scheduler_kwargs as timm_scheduler_kwargs
 
-from raytrain_cls.config import Config, ConfigError
-from raytrain_cls.optim import build_scheduler, resolve_num_epochs
+from raytrain_cls.core.config import Config, ConfigError
+from raytrain_cls.core.optim import build_scheduler, resolve_num_epochs
 
 UPDATES_PER_EPOCH = 7
 VARIANTS = {
@@ -57,13 +59,25 @@ def test_schedule_equals_timms_for_the_same_flags(sched, variant, on_updates):
         with pytest.raises(ConfigError, match="sched.sched_on_updates"):
             Config().update({"dataset": "digits", "sched": "plateau", "sched_on_updates": True}).validate()
         return
-    cfg = Config().update({"dataset": "digits", "sched": sched, "epochs": 16, "warmup_epochs": 2,
-                           "sched_on_updates": on_updates,
-                           **VARIANTS[variant]}).validate()
+    cfg = (
+        Config()
+        .update(
+            {
+                "dataset": "digits",
+                "sched": sched,
+                "epochs": 16,
+                "warmup_epochs": 2,
+                "sched_on_updates": on_updates,
+                **VARIANTS[variant],
+            }
+        )
+        .validate()
+    )
     ours, ours_epochs = build_scheduler(cfg, optimizer(), UPDATES_PER_EPOCH)
     args = argparse.Namespace(**cfg.flat())
-    theirs, their_epochs = create_scheduler_v2(optimizer(), **timm_scheduler_kwargs(args),
-                                               updates_per_epoch=UPDATES_PER_EPOCH)
+    theirs, their_epochs = create_scheduler_v2(
+        optimizer(), **timm_scheduler_kwargs(args), updates_per_epoch=UPDATES_PER_EPOCH
+    )
     assert ours_epochs == their_epochs == resolve_num_epochs(cfg)
     a, b = curve(ours, ours_epochs, on_updates), curve(theirs, their_epochs, on_updates)
     assert a == b
@@ -74,8 +88,20 @@ def test_the_schedules_differ_from_each_other():
     """Guards the test above against comparing a constant with itself."""
     curves = {}
     for sched in SCHEDS:
-        cfg = Config().update({"dataset": "digits", "sched": sched, "epochs": 16, "decay_epochs": 4,
-                               "decay_milestones": [5, 10], "patience_epochs": 2}).validate()
+        cfg = (
+            Config()
+            .update(
+                {
+                    "dataset": "digits",
+                    "sched": sched,
+                    "epochs": 16,
+                    "decay_epochs": 4,
+                    "decay_milestones": [5, 10],
+                    "patience_epochs": 2,
+                }
+            )
+            .validate()
+        )
         scheduler, n = build_scheduler(cfg, optimizer(), UPDATES_PER_EPOCH)
         curves[sched] = tuple(curve(scheduler, n, False))
     assert len(set(curves.values())) == len(SCHEDS)
@@ -84,11 +110,16 @@ def test_the_schedules_differ_from_each_other():
 @pytest.mark.parametrize("on_updates", [False, True], ids=["per-epoch", "per-update"])
 def test_start_epoch_sets_the_lr_and_counters_the_schedule_has_there(on_updates):
     """--start-epoch 6: the LR right after starting equals the uninterrupted schedule's LR at epoch 6."""
-    from raytrain_cls.state import TrainState
-    from raytrain_cls.worker import start_at_epoch
+    from raytrain_cls.core.state import TrainState
+    from raytrain_cls.run.worker import start_at_epoch
 
-    cfg = Config().update({"dataset": "digits", "sched": "cosine", "epochs": 16, "warmup_epochs": 2,
-                           "sched_on_updates": on_updates}).validate()
+    cfg = (
+        Config()
+        .update(
+            {"dataset": "digits", "sched": "cosine", "epochs": 16, "warmup_epochs": 2, "sched_on_updates": on_updates}
+        )
+        .validate()
+    )
     straight, n = build_scheduler(cfg, optimizer(), UPDATES_PER_EPOCH)
     lrs = curve(straight, n, on_updates)
     # the LR in force when epoch 6 begins: the curve's value at the end of epoch 5 (per update, the curve holds
@@ -104,7 +135,7 @@ def test_start_epoch_sets_the_lr_and_counters_the_schedule_has_there(on_updates)
 
 
 def test_start_epoch_past_the_schedule_is_refused_before_any_work():
-    from raytrain_cls.trainer import resolve
+    from raytrain_cls.run.driver import resolve
 
     cfg = Config().update({"dataset": "digits", "epochs": 4, "cooldown_epochs": 1, "start_epoch": 5}).validate()
     with pytest.raises(ConfigError, match="sched.start_epoch.*runs 5 epochs"):

@@ -1,15 +1,22 @@
 """--naflex-loader without Ray: the batch plan (coverage, equal rank batches, exact resume), the loader's patch
 batches, mixup, bad images, the loss scale, the config's refusals and the driver's model check."""
+
 import math
 
 import pytest
 import torch
 
-from raytrain_cls.config import Config, ConfigError
-from raytrain_cls.data.loader import BadSample
-from raytrain_cls.data.naflex import (NaFlexBatchSampler, NaFlexItem, NaFlexTrainCollate, canonical_steps,
-                                      loss_scale, plan_steps, step_batch_size)
+from raytrain_cls.core.config import Config, ConfigError
+from raytrain_cls.data.naflex import (
+    NaFlexBatchSampler,
+    NaFlexItem,
+    NaFlexTrainCollate,
+    canonical_steps,
+    loss_scale,
+    step_batch_size,
+)
 from raytrain_cls.data.sampler import ResumableDistributedSampler
+from raytrain_cls.data.samples import BadSample
 
 SEQ_LENS = [4, 16, 36]
 TOKENS = 16 * 36  # --batch-size 16 at the longest sequence
@@ -120,19 +127,26 @@ def test_loss_scale_modes():
 
 
 def test_the_engine_scales_each_batchs_gradient():
-    from raytrain_cls.engine import TrainParts, train_one_epoch
+    from raytrain_cls.core.engine import TrainParts, train_one_epoch
 
     def step(scale):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 3))
         wrapped = DictModel(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        parts = TrainParts(model=wrapped, optimizer=optimizer, loss_fn=torch.nn.CrossEntropyLoss(),
-                           device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False),
-                           loss_scale=scale)
+        parts = TrainParts(
+            model=wrapped,
+            optimizer=optimizer,
+            loss_fn=torch.nn.CrossEntropyLoss(),
+            device=torch.device("cpu"),
+            autocast=lambda: torch.autocast("cpu", enabled=False),
+            loss_scale=scale,
+        )
         before = model[1].weight.detach().clone()
-        batch = ({"patches": torch.randn(6, 16, 16, generator=torch.Generator().manual_seed(1))},
-                 torch.tensor([0, 1, 2, 0, 1, 2]))
+        batch = (
+            {"patches": torch.randn(6, 16, 16, generator=torch.Generator().manual_seed(1))},
+            torch.tensor([0, 1, 2, 0, 1, 2]),
+        )
         metrics, _ = train_one_epoch(0, [batch], parts, 0)
         return model[1].weight.detach() - before, metrics["train_loss"]
 
@@ -153,15 +167,38 @@ class DictModel(torch.nn.Module):
 
 def naflex_config(**extra) -> Config:
     cfg = Config()
-    cfg.update({**dict(dataset="digits", model="naflexvit_base_patch16_gap", naflex_loader=True, in_chans=1,
-                       model_kwargs=dict(depth=1, embed_dim=32, num_heads=2, patch_size=4), batch_size=8,
-                       workers=0, naflex_train_seq_lens=SEQ_LENS, naflex_max_seq_len=16), **extra})
+    cfg.update(
+        {
+            **dict(
+                dataset="digits",
+                model="naflexvit_base_patch16_gap",
+                naflex_loader=True,
+                in_chans=1,
+                model_kwargs=dict(depth=1, embed_dim=32, num_heads=2, patch_size=4),
+                batch_size=8,
+                workers=0,
+                naflex_train_seq_lens=SEQ_LENS,
+                naflex_max_seq_len=16,
+            ),
+            **extra,
+        }
+    )
     return cfg
 
 
-@pytest.mark.parametrize("key,value", [("aug_splits", 2), ("aug_repeats", 3), ("gpu_decode", True),
-                                       ("cutmix_minmax", [0.2, 0.8]), ("tta", 1), ("save_images", True),
-                                       ("mixup_mode", "elem"), ("naflex_patch_size_probs", [0.5, 0.5])])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("aug_splits", 2),
+        ("aug_repeats", 3),
+        ("gpu_decode", True),
+        ("cutmix_minmax", [0.2, 0.8]),
+        ("tta", 1),
+        ("save_images", True),
+        ("mixup_mode", "elem"),
+        ("naflex_patch_size_probs", [0.5, 0.5]),
+    ],
+)
 def test_what_cannot_come_along_is_refused_by_name(key, value):
     cfg = naflex_config(**{key: value})
     with pytest.raises(ConfigError) as err:
@@ -170,7 +207,7 @@ def test_what_cannot_come_along_is_refused_by_name(key, value):
 
 
 def test_the_driver_refuses_a_model_that_takes_images_and_records_the_patch_size():
-    from raytrain_cls.trainer import resolve
+    from raytrain_cls.run.driver import resolve
 
     cfg = naflex_config()
     cfg.validate()
@@ -185,7 +222,7 @@ def test_the_loaders_give_patch_batches_that_the_model_takes():
     import timm
 
     from raytrain_cls.data import build_loaders, build_source
-    from raytrain_cls.trainer import resolve
+    from raytrain_cls.run.driver import resolve
 
     cfg = naflex_config(mixup=0.8, naflex_patch_sizes=[2, 4], naflex_patch_size_probs=[1, 3])
     with pytest.raises(ConfigError, match="enable_patch_interpolator"):  # the model must resize its embedding
@@ -212,9 +249,9 @@ def test_the_loaders_give_patch_batches_that_the_model_takes():
 def test_the_naflex_job_config_builds_a_model_that_takes_its_batches():
     from pathlib import Path
 
-    from raytrain_cls.config import load_config
-    from raytrain_cls.model import meta_model
-    from raytrain_cls.trainer import naflex_model_patch_size
+    from raytrain_cls.core.config import load_config
+    from raytrain_cls.core.model import meta_model
+    from raytrain_cls.run.driver import naflex_model_patch_size
 
     cfg = load_config(str(Path(__file__).parents[2] / "jobs" / "fashion_mnist_naflexvit.yaml"))
     assert cfg.data.naflex_loader and naflex_model_patch_size(cfg, meta_model(cfg, 10)) == 4

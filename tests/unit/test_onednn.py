@@ -1,9 +1,10 @@
 """CPU bf16 workers are kept off oneDNN's AMX kernel that leaks NaN (raytrain_cls/onednn.py); nobody else is."""
+
 import pytest
 
-from raytrain_cls.config import load_config
-from raytrain_cls.onednn import AMX_FREE_ISA, ISA_ENV, onednn_env
-from raytrain_cls.trainer import resolve, worker_env
+from raytrain_cls.core.config import load_config
+from raytrain_cls.core.onednn import AMX_FREE_ISA, ISA_ENV, onednn_env
+from raytrain_cls.run.driver import resolve, worker_env
 
 
 def _precision(**overrides):
@@ -15,11 +16,14 @@ def test_cpu_bf16_caps_the_isa_below_amx(overrides):
     assert onednn_env(_precision(**overrides), use_gpu=False, environ={}) == {ISA_ENV: AMX_FREE_ISA}
 
 
-@pytest.mark.parametrize("overrides, use_gpu", [
-    (dict(), False),  # fp32 on the CPU: AMX is never used for fp32, nothing to avoid
-    (dict(amp=True, amp_dtype="float16"), True),
-    (dict(amp=True, amp_dtype="bfloat16"), True),  # bf16 on GPUs: oneDNN is not in the step
-])
+@pytest.mark.parametrize(
+    "overrides, use_gpu",
+    [
+        (dict(), False),  # fp32 on the CPU: AMX is never used for fp32, nothing to avoid
+        (dict(amp=True, amp_dtype="float16"), True),
+        (dict(amp=True, amp_dtype="bfloat16"), True),  # bf16 on GPUs: oneDNN is not in the step
+    ],
+)
 def test_everything_else_keeps_the_environment(overrides, use_gpu):
     assert onednn_env(_precision(**overrides), use_gpu=use_gpu, environ={}) == {}
 

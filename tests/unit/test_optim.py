@@ -1,4 +1,5 @@
-"""raytrain_cls.optim: timm's LR scaling rule, schedule length, and the optimizer/scheduler factories."""
+"""raytrain_cls.core.optim: timm's LR scaling rule, schedule length, and the optimizer/scheduler factories."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,8 @@ import math
 import pytest
 import torch
 
-from raytrain_cls.config import Config
-from raytrain_cls.optim import build_optimizer, build_scheduler, resolve_lr, resolve_num_epochs
+from raytrain_cls.core.config import Config
+from raytrain_cls.core.optim import build_optimizer, build_scheduler, resolve_lr, resolve_num_epochs
 
 
 def cfg(**flat) -> Config:

@@ -1,10 +1,11 @@
 """preemption.PreemptionNotice: when a worker asks Ray Train about preemption, and when a notice means "checkpoint
 now". Ray Train's answer is faked with its own PreemptionInfo class; the real drain is the e2e two-node test's."""
+
 import time
 
 from ray.train.v2.api.preemption import PreemptionInfo
 
-from raytrain_cls.preemption import PreemptionNotice
+from raytrain_cls.run.preemption import PreemptionNotice
 
 
 class Answers:
@@ -19,8 +20,10 @@ class Answers:
 
 
 def info(*nodes, ranks=None, deadline_s=None):
-    return PreemptionInfo(deadline_ms=int((time.time() + deadline_s) * 1000) if deadline_s else None,
-                          preempted_node_to_ranks={n: (ranks or {}).get(n, [1]) for n in nodes})
+    return PreemptionInfo(
+        deadline_ms=int((time.time() + deadline_s) * 1000) if deadline_s else None,
+        preempted_node_to_ranks={n: (ranks or {}).get(n, [1]) for n in nodes},
+    )
 
 
 def test_asks_every_interval_updates_only():
@@ -37,8 +40,12 @@ def test_interval_zero_never_asks():
 
 def test_a_node_is_news_once_and_another_node_is_news_again():
     first, second = "a1" * 28, "b2" * 28
-    ask = Answers(None, info(first, ranks={first: [1]}, deadline_s=90), info(first),
-                  info(first, second, ranks={first: [1], second: [2, 3]}))
+    ask = Answers(
+        None,
+        info(first, ranks={first: [1]}, deadline_s=90),
+        info(first),
+        info(first, second, ranks={first: [1], second: [2, 3]}),
+    )
     notice = PreemptionNotice(1, ask)
     assert notice.check(1) is None
     text = notice.check(2)

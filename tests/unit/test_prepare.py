@@ -1,5 +1,6 @@
 """raytrain_cls.data.prepare: sources -> Parquet shards that read back as the very same samples; bad files skipped
 and listed; DST replaced only by a complete data set, never a user's unrelated folder. No Ray."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raytrain_cls.cli import EXIT_OK, EXIT_USAGE, main
-from raytrain_cls.config import Config
+from raytrain_cls.commands.cli import EXIT_OK, EXIT_USAGE, main
+from raytrain_cls.core.config import Config
 from raytrain_cls.data import prepare as prepare_module
 from raytrain_cls.data.prepare import prepare, resolve_dataset
+from raytrain_cls.data.registry import build_source
 from raytrain_cls.data.shards import MANIFEST, iter_rows, read_manifest, verify_folder
-from raytrain_cls.data.sources import (FASHION_MNIST_CLASSES, DataError, build_source, load_digits_source,
-                                       load_fashion_mnist_source)
+from raytrain_cls.data.sources import FASHION_MNIST_CLASSES, DataError, load_digits_source, load_fashion_mnist_source
 
 QUIET = dict(log=lambda message: None, progress_stream=io.StringIO())
 
@@ -67,8 +68,11 @@ def add_bad_files(split_dir: Path) -> dict[str, str]:
     (split_dir / "cat" / "empty.jpg").write_bytes(b"")
     (split_dir / "dog" / "notes.png").write_text("not an image\n")
     prefix = split_dir.name
-    return {f"{prefix}/cat/truncated.jpg": "", f"{prefix}/cat/empty.jpg": "empty file",
-            f"{prefix}/dog/notes.png": "not an image"}
+    return {
+        f"{prefix}/cat/truncated.jpg": "",
+        f"{prefix}/cat/empty.jpg": "empty file",
+        f"{prefix}/dog/notes.png": "not an image",
+    }
 
 
 # ---- digits ----------------------------------------------------------------------------------------------------
@@ -100,7 +104,8 @@ def test_shard_size_splits_into_shards(tmp_path):
     assert [s.file for s in manifest.splits["train"].shards] == [f"train-0000{i}.parquet" for i in range(3)]
     assert sum(manifest.splits["train"].class_counts) == 1438
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(
-        [MANIFEST, "validation-00000.parquet"] + [f"train-0000{i}.parquet" for i in range(3)])
+        [MANIFEST, "validation-00000.parquet"] + [f"train-0000{i}.parquet" for i in range(3)]
+    )
 
 
 # ---- ImageFolder -----------------------------------------------------------------------------------------------
@@ -118,8 +123,9 @@ def test_folder_round_trip_stores_the_original_bytes(tmp_path):
     rows = {name: list(iter_rows(str(dst), split)) for name, split in manifest.splits.items()}
     # The source's order: per class in class-list order, files sorted.
     assert [r[2] for r in rows["validation"]] == ["val/cat/00.png", "val/cat/01.jpg", "val/dog/00.png"]
-    assert [r[2] for r in rows["train"]][:4] == [f"train/cat/{i:02d}.{e}" for i, e in
-                                                  enumerate(["png", "jpg", "png", "jpg"])]
+    assert [r[2] for r in rows["train"]][:4] == [
+        f"train/cat/{i:02d}.{e}" for i, e in enumerate(["png", "jpg", "png", "jpg"])
+    ]
     for name in rows:
         for data, label, path in rows[name]:
             assert data == (src / path).read_bytes()  # stored as is, never re-encoded
@@ -139,14 +145,18 @@ def test_validation_labels_follow_the_class_map_not_a_sort_of_their_own(tmp_path
     manifest = run_prepare(src, tmp_path / "out", class_map=str(class_map))
     assert manifest.classes == ["dog", "cat", "ant"]
     val = list(iter_rows(str(tmp_path / "out"), manifest.splits["validation"]))
-    assert [(r[2], r[1]) for r in val] == [("validation/dog/00.png", 0), ("validation/dog/01.jpg", 0),
-                                          ("validation/cat/00.png", 1)]
+    assert [(r[2], r[1]) for r in val] == [
+        ("validation/dog/00.png", 0),
+        ("validation/dog/01.jpg", 0),
+        ("validation/cat/00.png", 1),
+    ]
     assert manifest.splits["validation"].class_counts == [2, 1, 0]
     for split in manifest.splits.values():
         for data, label, path in iter_rows(str(tmp_path / "out"), split):
             assert data == (src / path).read_bytes()  # each row's bytes are the file its path names
             assert Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0))[:3] == pytest.approx(
-                COLORS[manifest.classes[label]], abs=8)  # JPEG is lossy; the colour still names the class
+                COLORS[manifest.classes[label]], abs=8
+            )  # JPEG is lossy; the colour still names the class
 
 
 def test_differing_class_sets_are_an_error(tmp_path):
@@ -227,8 +237,12 @@ def test_rerun_replaces_an_existing_data_set(tmp_path, two_trees):
     assert len(read_manifest(str(dst)).splits["train"].shards) == 3
     manifest = run_prepare(second, dst, shard_size=2)
     assert read_manifest(str(dst)).classes == ["ant"] == manifest.classes
-    assert sorted(p.name for p in dst.iterdir()) == [MANIFEST, "train-00000.parquet", "train-00001.parquet",
-                                                      "validation-00000.parquet"]  # no stale shards of the first
+    assert sorted(p.name for p in dst.iterdir()) == [
+        MANIFEST,
+        "train-00000.parquet",
+        "train-00001.parquet",
+        "validation-00000.parquet",
+    ]  # no stale shards of the first
     verify_folder(str(dst))
     assert leftovers(dst) == []
 
@@ -314,8 +328,9 @@ def test_an_empty_folder_or_a_missing_parent_is_fine(tmp_path, two_trees):
 @pytest.mark.parametrize("where", ["file", "inside-src", "is-src", "uri"])
 def test_destinations_that_are_refused(tmp_path, two_trees, where):
     first, _ = two_trees
-    dst = {"file": tmp_path / "file.txt", "inside-src": first / "shards", "is-src": first,
-           "uri": "s3://bucket/shards"}[where]
+    dst = {"file": tmp_path / "file.txt", "inside-src": first / "shards", "is-src": first, "uri": "s3://bucket/shards"}[
+        where
+    ]
     if where == "file":
         dst.write_text("x")
     with pytest.raises(DataError):
@@ -355,14 +370,24 @@ def test_fashion_mnist_from_an_idx_folder(tmp_path):
     for ours, theirs in ((shards.train, original.train), (shards.val, original.val)):
         np.testing.assert_array_equal(ours.targets, theirs.targets)
         assert all(np.array_equal(np.asarray(ours[i][0]), np.asarray(theirs[i][0])) for i in range(len(theirs)))
-    assert [r[2] for r in iter_rows(str(dst), manifest.splits["validation"])][:2] == ["fashion_mnist/val[0]",
-                                                                                     "fashion_mnist/val[1]"]
+    assert [r[2] for r in iter_rows(str(dst), manifest.splits["validation"])][:2] == [
+        "fashion_mnist/val[0]",
+        "fashion_mnist/val[1]",
+    ]
 
 
-@pytest.mark.parametrize("src, dataset, kind", [("digits", None, "digits"), ("fashion_mnist", None, "fashion_mnist"),
-                                                ("fashion-mnist", None, "fashion_mnist"), ("./digits", None, "folder"),
-                                                ("/data/imagenet", None, "folder"), ("x", "imagefolder", "folder"),
-                                                ("/idx", "fashion_mnist", "fashion_mnist")])
+@pytest.mark.parametrize(
+    "src, dataset, kind",
+    [
+        ("digits", None, "digits"),
+        ("fashion_mnist", None, "fashion_mnist"),
+        ("fashion-mnist", None, "fashion_mnist"),
+        ("./digits", None, "folder"),
+        ("/data/imagenet", None, "folder"),
+        ("x", "imagefolder", "folder"),
+        ("/idx", "fashion_mnist", "fashion_mnist"),
+    ],
+)
 def test_what_src_is(src, dataset, kind):
     assert resolve_dataset(src, dataset) == kind
 
@@ -397,9 +422,23 @@ def test_cli_prepare_succeeds(tmp_path, capsys):
 def test_cli_prepare_folder_options(tmp_path, capsys):
     src = make_tree(tmp_path / "src", {"training": {"cat": 1, "dog": 1}, "test": {"cat": 1}})
     (tmp_path / "classes.json").write_text('["dog", "cat"]')
-    argv = ["prepare", str(src), str(tmp_path / "out"), "--dataset", "imagefolder", "--class-map",
-            str(tmp_path / "classes.json"), "--train-split", "training", "--val-split", "test", "-j", "1",
-            "--max-image-pixels", "1000"]
+    argv = [
+        "prepare",
+        str(src),
+        str(tmp_path / "out"),
+        "--dataset",
+        "imagefolder",
+        "--class-map",
+        str(tmp_path / "classes.json"),
+        "--train-split",
+        "training",
+        "--val-split",
+        "test",
+        "-j",
+        "1",
+        "--max-image-pixels",
+        "1000",
+    ]
     assert main(argv) == EXIT_OK
     manifest = read_manifest(str(tmp_path / "out"))
     assert manifest.classes == ["dog", "cat"] and manifest.splits["validation"].class_counts == [0, 1]

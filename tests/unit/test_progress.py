@@ -1,11 +1,12 @@
-"""raytrain_cls.progress: one redrawn line on a terminal, a plain line per ~10% otherwise; clock and stream injected."""
+"""raytrain_cls.core.progress: one redrawn line on a terminal, a plain line per ~10% otherwise; clock, stream given."""
+
 from __future__ import annotations
 
 import io
 
 import pytest
 
-from raytrain_cls.progress import Progress, format_duration
+from raytrain_cls.core.progress import Progress, format_duration
 
 
 class FakeClock:

@@ -1,10 +1,11 @@
 """ray_trainer: runs on a cluster without the state API go without Ray Train's placement-group cleaner (which could
 only log there, every second, and outlive a stopped trial); everything else Ray Train sets up stays. No Ray runs."""
+
 import ray.train
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from raytrain_cls import ray_trainer
+from raytrain_cls.run import ray_trainer
 
 
 def _noop(config):
@@ -12,8 +13,9 @@ def _noop(config):
 
 
 def callback_types(cls) -> list[type]:
-    trainer = cls(_noop, scaling_config=ray.train.ScalingConfig(num_workers=1),
-                  run_config=ray.train.RunConfig(callbacks=[]))
+    trainer = cls(
+        _noop, scaling_config=ray.train.ScalingConfig(num_workers=1), run_config=ray.train.RunConfig(callbacks=[])
+    )
     return [type(cb) for cb in trainer._create_default_callbacks()]
 
 
@@ -28,4 +30,3 @@ def test_trainer_class_follows_the_state_api(monkeypatch):
     assert ray_trainer.trainer_class() is TorchTrainer
     monkeypatch.setattr(ray_trainer, "state_api_available", lambda: False)
     assert ray_trainer.trainer_class() is ray_trainer.TorchTrainerWithoutCleaner
-

@@ -3,6 +3,7 @@ validates (the flags exist, the values are allowed). The examples that can run o
 as written: the two commands (CI), the cluster block (tests/e2e/test_readme_cluster.py), the default job, eval,
 predict, prepare, plot and doctor (tests/integration). This test catches the drift those cannot: a renamed flag,
 a removed choice, an example for a GPU cluster that no longer validates."""
+
 from __future__ import annotations
 
 import re
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from raytrain_cls.cli import base_recipe, build_parser, overrides_of
-from raytrain_cls.config import load_config
-from raytrain_cls.model import check_model_name
+from raytrain_cls.commands.cli import base_recipe, build_parser, overrides_of
+from raytrain_cls.core.config import load_config
+from raytrain_cls.core.model import check_model_name
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "jobs/README.md", "docs/benchmarks.md")
@@ -37,8 +38,8 @@ def examples() -> list[tuple[str, list[str]]]:
                         found.append((f"{doc}: {part.strip()}", words[3:]))
                     elif words[:2] == ["--", "raytrain-cls"]:
                         found.append((f"{doc}: {part.strip()}", words[2:]))
-                    elif "--" in words and words[words.index("--") + 1:][:1] == ["raytrain-cls"]:
-                        found.append((f"{doc}: {part.strip()}", words[words.index("--") + 2:]))
+                    elif "--" in words and words[words.index("--") + 1 :][:1] == ["raytrain-cls"]:
+                        found.append((f"{doc}: {part.strip()}", words[words.index("--") + 2 :]))
     return found
 
 
@@ -55,7 +56,7 @@ def test_example_parses_and_its_config_validates(where, argv, capsys):
     if not argv or "--help" in argv:
         return
     if argv[0] == "bench":
-        from raytrain_cls.bench import parse_args
+        from raytrain_cls.bench.cli import parse_args
 
         parse_args(argv[1:])
         return

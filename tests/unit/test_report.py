@@ -1,19 +1,26 @@
-"""raytrain_cls.report: summary.csv keyed by epoch, console lines, result.json."""
+"""raytrain_cls.run.report: summary.csv keyed by epoch, console lines, result.json."""
+
 from __future__ import annotations
 
 import json
-import os
 from types import SimpleNamespace
 
-import pytest
-
-from raytrain_cls.report import (SUMMARY_COLUMNS, SummaryCallback, build_result, epoch_line, read_summary, step_line,
-                                 write_result, write_summary)
+from raytrain_cls.run.report import (
+    SUMMARY_COLUMNS,
+    SummaryCallback,
+    build_result,
+    epoch_line,
+    read_summary,
+    step_line,
+    write_result,
+    write_summary,
+)
 
 
 def row(epoch: int, loss: float, **extra) -> dict:
-    return dict(epoch=epoch, train_loss=loss, eval_loss=loss + 1, eval_top1=50.0 + epoch, eval_top5=90.0, lr=0.01,
-                **extra)
+    return dict(
+        epoch=epoch, train_loss=loss, eval_loss=loss + 1, eval_top1=50.0 + epoch, eval_top5=90.0, lr=0.01, **extra
+    )
 
 
 def test_summary_columns_are_timms():
@@ -55,8 +62,9 @@ def test_summary_callback_ignores_reports_without_epoch(tmp_path):
 
 
 def test_step_line():
-    line = step_line(dict(epoch=2, step=25, steps=100, loss=1.23456, lr=0.0125, img_per_sec=987.6, data_time=3.21),
-                     num_epochs=10)
+    line = step_line(
+        dict(epoch=2, step=25, steps=100, loss=1.23456, lr=0.0125, img_per_sec=987.6, data_time=3.21), num_epochs=10
+    )
     assert line.startswith("Train: 2/9 [  25/100 ( 25%)]")
     for part in ("loss 1.2346", "lr 1.250e-02", "988 img/s", "data 3.2s"):
         assert part in line
@@ -73,14 +81,20 @@ def test_epoch_line_with_and_without_best():
 
 
 def _result(best, metrics=None):
-    return SimpleNamespace(metrics=metrics or {"epoch": 2, "top1": 70.0}, path="/runs/x",
-                           checkpoint=SimpleNamespace(path="/runs/x/epoch-2"),
-                           best_checkpoints=[(SimpleNamespace(path=p), m) for p, m in best])
+    return SimpleNamespace(
+        metrics=metrics or {"epoch": 2, "top1": 70.0},
+        path="/runs/x",
+        checkpoint=SimpleNamespace(path="/runs/x/epoch-2"),
+        best_checkpoints=[(SimpleNamespace(path=p), m) for p, m in best],
+    )
 
 
 def test_build_result_picks_best_by_mode():
-    best = [("/c0", {"epoch": 0, "top1": 60.0, "loss": 0.9}), ("/c1", {"epoch": 1, "top1": 80.0, "loss": 0.7}),
-            ("/c2", {"epoch": 2, "top1": 70.0, "loss": 0.5})]
+    best = [
+        ("/c0", {"epoch": 0, "top1": 60.0, "loss": 0.9}),
+        ("/c1", {"epoch": 1, "top1": 80.0, "loss": 0.7}),
+        ("/c2", {"epoch": 2, "top1": 70.0, "loss": 0.5}),
+    ]
     hi = build_result(_result(best), "top1", "max")
     assert (hi["best_checkpoint"], hi["best_value"], hi["best_epoch"]) == ("/c1", 80.0, 1)
     lo = build_result(_result(best), "loss", "min")
@@ -98,8 +112,12 @@ def test_build_result_breaks_ties_toward_the_later_epoch():
 def test_build_result_on_cloud_storage_names_checkpoints_by_uri():
     """Ray reports bucket-relative paths for a run on S3; result.json must name URIs that eval/--resume open."""
     best = [("runs/x/epoch-0", {"epoch": 0, "top1": 60.0}), ("runs/x/epoch-1", {"epoch": 1, "top1": 80.0})]
-    res = SimpleNamespace(metrics={"epoch": 1}, path="runs/x", checkpoint=SimpleNamespace(path="runs/x/epoch-1"),
-                          best_checkpoints=[(SimpleNamespace(path=c), m) for c, m in best])
+    res = SimpleNamespace(
+        metrics={"epoch": 1},
+        path="runs/x",
+        checkpoint=SimpleNamespace(path="runs/x/epoch-1"),
+        best_checkpoints=[(SimpleNamespace(path=c), m) for c, m in best],
+    )
     out = build_result(res, "top1", "max", "s3://runs/x?region=eu-west-1")
     assert out["best_checkpoint"] == out["latest_checkpoint"] == "s3://runs/x/epoch-1?region=eu-west-1"
     assert out["run_dir"] == "s3://runs/x?region=eu-west-1"

@@ -1,6 +1,7 @@
 """--data-on-device (data/resident.py) through build_loaders, on the CPU device (the same code a GPU worker runs):
 the batches are the --gpu-decode path's to the bit, a resumed epoch continues with exactly the unseen batches,
 bad images are skipped and counted every epoch, validation is split exactly, and what cannot work is refused."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,14 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
-from raytrain_cls.config import Config, ConfigError
+from raytrain_cls.core.config import Config, ConfigError
 from raytrain_cls.data import DataError
 from raytrain_cls.data.loader import build_loaders
+from raytrain_cls.data.registry import build_source
 from raytrain_cls.data.resident import check_fits, image_bytes, load_resident
-from raytrain_cls.data.sources import build_source
 
-DATA_CONFIG = {"input_size": [3, 24, 24], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3,
-               "crop_pct": 1.0, "crop_mode": "center"}
+DATA_CONFIG = {
+    "input_size": [3, 24, 24],
+    "interpolation": "bilinear",
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
 
 
 @pytest.fixture()
@@ -28,15 +35,31 @@ def tree(tmp_path):
             folder.mkdir(parents=True)
             for i in range(9):
                 size = (40, 32) if i % 3 else (30, 36)
-                Image.fromarray(rng.randint(0, 256, (4, 5, 3), dtype=np.uint8)).resize(size, Image.BILINEAR) \
-                    .save(folder / f"{i}.png")
+                Image.fromarray(rng.randint(0, 256, (4, 5, 3), dtype=np.uint8)).resize(size, Image.BILINEAR).save(
+                    folder / f"{i}.png"
+                )
     (tmp_path / "train" / "bee" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return tmp_path
 
 
 def cfg_for(root, **flat) -> Config:
-    return Config().update({"dataset": "folder", "data_dir": str(root), "model": "test_resnet", "batch_size": 4,
-                            "workers": 0, "seed": 5, "color_jitter": 0.3, "reprob": 0.25, **flat}).validate()
+    return (
+        Config()
+        .update(
+            {
+                "dataset": "folder",
+                "data_dir": str(root),
+                "model": "test_resnet",
+                "batch_size": 4,
+                "workers": 0,
+                "seed": 5,
+                "color_jitter": 0.3,
+                "reprob": 0.25,
+                **flat,
+            }
+        )
+        .validate()
+    )
 
 
 def epoch_batches(cfg, epoch=0, consumed=0, rank=0, world=1, split="train"):
@@ -99,7 +122,7 @@ def test_bad_images_are_found_once_and_counted_every_epoch(tree):
     assert list(loaders.train.dataset.bad) == [i for i in range(19) if source.train.describe(i).endswith("broken.png")]
     for epoch in (0, 1):
         loaders.set_epoch(epoch)
-        (x, y), = list(loaders.train)
+        ((x, y),) = list(loaders.train)
         assert x.shape[0] == 19  # the broken image's place refilled with a readable one
         assert loaders.train.bad.count == 1 and "broken.png" in loaders.train.bad.examples[0]
 
@@ -115,8 +138,20 @@ def test_two_ranks_split_validation_exactly_and_share_the_training_order(tree):
 
 
 def test_grey_images_for_a_one_channel_model_stay_one_channel():
-    cfg = Config().update({"dataset": "digits", "model": "test_resnet", "in_chans": 1, "batch_size": 8,
-                           "workers": 0, "data_on_device": True}).validate()
+    cfg = (
+        Config()
+        .update(
+            {
+                "dataset": "digits",
+                "model": "test_resnet",
+                "in_chans": 1,
+                "batch_size": 8,
+                "workers": 0,
+                "data_on_device": True,
+            }
+        )
+        .validate()
+    )
     data_config = {**DATA_CONFIG, "input_size": [1, 16, 16], "mean": [0.5], "std": [0.25]}
     loaders = build_loaders(cfg, build_source(cfg), data_config, 0, 1, device="cpu")
     loaders.set_epoch(0)
@@ -150,13 +185,16 @@ def test_on_cpu_workers_more_than_a_quarter_of_the_hosts_available_memory_is_ref
         check_fits(available, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("flat, key", [
-    ({"gpu_decode": True}, "data.gpu_decode"),
-    ({"loader": "ray", "dataset": "parquet", "data_dir": "/data/shards"}, "data.loader"),
-    ({"aa": "rand-m9-mstd0.5"}, "aug.aa"),
-    ({"aug_splits": 2}, "aug.aug_splits"),
-    ({"naflex_loader": True, "model": "naflexvit_base_patch16_gap"}, "data.naflex_loader"),
-])
+@pytest.mark.parametrize(
+    "flat, key",
+    [
+        ({"gpu_decode": True}, "data.gpu_decode"),
+        ({"loader": "ray", "dataset": "parquet", "data_dir": "/data/shards"}, "data.loader"),
+        ({"aa": "rand-m9-mstd0.5"}, "aug.aa"),
+        ({"aug_splits": 2}, "aug.aug_splits"),
+        ({"naflex_loader": True, "model": "naflexvit_base_patch16_gap"}, "data.naflex_loader"),
+    ],
+)
 def test_what_cannot_run_on_the_device_is_refused_naming_the_key(flat, key):
     cfg = Config().update({"dataset": "digits", "model": "test_resnet", "data_on_device": True, **flat})
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

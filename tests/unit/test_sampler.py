@@ -1,4 +1,5 @@
 """raytrain_cls.data.sampler: worker-count-independent training order, exact resume, exact validation shards."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -84,15 +85,15 @@ def test_resume_yields_exactly_the_remainder(world, consumed):
     per_rank = -(-(n - consumed) // world)
     assert all(len(p) == per_rank for p in parts)
     interleaved = [parts[r][k] for k in range(per_rank) for r in range(world)]
-    assert interleaved[:n - consumed] == order[consumed:]
-    assert interleaved[n - consumed:] == order[:per_rank * world - (n - consumed)]
+    assert interleaved[: n - consumed] == order[consumed:]
+    assert interleaved[n - consumed :] == order[: per_rank * world - (n - consumed)]
 
 
 def test_resume_across_world_sizes():
     """Two workers stopped after 3 steps of batch 2 (12 samples consumed); one worker resumes with the rest."""
     n, seed, epoch, batch = 30, 9, 1, 2
     before = ranks(n, 2, seed=seed, epoch=epoch)
-    seen = {i for p in before for i in p[:3 * batch]}
+    seen = {i for p in before for i in p[: 3 * batch]}
     after = ranks(n, 1, seed=seed, epoch=epoch, consumed=2 * 3 * batch)[0]
     assert seen.isdisjoint(after) and seen | set(after) == set(range(n))
 

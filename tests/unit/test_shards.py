@@ -1,5 +1,6 @@
 """raytrain_cls.data.shards + the parquet source: manifest round trip, checksums that catch altered shards, the
 same rows through a local path and an s3:// URI (a local moto S3 server), and the shard-window sample order."""
+
 from __future__ import annotations
 
 import io
@@ -11,12 +12,20 @@ import pytest
 import torch
 from PIL import Image
 
-from raytrain_cls.config import Config
+from raytrain_cls.core.config import Config
 from raytrain_cls.data.loader import build_loaders
+from raytrain_cls.data.registry import build_source
 from raytrain_cls.data.sampler import ResumableDistributedSampler, block_order
-from raytrain_cls.data.shards import (MANIFEST, Manifest, ShardError, ShardWriter, read_manifest, read_shard,
-                                      verify_folder)
-from raytrain_cls.data.sources import DataError, build_source
+from raytrain_cls.data.shards import (
+    MANIFEST,
+    Manifest,
+    ShardError,
+    ShardWriter,
+    read_manifest,
+    read_shard,
+    verify_folder,
+)
+from raytrain_cls.data.sources import DataError
 
 CLASSES = ["dark", "light"]
 
@@ -42,8 +51,11 @@ def write_shards(root, n_train=23, n_val=7, shard_size=5) -> Manifest:
 
 
 def parquet_cfg(uri: str, **flat) -> Config:
-    return Config().update({"dataset": "parquet", "data_dir": uri, "model": "test_resnet", "batch_size": 4,
-                            "workers": 0, **flat}).validate()
+    return (
+        Config()
+        .update({"dataset": "parquet", "data_dir": uri, "model": "test_resnet", "batch_size": 4, "workers": 0, **flat})
+        .validate()
+    )
 
 
 def test_manifest_round_trip_and_shard_layout(tmp_path):
@@ -128,7 +140,7 @@ def test_block_order_is_a_permutation_that_stays_inside_windows():
     sizes = [5] * 6
     order = block_order(sizes, seed=1, epoch=0, window=2).tolist()
     assert sorted(order) == list(range(30))
-    windows = [{i // 5 for i in order[lo:lo + 10]} for lo in (0, 10, 20)]
+    windows = [{i // 5 for i in order[lo : lo + 10]} for lo in (0, 10, 20)]
     assert all(len(w) == 2 for w in windows)  # each run of 10 samples = exactly two whole shards
     assert set().union(*windows) == set(range(6))
     assert order[:10] != sorted(order[:10])  # shuffled inside the window
@@ -171,12 +183,19 @@ def test_loader_uses_the_shard_window_and_reads_few_shards(tmp_path, monkeypatch
     write_shards(tmp_path / "s", n_train=40, shard_size=5)  # 8 shards
     reads = []
     real = shards.read_shard
-    monkeypatch.setattr(shards, "read_shard", lambda root, shard, verify=True: reads.append(shard.file) or
-                        real(root, shard, verify))
+    monkeypatch.setattr(
+        shards, "read_shard", lambda root, shard, verify=True: reads.append(shard.file) or real(root, shard, verify)
+    )
     cfg = parquet_cfg(str(tmp_path / "s"), shuffle_window=2)
     src = build_source(cfg)
-    dc = {"input_size": [3, 8, 8], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
-          "crop_pct": 1.0, "crop_mode": "center"}
+    dc = {
+        "input_size": [3, 8, 8],
+        "interpolation": "bilinear",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
     loaders = build_loaders(cfg, src, dc, rank=0, world_size=1)
     loaders.set_epoch(0)
     assert loaders.train_sampler.blocks == [5] * 8 and loaders.train_sampler.window == 2

@@ -1,4 +1,5 @@
 """raytrain_cls.data.sources: digits, Fashion-MNIST IDX files and ImageFolder trees as (PIL image, label) data sets."""
+
 from __future__ import annotations
 
 import gzip
@@ -10,9 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raytrain_cls.config import Config
-from raytrain_cls.data.sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, build_source, find_split,
-                                       load_digits_source, load_fashion_mnist_source, load_folder_source, read_idx)
+from raytrain_cls.core.config import Config
+from raytrain_cls.data.registry import build_source
+from raytrain_cls.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    DataError,
+    find_split,
+    load_digits_source,
+    load_fashion_mnist_source,
+    load_folder_source,
+    read_idx,
+)
 
 
 # ---- digits --------------------------------------------------------------------------------------------------
@@ -111,8 +121,9 @@ def test_gz_is_preferred_when_both_exist(tmp_path):
     assert len(load_fashion_mnist_source(str(tmp_path)).train) == 6
 
 
-@pytest.mark.parametrize("header", [bytes([0, 0, 0x09, 1]), bytes([1, 0, 0x08, 1]), b"PK\x03"],
-                         ids=["signed-type", "nonzero-magic", "short"])
+@pytest.mark.parametrize(
+    "header", [bytes([0, 0, 0x09, 1]), bytes([1, 0, 0x08, 1]), b"PK\x03"], ids=["signed-type", "nonzero-magic", "short"]
+)
 def test_bad_magic_is_a_data_error(tmp_path, header):
     path = tmp_path / "bad-idx1-ubyte"
     path.write_bytes(header + struct.pack(">I", 1) + b"\x00")
@@ -301,7 +312,9 @@ def test_digits_read_from_the_packaged_csv_equal_sklearns_loader_without_importi
     bunch = load_digits()
     np.testing.assert_array_equal(pixels, bunch.images)
     np.testing.assert_array_equal(labels, bunch.target)
-    code = ("import sys; from raytrain_cls.data.sources import load_digits_source; s = load_digits_source(); "
-            "assert len(s.train) == 1438 and len(s.val) == 359; print('sklearn' in sys.modules)")
+    code = (
+        "import sys; from raytrain_cls.data.sources import load_digits_source; s = load_digits_source(); "
+        "assert len(s.train) == 1438 and len(s.val) == 359; print('sklearn' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -1,11 +1,12 @@
 """The start-up breakdown (startup.py): phases between wall-clock stamps, robust to missing and early stamps."""
+
 import subprocess
 import sys
 import time
 
 import pytest
 
-from raytrain_cls.startup import PHASES, STAMPS, breakdown, describe, process_start, stamp
+from raytrain_cls.run.startup import PHASES, STAMPS, breakdown, describe, process_start, stamp
 
 
 def stamps_every_second():
@@ -24,8 +25,9 @@ def test_a_missing_stamp_merges_its_phase_into_the_next():
     stamps = stamps_every_second()
     del stamps["worker_imported"]
     phases = dict(breakdown(stamps)["phases"])
-    assert phases["worker start (Ray worker, torch, process group) + train function imports (timm, raytrain_cls)"] \
-        == 2.0
+    assert (
+        phases["worker start (Ray worker, torch, process group) + train function imports (timm, raytrain_cls)"] == 2.0
+    )
     assert sum(phases.values()) == breakdown(stamps)["total_s"] == len(STAMPS) - 1
 
 
@@ -34,8 +36,10 @@ def test_a_worker_process_older_than_the_fit_is_left_out_not_counted_negative():
     stamps["worker_process"] = stamps["process"] - 50  # Ray handed the actor an idle, pre-started process
     result = breakdown(stamps)
     assert all(seconds >= 0 for _, seconds in result["phases"])
-    assert dict(result["phases"])["Ray Train controller + worker group + worker start (Ray worker, torch, process "
-                                  "group)"] == 2.0
+    assert (
+        dict(result["phases"])["Ray Train controller + worker group + worker start (Ray worker, torch, process group)"]
+        == 2.0
+    )
     assert result["total_s"] == len(STAMPS) - 1
 
 
@@ -81,8 +85,12 @@ def test_stamp_keeps_the_first_time_unless_told_when():
 
 def test_process_start_is_when_the_process_started():
     before = time.time()
-    out = subprocess.run([sys.executable, "-c", "from raytrain_cls.startup import process_start; "
-                          "print(process_start())"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", "from raytrain_cls.run.startup import process_start; print(process_start())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     # /proc counts in 10 ms ticks; the child started after `before` and long before it printed.
     assert before - 0.05 <= float(out) <= time.time()
     assert process_start() <= before

@@ -1,4 +1,5 @@
-"""raytrain_cls.state: checkpoint round trip, and refusal of anything that is not plain data."""
+"""raytrain_cls.core.state: checkpoint round trip, and refusal of anything that is not plain data."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,36 @@ import pytest
 import timm
 import torch
 
-from raytrain_cls.config import Config
-from raytrain_cls.model import build_ema
-from raytrain_cls.optim import build_optimizer, build_scheduler
-from raytrain_cls.state import (EMA_FILE, META_FILE, MODEL_FILE, STATE_FILE, CheckpointError, TrainState, load_weights,
-                                save_weights)
-from raytrain_cls.storage import local_dir
+from raytrain_cls.core.config import Config
+from raytrain_cls.core.model import build_ema
+from raytrain_cls.core.optim import build_optimizer, build_scheduler
+from raytrain_cls.core.state import (
+    EMA_FILE,
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    TrainState,
+    load_weights,
+    save_weights,
+)
+from raytrain_cls.core.storage import local_dir
 
-CFG = Config().update({"dataset": "digits", "model": "test_resnet", "lr": 0.1, "epochs": 6, "warmup_epochs": 1,
-                       "model_ema": True, "model_ema_decay": 0.9}).validate()
+CFG = (
+    Config()
+    .update(
+        {
+            "dataset": "digits",
+            "model": "test_resnet",
+            "lr": 0.1,
+            "epochs": 6,
+            "warmup_epochs": 1,
+            "model_ema": True,
+            "model_ema_decay": 0.9,
+        }
+    )
+    .validate()
+)
 
 
 def make_state(seed: int) -> TrainState:
@@ -123,6 +145,7 @@ def test_state_file_is_plain_data(tmp_path):
 
 def test_tied_weights_round_trip(tmp_path):
     """Tensors sharing storage (tied embeddings) are written once and restored into both names."""
+
     class Tied(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -1,12 +1,13 @@
-"""raytrain_cls.storage: atomic local writes, and the same file operations on a cloud URI (a local moto S3)."""
+"""raytrain_cls.core.storage: atomic local writes, and the same file operations on a cloud URI (a local moto S3)."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from raytrain_cls import storage
-from raytrain_cls.storage import atomic_write_text, exists, join, read_text, split, write_text
+from raytrain_cls.core import storage
+from raytrain_cls.core.storage import atomic_write_text, exists, join, read_text, split, write_text
 
 
 def test_atomic_write_creates_parents_and_leaves_no_temp(tmp_path):

@@ -1,4 +1,5 @@
 """timm train.py options that change behaviour inside the loop, each shown to do so (not only to parse)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +8,10 @@ import pytest
 import timm
 import torch
 
-from raytrain_cls.config import Config, ConfigError, load_config
-from raytrain_cls.model import build_model, compile_model
-from raytrain_cls.optim import build_optimizer
-from raytrain_cls.trainer import resolve_scaling
+from raytrain_cls.core.config import Config, ConfigError, load_config
+from raytrain_cls.core.model import build_model, compile_model
+from raytrain_cls.core.optim import build_optimizer
+from raytrain_cls.run.driver import resolve_scaling
 
 CPU = torch.device("cpu")
 
@@ -89,7 +90,8 @@ def test_a_timm_args_yaml_loads(tmp_path, capsys):
         "data: null\ndata_dir: null\ndataset: sklearn/digits\nmodel: resnet10t\nlr: 0.05\nepochs: 3\n"
         "batch_size: 32\nsmoothing: 0.1\nmixup: 0.2\ncutmix: 1.0\nmodel_ema: true\nclip_mode: agc\nclip_grad: 0.01\n"
         "local_rank: 0\ndevice: cuda\ndistributed: false\nworld_size: 1\nrank: 0\nprefetcher: true\n"
-        "no_prefetcher: false\nchannels_last: false\namp: true\namp_dtype: bfloat16\n")
+        "no_prefetcher: false\nchannels_last: false\namp: true\namp_dtype: bfloat16\n"
+    )
     cfg = load_config(str(tmp_path / "args.yaml"))
     assert cfg.model.model == "resnet10t" and cfg.optim.clip_mode == "agc" and cfg.aug.cutmix == 1.0
     assert "ignoring timm key 'local_rank'" in capsys.readouterr().err
@@ -108,8 +110,11 @@ def test_timms_own_args_yaml_with_every_key_loads_with_timms_values(capsys):
     raw = yaml.safe_load(TIMM_ARGS.read_text())
     cfg = load_config(str(TIMM_ARGS), {"data_dir": "/data/imagenet"})
     ours = cfg.flat()
-    differ = {k: (v, ours[k]) for k, v in raw.items() if k in ours and k != "data_dir" and v != ours[k]
-              and not (v in (None, "") and ours[k] in (None, ""))}
+    differ = {
+        k: (v, ours[k])
+        for k, v in raw.items()
+        if k in ours and k != "data_dir" and v != ours[k] and not (v in (None, "") and ours[k] in (None, ""))
+    }
     assert not differ, differ
     assert cfg.model.model == "resnet50" and cfg.sched.epochs == 300 and cfg.optim.lr is None
     assert "ignoring timm key 'local_rank'" in capsys.readouterr().err
@@ -128,8 +133,13 @@ def test_an_args_yaml_switching_on_a_feature_we_lack_fails_by_name(tmp_path, key
 def test_an_args_yaml_with_the_naflex_loader_on_loads_its_settings(tmp_path):
     import yaml
 
-    raw = {**yaml.safe_load(TIMM_ARGS.read_text()), "naflex_loader": True, "naflex_max_seq_len": 256,
-           "naflex_loss_scale": "sqrt", "data_dir": "/data"}
+    raw = {
+        **yaml.safe_load(TIMM_ARGS.read_text()),
+        "naflex_loader": True,
+        "naflex_max_seq_len": 256,
+        "naflex_loss_scale": "sqrt",
+        "data_dir": "/data",
+    }
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(str(tmp_path / "args.yaml"))
     assert cfg.data.naflex_loader and cfg.data.naflex_max_seq_len == 256 and cfg.data.naflex_loss_scale == "sqrt"
@@ -143,7 +153,7 @@ def test_drop_connect_is_timms_old_name_for_drop_path():
 
 # ---- loss, head init, fast norm, torchscript, epoch repeats, save-images ---------------------------------------
 def test_bce_sum_and_pos_weight_change_the_loss():
-    from raytrain_cls.loss import build_train_loss
+    from raytrain_cls.core.loss import build_train_loss
 
     torch.manual_seed(0)
     logits, target = torch.randn(4, 10), torch.tensor([0, 3, 5, 9])
@@ -203,8 +213,9 @@ def test_fuser_selects_torchscripts_fuser_and_refuses_a_removed_one():
     assert torch._C._jit_texpr_fuser_enabled()
     cpu_fusion = torch._C._jit_can_fuse_on_cpu()
     try:
-        model = build_model(load_config("digits", {"model": "test_resnet", "torchscript": True, "fuser": "old"}),
-                            10, CPU)
+        model = build_model(
+            load_config("digits", {"model": "test_resnet", "torchscript": True, "fuser": "old"}), 10, CPU
+        )
         assert isinstance(model, torch.jit.ScriptModule) and not torch._C._jit_texpr_fuser_enabled()
     finally:
         set_jit_fuser("te")  # back to torch's default fuser for the rest of this process
@@ -237,17 +248,22 @@ def test_epoch_repeats_make_longer_epochs_of_fresh_shuffles():
 def test_save_images_writes_the_logged_batches(tmp_path):
     from PIL import Image
 
-    from raytrain_cls.engine import TrainParts, autocast_factory, train_one_epoch
-    from raytrain_cls.worker import save_batch_images
+    from raytrain_cls.core.engine import TrainParts, autocast_factory, train_one_epoch
+    from raytrain_cls.run.worker import save_batch_images
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
-    parts = TrainParts(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                       loss_fn=torch.nn.CrossEntropyLoss(), device=CPU,
-                       autocast=autocast_factory(CPU, False, torch.float32))
+    parts = TrainParts(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        device=CPU,
+        autocast=autocast_factory(CPU, False, torch.float32),
+    )
     loader = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])) for _ in range(4)]
-    train_one_epoch(2, loader, parts, 0, log_interval=2, log=lambda m: None,
-                    on_log_batch=save_batch_images(str(tmp_path)))
+    train_one_epoch(
+        2, loader, parts, 0, log_interval=2, log=lambda m: None, on_log_batch=save_batch_images(str(tmp_path))
+    )
     files = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert files == ["train-0002-000002.jpg", "train-0002-000004.jpg"]
     with Image.open(tmp_path / "images" / files[0]) as img:
@@ -255,8 +271,8 @@ def test_save_images_writes_the_logged_batches(tmp_path):
 
 
 def test_val_interval_evaluates_every_nth_epoch_and_the_last():
-    from raytrain_cls.report import epoch_line
-    from raytrain_cls.worker import evaluates
+    from raytrain_cls.run.report import epoch_line
+    from raytrain_cls.run.worker import evaluates
 
     assert [e for e in range(10) if evaluates(e, 3, 10)] == [2, 5, 8, 9]
     assert [e for e in range(4) if evaluates(e, 1, 4)] == [0, 1, 2, 3]
@@ -265,16 +281,21 @@ def test_val_interval_evaluates_every_nth_epoch_and_the_last():
 
 
 def test_model_dtype_bfloat16_trains_and_evaluates_in_bf16():
-    from raytrain_cls.engine import TrainParts, autocast_factory, evaluate, train_one_epoch
-    from raytrain_cls.model import model_dtype
+    from raytrain_cls.core.engine import TrainParts, autocast_factory, evaluate, train_one_epoch
+    from raytrain_cls.core.model import model_dtype
 
     cfg = cfg_with(model="test_resnet", model_dtype="bfloat16")
     torch.manual_seed(0)
     model = build_model(cfg, 4, CPU)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    parts = TrainParts(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-                       loss_fn=torch.nn.CrossEntropyLoss(), device=CPU,
-                       autocast=autocast_factory(CPU, False, torch.float32), input_dtype=model_dtype(cfg))
+    parts = TrainParts(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        device=CPU,
+        autocast=autocast_factory(CPU, False, torch.float32),
+        input_dtype=model_dtype(cfg),
+    )
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 4) for _ in range(6)]
     before = evaluate(model, data, CPU, parts.autocast)["loss"]  # float32 batches: cast to the weights' dtype
@@ -293,14 +314,21 @@ def test_2024_augmentations_reach_timms_transform_and_change_the_output():
 
     from raytrain_cls.data.transforms import build_transform
 
-    dc = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
-          "crop_pct": 1.0, "crop_mode": "center"}
+    dc = {
+        "input_size": [3, 32, 32],
+        "interpolation": "bilinear",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
     img = Image.new("RGB", (40, 40), (200, 30, 30))
     grey = build_transform(cfg_with(grayscale_prob=1.0, color_jitter=0.0), dc, True)
     x = grey(img)
     assert torch.allclose(x[0], x[1]) and torch.allclose(x[1], x[2])  # every channel the same: grey
-    text = repr(build_transform(cfg_with(gaussian_blur_prob=0.3, color_jitter_prob=0.5, train_crop_mode="rkrc"),
-                                dc, True))
+    text = repr(
+        build_transform(cfg_with(gaussian_blur_prob=0.3, color_jitter_prob=0.5, train_crop_mode="rkrc"), dc, True)
+    )
     assert "GaussianBlur" in text and "p=0.3" in text and "RandomApply" in text and "ResizeKeepRatio" in text
     assert "GaussianBlur" not in repr(build_transform(cfg_with(), dc, True))  # off by default, as in timm
     with pytest.raises(ConfigError, match="aug.grayscale_prob"):

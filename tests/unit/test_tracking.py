@@ -1,13 +1,14 @@
-"""raytrain_cls.tracking: the optional trackers really log (Weights & Biases in offline mode: no network)."""
+"""raytrain_cls.run.tracking: the optional trackers really log (Weights & Biases in offline mode: no network)."""
+
 from __future__ import annotations
 
 import importlib.util
 
 import pytest
 
-from raytrain_cls.config import ConfigError, load_config
-from raytrain_cls.tracking import Trackers
-from raytrain_cls.trainer import wandb_run_id
+from raytrain_cls.core.config import ConfigError, load_config
+from raytrain_cls.run.driver import wandb_run_id
+from raytrain_cls.run.tracking import Trackers
 
 
 def step_line(epoch: int, step: int) -> dict:

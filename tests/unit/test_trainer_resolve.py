@@ -1,4 +1,5 @@
 """Driver-side decisions made before any Ray work: scaling, run directory, data config, failure messages."""
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -6,11 +7,20 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from raytrain_cls.config import Config, ConfigError, load_config
-from raytrain_cls.state import FORMAT_VERSION, META_FILE, CheckpointError
-from raytrain_cls.trainer import (RAY_SNAPSHOT, explain_failure, find_resume_target, init_checkpoint,
-                                  remove_unregistered_checkpoints, resolve, resolve_data_config, resolve_scaling,
-                                  run_config_file, run_paths)
+from raytrain_cls.core.config import Config, ConfigError, load_config
+from raytrain_cls.core.state import FORMAT_VERSION, META_FILE, CheckpointError
+from raytrain_cls.run.driver import (
+    RAY_SNAPSHOT,
+    explain_failure,
+    find_resume_target,
+    init_checkpoint,
+    remove_unregistered_checkpoints,
+    resolve,
+    resolve_data_config,
+    resolve_scaling,
+    run_config_file,
+    run_paths,
+)
 
 
 def _cfg(**overrides) -> Config:
@@ -29,13 +39,16 @@ def test_no_use_gpu_on_a_gpu_cluster_trains_on_cpus():
     assert resolve_scaling(_cfg(use_gpu=False, num_workers=3), {"CPU": 16.0, "GPU": 4.0}) == (False, 3)
 
 
-@pytest.mark.parametrize("overrides, cluster, key, reason", [
-    (dict(use_gpu=True), {"CPU": 8.0}, "scaling.use_gpu", "no GPUs"),
-    (dict(use_gpu=True, num_workers=3), {"CPU": 8.0, "GPU": 2.0}, "scaling.num_workers", "needs 3 GPUs"),
-    (dict(num_workers=3), {"CPU": 2.0}, "scaling.num_workers", "needs 3 CPUs"),
-    (dict(num_workers=2, resources_per_worker={"CPU": 2}), {"CPU": 2.0}, "scaling.num_workers", "needs 4 CPUs"),
-    (dict(amp=True, amp_dtype="float16"), {"CPU": 2.0}, "precision.amp_dtype", "needs GPUs"),
-])
+@pytest.mark.parametrize(
+    "overrides, cluster, key, reason",
+    [
+        (dict(use_gpu=True), {"CPU": 8.0}, "scaling.use_gpu", "no GPUs"),
+        (dict(use_gpu=True, num_workers=3), {"CPU": 8.0, "GPU": 2.0}, "scaling.num_workers", "needs 3 GPUs"),
+        (dict(num_workers=3), {"CPU": 2.0}, "scaling.num_workers", "needs 3 CPUs"),
+        (dict(num_workers=2, resources_per_worker={"CPU": 2}), {"CPU": 2.0}, "scaling.num_workers", "needs 4 CPUs"),
+        (dict(amp=True, amp_dtype="float16"), {"CPU": 2.0}, "precision.amp_dtype", "needs GPUs"),
+    ],
+)
 def test_unschedulable_runs_fail_before_any_worker_starts(overrides, cluster, key, reason):
     with pytest.raises(ConfigError) as e:
         resolve_scaling(_cfg(**overrides), cluster)
@@ -170,8 +183,12 @@ def test_only_checkpoint_folders_ray_never_registered_are_removed(tmp_path):
     (tmp_path / "epoch-notes").mkdir()  # not a checkpoint: left alone
     result = _RayResult(tmp_path, kept=["epoch-0000", "epoch-0001"], latest="epoch-0002-step-0000012")
     assert remove_unregistered_checkpoints(str(tmp_path), result) == ["epoch-0001-step-0000008"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0000", "epoch-0001", "epoch-0002-step-0000012",
-                                                          "epoch-notes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "epoch-0000",
+        "epoch-0001",
+        "epoch-0002-step-0000012",
+        "epoch-notes",
+    ]
 
 
 def test_nothing_is_removed_when_ray_reports_no_checkpoints(tmp_path):
@@ -189,12 +206,13 @@ def test_resume_of_nothing_names_what_it_looked_for(tmp_path):
 def test_a_run_on_s3_is_found_continued_with_its_own_config_and_never_reused(s3_upload, tmp_path):
     """The multi-node setup keeps runs on cloud storage: --resume of such a run must read its config.yaml
     there (not fall back to the digits recipe), and a new run must not take its name."""
-    from raytrain_cls.cli import base_recipe, build_parser
+    from raytrain_cls.commands.cli import base_recipe, build_parser
 
     (tmp_path / "runs").mkdir()
     local = _started_run(tmp_path / "runs")
-    (local / "config.yaml").write_text("data: {dataset: digits}\nmodel: {model: resnet10t, img_size: 48}\n"
-                                      "optim: {lr: 0.02}\n")
+    (local / "config.yaml").write_text(
+        "data: {dataset: digits}\nmodel: {model: resnet10t, img_size: 48}\noptim: {lr: 0.02}\n"
+    )
     run = s3_upload(local, "unit/runs/exp")  # s3://data/unit/runs/exp?endpoint_override=...
     output = run.replace("/exp?", "?")
     assert find_resume_target(run, "/unused") == ("run", run)
@@ -222,8 +240,10 @@ def test_a_checkpoint_on_s3_is_a_start_checkpoint_checked_before_ray(s3_upload, 
 
 def test_failure_message_names_each_rank_and_its_own_error():
     class WorkerGroupFailure(Exception):
-        worker_failures = {1: RuntimeError("Traceback ...\n  File x\nValueError: bad shard"),
-                           0: RuntimeError("NonFiniteLossError: loss is nan")}
+        worker_failures = {
+            1: RuntimeError("Traceback ...\n  File x\nValueError: bad shard"),
+            0: RuntimeError("NonFiniteLossError: loss is nan"),
+        }
 
     msg = explain_failure(WorkerGroupFailure())
     assert msg == "rank 0: NonFiniteLossError: loss is nan; rank 1: ValueError: bad shard"
@@ -242,7 +262,7 @@ def test_a_ray_address_nobody_answers_fails_at_once_naming_it():
     """ray.init would retry such an address for minutes, logging GCS timeouts (seen: still at it after 120 s)."""
     import socket
 
-    from raytrain_cls.trainer import check_reachable
+    from raytrain_cls.run.driver import check_reachable
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -252,9 +272,11 @@ def test_a_ray_address_nobody_answers_fails_at_once_naming_it():
         check_reachable(f"ray://127.0.0.1:{port}")
     for address in ("auto", "local"):
         check_reachable(address)  # Ray's to resolve
-    for address, reason in ((f"127.0.0.1:{port}", "no Ray cluster answers there"),
-                            ("no-port-here", "no Ray cluster answers there"),
-                            ("http://127.0.0.1:8265", "job server address")):
+    for address, reason in (
+        (f"127.0.0.1:{port}", "no Ray cluster answers there"),
+        ("no-port-here", "no Ray cluster answers there"),
+        ("http://127.0.0.1:8265", "job server address"),
+    ):
         with pytest.raises(ConfigError) as e:
             check_reachable(address, timeout=2)
         assert e.value.key == "environment RAY_ADDRESS" and reason in e.value.reason
@@ -263,7 +285,7 @@ def test_a_ray_address_nobody_answers_fails_at_once_naming_it():
 def test_a_refused_token_is_found_however_deep_ray_wraps_it():
     from ray.exceptions import AuthenticationError
 
-    from raytrain_cls.trainer import refused_token
+    from raytrain_cls.run.driver import refused_token
 
     try:
         try:

@@ -1,4 +1,5 @@
 """timm's auto-augment policies keep working on every Pillow the project allows (Pillow 13 refuses 0-bit posterize)."""
+
 import random
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 from PIL import Image, ImageOps
 from timm.data import auto_augment
 
-from raytrain_cls.config import Config
+from raytrain_cls.core.config import Config
 from raytrain_cls.data.pillow_compat import posterize_any_bits
 from raytrain_cls.data.transforms import build_transform  # importing it installs the fix
 
@@ -37,8 +38,13 @@ def test_the_v0_policy_with_its_zero_bit_subpolicy_runs_on_many_images():
     # v0 holds ('Posterize', 0.8, 2): int(2 / 10 * 4) = 0 bits, applied to 3.2 % of images (1 of 25 sub-policies,
     # p 0.8); 400 images reach it 16 times for this seed.
     cfg = Config().update({"dataset": "synthetic", "img_size": 32, "aa": "v0", "seed": 0}).validate()
-    data_config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875,
-                   "interpolation": "bilinear"}
+    data_config = {
+        "input_size": (3, 32, 32),
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+    }
     calls = []
     real = auto_augment.NAME_TO_OP["Posterize"]
     try:

@@ -1,4 +1,5 @@
 """The search spec: every form of a dimension, and every invalid spec refused before any trial starts."""
+
 from __future__ import annotations
 
 import csv
@@ -7,22 +8,37 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from raytrain_cls.config import ConfigError, load_config
-from raytrain_cls.tune import (DEFAULT_SPACE, SearchSpec, TrialRow, best_config_yaml, max_epochs, parse_dimension,
-                               parse_search, space_from_cli, summarize, trial_base, trial_startup_s,
-                               validate_search, write_trials_csv)
+from raytrain_cls.core.config import ConfigError, load_config
+from raytrain_cls.run.tune import (
+    DEFAULT_SPACE,
+    SearchSpec,
+    TrialRow,
+    best_config_yaml,
+    max_epochs,
+    parse_dimension,
+    parse_search,
+    space_from_cli,
+    summarize,
+    trial_base,
+    trial_startup_s,
+    validate_search,
+    write_trials_csv,
+)
 
 BASE = load_config("digits", {"epochs": 6})
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("loguniform:1e-4:1e-1", ("loguniform", [1e-4, 1e-1])),
-    ({"uniform": [0, 0.4]}, ("uniform", [0, 0.4])),
-    ("choice:sgd,adamw", ("choice", ["sgd", "adamw"])),
-    ("grid:16,32", ("grid", [16, 32])),
-    ([0.0, 0.1], ("choice", [0.0, 0.1])),
-    ("qrandint:16:64:16", ("qrandint", [16, 64, 16])),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("loguniform:1e-4:1e-1", ("loguniform", [1e-4, 1e-1])),
+        ({"uniform": [0, 0.4]}, ("uniform", [0, 0.4])),
+        ("choice:sgd,adamw", ("choice", ["sgd", "adamw"])),
+        ("grid:16,32", ("grid", [16, 32])),
+        ([0.0, 0.1], ("choice", [0.0, 0.1])),
+        ("qrandint:16:64:16", ("qrandint", [16, 64, 16])),
+    ],
+)
 def test_dimension_forms(spec, expected):
     assert parse_dimension("k", spec) == expected
 
@@ -33,29 +49,35 @@ def test_default_space_is_lr_mixup_smoothing():
 
 
 def test_cli_dimensions_and_options_override_the_file():
-    spec = parse_search({"space": {"lr": "uniform:0.01:0.1"}, "num_samples": 4},
-                        space_from_cli(["mixup=uniform:0:0.3"]), {"num_samples": 2, "scheduler": "fifo"})
+    spec = parse_search(
+        {"space": {"lr": "uniform:0.01:0.1"}, "num_samples": 4},
+        space_from_cli(["mixup=uniform:0:0.3"]),
+        {"num_samples": 2, "scheduler": "fifo"},
+    )
     assert set(spec.space) == {"lr", "mixup"} and spec.num_samples == 2 and spec.scheduler == "fifo"
 
 
-@pytest.mark.parametrize("search, key, reason", [
-    ({"space": {"lrr": "uniform:0.1:0.2"}}, "search.space.lrr", "did you mean 'lr'"),
-    ({"space": {"lr": "uniform:0.2:0.1"}}, "search.space.lr", "low < high"),
-    ({"space": {"lr": "loguniform:0:0.1"}}, "search.space.lr", "low > 0"),
-    ({"space": {"lr": "normal:0:1"}}, "search.space.lr", "unknown distribution"),
-    ({"space": {"lr": "uniform:-0.1:0.2"}}, "search.space.lr", "must be > 0"),
-    ({"space": {"opt": "choice:sgd,adamx"}}, "search.space.opt", "not a timm optimizer"),
-    ({"space": {"batch_size": "qrandint:16:64:0"}}, "search.space.batch_size", "q must be > 0"),
-    ({"space": {"mixup": "uniform:0"}}, "search.space.mixup", "needs 2 numbers"),
-    ({"space": {"lr": "0.1"}}, "search.space.lr", "expected KIND:ARGS"),
-    ({"scheduler": "pbt"}, "search.scheduler", "not supported"),
-    ({"scheduler": "hyperband"}, "search.scheduler", "choose one of"),
-    ({"searcher": "optuna"}, "search.searcher", "pip install"),
-    ({"num_samples": 0}, "search.num_samples", ">= 1"),
-    ({"gpus_per_worker": 1.5}, "search.gpus_per_worker", "fraction"),
-    ({"reduction_factor": 1}, "search.reduction_factor", "> 1"),
-    ({"num_sample": 3}, "search.num_sample", "did you mean 'num_samples'"),
-])
+@pytest.mark.parametrize(
+    "search, key, reason",
+    [
+        ({"space": {"lrr": "uniform:0.1:0.2"}}, "search.space.lrr", "did you mean 'lr'"),
+        ({"space": {"lr": "uniform:0.2:0.1"}}, "search.space.lr", "low < high"),
+        ({"space": {"lr": "loguniform:0:0.1"}}, "search.space.lr", "low > 0"),
+        ({"space": {"lr": "normal:0:1"}}, "search.space.lr", "unknown distribution"),
+        ({"space": {"lr": "uniform:-0.1:0.2"}}, "search.space.lr", "must be > 0"),
+        ({"space": {"opt": "choice:sgd,adamx"}}, "search.space.opt", "not a timm optimizer"),
+        ({"space": {"batch_size": "qrandint:16:64:0"}}, "search.space.batch_size", "q must be > 0"),
+        ({"space": {"mixup": "uniform:0"}}, "search.space.mixup", "needs 2 numbers"),
+        ({"space": {"lr": "0.1"}}, "search.space.lr", "expected KIND:ARGS"),
+        ({"scheduler": "pbt"}, "search.scheduler", "not supported"),
+        ({"scheduler": "hyperband"}, "search.scheduler", "choose one of"),
+        ({"searcher": "optuna"}, "search.searcher", "pip install"),
+        ({"num_samples": 0}, "search.num_samples", ">= 1"),
+        ({"gpus_per_worker": 1.5}, "search.gpus_per_worker", "fraction"),
+        ({"reduction_factor": 1}, "search.reduction_factor", "> 1"),
+        ({"num_sample": 3}, "search.num_sample", "did you mean 'num_samples'"),
+    ],
+)
 def test_invalid_specs_are_refused_with_key_and_reason(search, key, reason):
     with pytest.raises(ConfigError) as e:
         validate_search(parse_search(search), BASE)
@@ -78,16 +100,30 @@ def test_trials_run_with_the_per_trial_scaling():
 def _result(trial_id, lrs_metric, error=None, lr=0.1):
     import pandas as pd
 
-    df = pd.DataFrame({"epoch": list(range(len(lrs_metric))), "eval_top1": lrs_metric,
-                       "checkpoint_path": [f"/runs/{trial_id}/epoch-{i:04d}" for i in range(len(lrs_metric))]})
-    return SimpleNamespace(metrics_dataframe=df, metrics={"trial_id": trial_id}, error=error, config={"lr": lr},
-                           path=f"/tune/{trial_id}")
+    df = pd.DataFrame(
+        {
+            "epoch": list(range(len(lrs_metric))),
+            "eval_top1": lrs_metric,
+            "checkpoint_path": [f"/runs/{trial_id}/epoch-{i:04d}" for i in range(len(lrs_metric))],
+        }
+    )
+    return SimpleNamespace(
+        metrics_dataframe=df, metrics={"trial_id": trial_id}, error=error, config={"lr": lr}, path=f"/tune/{trial_id}"
+    )
 
 
 def test_summary_orders_by_best_and_marks_early_stops(tmp_path):
     spec = parse_search({"space": {"lr": "uniform:0.01:0.1"}})
-    rows = summarize([_result("a", [50, 60], lr=0.01), _result("b", [40, 70, 90, 85], lr=0.1),
-                      _result("c", [], error=RuntimeError("boom"))], spec, BASE, max_t=4)
+    rows = summarize(
+        [
+            _result("a", [50, 60], lr=0.01),
+            _result("b", [40, 70, 90, 85], lr=0.1),
+            _result("c", [], error=RuntimeError("boom")),
+        ],
+        spec,
+        BASE,
+        max_t=4,
+    )
     assert [(r.trial_id, r.status) for r in rows] == [("b", "completed"), ("a", "stopped"), ("c", "error")]
     assert rows[0].best == 90 and rows[0].best_epoch == 2 and rows[0].checkpoint == "/runs/b/epoch-0002"
     write_trials_csv(str(tmp_path / "trials.csv"), rows, ["lr"], "eval_top1")
@@ -98,7 +134,7 @@ def test_summary_orders_by_best_and_marks_early_stops(tmp_path):
 
 
 def test_a_trial_ctrl_c_left_running_is_unfinished_not_stopped_early(tmp_path):
-    from raytrain_cls.tune import total_trials
+    from raytrain_cls.run.tune import total_trials
 
     spec = parse_search({"space": {"lr": "uniform:0.01:0.1"}, "num_samples": 3})
     results = [_result("a", [50, 60, 70, 80]), _result("b", [40, 45]), _result("c", [30])]
@@ -109,8 +145,9 @@ def test_a_trial_ctrl_c_left_running_is_unfinished_not_stopped_early(tmp_path):
     grid_spec = parse_search({"space": {"lr": "grid:0.01,0.1", "mixup": "grid:0,0.2,0.4"}, "num_samples": 2})
     assert total_trials(grid_spec) == 2 * 2 * 3  # num_samples for each grid point, as Tune counts
     # Without Tune's saved states, no trial is called unfinished (a trial never started still shows the gap).
-    assert [r.status for r in summarize([_result("c", [30])], spec, BASE, max_t=4, search_dir=str(tmp_path))] \
-        == ["stopped"]
+    assert [r.status for r in summarize([_result("c", [30])], spec, BASE, max_t=4, search_dir=str(tmp_path))] == [
+        "stopped"
+    ]
     # Trials without metrics are named by their directory, which holds the id
     named = summarize([_result("run_trial_c_3_lr=0.05", [30])], spec, BASE, max_t=4, states={"c": "RUNNING"})
     assert named[0].status == "unfinished"
@@ -135,7 +172,7 @@ def test_best_yaml_is_a_complete_training_config(tmp_path):
 
 
 def test_a_search_directory_on_s3_is_resumed_there_and_never_reused(s3_upload, tmp_path):
-    from raytrain_cls.tune import SEARCH_FILE, search_paths
+    from raytrain_cls.run.tune import SEARCH_FILE, search_paths
 
     (tmp_path / "search").mkdir()
     (tmp_path / "search" / SEARCH_FILE).write_text("search: {}\n")

@@ -1,0 +1,645 @@
+"""The driver side of a training run: connect to Ray, resolve the config once, build and fit the TorchTrainer.
+
+Everything that must be the same on every worker (LR, epoch count, class list, input size, normalisation,
+worker count) is worked out here, once, and travels to the workers in ``cfg.resolved``: a worker never
+re-derives it from its own view of the cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, TextIO
+
+import torch
+
+from raytrain_cls.core.config import Config, ConfigError, dump_yaml, read_yaml
+from raytrain_cls.core.model import meta_model
+from raytrain_cls.core.onednn import onednn_env
+from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
+from raytrain_cls.core.state import CHECKPOINT_PREFIX, META_FILE, CheckpointError, read_meta
+from raytrain_cls.core.storage import absolute, exists, is_uri, join, split, write_text
+from raytrain_cls.data import build_source
+from raytrain_cls.data.ray_data import DATASET_NAME, train_dataset
+from raytrain_cls.data.transforms import data_config_kwargs
+from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, Capacity, connected_capacity, has, waiting_note
+from raytrain_cls.run.console import start_live_display, use_bar
+from raytrain_cls.run.ray_trainer import trainer_class
+from raytrain_cls.run.report import CONFIG_FILE, SummaryCallback, build_result, write_result
+from raytrain_cls.run.startup import breakdown, describe, stamp
+from raytrain_cls.run.worker import train_loop_per_worker
+
+DEFAULT_OUTPUT = "output/train"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it into a run directory it has started
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default). A checkpoint
+# reported within that window before a crash is uploaded but never registered (../shared/DESIGN.md), and each
+# start-up step waits for a poll. 0.5 s narrows the window and takes ~1.5 s off every fit (a trivial TorchTrainer
+# on 2 workers: 10.4-11.3 s -> 8.8-9.1 s); the polls are cheap actor calls. A value the user set is kept.
+HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+
+
+class TrainingError(RuntimeError):
+    """The run started but failed; the message names the failing rank and the worker's error."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the run; its registered checkpoints stay, and --resume continues it."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        super().__init__(
+            f"interrupted: the run stopped, its checkpoints are kept. Continue it with: "
+            f"raytrain-cls train --resume {run_dir}"
+        )
+
+
+@dataclass
+class RunPaths:
+    output: str  # Ray's storage_path
+    experiment: str  # Ray's RunConfig.name
+    run_dir: str  # <output>/<experiment>
+
+
+# ---- Ray connection ------------------------------------------------------------------------------------------
+def connect() -> Capacity:
+    """Attach to RAY_ADDRESS when set (a cluster, or the job's own cluster under `ray job submit`), else start a
+    private local Ray. Returns what the cluster can give a run: its total resources, or as much as its autoscaler
+    can grow it to (capacity.py)."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            check_reachable(address)
+        # address="local" always starts a fresh cluster: a bare ray.init() would silently join any cluster
+        # running on this host, and trip over the stale address file of one that was stopped.
+        try:
+            ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
+        except (ConnectionError, RuntimeError) as e:
+            if address and refused_token(e):
+                raise ConfigError(
+                    "environment RAY_ADDRESS",
+                    address,
+                    "the cluster refused this driver's token "
+                    "(missing or wrong): export RAY_AUTH_MODE=token and the cluster's token as "
+                    "RAY_AUTH_TOKEN (`ray get-auth-token` on its head) or in ~/.ray/auth_token",
+                ) from None
+            raise
+        if not address:  # our own: no autoscaler to ask about
+            return Capacity(ray.cluster_resources())
+    return connected_capacity()
+
+
+def refused_token(error: BaseException) -> bool:
+    """Whether ray.init failed because the cluster's token authentication refused us (the cause, some levels down
+    a ConnectionError, is Ray's AuthenticationError; its text says InvalidAuthToken)."""
+    from ray.exceptions import AuthenticationError
+
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, AuthenticationError) or "InvalidAuthToken" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def split_address(address: str) -> tuple[str, str, str]:
+    """A RAY_ADDRESS as (scheme or '', host, port text): 'ray://h:10001', 'h:6379', 'http://h:8265/'."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    host, _, port = rest.rstrip("/").rpartition(":")
+    return scheme, host, port
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail at once, naming RAY_ADDRESS, where ray.init would retry an address nobody answers for minutes while
+    logging GCS timeouts. 'auto'/'local' are Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    scheme, host, port = split_address(address)
+    key = "environment RAY_ADDRESS"
+    if scheme in ("http", "https"):
+        raise ConfigError(
+            key,
+            address,
+            "that is a job server address, for `ray job submit --address`; a driver "
+            "joins a cluster at its GCS address (HOST:6379), and `ray job submit` sets that for the "
+            "jobs it runs",
+        )
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            key,
+            address,
+            f"no Ray cluster answers there ({e}): start one (cluster/local/start-head.sh) "
+            "or fix RAY_ADDRESS; unset it to train on a private local Ray",
+        ) from None
+
+
+# ---- resolution ----------------------------------------------------------------------------------------------
+def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int]:
+    """(use_gpu, num_workers) from the config and the cluster; fails early on what cannot be scheduled."""
+    s = cfg.scaling
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)  # math.inf: an autoscaler without a limit
+    use_gpu = s.use_gpu if s.use_gpu is not None else gpus > 0
+    if use_gpu and gpus == 0:
+        raise ConfigError(
+            "scaling.use_gpu",
+            True,
+            "the Ray cluster has no GPUs, and no autoscaler that can add "
+            f"any: drop --use-gpu to train on CPUs ({UNREAD_LIMITS_HINT})",
+        )
+    if use_gpu and not s.num_workers and math.isinf(gpus):
+        raise ConfigError(
+            "scaling.num_workers",
+            None,
+            "the cluster's autoscaler can add GPUs without limit: say "
+            "how many GPU workers to train with (--num-workers N)",
+        )
+    num_workers = s.num_workers or (int(gpus) if use_gpu else 2)
+    per_worker = dict(s.resources_per_worker or {})
+    needs = run_needs(cfg, use_gpu, num_workers)
+    need_gpu, need_cpu = needs["GPU"], needs["CPU"]
+    if need_gpu > gpus:
+        raise ConfigError(
+            "scaling.num_workers",
+            num_workers,
+            f"needs {need_gpu:g} GPUs but {has(cluster, 'GPU')} ({UNREAD_LIMITS_HINT})",
+        )
+    if need_cpu > cpus:
+        raise ConfigError(
+            "scaling.num_workers",
+            num_workers,
+            f"needs {need_cpu:g} CPUs ({per_worker.get('CPU', 1):g} per worker) but "
+            f"{has(cluster, 'CPU')}; lower --num-workers or resources_per_worker CPU "
+            f"({UNREAD_LIMITS_HINT})",
+        )
+    if cfg.data.loader == "ray" and cpus - need_cpu < 1:
+        raise ConfigError(
+            "data.loader",
+            "ray",
+            f"Ray Data needs at least one CPU the training workers do not "
+            f"reserve, or it waits forever: the workers take {need_cpu:g} of the cluster's {cpus:g} "
+            "CPUs; lower resources_per_worker CPU (e.g. --resources-per-worker CPU=0.5) or "
+            "--num-workers, or add a CPU node",
+        )
+    if cfg.model.sync_bn and not use_gpu:
+        raise ConfigError(
+            "model.sync_bn",
+            True,
+            "torch's SyncBatchNorm runs only on GPU workers; on CPU workers "
+            "--dist-bn reduce (the default) averages BatchNorm statistics after each epoch instead",
+        )
+    if cfg.precision.model_dtype == "float16" and not use_gpu:
+        raise ConfigError("precision.model_dtype", "float16", "float16 weights need GPUs; use bfloat16 on CPUs")
+    if cfg.precision.amp and cfg.precision.amp_dtype == "float16" and not use_gpu:
+        raise ConfigError("precision.amp_dtype", "float16", "float16 AMP needs GPUs; use --amp-dtype bfloat16 on CPUs")
+    return use_gpu, num_workers
+
+
+def run_needs(cfg: Config, use_gpu: bool, num_workers: int) -> dict:
+    """GPUs and CPUs the run's workers reserve together."""
+    per_worker = cfg.scaling.resources_per_worker or {}
+    return {
+        "GPU": per_worker.get("GPU", 1 if use_gpu else 0) * num_workers,
+        "CPU": per_worker.get("CPU", 1) * num_workers,
+    }
+
+
+def resolve_data_config(cfg: Config, num_classes: int, pretrained_cfg: Optional[dict] = None) -> dict:
+    """timm's resolve_data_config from the model's defaults and the user's overrides, as plain lists."""
+    from timm.data import resolve_data_config as timm_resolve
+
+    if pretrained_cfg is None:
+        pretrained_cfg = meta_model(cfg, num_classes).pretrained_cfg
+    dc = timm_resolve(args=data_config_kwargs(cfg), pretrained_cfg=dict(pretrained_cfg))
+    if cfg.model.in_chans and not cfg.model.input_size:
+        # timm takes the channel count from the model's default input size unless --img-size is given too;
+        # --in-chans alone must still size the data for the model it builds
+        dc["input_size"] = (cfg.model.in_chans, *dc["input_size"][1:])
+    chans = dc["input_size"][0]
+    mean, std = list(dc["mean"]), list(dc["std"])
+    if len(mean) != chans:  # e.g. a grey (in_chans=1) model with ImageNet's RGB statistics: one averaged value
+        mean = [sum(mean) / len(mean)] * chans if len(mean) != 1 else mean * chans
+        std = [sum(std) / len(std)] * chans if len(std) != 1 else std * chans
+    return dict(
+        input_size=list(dc["input_size"]),
+        interpolation=dc["interpolation"],
+        mean=mean,
+        std=std,
+        crop_pct=float(dc["crop_pct"]),
+        crop_mode=dc.get("crop_mode", "center"),
+    )
+
+
+def resolve(cfg: Config, cluster: dict) -> Config:
+    """Fill cfg.resolved with every run-wide decision; raise ConfigError / DataError before any worker starts."""
+    source = build_source(cfg)
+    num_classes = cfg.model.num_classes or source.num_classes
+    if num_classes < source.num_classes:
+        raise ConfigError("model.num_classes", num_classes, f"the data set has {source.num_classes} classes")
+    use_gpu, num_workers = resolve_scaling(cfg, cluster)
+    if cfg.data.batch_size * num_workers > len(source.train):
+        raise ConfigError(
+            "data.batch_size",
+            cfg.data.batch_size,
+            f"x {num_workers} workers is more than the {len(source.train)} training samples",
+        )
+    lr, lr_rule = resolve_lr(cfg, num_workers)
+    num_epochs = resolve_num_epochs(cfg)
+    if cfg.sched.start_epoch is not None and cfg.sched.start_epoch >= num_epochs:
+        raise ConfigError(
+            "sched.start_epoch",
+            cfg.sched.start_epoch,
+            f"the schedule runs {num_epochs} epochs (0..{num_epochs - 1}): nothing would be trained",
+        )
+    architecture = meta_model(cfg, num_classes)
+    if (
+        cfg.loss.kd_model_name
+        and cfg.loss.kd_distill_type == "token"
+        and not hasattr(architecture, "set_distilled_training")
+    ):
+        raise ConfigError(
+            "loss.kd_distill_type",
+            "token",
+            f"{cfg.model.model} has no distillation token: use a "
+            "*_distilled model (e.g. deit_tiny_distilled_patch16_224), or --kd-distill-type logit",
+        )
+    data_config = resolve_data_config(cfg, num_classes, architecture.pretrained_cfg)
+    extra = {}
+    if cfg.data.naflex_loader:
+        extra["naflex_patch_size"] = naflex_model_patch_size(cfg, architecture)
+    else:  # NaFlex inputs have no fixed image size
+        check_input_size(cfg, architecture, data_config["input_size"])
+    chans = data_config["input_size"][0]
+    if cfg.data.input_img_mode and chans != {"RGB": 3, "L": 1}[cfg.data.input_img_mode]:
+        raise ConfigError(
+            "data.input_img_mode",
+            cfg.data.input_img_mode,
+            f"the model takes {chans}-channel input (set --in-chans to match, or drop --input-img-mode)",
+        )
+    cfg.resolved = dict(
+        use_gpu=use_gpu,
+        num_workers=num_workers,
+        lr=lr,
+        lr_rule=lr_rule,
+        num_epochs=num_epochs,
+        num_classes=num_classes,
+        classes=list(source.classes),
+        train_samples=len(source.train),
+        val_samples=len(source.val),
+        data_config=data_config,
+        **extra,
+    )
+    return cfg
+
+
+def naflex_model_patch_size(cfg: Config, architecture: torch.nn.Module) -> int:
+    """The patch size of a model that takes NaFlex patch dicts (timm's NaFlexVit); any other model is refused
+    here rather than failing on its first batch in every worker."""
+    if not hasattr(architecture, "get_patch_size"):
+        raise ConfigError(
+            "data.naflex_loader",
+            True,
+            f"{cfg.model.model} takes image tensors, not NaFlex patch "
+            "sequences: use a NaFlexVit model (e.g. naflexvit_base_patch16_gap)",
+        )
+    height, width = architecture.get_patch_size()
+    if height != width:
+        raise ConfigError(
+            "model.model", cfg.model.model, f"NaFlex batches use square patches; this model's are {height}x{width}"
+        )
+    sizes = cfg.data.naflex_patch_sizes
+    if sizes and set(sizes) != {height} and not getattr(architecture, "supports_patch_interpolation", False):
+        raise ConfigError(
+            "data.naflex_patch_sizes",
+            sizes,
+            f"this model embeds {height}x{height} patches only: "
+            "build it with --model-kwargs enable_patch_interpolator=True to take other sizes",
+        )
+    return int(height)
+
+
+def check_input_size(cfg: Config, architecture: torch.nn.Module, input_size: list) -> None:
+    """A model built for one image size (a ViT's fixed patch grid) fails on other sizes inside every worker;
+    say so here. As in timm, --img-size sizes the data only: the model's size is a model argument."""
+    embed = getattr(architecture, "patch_embed", None)
+    fixed = getattr(embed, "img_size", None) if getattr(embed, "strict_img_size", False) else None
+    if fixed is not None and tuple(fixed) != tuple(input_size[1:]):
+        key, value = ("model.img_size", cfg.model.img_size) if cfg.model.img_size else ("model.input_size", input_size)
+        raise ConfigError(
+            key,
+            value,
+            f"{cfg.model.model} is built for {fixed[0]}x{fixed[1]} images: build it "
+            f"at {input_size[1]}x{input_size[2]} with --model-kwargs img_size={input_size[1]} (or "
+            f"dynamic_img_size=True), or train at {fixed[0]}x{fixed[1]}",
+        )
+
+
+# ---- run directory -------------------------------------------------------------------------------------------
+def default_experiment(cfg: Config) -> str:
+    """timm's naming: date-time, model, image size."""
+    size = cfg.model.img_size or (cfg.model.input_size[-1] if cfg.model.input_size else None)
+    parts = [time.strftime("%Y%m%d-%H%M%S"), re.sub(r"[^\w.-]", "_", cfg.model.model)]
+    if size:
+        parts.append(str(size))
+    return "-".join(parts)
+
+
+def _run_started(run_dir: str) -> bool:
+    """Ray Train has registered a checkpoint of this run (its snapshot is there), on a local path or a URI."""
+    return exists(join(run_dir, RAY_SNAPSHOT))
+
+
+def resolve_output(output: str) -> str:
+    """--output as Ray's storage_path: a URI as given, a local path made absolute (default ./output/train)."""
+    output = output or DEFAULT_OUTPUT
+    return absolute(output)
+
+
+def find_resume_target(resume: str, output: str) -> tuple[str, str]:
+    """What --resume names: ("run", run_dir) to continue a run, or ("checkpoint", dir) to start from one. A path
+    or URI as given, else a name under --output; local paths and cloud URIs alike."""
+    given = absolute(resume)
+    candidates = [given] if is_uri(resume) or Path(resume).is_absolute() else [given, join(output, resume)]
+    for candidate in candidates:
+        if exists(join(candidate, RAY_SNAPSHOT)):
+            return "run", candidate
+        if exists(join(candidate, META_FILE)):
+            return "checkpoint", candidate
+        if exists(join(candidate, CONFIG_FILE)):  # our run whose driver died before its first checkpoint
+            return "run", candidate
+    raise ConfigError(
+        "checkpoint.resume",
+        resume,
+        f"neither a run directory (with Ray's {RAY_SNAPSHOT} or our "
+        f"{CONFIG_FILE}), a run name under {output}, nor a checkpoint directory (with {META_FILE})",
+    )
+
+
+def run_paths(cfg: Config) -> RunPaths:
+    """Where the run goes. A new run never reuses a directory: Ray would silently resume whatever is there."""
+    c = cfg.checkpoint
+    output = resolve_output(cfg.checkpoint.output)
+    if c.resume:
+        kind, target = find_resume_target(c.resume, output)
+        if kind == "run":  # continue it: same storage, same name, so Ray restores its checkpoint history
+            parent, name = split(target)
+            return RunPaths(parent, name, target)
+    if c.experiment:
+        run_dir = join(output, c.experiment)
+        if _run_started(run_dir):
+            raise ConfigError(
+                "checkpoint.experiment",
+                c.experiment,
+                f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                f"or pick another --experiment name",
+            )
+        return RunPaths(output, c.experiment, run_dir)
+    base = default_experiment(cfg)
+    name, n = base, 0
+    while not is_uri(output) and Path(output, name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return RunPaths(output, name, join(output, name))
+
+
+def init_checkpoint(cfg: Config) -> Optional[str]:
+    """The checkpoint the run starts from when it has none of its own, checked readable before any Ray work:
+    for a new run the one --resume names; for a continued run that has not written a checkpoint yet (its driver
+    died first), the one it was itself started from, which its config.yaml records, so that it does not start
+    over from scratch."""
+    if not cfg.checkpoint.resume:
+        return None
+    kind, target = find_resume_target(cfg.checkpoint.resume, resolve_output(cfg.checkpoint.output))
+    if kind == "checkpoint":
+        read_meta(target)  # CheckpointError now, not inside the workers
+        return target
+    if _run_started(target):  # Ray restores the run's own latest checkpoint
+        return None
+    started_from = recorded_init_checkpoint(target)
+    if started_from:
+        try:
+            read_meta(started_from)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{target} has no checkpoint of its own yet, and the checkpoint it was started from cannot be read: {e}"
+            ) from None
+    return started_from
+
+
+def recorded_init_checkpoint(run_dir: str) -> Optional[str]:
+    """The --resume CHECKPOINT a run was started from, as its config.yaml recorded it (None when it has none)."""
+    path = run_config_file(run_dir)
+    resolved = read_yaml(path).get("resolved") if path else None
+    return resolved.get("init_checkpoint") if isinstance(resolved, dict) else None
+
+
+def run_config_file(run_dir: str) -> Optional[str]:
+    """The config.yaml of an existing run, to continue it with the same settings."""
+    path = join(run_dir, CONFIG_FILE)
+    return path if exists(path) else None
+
+
+# ---- fit -----------------------------------------------------------------------------------------------------
+def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
+    import ray.train
+
+    c, r = cfg.checkpoint, cfg.resolved
+    score_order = "min" if c.eval_metric == "loss" else "max"
+    datasets = {}
+    if cfg.data.loader == "ray":
+        datasets[DATASET_NAME] = train_dataset(cfg)
+    return trainer_class()(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        datasets=datasets or None,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r["num_workers"],
+            use_gpu=r["use_gpu"],
+            resources_per_worker=cfg.scaling.resources_per_worker,
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=paths.experiment,
+            storage_path=paths.output,
+            failure_config=ray.train.FailureConfig(
+                max_failures=c.max_failures, max_preemption_failures=c.max_preemption_failures
+            ),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=c.checkpoint_hist,
+                checkpoint_score_attribute=f"eval_{c.eval_metric}",
+                checkpoint_score_order=score_order,
+            ),
+            callbacks=[SummaryCallback(paths.run_dir), *extra_callbacks],
+            # Our rank-0 progress lines are the console output; Ray's per-report INFO lines would drown them.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """Environment variables of the train workers, set before they import anything."""
+    # Ray's print patch sends worker prints through a logger that also echoes them: each line twice.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env.update(onednn_env(cfg.precision, cfg.resolved["use_gpu"]))  # CPU bf16: keep off AMX's NaN-leaking kernel
+    return env
+
+
+def wandb_run_id(cfg: Config, earlier: dict) -> str:
+    """One W&B run per training run: --wandb-resume-id, else the id a continued run already had, else a new one.
+    Chosen on the driver, so a worker group restarted by Ray (or a --resume of the run) logs to the same run."""
+    if cfg.run.wandb_resume_id:
+        return cfg.run.wandb_resume_id
+    return earlier.get("wandb_id") or secrets.token_hex(4)
+
+
+def explain_failure(err: BaseException) -> str:
+    """One readable line per failed rank (the worker's own exception, not Ray's wrapper traceback)."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        lines = []
+        for rank, exc in sorted(failures.items()):
+            text = str(exc).strip().splitlines()
+            lines.append(f"rank {rank}: {text[-1] if text else type(exc).__name__}")
+        return "; ".join(lines)
+    cause = getattr(err, "controller_failure", None) or err
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(cause).__name__
+
+
+def train(cfg: Config, echo=print, console: Optional[TextIO] = None, stamps: Optional[dict] = None) -> dict:
+    """Validate, resolve, fit. Returns the result.json payload. Raises ConfigError/DataError before any worker
+    starts, TrainingError when the run itself fails. ``console``: the stream a live progress bar may use;
+    ``stamps``: start-up stamps the caller already has (startup.py; the command's process start)."""
+    cfg.validate()
+    paths = run_paths(cfg)  # before Ray: a name clash is a config error, not a cluster job
+    start_from = init_checkpoint(cfg)
+    if start_from and run_config_file(paths.run_dir):  # continuing a run that died before its first checkpoint
+        echo(
+            f"{paths.run_dir} has no checkpoint of its own yet: it starts again from {start_from}, the checkpoint "
+            f"it was started from"
+        )
+    return fit_run(cfg, paths, start_from=start_from, echo=echo, console=console, stamps=stamps)
+
+
+def fit_run(
+    cfg: Config,
+    paths: RunPaths,
+    start_from: Optional[str] = None,
+    extra_callbacks: Sequence = (),
+    echo=print,
+    console: Optional[TextIO] = None,
+    stamps: Optional[dict] = None,
+) -> dict:
+    """Resolve the config on this cluster, write config.yaml, fit, write result.json. Also a Tune trial's body."""
+    import ray.train
+
+    stamps = dict(stamps or {})
+    stamp(stamps, "driver")
+    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)  # read by the controller fit() starts
+    cluster = connect()
+    stamp(stamps, "ray_ready")
+    earlier = dict(cfg.resolved or {})  # a continued run's own decisions (its config.yaml)
+    resolve(cfg, cluster)
+    stamp(stamps, "resolved")
+    r = cfg.resolved
+    r.update(output=paths.output, experiment=paths.experiment, run_dir=paths.run_dir)
+    if cfg.run.log_wandb:
+        r["wandb_id"] = wandb_run_id(cfg, earlier)
+    if start_from:
+        r["init_checkpoint"] = start_from
+    write_text(join(paths.run_dir, CONFIG_FILE), dump_yaml(cfg))
+    echo(f"Run directory: {paths.run_dir}")
+    echo(
+        f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r['train_samples']} train / "
+        f"{r['val_samples']} val images, {r['num_classes']} classes) with {r['num_workers']} "
+        f"{'GPU' if r['use_gpu'] else 'CPU'} workers for {r['num_epochs']} epochs; lr {r['lr']:.4g} ({r['lr_rule']})"
+    )
+    note = waiting_note(cluster, run_needs(cfg, r["use_gpu"], r["num_workers"]))
+    if note:
+        echo(note)
+    stop_display = None
+    r["progress_board"] = None
+    if use_bar(cfg.run.progress, console):
+        r["progress_board"], stop_display = start_live_display(r["num_epochs"], console)
+    stamp(stamps, "fit")
+    r["startup"] = stamps  # rank 0 adds its own stamps and reports them all back
+    try:
+        result = build_trainer(cfg, paths, extra_callbacks).fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training failed: {explain_failure(e)} (run directory {paths.run_dir})") from e
+    except (KeyboardInterrupt, SystemExit):
+        # On SIGINT, TorchTrainer.fit's handler aborts the run and then sys.exit()s (its only exit), which would
+        # end the command with status 1 and not a word; a SIGINT before that handler is a KeyboardInterrupt.
+        # Only in the main thread: a Tune trial (another thread) is ended by Tune, its way.
+        if threading.current_thread() is not threading.main_thread():
+            raise
+        raise RunInterrupted(paths.run_dir) from None
+    finally:
+        if stop_display is not None:
+            stop_display()
+    removed = remove_unregistered_checkpoints(paths.run_dir, result)
+    if removed:
+        echo(f"Removed {len(removed)} checkpoint folder(s) Ray never registered: {', '.join(removed)}")
+    metric = f"eval_{cfg.checkpoint.eval_metric}"
+    payload = build_result(result, metric, "min" if cfg.checkpoint.eval_metric == "loss" else "max", paths.run_dir)
+    payload["startup"] = breakdown({**stamps, **(payload["last_metrics"].get("startup") or {})})
+    payload["result_file"] = write_result(paths.run_dir, payload)
+    echo(summary_table(payload, paths.run_dir))
+    if payload["startup"]["phases"]:
+        echo(describe(payload["startup"]))
+    return payload
+
+
+def remove_unregistered_checkpoints(run_dir: str, result) -> list[str]:
+    """Deletes the run's checkpoint folders that Ray never registered; returns their names. A worker that dies
+    within Ray's health-check interval of reporting a checkpoint leaves it written but unregistered; the run goes on
+    from the one before, and a resume on another worker count would never overwrite it. Local run directories
+    only; nothing is deleted when Ray reports no checkpoints at all."""
+    kept = {Path(c.path).name for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        kept.add(Path(result.checkpoint.path).name)
+    if is_uri(run_dir) or not kept:
+        return []
+    removed = []
+    for folder in sorted(Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")):
+        if folder.name not in kept and (folder / META_FILE).is_file():
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    return removed
+
+
+def summary_table(payload: dict, run_dir: str) -> str:
+    """The run's last words: best metric and epoch, where the run and its best checkpoint are."""
+    rows = []
+    if payload["best_value"] is not None:
+        rows.append((f"Best {payload['eval_metric']}", f"{payload['best_value']:.4f} at epoch {payload['best_epoch']}"))
+    last = payload.get("last_metrics") or {}
+    if "eval_top1" in last:
+        rows.append(
+            (
+                "Last epoch",
+                f"{last.get('epoch')}: top1 {last['eval_top1']:.2f}  top5 "
+                f"{last.get('eval_top5', float('nan')):.2f}  eval_loss {last.get('eval_loss', float('nan')):.4f}",
+            )
+        )
+    rows += [
+        ("Run directory", run_dir),
+        ("Best checkpoint", str(payload.get("best_checkpoint"))),
+        ("Results", str(payload["result_file"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,123 @@
+"""What a run tells its user: console lines on rank 0, summary.csv (timm's columns) and result.json.
+
+summary.csv is written by a Ray Train ``UserCallback``. It runs in the Train controller, on the driver's node,
+after every report, so the file grows live while the run trains and survives a dead driver. Rows are keyed by
+epoch: when a worker-group restart repeats an epoch, its row is replaced, never duplicated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from ray.train import UserCallback
+
+from raytrain_cls.core.storage import is_uri, join, read_text, write_text
+
+SUMMARY_FILE = "summary.csv"
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.yaml"
+# Reported by rank 0 with every epoch: the Tune driver frees a stopped trial's placement group by it (tune.py).
+PLACEMENT_GROUP_METRIC = "ray_placement_group"
+# timm's summary.csv columns, in timm's order.
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+
+
+def step_line(m: dict, num_epochs: int) -> str:
+    pct = 100.0 * m["step"] / max(m["steps"], 1)
+    return (
+        f"Train: {m['epoch']}/{num_epochs - 1} [{m['step']:>4d}/{m['steps']} ({pct:3.0f}%)]  "
+        f"loss {m['loss']:.4f}  lr {m['lr']:.3e}  {m['img_per_sec']:.0f} img/s  "
+        f"data {m['data_time']:.1f}s"
+    )
+
+
+def epoch_line(m: dict, num_epochs: int) -> str:
+    if "eval_loss" not in m:  # an epoch --val-interval does not evaluate
+        return (
+            f"Epoch {m['epoch']}/{num_epochs - 1}: train_loss {m['train_loss']:.4f}  lr {m['lr']:.3e}  "
+            f"{m['img_per_sec']:.0f} img/s  (not evaluated: --val-interval)"
+        )
+    best = "" if m.get("best_metric") is None else f"  (best {m['best_metric']:.4f} @ epoch {m['best_epoch']})"
+    return (
+        f"Epoch {m['epoch']}/{num_epochs - 1}: train_loss {m['train_loss']:.4f}  "
+        f"eval_loss {m['eval_loss']:.4f}  top1 {m['eval_top1']:.2f}  top5 {m['eval_top5']:.2f}  "
+        f"lr {m['lr']:.3e}  {m['img_per_sec']:.0f} img/s{best}"
+    )
+
+
+def read_summary(path: str | Path) -> dict[int, dict]:
+    text = read_text(path)
+    if not text:
+        return {}
+    return {int(row["epoch"]): row for row in csv.DictReader(io.StringIO(text))}
+
+
+def write_summary(path: str | Path, rows: dict[int, dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for epoch in sorted(rows):
+        writer.writerow(rows[epoch])
+    write_text(path, buf.getvalue())
+
+
+class SummaryCallback(UserCallback):
+    """Appends (or replaces) one summary.csv row per reported epoch; runs in Ray Train's controller."""
+
+    def __init__(self, run_dir: str):
+        self.path = join(run_dir, SUMMARY_FILE)
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not metrics or "epoch" not in metrics[0] or metrics[0].get("recovery"):
+            return  # mid-epoch recovery checkpoints have no evaluation: no summary row
+        m = metrics[0]  # rank 0's metrics; evaluation is already reduced across ranks
+        rows = read_summary(self.path)
+        rows[int(m["epoch"])] = {k: m.get(k) for k in SUMMARY_COLUMNS}
+        write_summary(self.path, rows)
+
+
+def build_result(result, metric: str, mode: str, run_dir: Optional[str] = None) -> dict:
+    """result.json: the metric, its best value and epoch, the last metrics and the checkpoint paths. On cloud
+    storage Ray gives bucket-relative paths ("bucket/runs/x/epoch-0003"); with the run's own `run_dir` URI they
+    become URIs the other commands open (s3://bucket/runs/x/epoch-0003?options)."""
+    last = dict(result.metrics or {})
+    run_dir = run_dir or result.path
+
+    def where(checkpoint) -> Optional[str]:
+        if checkpoint is None:
+            return None
+        return join(run_dir, Path(checkpoint.path).name) if is_uri(run_dir) else checkpoint.path
+
+    best_ckpt = None
+    best_metrics: dict = {}
+    if result.best_checkpoints:
+        ranked = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None and not m.get("recovery")]
+        if ranked:
+            # Ties go to the later epoch, as in the worker's best tracking and Ray's retention.
+            sign = -1 if mode == "min" else 1
+            best_ckpt, best_metrics = max(ranked, key=lambda cm: (sign * cm[1][metric], cm[1].get("epoch", -1)))
+    return dict(
+        eval_metric=metric,
+        mode=mode,
+        best_value=best_metrics.get(metric, last.get("best_metric")),
+        best_epoch=best_metrics.get("epoch", last.get("best_epoch")),
+        last_metrics=last,
+        latest_checkpoint=where(result.checkpoint),
+        best_checkpoint=where(best_ckpt),
+        run_dir=run_dir,
+    )
+
+
+def write_result(run_dir: str | Path, payload: dict) -> str:
+    path = join(run_dir, RESULT_FILE)
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def trial_run_dir(search_dir: str, trial_id: str) -> str:
+    """Where a trial's Ray Train run lives: <search dir>/trials/trial-<id> (a path or a URI)."""
+    return join(join(search_dir, "trials"), f"trial-{trial_id}")

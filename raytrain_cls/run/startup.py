@@ -1,0 +1,95 @@
+"""Where a run's start-up seconds go, from the command's process start to the first finished training step.
+
+Every Ray Train ``fit()`` pays a fixed cost before its first step (ray.init, the Train controller, the worker
+group, the workers' imports, data and model set-up), and a Tune search pays it again for every trial. To cut it
+one has to see it, so the driver and rank 0 each stamp the wall clock at the phase boundaries below; rank 0
+reports its stamps with every epoch's metrics (``startup``), and the driver turns both into a breakdown that it
+prints after the run and writes into result.json.
+
+Stamps are ``time.time()`` seconds: the driver and rank 0 may be on different nodes, whose clocks NTP keeps
+within milliseconds of each other, far below the seconds measured here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+# (stamp, the phase that ends at it), in the order they happen. A phase is the time since the previous stamp
+# that is present (a Tune trial has no process stamp of its own: its phases start at "driver").
+PHASES = (
+    ("process", None),
+    ("driver", "python start + driver imports (torch, timm)"),
+    ("ray_ready", "import ray.train + ray.init / connect"),
+    ("resolved", "config resolution (data set scan)"),
+    ("fit", "run directory + trainer set-up"),
+    ("worker_process", "Ray Train controller + worker group"),
+    # Ray Train imports torch and forms the process group before it hands a worker the train function, so the
+    # worker module's first line (worker_imported) comes after both (checked: the group is up there, timm is not).
+    ("worker_imported", "worker start (Ray worker, torch, process group)"),
+    ("worker_entered", "train function imports (timm, raytrain_cls)"),
+    ("data_ready", "data set + loaders"),
+    ("model_ready", "model, optimizer, checkpoint restore"),
+    ("first_step", "first training step"),
+)
+STAMPS = tuple(name for name, _ in PHASES)
+
+
+def process_start() -> Optional[float]:
+    """This process's start (wall clock) from the OS: /proc on Linux, else psutil (Ray puts its own copy on the
+    path once imported); None where neither can tell."""
+    try:
+        import os
+
+        with open("/proc/self/stat") as f:  # field 22: start time in clock ticks after boot
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:  # seconds since boot, to 10 ms (btime in /proc/stat is whole seconds)
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a missing stamp only merges two phases of the breakdown
+        return None
+
+
+def stamp(stamps: dict, name: str, at: Optional[float] = None) -> None:
+    """Records ``name`` now unless it is already there (a restarted worker group keeps the first stamps), or at
+    ``at`` whatever was there."""
+    if name not in STAMPS:
+        raise KeyError(f"unknown start-up stamp {name!r}: one of {STAMPS}")
+    if at is not None or name not in stamps:
+        stamps[name] = time.time() if at is None else at
+
+
+def breakdown(stamps: dict) -> dict:
+    """{"total_s": first stamp to the last, "until": the last stamp, "phases": [(label, seconds), ...]}.
+
+    Stamps that are missing or out of order are left out and their phase merges into the next one ("A + B"): a
+    Ray worker process may have been started before this run (Ray keeps idle workers), and then only the time
+    from the fit to the worker's imports says something."""
+    phases, previous, pending = [], None, []
+    for name, label in PHASES:
+        at = stamps.get(name)
+        if at is None or (previous is not None and at < stamps[previous]):
+            if label is not None and previous is not None:
+                pending.append(label)
+            continue
+        if previous is not None:
+            phases.append((" + ".join([*pending, label]), round(at - stamps[previous], 3)))
+        previous, pending = name, []
+    first = next((n for n, _ in PHASES if stamps.get(n) is not None), None)
+    total = round(stamps[previous] - stamps[first], 3) if phases else 0.0
+    return dict(total_s=total, until=previous if phases else None, phases=phases)
+
+
+def describe(result: dict) -> str:
+    """One line for the console: 'Start-up 24.1 s to the first step: ray.init / connect 8.2 s, ...'."""
+    if not result.get("phases"):
+        return ""
+    until = "the first step" if result["until"] == "first_step" else result["until"]
+    parts = ", ".join(f"{label} {seconds:.1f} s" for label, seconds in result["phases"])
+    return f"Start-up {result['total_s']:.1f} s to {until}: {parts}"

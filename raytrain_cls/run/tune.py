@@ -1,0 +1,678 @@
+"""`raytrain-cls tune`: a Ray Tune search over any config key, each trial a full Ray Train run.
+
+Ray 2.60 (Train V2) cannot take a trainer as a Tune trainable; a trial is a plain function that builds and fits a
+TorchTrainer (trainer.fit_run) and forwards each epoch's metrics to Tune through a Train callback. Each trial's
+Train run is named after its trial id under <search dir>/trials/, so a resumed search resumes each unfinished
+trial from its own checkpoints. Everything in the search spec is checked before any trial starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from raytrain_cls.core.config import FIELDS, Config, ConfigError, _suggest, read_yaml
+from raytrain_cls.core.optim import resolve_num_epochs
+from raytrain_cls.core.storage import absolute, exists, is_uri, join, read_text, split, write_text
+from raytrain_cls.run.driver import RunPaths, connect, fit_run, resolve_output
+from raytrain_cls.run.plots import plot_curves
+from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC, RESULT_FILE, trial_run_dir
+from raytrain_cls.run.startup import breakdown
+
+SEARCH_FILE, TRIALS_FILE, BEST_FILE, PLOT_FILE = "search.yaml", "trials.csv", "best.yaml", "trials.png"
+DEFAULT_OUTPUT = "output/tune"
+# kind -> number of numeric arguments (None: a list of values)
+SPACE_KINDS = {
+    "uniform": 2,
+    "loguniform": 2,
+    "quniform": 3,
+    "qloguniform": 3,
+    "randint": 2,
+    "qrandint": 3,
+    "choice": None,
+    "grid": None,
+}
+DEFAULT_SPACE = {"lr": "loguniform:1e-4:1e-1", "mixup": "uniform:0:0.4", "smoothing": "uniform:0:0.2"}
+SCHEDULERS = ("asha", "fifo", "pbt")
+SEARCHERS = ("random", "optuna")
+
+
+@dataclass
+class SearchSpec:
+    space: dict = field(default_factory=dict)  # config key -> (kind, args)
+    num_samples: int = 8
+    metric: str = ""  # default: eval_<checkpoint.eval_metric>
+    mode: str = ""  # default: min for a loss, else max
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    searcher: str = "random"
+    max_concurrent_trials: int = 0  # 0: as many as the cluster fits
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # fractions (0.25) let small trials share a GPU
+
+
+SPEC_KEYS = [f.name for f in dataclasses.fields(SearchSpec)]
+
+
+# ---- parsing -------------------------------------------------------------------------------------------------
+def parse_dimension(key: str, spec: Any) -> tuple[str, list]:
+    """'loguniform:1e-4:1e-1' | {'loguniform': [1e-4, 1e-1]} | [a, b, c] (a choice) -> (kind, args)."""
+    where = f"search.space.{key}"
+    if isinstance(spec, list):
+        return "choice", list(spec)
+    if isinstance(spec, dict) and len(spec) == 1:
+        kind, args = next(iter(spec.items()))
+        args = list(args) if isinstance(args, (list, tuple)) else [args]
+    elif isinstance(spec, str) and ":" in spec:
+        kind, _, rest = spec.partition(":")
+        sep = "," if kind in ("choice", "grid") else ":"
+        args = [_scalar(a) for a in rest.split(sep)]
+    else:
+        raise ConfigError(
+            where,
+            spec,
+            "expected KIND:ARGS (e.g. loguniform:1e-4:1e-1, choice:sgd,adamw), {KIND: [args]} or a list of choices",
+        )
+    if kind not in SPACE_KINDS:
+        raise ConfigError(
+            where,
+            spec,
+            f"unknown distribution '{kind}'; choose one of {list(SPACE_KINDS)}{_suggest(kind, SPACE_KINDS)}",
+        )
+    return kind, args
+
+
+def _scalar(text: str) -> Any:
+    """'1e-4' -> 0.0001 (PyYAML reads it as a string), '32' -> 32, 'sgd' -> 'sgd', 'true' -> True."""
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_search(raw: Optional[dict], cli_space: Optional[dict] = None, cli: Optional[dict] = None) -> SearchSpec:
+    """The `search:` block of a search YAML, then command-line --search / options on top."""
+    raw = dict(raw or {})
+    spec = SearchSpec()
+    for key, value in {**raw, **(cli or {})}.items():
+        if key == "space":
+            continue
+        if key not in SPEC_KEYS:
+            raise ConfigError(f"search.{key}", value, f"unknown key{_suggest(key, SPEC_KEYS)}")
+        default = getattr(spec, key)
+        if isinstance(default, (int, float)) and not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"search.{key}", value, "expected a number")
+        setattr(spec, key, type(default)(value) if isinstance(default, (int, float, str)) else value)
+    space = raw.get("space") or {}
+    if not isinstance(space, dict):
+        raise ConfigError("search.space", space, "expected a mapping of config keys to distributions")
+    space = {**space, **(cli_space or {})} or dict(DEFAULT_SPACE)
+    spec.space = {key: parse_dimension(key, value) for key, value in space.items()}
+    return spec
+
+
+# ---- validation (before any Ray work) ------------------------------------------------------------------------
+def _probe(base: Config, key: str, value: Any, where: str) -> None:
+    """Apply one value of the space to a copy of the base config and validate it."""
+    cfg = base.copy()
+    try:
+        cfg.set(key, value)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(where, value, f"this value does not make a valid training config: {e.reason}") from None
+
+
+def validate_search(spec: SearchSpec, base: Config) -> SearchSpec:
+    if not spec.space:
+        raise ConfigError("search.space", {}, "nothing to search")
+    for key, (kind, args) in spec.space.items():
+        where = f"search.space.{key}"
+        if key not in FIELDS:
+            raise ConfigError(where, key, f"not a config key{_suggest(key, FIELDS)}")
+        need = SPACE_KINDS[kind]
+        if need is None:
+            if not args:
+                raise ConfigError(where, args, f"{kind} needs at least one value")
+            for value in args:
+                _probe(base, key, value, where)
+            continue
+        if len(args) != need or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise ConfigError(where, args, f"{kind} needs {need} numbers: low, high" + (", q" if need == 3 else ""))
+        lo, hi = args[0], args[1]
+        if not lo < hi:
+            raise ConfigError(where, args, "needs low < high")
+        if "log" in kind and lo <= 0:
+            raise ConfigError(where, args, "a log-uniform range needs low > 0")
+        if need == 3 and args[2] <= 0:
+            raise ConfigError(where, args, "the quantum q must be > 0")
+        if kind.endswith("randint") and not all(float(a).is_integer() for a in args):
+            raise ConfigError(where, args, "randint bounds must be integers")
+        for value in (lo, hi):
+            _probe(base, key, int(value) if kind.endswith("randint") else value, where)
+    if spec.num_samples < 1:
+        raise ConfigError("search.num_samples", spec.num_samples, "must be >= 1")
+    if spec.scheduler not in SCHEDULERS:
+        raise ConfigError(
+            "search.scheduler",
+            spec.scheduler,
+            f"choose one of {list(SCHEDULERS)}{_suggest(spec.scheduler, SCHEDULERS)}",
+        )
+    if spec.scheduler == "pbt":
+        raise ConfigError(
+            "search.scheduler",
+            "pbt",
+            "not supported: PBT exploits Tune-level checkpoints, and a "
+            "Ray Train V2 trial reports its checkpoints to Train, not to Tune; use asha or fifo",
+        )
+    if spec.searcher not in SEARCHERS:
+        raise ConfigError(
+            "search.searcher", spec.searcher, f"choose one of {list(SEARCHERS)}{_suggest(spec.searcher, SEARCHERS)}"
+        )
+    if spec.searcher == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "search.searcher",
+                "optuna",
+                "Optuna is not installed: pip install 'raytrain-cls[optuna]' (or use the default random searcher)",
+            ) from None
+        if any(kind == "grid" for kind, _ in spec.space.values()):
+            raise ConfigError("search.searcher", "optuna", "Optuna cannot take grid dimensions; use choice")
+    if spec.grace_period < 1:
+        raise ConfigError("search.grace_period", spec.grace_period, "must be >= 1")
+    if spec.reduction_factor <= 1:
+        raise ConfigError("search.reduction_factor", spec.reduction_factor, "must be > 1")
+    if spec.max_concurrent_trials < 0:
+        raise ConfigError("search.max_concurrent_trials", spec.max_concurrent_trials, "must be >= 0 (0 = auto)")
+    if spec.workers_per_trial < 1:
+        raise ConfigError("search.workers_per_trial", spec.workers_per_trial, "must be >= 1")
+    if spec.cpus_per_worker <= 0:
+        raise ConfigError("search.cpus_per_worker", spec.cpus_per_worker, "must be > 0")
+    g = spec.gpus_per_worker
+    if g < 0 or (g > 1 and not float(g).is_integer()):
+        raise ConfigError("search.gpus_per_worker", g, "must be a fraction in [0, 1] or a whole number")
+    if spec.mode and spec.mode not in ("min", "max"):
+        raise ConfigError("search.mode", spec.mode, "must be min or max")
+    return spec
+
+
+def metric_and_mode(spec: SearchSpec, base: Config) -> tuple[str, str]:
+    metric = spec.metric or f"eval_{base.checkpoint.eval_metric}"
+    return metric, spec.mode or ("min" if metric.endswith("loss") else "max")
+
+
+def trial_base(base: Config, spec: SearchSpec) -> Config:
+    """The base config with the per-trial scaling applied (each trial a Ray Train run of this size)."""
+    cfg = base.copy()
+    cfg.scaling.num_workers = spec.workers_per_trial
+    cfg.scaling.use_gpu = spec.gpus_per_worker > 0
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_worker:
+        resources["GPU"] = spec.gpus_per_worker
+    cfg.scaling.resources_per_worker = resources
+    cfg.checkpoint.experiment = ""
+    cfg.checkpoint.resume = ""
+    cfg.resolved = {}
+    return cfg
+
+
+def max_epochs(base: Config, spec: SearchSpec) -> int:
+    """ASHA's max_t: the longest schedule any trial can run (cooldown included), resolved without a model."""
+    longest = 0
+    candidates = [{}]
+    for key in ("epochs", "cooldown_epochs"):
+        if key in spec.space:
+            kind, args = spec.space[key]
+            values = args if SPACE_KINDS[kind] is None else args[:2]
+            candidates = [{**c, key: int(v)} for c in candidates for v in values]
+    for overrides in candidates:
+        cfg = base.copy().update(overrides)
+        longest = max(longest, resolve_num_epochs(cfg))
+    return longest
+
+
+# ---- Ray Tune ------------------------------------------------------------------------------------------------
+def to_tune_space(spec: SearchSpec) -> dict:
+    from ray import tune
+
+    out = {}
+    for key, (kind, args) in spec.space.items():
+        if kind in ("choice", "grid"):
+            out[key] = tune.choice(args) if kind == "choice" else tune.grid_search(args)
+        elif kind.endswith("randint"):
+            out[key] = getattr(tune, kind)(*[int(a) for a in args])
+        else:
+            out[key] = getattr(tune, kind)(*args)
+    return out
+
+
+def _epoch_report_callback():
+    """Tune's Train->Tune bridge, minus our mid-epoch recovery reports: one Tune iteration = one epoch."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("recovery"):
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReportCallback()
+
+
+def _stopped_trial_cleaner(grace_s: float = 5.0):
+    """A Tune callback that frees the placement group of every trial that has ended.
+
+    Ray Train removes a run's placement group itself when the run ends, and, if its controller dies instead (as
+    when Tune stops a trial early), from a detached cleaner actor that asks the dashboard's state API whether the
+    controller is gone. Without the dashboard (Ray installed without [default], or a cluster started with
+    --include-dashboard=false) that question never gets an answer: the stopped trial's workers keep their CPUs
+    and GPUs for good, and the search waits forever for resources. So the search driver removes, a few seconds
+    after Tune ended a trial (time for its controller to die with it), the group the trial last reported."""
+    from ray import PlacementGroupID, tune
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    class FreeEndedTrials(tune.Callback):
+        def __init__(self):
+            self.pending: dict[str, float] = {}  # placement group hex id -> when its trial ended
+
+        def _ended(self, trial) -> None:
+            group = (trial.last_result or {}).get(PLACEMENT_GROUP_METRIC)
+            if group:
+                self.pending.setdefault(group, time.monotonic())
+
+        def _free(self, older_than: float) -> None:
+            for group, ended in list(self.pending.items()):
+                if ended > older_than:
+                    continue
+                del self.pending[group]
+                handle = PlacementGroup(PlacementGroupID.from_hex(group))
+                try:
+                    if placement_group_table(handle).get("state") not in (None, "REMOVED"):
+                        remove_placement_group(handle)
+                except Exception:  # gone already, or the cluster is going away: nothing left to free
+                    pass
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial)
+
+        def on_step_begin(self, iteration, trials, **info):
+            self._free(time.monotonic() - grace_s)
+
+        def on_experiment_end(self, trials, **info):
+            self._free(float("inf"))
+
+    return FreeEndedTrials()
+
+
+def run_trial(params: dict, base: dict, search_dir: str) -> None:
+    """One Tune trial: the base config with this trial's values, trained by Ray Train like `raytrain-cls train`."""
+    from ray import tune
+
+    cfg = Config.from_dict(base)
+    for key, value in params.items():
+        cfg.set(key, value)
+    cfg.validate()
+    # A stable name per trial: when a search is resumed, Ray Train resumes this trial from its own checkpoints.
+    run_dir = trial_run_dir(search_dir, tune.get_context().get_trial_id())
+    paths = RunPaths(*split(run_dir), run_dir)
+    done = finished_run(paths.run_dir, cfg)
+    if done is not None:
+        # Finished before the search driver died, but Tune had not yet recorded it: hand Tune the final
+        # result instead of starting workers for nothing.
+        tune.report(dict(done["last_metrics"], checkpoint_path=done["latest_checkpoint"]))
+        return
+    fit_run(cfg, paths, extra_callbacks=[_epoch_report_callback()], echo=lambda *a: None)
+
+
+def finished_run(run_dir: str, cfg: Config) -> Optional[dict]:
+    """A trial run's result.json when the run trained all its epochs, else None."""
+    import json
+
+    text = read_text(join(run_dir, RESULT_FILE))
+    if not text:
+        return None
+    result = json.loads(text)
+    last = result.get("last_metrics") or {}
+    return result if last.get("epoch") == resolve_num_epochs(cfg) - 1 else None
+
+
+MAX_DEFAULT_CONCURRENCY = 64  # where an autoscaler has no limit (capacity.py: math.inf); Tune queues the rest
+
+
+def default_concurrency(spec: SearchSpec, cluster: dict) -> int:
+    """As many trials at once as the cluster (or what its autoscaler can add) fits."""
+
+    def how_many(available: float, per_trial: float) -> float:
+        return available if math.isinf(available) else available // per_trial  # inf // x is nan
+
+    fits = how_many(cluster.get("CPU", 1), spec.workers_per_trial * spec.cpus_per_worker)
+    if spec.gpus_per_worker:
+        fits = min(fits, how_many(cluster.get("GPU", 0), spec.workers_per_trial * spec.gpus_per_worker))
+    return max(1, int(min(fits, MAX_DEFAULT_CONCURRENCY)))
+
+
+def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, name: str, cluster: dict, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    metric, mode = metric_and_mode(spec, base)
+    trainable = tune.with_parameters(run_trial, base=trial_base(base, spec).to_dict(), search_dir=search_dir)
+    # The trial function only drives; its TorchTrainer reserves the workers' CPUs/GPUs itself.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+    if resume:
+        return tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = None
+    if spec.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_epochs(base, spec),
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
+        )
+    search_alg = None
+    if spec.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=base.run.seed)
+    concurrency = spec.max_concurrent_trials or default_concurrency(spec, cluster)
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            num_samples=spec.num_samples,
+            max_concurrent_trials=concurrency,
+            scheduler=scheduler,
+            search_alg=search_alg,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=output,
+            callbacks=[_stopped_trial_cleaner()],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+# ---- outputs -------------------------------------------------------------------------------------------------
+@dataclass
+class TrialRow:
+    trial_id: str
+    status: str  # completed | stopped (early, by the scheduler) | error | unfinished (the search was interrupted)
+    params: dict
+    best: Optional[float]
+    best_epoch: Optional[int]
+    epochs: int
+    checkpoint: Optional[str]
+    curve: list  # the metric per epoch
+    startup_s: Optional[float] = None  # the trial's fit() to its first training step (startup.py)
+
+
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune's trial states short of TERMINATED / ERROR
+
+
+class SearchInterrupted(Exception):
+    """Ctrl-C ended the search early; Tune saved its state, and --resume continues it."""
+
+    def __init__(self, search_dir: str, finished: int, total: int):
+        self.search_dir = search_dir
+        super().__init__(
+            f"search interrupted with {finished} of {total} trials finished (trials.csv has the results "
+            f"so far). Continue it with: raytrain-cls tune --resume {search_dir}"
+        )
+
+
+def saved_states(search_dir: str) -> dict:
+    """Trial id -> Tune's state for it, as the search saved it last. Not the ResultGrid's: after Ctrl-C Tune
+    saves a running trial as PENDING (so that --resume runs it) but leaves it TERMINATED in memory. {} when the
+    state cannot be read."""
+    try:
+        from ray.tune import ExperimentAnalysis
+
+        return {t.trial_id: t.status for t in ExperimentAnalysis(search_dir).trials}
+    except Exception:  # noqa: BLE001 - no saved state to go by: no trial is called unfinished
+        return {}
+
+
+def total_trials(spec: SearchSpec) -> int:
+    """How many trials the search makes: num_samples for each point of the grid dimensions (Tune's rule)."""
+    points = 1
+    for kind, args in spec.space.values():
+        points *= len(args) if kind == "grid" else 1
+    return spec.num_samples * points
+
+
+def summarize(
+    results, spec: SearchSpec, base: Config, max_t: int, search_dir: str = "", states: Optional[dict] = None
+) -> list[TrialRow]:
+    """One row per trial, best first. In a search directory on cloud storage Ray names checkpoints
+    bucket-relative; they are given as URIs under the trial's run directory instead. ``states``: Tune's state per
+    trial id (default: as saved in ``search_dir``)."""
+    metric, mode = metric_and_mode(spec, base)
+    states = saved_states(search_dir) if states is None and search_dir else (states or {})
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and "epoch" in df:
+            df = df.drop_duplicates(subset="epoch", keep="last").reset_index(drop=True)  # a resumed trial repeats
+        curve = [] if df is None or metric not in df else [float(v) for v in df[metric].tolist()]
+        trial_id = (r.metrics or {}).get("trial_id") or Path(str(r.path)).name
+        best = best_epoch = checkpoint = None
+        if curve:
+            pick = (min if mode == "min" else max)(range(len(curve)), key=lambda i: curve[i])
+            best, best_epoch = curve[pick], int(df["epoch"].iloc[pick]) if "epoch" in df else pick
+            if "checkpoint_path" in df:
+                checkpoint = df["checkpoint_path"].iloc[pick]
+                if checkpoint and is_uri(search_dir):
+                    checkpoint = join(trial_run_dir(search_dir, trial_id), Path(checkpoint).name)
+        tune_status = states.get(str(trial_id)) or next((v for k, v in states.items() if k in str(trial_id)), None)
+        status = (
+            "error"
+            if r.error
+            else "completed"
+            if len(curve) >= max_t
+            else "unfinished"
+            if tune_status in UNFINISHED
+            else "stopped"
+        )
+        params = {k: r.config.get(k) for k in spec.space}
+        rows.append(
+            TrialRow(
+                str(trial_id),
+                status,
+                params,
+                best,
+                best_epoch,
+                len(curve),
+                checkpoint,
+                curve,
+                trial_startup_s(r.metrics or {}),
+            )
+        )
+    reverse = mode == "max"
+    return sorted(rows, key=lambda t: (t.best is None, -t.best if reverse and t.best is not None else t.best or 0))
+
+
+def trial_startup_s(metrics: dict) -> Optional[float]:
+    """Seconds from the trial's fit() to its first step: the fixed cost every trial pays again. Tune may hand
+    the reported ``startup`` stamps back nested or flattened ("startup/fit")."""
+    stamps = metrics.get("startup") or {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("startup/")}
+    result = breakdown({k: v for k, v in stamps.items() if isinstance(v, (int, float))})
+    return result["total_s"] if result["until"] == "first_step" else None
+
+
+def write_trials_csv(path: str, rows: list[TrialRow], keys: list[str], metric: str) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["trial_id", "status", *keys, f"best_{metric}", "best_epoch", "epochs", "startup_s", "checkpoint"])
+    for t in rows:
+        writer.writerow(
+            [
+                t.trial_id,
+                t.status,
+                *[t.params.get(k) for k in keys],
+                t.best,
+                t.best_epoch,
+                t.epochs,
+                "" if t.startup_s is None else f"{t.startup_s:.1f}",
+                t.checkpoint or "",
+            ]
+        )
+    write_text(path, buf.getvalue())
+
+
+def best_config_yaml(base: Config, best: TrialRow, max_t: int) -> str:
+    cfg = base.copy()
+    for key, value in best.params.items():
+        cfg.set(key, value)
+    cfg.resolved = {}
+    cfg.checkpoint.experiment = ""
+    cfg.validate()
+    raw = cfg.to_dict()
+    raw.pop("resolved")
+    header = (
+        f"# Best trial {best.trial_id}: {', '.join(f'{k}={v}' for k, v in best.params.items())}\n"
+        f"# best metric {best.best} at epoch {best.best_epoch} ({best.epochs} of {max_t} epochs run)\n"
+        f"# Retrain from scratch:      raytrain-cls train -c best.yaml\n"
+        f"# Start from its weights:    raytrain-cls train -c best.yaml --initial-checkpoint {best.checkpoint}\n"
+        f"# Continue that very run:    raytrain-cls train -c best.yaml --resume {best.checkpoint}\n"
+    )
+    return header + yaml.safe_dump(raw, sort_keys=False, default_flow_style=None)
+
+
+def plot_trials(path: str, rows: list[TrialRow], metric: str) -> None:
+    curves = [
+        (
+            f"{t.trial_id} ({t.status}) " + " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items()),
+            t.status == "completed",
+            t.curve,
+        )
+        for t in rows
+    ]
+    plot_curves(path, curves, metric)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+def search_paths(base: Config, resume: Optional[str]) -> tuple[str, str, str]:
+    """(output, name, search_dir): a new search never reuses a directory; --resume names an existing one."""
+    if resume:
+        path = absolute(resume)
+        if not exists(join(path, SEARCH_FILE)):
+            raise ConfigError("--resume", resume, f"not a search directory (no {SEARCH_FILE})")
+        return (*split(path), path)
+    output = resolve_output(base.checkpoint.output or DEFAULT_OUTPUT)
+    name = base.checkpoint.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-search-{base.model.model}"
+    search_dir = join(output, name)
+    if exists(search_dir):
+        raise ConfigError(
+            "checkpoint.experiment",
+            name,
+            f"{search_dir} already exists; continue it with "
+            f"`raytrain-cls tune --resume {search_dir}` or pick another --experiment",
+        )
+    return output, name, search_dir
+
+
+def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, echo=print) -> dict:
+    """Validate everything, run (or resume) the search, write trials.csv / best.yaml / the plot."""
+    base.validate()
+    validate_search(spec, base)
+    output, name, search_dir = search_paths(base, resume)
+    metric, mode = metric_and_mode(spec, base)
+    max_t = max_epochs(base, spec)
+    if not resume:
+        raw = base.to_dict()
+        raw.pop("resolved")
+        raw["search"] = dict(
+            dataclasses.asdict(spec), space={k: {kind: args} for k, (kind, args) in spec.space.items()}
+        )
+        write_text(join(search_dir, SEARCH_FILE), yaml.safe_dump(raw, sort_keys=False))
+    cluster = connect()
+    echo(f"Search directory: {search_dir}")
+    echo(
+        f"Searching {', '.join(spec.space)} over {spec.num_samples} trial(s), {spec.scheduler} scheduler, "
+        f"{metric} ({mode}), up to {max_t} epochs per trial, {spec.workers_per_trial} worker(s) per trial"
+    )
+    results = build_tuner(base, spec, search_dir, output, name, cluster, bool(resume)).fit()
+    rows = summarize(results, spec, base, max_t, search_dir)
+    keys = list(spec.space)
+    write_trials_csv(join(search_dir, TRIALS_FILE), rows, keys, metric)
+    plot_trials(join(search_dir, PLOT_FILE), rows, metric)
+    scored = [t for t in rows if t.best is not None]
+    echo(f"{'trial':<12} {'status':<10} {metric:>12} {'epochs':>6}  params")
+    for t in rows[:10]:
+        best = "-" if t.best is None else f"{t.best:.4f}"
+        echo(
+            f"{t.trial_id:<12} {t.status:<10} {best:>12} {t.epochs:>6}  "
+            + " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+        )
+    summary = dict(
+        search_dir=search_dir,
+        trials=len(rows),
+        completed=sum(t.status == "completed" for t in rows),
+        stopped=sum(t.status == "stopped" for t in rows),
+        errors=sum(t.status == "error" for t in rows),
+    )
+    finished, total = sum(t.status != "unfinished" for t in rows), total_trials(spec)
+    interrupted = finished < total  # Tune returns normally when Ctrl-C ends a search
+    if not scored:
+        if interrupted:
+            raise SearchInterrupted(search_dir, finished, total)
+        raise ConfigError("search", name, "no trial reported a metric; see the trial errors above")
+    best = scored[0]
+    write_text(join(search_dir, BEST_FILE), best_config_yaml(trial_base(base, spec), best, max_t))
+    summary.update(
+        best_trial=best.trial_id,
+        best_value=best.best,
+        best_params=best.params,
+        best_checkpoint=best.checkpoint,
+        best_config=join(search_dir, BEST_FILE),
+    )
+    echo(
+        f"Best{' so far' if interrupted else ''}: trial {best.trial_id} {metric} {best.best:.4f}; config "
+        f"{summary['best_config']}; checkpoint {best.checkpoint}"
+    )
+    if interrupted:
+        raise SearchInterrupted(search_dir, finished, total)
+    return summary
+
+
+def load_search_file(path: str) -> tuple[dict, dict]:
+    """A search YAML -> (training config mapping, search block)."""
+    raw = read_yaml(path)
+    search = raw.pop("search", None) or {}
+    if not isinstance(search, dict):
+        raise ConfigError("search", search, "expected a mapping")
+    return raw, search
+
+
+def space_from_cli(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, spec = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--search", item, "expected KEY=KIND:ARGS, e.g. lr=loguniform:1e-4:1e-1")
+        out[key.strip()] = spec.strip()
+    return out

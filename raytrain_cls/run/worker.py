@@ -1,0 +1,475 @@
+"""The per-worker train function that Ray Train runs on every worker: the only module that talks to ray.train.
+
+Order matters and follows timm: model -> EMA (of the bare model) -> optimizer -> scheduler -> restore the
+checkpoint -> DDP wrap. Ray has already created the process group (gloo on CPU, NCCL on GPU), so timm's own
+distributed init is never called, and DDP is wrapped here rather than by ray.train.torch.prepare_model so EMA
+and restore see the bare model.
+"""
+
+from __future__ import annotations
+
+import time
+
+IMPORTED_AT = time.time()  # before the heavy imports: the start-up breakdown's "worker start" ends here
+
+import math
+import random
+import tempfile
+from typing import Optional
+
+import numpy as np
+import torch
+from timm.utils import distribute_bn
+
+from raytrain_cls.core.config import Config
+from raytrain_cls.core.distill import build_distillation
+from raytrain_cls.core.engine import EpochProgress, TrainParts, amp_parts, evaluate, train_one_epoch
+from raytrain_cls.core.loss import build_mixup, build_train_loss
+from raytrain_cls.core.model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
+from raytrain_cls.core.optim import build_optimizer, build_scheduler
+from raytrain_cls.core.state import CHECKPOINT_PREFIX, MODEL_FILE, TrainState, load_weights, rng_state
+from raytrain_cls.core.storage import join, local_dir, write_bytes
+from raytrain_cls.data import DataError, build_loaders, build_source
+from raytrain_cls.data.loader import BadSampleLog, SkippingLoader
+from raytrain_cls.data.naflex import loss_scale
+from raytrain_cls.data.ray_data import DATASET_NAME as RAY_DATASET
+from raytrain_cls.data.ray_data import ray_data_loader, rows_per_worker
+from raytrain_cls.run.console import WorkerConsole
+from raytrain_cls.run.preemption import PreemptionNotice
+from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC
+from raytrain_cls.run.startup import process_start, stamp
+from raytrain_cls.run.tracking import Trackers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def is_better(metric: str, value: float, best) -> bool:
+    """A tie counts as better: Ray's checkpoint retention also keeps the later of two equal scores, so the best
+    epoch reported here is always one whose checkpoint still exists."""
+    if best is None:
+        return True
+    return value <= best if metric == "loss" else value >= best
+
+
+def quiet_per_report_logs() -> None:
+    """Ray 2.60 logs every report (all metrics, every rank) at INFO through a logger named by its *file path*, so
+    RunConfig(logging_config=...) does not reach it and it drowns the progress lines; raise that logger's level."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+    except ImportError:  # a Ray without that module has no such logger either
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+
+
+def recovery_score(metric: str) -> float:
+    """The score a mid-epoch recovery checkpoint carries for Ray's retention: worse than any real evaluation, so it
+    is never kept as a "best" checkpoint (only as the latest, until the next one replaces it)."""
+    return 1e30 if metric == "loss" else -1.0
+
+
+def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) -> tuple[Optional[str], bool]:
+    """Load Ray's latest registered checkpoint (a restarted worker group, a resumed run), else the checkpoint given
+    with --resume CHECKPOINT (a new run started from it). Returns what was loaded (None for a fresh start) and
+    whether it was the run's own checkpoint."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state.load(d, load_optimizer=True, rank=rank, world_size=world)
+        return checkpoint.path, True
+    init = cfg.resolved.get("init_checkpoint")
+    if init:
+        with local_dir(init) as d:  # one under a URI (s3://) is downloaded first
+            state.load(d, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
+        return init, False
+    weights = cfg.checkpoint.initial_checkpoint
+    if weights:  # weights only: the run itself starts at epoch 0 (so this is not a "resume")
+        with local_dir(weights) as path:  # a checkpoint directory under a URI is fetched first
+            load_weights(state.model, path / MODEL_FILE if path.is_dir() else path)
+        if state.ema is not None:
+            state.ema.set(state.model)
+        if rank == 0:
+            say(f"Initial weights from {weights}")
+    return None, False
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+
+    entered = time.time()
+    quiet_per_report_logs()
+    cfg = Config.from_dict(config)
+    res = cfg.resolved
+    # This worker's start-up stamps after the driver's (rank 0 reports them; startup.py).
+    stamps = {
+        **(res.get("startup") or {}),
+        "worker_process": process_start(),
+        "worker_imported": IMPORTED_AT,
+        "worker_entered": entered,
+    }
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.run.seed + rank)
+
+    source = build_source(cfg)
+    loaders = build_loaders(cfg, source, res["data_config"], rank, world, device)
+    if cfg.data.loader == "ray":
+        loaders.train = ray_data_train_loader(cfg, world, device)
+    stamp(stamps, "data_ready")
+    model = prepare_for_workers(cfg, build_model(cfg, res["num_classes"], device), world)
+    ema = build_ema(cfg, model)
+    # the module the loop trains: the model, or (feature distillation) the model with its projection
+    kd = build_distillation(
+        cfg, model, build_train_loss(cfg).to(device), res["num_classes"], res["data_config"], device
+    )
+    optimizer = build_optimizer(cfg, kd.train_module)
+    updates_per_epoch = math.ceil(len(loaders.train) / cfg.optim.grad_accum_steps)
+    scheduler, _ = build_scheduler(cfg, optimizer, updates_per_epoch)
+    autocast, scaler = amp_parts(cfg.precision, device)
+    state = TrainState(config, model, optimizer, scheduler, scaler, ema, aux=kd.aux)
+
+    nodes = _count_nodes(world)
+    console = WorkerConsole(res.get("progress_board"), res["num_epochs"]) if rank == 0 else None
+    say = console.say if console else print  # rank 0's messages: to the live bar when there is one
+    if rank == 0:
+        say(f"{world} training worker(s) on {nodes} node(s), device {device}")
+        if cfg.data.data_on_device:
+            held = [loaders.train.dataset, loaders.val.dataset]
+            say(
+                f"Data on the device: {sum(len(h.images) - h.images.count(None) for h in held):,} images, "
+                f"{sum(h.nbytes for h in held) / 2**20:.1f} MiB per worker"
+            )
+    loaded, own_checkpoint = restore(state, cfg, rank, world, say)  # own: recovery, or --resume RUN
+    if cfg.sched.start_epoch is not None and not own_checkpoint:
+        start_at_epoch(state, scheduler, cfg.sched.start_epoch, updates_per_epoch, cfg.sched.sched_on_updates)
+        if rank == 0:
+            say(f"Starting at epoch {cfg.sched.start_epoch} (--start-epoch)")
+    resumed_from = state.num_updates if loaded else -1
+    if loaded:
+        if state.rank_states is not None and len(state.rank_states) != world:
+            # Written by a different number of ranks: no RNG stream to continue, start fresh ones for this point.
+            seed_everything(cfg.run.seed + rank + 7919 * state.num_updates)
+        if rank == 0:
+            where = (
+                f"epoch {state.in_epoch['epoch']} after batch {state.in_epoch['batches']}"
+                if state.in_epoch
+                else f"the end of epoch {state.epoch}"
+            )
+            say(f"Resumed from {loaded} at {where} (update {state.num_updates})")
+        if (
+            scheduler is not None
+            and cfg.checkpoint.no_resume_opt
+            and not state.in_epoch
+            and cfg.sched.sched != "plateau"
+        ):
+            scheduler.step(state.start_epoch)  # the optimizer's LR was not restored: set it from the schedule
+
+    train_model = kd.train_module
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    train_model = compile_model(cfg, train_model)  # after DDP, as timm does
+    parts = TrainParts(
+        model=train_model,
+        optimizer=optimizer,
+        loss_fn=kd.loss,
+        device=device,
+        autocast=autocast,
+        scaler=scaler,
+        mixup=build_mixup(cfg, res["num_classes"]),
+        scheduler=scheduler,
+        ema=ema,
+        ema_source=model,
+        clip_grad=cfg.optim.clip_grad,
+        clip_mode=cfg.optim.clip_mode,
+        accum_steps=cfg.optim.grad_accum_steps,
+        channels_last=cfg.model.channels_last,
+        input_dtype=model_dtype(cfg),
+        loss_scale=loss_scale(cfg.data.naflex_loss_scale, cfg.data.batch_size) if cfg.data.naflex_loader else None,
+    )
+    stamp(stamps, "model_ready")
+    num_epochs = res["num_epochs"]
+    metric = cfg.checkpoint.eval_metric
+    batch = cfg.data.batch_size
+    trackers = Trackers(cfg) if rank == 0 else None
+
+    def log_step(m: dict) -> None:
+        console.step(m)
+        trackers.step(m)
+
+    log = log_step if rank == 0 else None
+    last, last_eval = {}, None
+    # Ray Data streams cannot resume mid-epoch, so a checkpoint there would not save the epoch's work.
+    preemption = PreemptionNotice(cfg.checkpoint.preemption_check_interval if cfg.data.loader != "ray" else 0)
+    for epoch in range(state.start_epoch, num_epochs):
+        position = state.in_epoch if state.in_epoch and state.in_epoch["epoch"] == epoch else None
+        consumed = position["samples"] if position else 0  # global samples of this epoch already trained on
+        start_batch, carry = _continue_epoch(position, state.rank_states, rank, world, batch)
+        loaders.set_epoch(epoch, consumed)
+        mixing = cfg.aug.mixup_off_epoch == 0 or epoch < cfg.aug.mixup_off_epoch
+
+        def on_update(progress: EpochProgress, epoch=epoch, consumed=consumed, start_batch=start_batch) -> None:
+            if progress.batches_done >= progress.total_batches:
+                return  # the epoch's own checkpoint comes next
+            interval = cfg.checkpoint.recovery_interval
+            due = bool(interval) and progress.num_updates % interval == 0
+            notice = preemption.check(progress.num_updates)  # every rank asks: it is a collective
+            if not (due or notice):
+                return
+            if notice and rank == 0:
+                say(f"Preemption notice: {notice}; recovery checkpoint at epoch {epoch}, update {progress.num_updates}")
+            progress.ensure_finite()  # never a recovery checkpoint past --nan-patience
+            state.num_updates = progress.num_updates
+            state.in_epoch = dict(
+                epoch=epoch,
+                batches=progress.batches_done,
+                world_size=world,
+                batch_size=batch,
+                samples=loaders.samples_after(progress.batches_done - start_batch),
+            )
+            metrics = dict(
+                epoch=epoch,
+                step=progress.batches_done,
+                num_updates=progress.num_updates,
+                recovery=1,
+                resumed_from=resumed_from,
+                **{f"eval_{metric}": recovery_score(metric)},
+            )
+            if notice:
+                metrics["preemption"] = 1
+            report(
+                state,
+                metrics,
+                rank,
+                world,
+                f"{CHECKPOINT_PREFIX}{epoch:04d}-step-{progress.num_updates:07d}",
+                progress.loss_sum.item(),
+                progress.seen.item(),
+            )
+
+        train_metrics, state.num_updates = train_one_epoch(
+            epoch,
+            loaders.train,
+            parts,
+            state.num_updates,
+            use_mixup=mixing,
+            log_interval=cfg.run.log_interval,
+            log=log,
+            start_batch=start_batch,
+            carry=carry,
+            nan_patience=cfg.checkpoint.nan_patience,
+            on_update=on_update,
+            on_step=(
+                lambda step, steps, elapsed, e=epoch, b=start_batch: first_step_then(console.tick, stamps, device)(
+                    e, step, steps, elapsed, b
+                )
+            )
+            if rank == 0
+            else None,
+            on_log_batch=save_batch_images(res["run_dir"]) if rank == 0 and cfg.run.save_images else None,
+        )
+        state.in_epoch = None
+        dealt = loaders.samples_after(len(loaders.train)) - consumed
+        train_bad = check_bad_samples(
+            "training", loaders.train.bad, dealt, cfg.data.max_bad_fraction, epoch, rank, world, say
+        )
+        if world > 1 and cfg.model.dist_bn:
+            # As timm: make every rank's BatchNorm statistics the same before evaluating and checkpointing.
+            distribute_bn(model, world, cfg.model.dist_bn == "reduce")
+            if ema is not None:
+                distribute_bn(ema, world, cfg.model.dist_bn == "reduce")
+        if not evaluates(epoch, cfg.checkpoint.val_interval, num_epochs):
+            # timm's --val-interval: no evaluation, so no checkpoint either; the schedule still advances, given
+            # the latest evaluated metric as timm does (plateau skips its decision when there is none yet).
+            if scheduler is not None:
+                scheduler.step(epoch + 1, last_eval)
+            if rank == 0:
+                console.epoch(dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad))
+            continue
+        loaders.val.bad.reset()
+        eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last, cfg.checkpoint.tta)
+        val_bad = check_bad_samples(
+            "validation", loaders.val.bad, res["val_samples"], cfg.data.max_bad_fraction, epoch, rank, world, say
+        )
+        metrics = dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad, eval_bad_samples=val_bad)
+        if ema is not None:
+            # As timm does: the EMA's accuracy is the run's accuracy; the raw model's is kept alongside.
+            metrics.update({f"model_eval_{k}": v for k, v in eval_metrics.items()})
+            eval_metrics = evaluate(
+                ema.module, loaders.val, device, autocast, cfg.model.channels_last, cfg.checkpoint.tta
+            )
+        metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        last_eval = eval_metrics[metric]
+        if scheduler is not None:
+            scheduler.step(epoch + 1, last_eval)
+        state.epoch = epoch
+        if is_better(metric, eval_metrics[metric], state.best_metric):
+            state.best_metric, state.best_epoch = eval_metrics[metric], epoch
+        metrics.update(
+            num_updates=state.num_updates,
+            best_metric=state.best_metric,
+            best_epoch=state.best_epoch,
+            resumed_from=resumed_from,
+            num_nodes=nodes,
+        )
+        if rank == 0:
+            console.epoch(metrics)
+            trackers.epoch(metrics)
+        if rank == 0:
+            metrics["startup"] = stamps
+        report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}")
+        last = metrics
+    if trackers is not None:
+        trackers.close()
+    return last
+
+
+def first_step_then(fn, stamps: dict, device: torch.device):
+    """``fn``, after stamping the end of the run's first training step (a device sync, once per run)."""
+    if "first_step" not in stamps:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamp(stamps, "first_step")
+    return fn
+
+
+def start_at_epoch(state: TrainState, scheduler, epoch: int, updates_per_epoch: int, on_updates: bool) -> None:
+    """timm's --start-epoch: the run continues as if ``epoch`` epochs had been trained (counters and the LR
+    schedule there), whatever epoch a --resume checkpoint was written at."""
+    state.epoch, state.in_epoch, state.rank_states = epoch - 1, None, None
+    state.num_updates = epoch * updates_per_epoch
+    if scheduler is not None and epoch > 0:
+        if on_updates:
+            scheduler.step_update(state.num_updates)
+        else:
+            scheduler.step(epoch)
+
+
+def evaluates(epoch: int, interval: int, num_epochs: int) -> bool:
+    """timm's --val-interval: every interval-th epoch, and always the last one."""
+    return (epoch + 1) % interval == 0 or epoch == num_epochs - 1
+
+
+def save_batch_images(run_dir: str):
+    """timm's --save-images: the batch as a JPEG grid (min-max normalised, as timm does) under <run dir>/images."""
+    import io
+
+    import torchvision
+
+    def save(x: torch.Tensor, epoch: int, step: int) -> None:
+        buf = io.BytesIO()
+        torchvision.utils.save_image(x.float().cpu(), buf, format="jpeg", padding=0, normalize=True)
+        write_bytes(join(run_dir, f"images/train-{epoch:04d}-{step:06d}.jpg"), buf.getvalue())
+
+    return save
+
+
+def ray_data_train_loader(cfg: Config, world: int, device: torch.device) -> SkippingLoader:
+    """This worker's streaming_split share of the Ray Dataset the driver passed to the trainer."""
+    import ray.train
+
+    a, res = cfg.aug, cfg.resolved
+    return ray_data_loader(
+        ray.train.get_dataset_shard(RAY_DATASET),
+        rows_per_worker(res["train_samples"], world),
+        cfg.data.batch_size,
+        res["data_config"],
+        device,
+        re_prob=a.reprob,
+        re_mode=a.remode,
+        re_count=a.recount,
+    )
+
+
+def check_bad_samples(
+    split: str, log: BadSampleLog, dealt: int, max_fraction: float, epoch: int, rank: int, world: int, say=print
+) -> int:
+    """All ranks' unreadable samples of this epoch: logged with examples on rank 0, an error past the limit.
+    Every rank takes the same decision from the same gathered numbers, so no rank is left waiting."""
+    import torch.distributed as dist
+
+    mine = (log.count, log.examples)
+    gathered = [mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    count = sum(c for c, _ in gathered)
+    examples = [e for _, ex in gathered for e in ex][: BadSampleLog.KEEP]
+    if count > max_fraction * max(dealt, 1):
+        raise DataError(
+            f"{count} of {dealt} {split} samples in epoch {epoch} could not be read, more than "
+            f"--max-bad-fraction {max_fraction}: " + "; ".join(examples)
+        )
+    if count and rank == 0:
+        say(f"Skipped {count} unreadable {split} image(s) in epoch {epoch}: " + "; ".join(examples[:5]))
+    return count
+
+
+def _count_nodes(world: int) -> int:
+    """How many Ray nodes this worker group spans (shown to the user, reported with every epoch)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return 1
+    ids = [None] * world
+    dist.all_gather_object(ids, node)
+    return len(set(ids))
+
+
+def _continue_epoch(
+    position: Optional[dict], rank_states: Optional[list], rank: int, world: int, batch: int
+) -> tuple[int, tuple[float, float]]:
+    """(first batch index, this rank's (loss_sum, seen) so far) for an epoch a recovery checkpoint interrupted."""
+    if not position:
+        return 0, (0.0, 0.0)
+    ranks = rank_states or []
+    if position["world_size"] == world and position["batch_size"] == batch and len(ranks) == world:
+        return position["batches"], (ranks[rank]["loss_sum"], ranks[rank]["seen"])
+    # Another worker count: the epoch continues from the same global sample; the running sums are reduced
+    # across ranks at the end of the epoch anyway, so rank 0 carries them all.
+    carry = (sum(r["loss_sum"] for r in ranks), sum(r["seen"] for r in ranks)) if rank == 0 else (0.0, 0.0)
+    return position["samples"] // (batch * world), carry
+
+
+def placement_group_id() -> Optional[str]:
+    """The hex id of the placement group Ray Train scheduled this worker group into."""
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    return group.id.hex() if group is not None else None
+
+
+def report(
+    state: TrainState, metrics: dict, rank: int, world: int, name: str, loss_sum: float = 0.0, seen: float = 0.0
+) -> None:
+    """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, complete, into a fresh temp dir
+    and only then hands it to Ray. Each rank's RNG states and running loss sums are gathered into it first."""
+    import ray.train
+    import torch.distributed as dist
+
+    mine = dict(rng=rng_state(), loss_sum=float(loss_sum), seen=float(seen))
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    state.rank_states = gathered
+    with tempfile.TemporaryDirectory(prefix="raytrain-cls-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            state.save(tmp, metrics)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            metrics = dict(metrics, **{PLACEMENT_GROUP_METRIC: placement_group_id()})  # for Ray only
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
