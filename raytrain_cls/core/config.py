@@ -206,6 +206,105 @@ class DataConfig:
         choices=("linear", "sqrt", "none"),
     )
 
+    def check(self) -> None:
+        """The data set exists in the catalogue and has what its kind needs; the loader can read it."""
+        dataset = canonical_dataset(self.dataset)
+        if dataset.startswith(HF_PREFIX):
+            self._check_hf()
+        elif dataset.startswith("hfids/"):
+            raise ConfigError(
+                "data.dataset",
+                self.dataset,
+                "streaming (iterable) data sets are not a source here: use "
+                "hfds/NAME (a saved, local or cached data set), or Parquet shards",
+            )
+        elif dataset not in DATASET_NAMES:
+            raise ConfigError(
+                "data.dataset",
+                self.dataset,
+                f"unknown data set; choose one of {[*DATASET_NAMES, 'hfds/NAME']}"
+                f"{_suggest(self.dataset, DATASET_NAMES)}",
+            )
+        else:
+            for key in ("input_key", "target_key", "dataset_trust_remote_code"):
+                if getattr(self, key):
+                    raise ConfigError(
+                        f"data.{key}", getattr(self, key), "only for Hugging Face data sets (--dataset hfds/NAME)"
+                    )
+        kind = dataset_kind(dataset)
+        if kind.needs_data_dir and not self.data_dir:
+            what = "an ImageFolder data set" if dataset == "folder" else "a Parquet shard data set"
+            raise ConfigError(
+                "data.data_dir", self.data_dir, f"{what} needs --data-dir (or choose --dataset digits / fashion_mnist)"
+            )
+        if self.class_map and not is_uri(self.class_map) and not Path(self.class_map).is_file():
+            raise ConfigError("data.class_map", self.class_map, "no such file")
+        if self.class_map and dataset != "folder":
+            raise ConfigError(
+                "data.class_map",
+                self.class_map,
+                f"only ImageFolder trees take a class map ({dataset} data sets carry their own class list)",
+            )
+        if self.loader == "ray" and dataset != "parquet":
+            raise ConfigError(
+                "data.loader",
+                self.loader,
+                "Ray Data reads Parquet shards: convert the data with "
+                "`raytrain-cls prepare SRC DST` and pass --dataset parquet --data-dir DST",
+            )
+        if self.loader == "ray" and self.gpu_decode:
+            raise ConfigError(
+                "data.gpu_decode", True, "Ray Data preprocesses on CPUs: --gpu-decode needs --loader torch"
+            )
+        if self.gpu_decode and not kind.encoded:
+            raise ConfigError(
+                "data.gpu_decode",
+                True,
+                f"the {dataset} data set holds decoded pixels, not encoded "
+                "images: use --dataset parquet or folder, or --data-on-device",
+            )
+        if self.data_on_device:
+            for key, value, reason in (
+                ("data.gpu_decode", self.gpu_decode, "the data are decoded once, at start: drop --gpu-decode"),
+                ("data.loader", self.loader == "ray" and self.loader, "Ray Data streams from CPUs: --loader torch"),
+                ("data.naflex_loader", self.naflex_loader, "NaFlex batches are built by the CPU DataLoader path"),
+            ):
+                if value:
+                    raise ConfigError(key, value, f"not with --data-on-device: {reason}")
+        probs = self.naflex_patch_size_probs
+        if self.naflex_loader and probs is not None:
+            if not self.naflex_patch_sizes:
+                raise ConfigError("data.naflex_patch_size_probs", probs, "give the sizes too (--naflex-patch-sizes)")
+            if len(probs) != len(self.naflex_patch_sizes):
+                raise ConfigError(
+                    "data.naflex_patch_size_probs",
+                    probs,
+                    f"needs one probability per patch size ({len(self.naflex_patch_sizes)})",
+                )
+            if sum(probs) <= 0:
+                raise ConfigError("data.naflex_patch_size_probs", probs, "must not all be 0")
+
+    def _check_hf(self) -> None:
+        if importlib.util.find_spec("datasets") is None:
+            raise ConfigError(
+                "data.dataset",
+                self.dataset,
+                "Hugging Face data sets need the datasets package: pip install datasets (or 'raytrain-cls[hf]')",
+            )
+        if not self.dataset[len(HF_PREFIX) :]:
+            raise ConfigError("data.dataset", self.dataset, "name the data set: hfds/PATH_OR_HUB_NAME")
+        if self.dataset_trust_remote_code:
+            from importlib.metadata import version
+
+            if int(version("datasets").split(".")[0]) >= 4:
+                raise ConfigError(
+                    "data.dataset_trust_remote_code",
+                    True,
+                    f"datasets {version('datasets')} runs no "
+                    "loading scripts any more: use a data set in a standard format (Parquet, image "
+                    "folder), or convert it",
+                )
+
 
 @dataclass
 class AugConfig:
@@ -257,6 +356,28 @@ class AugConfig:
     mixup_mode: str = option("batch", "how mixup/cutmix params are drawn", choices=("batch", "pair", "elem"))
     mixup_off_epoch: int = option(0, "turn mixup off from this epoch (0 = never)", min=0)
 
+    def check(self) -> None:
+        for name, pair in (
+            ("aug.scale", self.scale),
+            ("aug.ratio", self.ratio),
+            ("aug.cutmix_minmax", self.cutmix_minmax),
+        ):
+            if pair is not None and not (0 < pair[0] <= pair[1]):
+                raise ConfigError(name, pair, "needs 0 < low <= high")
+        if self.scale[1] > 1:
+            raise ConfigError("aug.scale", self.scale, "a crop cannot be larger than the image (high <= 1)")
+        if self.aug_splits == 1:
+            raise ConfigError("aug.aug_splits", 1, "0 (off) or at least 2 (a clean view and augmented ones)")
+        if self.aug_splits and self.mixing:
+            raise ConfigError(
+                "aug.aug_splits", self.aug_splits, "mixup/cutmix would mix across the splits: use one or the other"
+            )
+
+    @property
+    def mixing(self) -> bool:
+        """Whether mixup or cutmix is on."""
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
 
 @dataclass
 class ModelConfig:
@@ -303,6 +424,52 @@ class ModelConfig:
     channels_last: bool = option(False, "use channels_last memory layout")
     model_kwargs: dict = option(help="extra timm.create_model keyword arguments, k=v", nargs="*", factory=dict)
 
+    def check(self) -> None:
+        if self.pretrained and not self.pretrained_path:
+            raise ConfigError(
+                "model.pretrained",
+                True,
+                "this service never downloads weights: give the local file with --pretrained-path FILE",
+            )
+        if self.pretrained_path and not is_uri(self.pretrained_path) and not Path(self.pretrained_path).is_file():
+            raise ConfigError("model.pretrained_path", self.pretrained_path, "no such file")
+        if self.torchcompile:
+            from torch._dynamo import list_backends  # local: torch only when a backend is named
+
+            backends = list_backends(exclude_tags=())
+            if self.torchcompile not in backends:
+                raise ConfigError(
+                    "model.torchcompile",
+                    self.torchcompile,
+                    f"not a torch.compile backend{_suggest(self.torchcompile, backends)}",
+                )
+        if self.fuser in ("nvfuser", "nvf") and not _torch_has_nvfuser():
+            import torch
+
+            raise ConfigError(
+                "model.fuser",
+                self.fuser,
+                f"this PyTorch ({torch.__version__}) has no nvfuser (removed "
+                "from TorchScript in PyTorch 2.2): use te, or --torchcompile",
+            )
+        if self.torchscript:
+            for key, clash in (
+                ("model.torchcompile", self.torchcompile),
+                ("model.sync_bn", self.sync_bn),
+                ("model.grad_checkpointing", self.grad_checkpointing),
+            ):
+                if clash:
+                    raise ConfigError(key, clash, "cannot be combined with --torchscript (as in timm)")
+        if self.input_size is not None and (len(self.input_size) != 3 or min(self.input_size) < 1):
+            raise ConfigError("model.input_size", self.input_size, "needs three positive numbers: C H W")
+        for name, val in (("model.mean", self.mean), ("model.std", self.std)):
+            chans = (self.input_size[0] if self.input_size else self.in_chans) or 3
+            if val is not None and len(val) not in (1, chans):
+                want = "1 value" if chans == 1 else f"1 or {chans} values (one per input channel)"
+                raise ConfigError(name, val, f"needs {want}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError("model.std", self.std, "every std must be > 0")
+
 
 @dataclass
 class OptimConfig:
@@ -332,6 +499,11 @@ class OptimConfig:
         choices=("", "linear", "sqrt"),
     )
     grad_accum_steps: int = option(1, "micro-batches per optimizer step", min=1)
+
+    def check(self) -> None:
+        if self.opt_betas is not None and not all(0 <= b < 1 for b in self.opt_betas):
+            raise ConfigError("optim.opt_betas", self.opt_betas, "betas must lie in [0, 1)")
+        _check_optimizer("optim.opt", self.opt)
 
 
 @dataclass
@@ -366,6 +538,18 @@ class SchedConfig:
     lr_cycle_limit: int = option(1, "LR cycle limit", min=1)
     lr_k_decay: float = option(1.0, "LR k-decay for cosine/poly", gt=0)
     sched_on_updates: bool = option(False, "step the LR schedule per optimizer update, not per epoch")
+
+    def check(self) -> None:
+        if self.sched == "plateau" and self.sched_on_updates:
+            raise ConfigError(
+                "sched.sched_on_updates",
+                True,
+                "the plateau schedule decides once per epoch, on the "
+                "eval metric: drop --sched-on-updates or pick another --sched",
+            )
+        ms = self.decay_milestones
+        if self.sched == "multistep" and not all(a < b for a, b in zip(ms, ms[1:])):
+            raise ConfigError("sched.decay_milestones", ms, "must be strictly increasing")
 
 
 @dataclass
@@ -404,6 +588,23 @@ class LossConfig:
     bce_sum: bool = option(False, "BCE: sum over the classes, then average over the batch (timm --bce-sum)")
     bce_pos_weight: Optional[float] = option(None, "BCE: weight of the positive class (timm --bce-pos-weight)", gt=0)
 
+    def check(self) -> None:
+        if self.kd_model_name:
+            if not self.kd_model_path:
+                raise ConfigError(
+                    "loss.kd_model_name",
+                    self.kd_model_name,
+                    "this service never downloads weights: give the teacher's local weights with --kd-model-path",
+                )
+            if not is_uri(self.kd_model_path) and not Path(self.kd_model_path).exists():
+                raise ConfigError("loss.kd_model_path", self.kd_model_path, "no such file or folder")
+            if not timm_model_known(self.kd_model_name):
+                raise ConfigError("loss.kd_model_name", self.kd_model_name, "not a timm model")
+        elif self.kd_model_path:
+            raise ConfigError(
+                "loss.kd_model_path", self.kd_model_path, "set --kd-model-name (the teacher's architecture) too"
+            )
+
 
 @dataclass
 class EmaConfig:
@@ -411,6 +612,9 @@ class EmaConfig:
     model_ema_decay: float = option(0.9998, "EMA decay", gt=0, max=1)
     model_ema_warmup: bool = option(False, "EMA decay warmup")
     model_ema_force_cpu: bool = option(False, "keep the EMA on the CPU")
+
+    def check(self) -> None:
+        pass  # every EMA field is checked on its own (range, type)
 
 
 @dataclass
@@ -424,6 +628,14 @@ class PrecisionConfig:
         "keep the weights (and inputs) in this dtype, without AMP (timm --model-dtype); float16 needs GPUs",
         choices=("float32", "bfloat16", "float16"),
     )
+
+    def check(self) -> None:
+        if self.model_dtype in ("bfloat16", "float16") and self.amp:
+            raise ConfigError(
+                "precision.model_dtype",
+                self.model_dtype,
+                "low-precision weights and --amp do not mix (as in timm): drop --amp, or --model-dtype",
+            )
 
 
 @dataclass
@@ -471,6 +683,18 @@ class CheckpointConfig:
     )
     nan_patience: int = option(5, "stop the run after this many consecutive NaN/Inf losses", min=1)
 
+    def check(self) -> None:
+        init = self.initial_checkpoint
+        if init and not is_uri(init) and not Path(init).exists():
+            raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")
+        if init and is_uri(init) and init.split("?")[0].endswith(".safetensors"):
+            raise ConfigError(
+                "checkpoint.initial_checkpoint",
+                init,
+                "under a URI give the checkpoint directory "
+                "(s3://.../epoch-0009); a single .safetensors file must be local",
+            )
+
 
 @dataclass
 class RunConfig:
@@ -502,6 +726,16 @@ class RunConfig:
         "", "continue this existing W&B run id (default: the run's own id, kept across recovery and --resume)"
     )
 
+    def check(self) -> None:
+        for name, package in (("log_mlflow", "mlflow"), ("log_wandb", "wandb")):
+            if getattr(self, name) and importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    f"run.{name}",
+                    True,
+                    f"{package} is not installed: pip install {package} (or "
+                    f"'raytrain-cls[{package}]'), or drop --{name.replace('_', '-')}",
+                )
+
 
 @dataclass
 class ScalingConfig:
@@ -518,6 +752,11 @@ class ScalingConfig:
     placement_strategy: str = option(
         "PACK", "how Ray places the workers on nodes", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     )
+
+    def check(self) -> None:
+        for k, v in (self.resources_per_worker or {}).items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"scaling.resources_per_worker.{k}", v, "must be a number >= 0")
 
 
 @dataclass
@@ -597,302 +836,106 @@ class Config:
 
     # ---- checks ----------------------------------------------------------------------------------------------
     def validate(self) -> Config:
-        """Check every value and the combinations that cannot work; raise the first ConfigError found."""
+        """Check every value, then each group on its own, then the combinations across groups that cannot work;
+        raise the first ConfigError found."""
         for name, (group, f) in FIELDS.items():
             _check_field(f"{group}.{name}", self.get(name), f)
-        d, a, m, o, s = self.data, self.aug, self.model, self.optim, self.sched
-        dataset = canonical_dataset(d.dataset)
-        if dataset.startswith(HF_PREFIX):
-            self._check_hf()
-        elif dataset.startswith("hfids/"):
-            raise ConfigError(
-                "data.dataset",
-                d.dataset,
-                "streaming (iterable) data sets are not a source here: use "
-                "hfds/NAME (a saved, local or cached data set), or Parquet shards",
-            )
-        elif dataset not in DATASET_NAMES:
-            raise ConfigError(
-                "data.dataset",
-                d.dataset,
-                f"unknown data set; choose one of {[*DATASET_NAMES, 'hfds/NAME']}{_suggest(d.dataset, DATASET_NAMES)}",
-            )
-        else:
-            for key in ("input_key", "target_key", "dataset_trust_remote_code"):
-                if getattr(d, key):
-                    raise ConfigError(
-                        f"data.{key}", getattr(d, key), "only for Hugging Face data sets (--dataset hfds/NAME)"
-                    )
-        kind = dataset_kind(dataset)
-        if kind.needs_data_dir and not d.data_dir:
-            what = "an ImageFolder data set" if dataset == "folder" else "a Parquet shard data set"
-            raise ConfigError(
-                "data.data_dir", d.data_dir, f"{what} needs --data-dir (or choose --dataset digits / fashion_mnist)"
-            )
-        if d.class_map and not is_uri(d.class_map) and not Path(d.class_map).is_file():
-            raise ConfigError("data.class_map", d.class_map, "no such file")
-        if d.class_map and dataset != "folder":
-            raise ConfigError(
-                "data.class_map",
-                d.class_map,
-                f"only ImageFolder trees take a class map ({dataset} data sets carry their own class list)",
-            )
-        if d.loader == "ray":
-            if dataset != "parquet":
-                raise ConfigError(
-                    "data.loader",
-                    d.loader,
-                    "Ray Data reads Parquet shards: convert the data with "
-                    "`raytrain-cls prepare SRC DST` and pass --dataset parquet --data-dir DST",
-                )
-            if self.checkpoint.recovery_interval:
-                raise ConfigError(
-                    "checkpoint.recovery_interval",
-                    self.checkpoint.recovery_interval,
-                    "Ray Data streams have no resumable position: mid-epoch recovery checkpoints need --loader torch",
-                )
-            if d.gpu_decode:
-                raise ConfigError(
-                    "data.gpu_decode", True, "Ray Data preprocesses on CPUs: --gpu-decode needs --loader torch"
-                )
-            if a.aug_repeats > 1:
-                raise ConfigError(
-                    "aug.aug_repeats",
-                    a.aug_repeats,
-                    "Ray Data deals whole blocks to the workers, "
-                    "not repeated samples: --aug-repeats needs --loader torch",
-                )
-        if d.gpu_decode and not kind.encoded:
-            raise ConfigError(
-                "data.gpu_decode",
-                True,
-                f"the {dataset} data set holds decoded pixels, not encoded "
-                "images: use --dataset parquet or folder, or --data-on-device",
-            )
-        if d.data_on_device:
-            for key, value, reason in (
-                ("data.gpu_decode", d.gpu_decode, "the data are decoded once, at start: drop --gpu-decode"),
-                ("data.loader", d.loader == "ray" and d.loader, "Ray Data streams from CPUs: --loader torch"),
-                ("data.naflex_loader", d.naflex_loader, "NaFlex batches are built by the CPU DataLoader path"),
-            ):
-                if value:
-                    raise ConfigError(key, value, f"not with --data-on-device: {reason}")
-        if d.gpu_decode or d.data_on_device:  # both augment with device_transform.DeviceTransform
-            flag = "--gpu-decode" if d.gpu_decode else "--data-on-device"
-            if a.aa:
-                raise ConfigError(
-                    "aug.aa", a.aa, f"auto-augment policies run on PIL images on the CPU: drop --aa or {flag}"
-                )
-            for key, value in (
-                ("aug.grayscale_prob", a.grayscale_prob),
-                ("aug.gaussian_blur_prob", a.gaussian_blur_prob),
-                ("aug.color_jitter_prob", a.color_jitter_prob),
-                ("aug.train_crop_mode", a.train_crop_mode not in (None, "rrc") and a.train_crop_mode),
-            ):
-                if value:
-                    raise ConfigError(key, value, f"not on the {flag} path (timm's CPU transforms only)")
-        for name, pair in (("aug.scale", a.scale), ("aug.ratio", a.ratio), ("aug.cutmix_minmax", a.cutmix_minmax)):
-            if pair is not None and not (0 < pair[0] <= pair[1]):
-                raise ConfigError(name, pair, "needs 0 < low <= high")
-        if a.scale[1] > 1:
-            raise ConfigError("aug.scale", a.scale, "a crop cannot be larger than the image (high <= 1)")
-        mixing = a.mixup > 0 or a.cutmix > 0 or a.cutmix_minmax is not None
-        if mixing and a.mixup_mode in ("batch", "pair") and d.batch_size % 2:
-            raise ConfigError(
-                "data.batch_size", d.batch_size, f"mixup/cutmix mode '{a.mixup_mode}' needs an even batch"
-            )
-        if m.pretrained and not m.pretrained_path:
-            raise ConfigError(
-                "model.pretrained",
-                True,
-                "this service never downloads weights: give the local file with --pretrained-path FILE",
-            )
-        if m.pretrained_path and not is_uri(m.pretrained_path) and not Path(m.pretrained_path).is_file():
-            raise ConfigError("model.pretrained_path", m.pretrained_path, "no such file")
-        if m.torchcompile:
-            from torch._dynamo import list_backends
-
-            backends = list_backends(exclude_tags=())
-            if m.torchcompile not in backends:
-                raise ConfigError(
-                    "model.torchcompile",
-                    m.torchcompile,
-                    f"not a torch.compile backend{_suggest(m.torchcompile, backends)}",
-                )
-        init = self.checkpoint.initial_checkpoint
-        if init and not is_uri(init) and not Path(init).exists():
-            raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")
-        if init and is_uri(init) and init.split("?")[0].endswith(".safetensors"):
-            raise ConfigError(
-                "checkpoint.initial_checkpoint",
-                init,
-                "under a URI give the checkpoint directory "
-                "(s3://.../epoch-0009); a single .safetensors file must be local",
-            )
-        if a.aug_splits == 1:
-            raise ConfigError("aug.aug_splits", 1, "0 (off) or at least 2 (a clean view and augmented ones)")
-        if self.loss.jsd_loss and a.aug_splits < 2:
-            raise ConfigError("loss.jsd_loss", True, "the JSD loss compares --aug-splits views: set --aug-splits 2+")
-        if m.split_bn and a.aug_splits < 2 and not a.resplit:
-            raise ConfigError("model.split_bn", True, "split BatchNorm needs --aug-splits 2+ (or --resplit)")
-        if a.aug_splits:
-            if mixing:
-                raise ConfigError(
-                    "aug.aug_splits", a.aug_splits, "mixup/cutmix would mix across the splits: use one or the other"
-                )
-            if d.gpu_decode or d.data_on_device or d.loader == "ray":
-                raise ConfigError(
-                    "aug.aug_splits",
-                    a.aug_splits,
-                    "splits are made by the CPU DataLoader path: "
-                    "not with --gpu-decode, --data-on-device or --loader ray",
-                )
-            if self.loss.bce_loss and self.loss.jsd_loss:
-                raise ConfigError("loss.jsd_loss", True, "JSD + CE and --bce-loss are two different losses")
-        lc = self.loss
-        if lc.kd_model_name:
-            if not lc.kd_model_path:
-                raise ConfigError(
-                    "loss.kd_model_name",
-                    lc.kd_model_name,
-                    "this service never downloads weights: give the teacher's local weights with --kd-model-path",
-                )
-            if not is_uri(lc.kd_model_path) and not Path(lc.kd_model_path).exists():
-                raise ConfigError("loss.kd_model_path", lc.kd_model_path, "no such file or folder")
-            if not timm_model_known(lc.kd_model_name):
-                raise ConfigError("loss.kd_model_name", lc.kd_model_name, "not a timm model")
-            if a.aug_splits:
-                raise ConfigError("loss.kd_model_name", lc.kd_model_name, "distillation and --aug-splits do not mix")
-        elif lc.kd_model_path:
-            raise ConfigError(
-                "loss.kd_model_path", lc.kd_model_path, "set --kd-model-name (the teacher's architecture) too"
-            )
-        if d.naflex_loader:
-            self._check_naflex()
-        p = self.precision
-        if p.model_dtype in ("bfloat16", "float16") and p.amp:
-            raise ConfigError(
-                "precision.model_dtype",
-                p.model_dtype,
-                "low-precision weights and --amp do not mix (as in timm): drop --amp, or --model-dtype",
-            )
-        if m.fuser in ("nvfuser", "nvf") and not _torch_has_nvfuser():
-            import torch
-
-            raise ConfigError(
-                "model.fuser",
-                m.fuser,
-                f"this PyTorch ({torch.__version__}) has no nvfuser (removed "
-                "from TorchScript in PyTorch 2.2): use te, or --torchcompile",
-            )
-        if m.torchscript:
-            for key, clash in (
-                ("model.torchcompile", m.torchcompile),
-                ("model.sync_bn", m.sync_bn),
-                ("model.grad_checkpointing", m.grad_checkpointing),
-            ):
-                if clash:
-                    raise ConfigError(key, clash, "cannot be combined with --torchscript (as in timm)")
-        if m.input_size is not None and (len(m.input_size) != 3 or min(m.input_size) < 1):
-            raise ConfigError("model.input_size", m.input_size, "needs three positive numbers: C H W")
-        for name, val in (("model.mean", m.mean), ("model.std", m.std)):
-            chans = (m.input_size[0] if m.input_size else m.in_chans) or 3
-            if val is not None and len(val) not in (1, chans):
-                want = "1 value" if chans == 1 else f"1 or {chans} values (one per input channel)"
-                raise ConfigError(name, val, f"needs {want}")
-        if m.std is not None and min(m.std) <= 0:
-            raise ConfigError("model.std", m.std, "every std must be > 0")
-        if o.opt_betas is not None and not all(0 <= b < 1 for b in o.opt_betas):
-            raise ConfigError("optim.opt_betas", o.opt_betas, "betas must lie in [0, 1)")
-        _check_optimizer("optim.opt", o.opt)
-        if s.sched == "plateau" and s.sched_on_updates:
-            raise ConfigError(
-                "sched.sched_on_updates",
-                True,
-                "the plateau schedule decides once per epoch, on the "
-                "eval metric: drop --sched-on-updates or pick another --sched",
-            )
-        ms = s.decay_milestones
-        if s.sched == "multistep" and not all(a < b for a, b in zip(ms, ms[1:])):
-            raise ConfigError("sched.decay_milestones", ms, "must be strictly increasing")
-        for name, package in (("log_mlflow", "mlflow"), ("log_wandb", "wandb")):
-            if self.get(name) and importlib.util.find_spec(package) is None:
-                raise ConfigError(
-                    f"run.{name}",
-                    True,
-                    f"{package} is not installed: pip install {package} (or "
-                    f"'raytrain-cls[{package}]'), or drop --{name.replace('_', '-')}",
-                )
-        if self.scaling.resources_per_worker is not None:
-            for k, v in self.scaling.resources_per_worker.items():
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                    raise ConfigError(f"scaling.resources_per_worker.{k}", v, "must be a number >= 0")
+        for group in GROUPS:
+            getattr(self, group).check()
+        for key, value, reason in self._clashes():
+            if value:
+                raise ConfigError(key, value, reason)
         return self
 
-    def _check_hf(self) -> None:
-        d = self.data
-        if importlib.util.find_spec("datasets") is None:
-            raise ConfigError(
-                "data.dataset",
-                d.dataset,
-                "Hugging Face data sets need the datasets package: pip install datasets (or 'raytrain-cls[hf]')",
-            )
-        if not d.dataset[len(HF_PREFIX) :]:
-            raise ConfigError("data.dataset", d.dataset, "name the data set: hfds/PATH_OR_HUB_NAME")
-        if d.dataset_trust_remote_code:
-            from importlib.metadata import version
-
-            if int(version("datasets").split(".")[0]) >= 4:
-                raise ConfigError(
-                    "data.dataset_trust_remote_code",
-                    True,
-                    f"datasets {version('datasets')} runs no "
-                    "loading scripts any more: use a data set in a standard format (Parquet, image "
-                    "folder), or convert it",
+    def _clashes(self) -> list[tuple[str, Any, str]]:
+        """(key, its value where it clashes with another group's setting, else falsy, the reason), in the order they
+        are reported. A table, so that each combination that cannot work is one line with its reason."""
+        d, a, m, lc, ck = self.data, self.aug, self.model, self.loss, self.checkpoint
+        ray_data, device_aug = d.loader == "ray", d.gpu_decode or d.data_on_device
+        device_flag = "--gpu-decode" if d.gpu_decode else "--data-on-device"
+        splits = a.aug_splits
+        clashes = [
+            (
+                "checkpoint.recovery_interval",
+                ray_data and ck.recovery_interval,
+                "Ray Data streams have no resumable position: mid-epoch recovery checkpoints need --loader torch",
+            ),
+            (
+                "aug.aug_repeats",
+                ray_data and a.aug_repeats > 1 and a.aug_repeats,
+                "Ray Data deals whole blocks to the workers, not repeated samples: --aug-repeats needs --loader torch",
+            ),
+            # both device paths augment with device_transform.DeviceTransform, which has no PIL-only transforms
+            (
+                "aug.aa",
+                device_aug and a.aa,
+                f"auto-augment policies run on PIL images on the CPU: drop --aa or {device_flag}",
+            ),
+            *(
+                (key, device_aug and value, f"not on the {device_flag} path (timm's CPU transforms only)")
+                for key, value in (
+                    ("aug.grayscale_prob", a.grayscale_prob),
+                    ("aug.gaussian_blur_prob", a.gaussian_blur_prob),
+                    ("aug.color_jitter_prob", a.color_jitter_prob),
+                    ("aug.train_crop_mode", a.train_crop_mode not in (None, "rrc") and a.train_crop_mode),
                 )
-
-    def _check_naflex(self) -> None:
-        """--naflex-loader feeds patch dictionaries, in batches whose size varies with the sequence length: what
-        needs image tensors or fixed batches cannot come along; each clash is named with its reason."""
-        d, a = self.data, self.aug
-        clashes = (
-            ("data.loader", d.loader == "ray" and d.loader, "NaFlex batches are built by the torch DataLoader path"),
-            ("data.gpu_decode", d.gpu_decode, "NaFlex resizes on the CPU, per batch, to a patch budget"),
-            ("aug.aug_repeats", a.aug_repeats > 1 and a.aug_repeats, "not with NaFlex batches (as in timm)"),
-            ("aug.aug_splits", a.aug_splits, "not with NaFlex batches (as in timm)"),
-            (
-                "aug.cutmix_minmax",
-                a.cutmix_minmax,
-                "NaFlex mixup/cutmix has no min/max box ratio (timm drops it): use --cutmix ALPHA",
             ),
             (
-                "aug.mixup_mode",
-                a.mixup_mode != "batch" and a.mixup_mode,
-                "NaFlex mixup/cutmix pairs neighbouring images of a batch; only 'batch' applies",
+                "data.batch_size",
+                a.mixing and a.mixup_mode in ("batch", "pair") and d.batch_size % 2 and d.batch_size,
+                f"mixup/cutmix mode '{a.mixup_mode}' needs an even batch",
             ),
-            ("checkpoint.tta", self.checkpoint.tta, "flip test-time augmentation needs image tensors, not patches"),
-            ("run.save_images", self.run.save_images, "NaFlex batches are patch sequences, not images"),
             (
-                "loss.kd_model_name",
-                self.loss.kd_model_name,
-                "the teacher would need the images the patches came from: distillation and --naflex-loader do not mix",
+                "loss.jsd_loss",
+                lc.jsd_loss and splits < 2,
+                "the JSD loss compares --aug-splits views: set --aug-splits 2+",
             ),
-        )
-        for key, value, reason in clashes:
-            if value:
-                raise ConfigError(key, value, f"{reason} (--naflex-loader)")
-        probs = d.naflex_patch_size_probs
-        if probs is not None:
-            if not d.naflex_patch_sizes:
-                raise ConfigError("data.naflex_patch_size_probs", probs, "give the sizes too (--naflex-patch-sizes)")
-            if len(probs) != len(d.naflex_patch_sizes):
-                raise ConfigError(
-                    "data.naflex_patch_size_probs",
-                    probs,
-                    f"needs one probability per patch size ({len(d.naflex_patch_sizes)})",
+            (
+                "model.split_bn",
+                m.split_bn and splits < 2 and not a.resplit,
+                "split BatchNorm needs --aug-splits 2+ (or --resplit)",
+            ),
+            (
+                "aug.aug_splits",
+                splits and (d.gpu_decode or d.data_on_device or ray_data) and splits,
+                "splits are made by the CPU DataLoader path: not with --gpu-decode, --data-on-device or --loader ray",
+            ),
+            (
+                "loss.jsd_loss",
+                splits and lc.bce_loss and lc.jsd_loss,
+                "JSD + CE and --bce-loss are two different losses",
+            ),
+            ("loss.kd_model_name", splits and lc.kd_model_name, "distillation and --aug-splits do not mix"),
+        ]
+        if d.naflex_loader:  # patch dictionaries, in batches whose size varies with the sequence length
+            clashes += [
+                (key, value, f"{reason} (--naflex-loader)")
+                for key, value, reason in (
+                    ("data.loader", ray_data and d.loader, "NaFlex batches are built by the torch DataLoader path"),
+                    ("data.gpu_decode", d.gpu_decode, "NaFlex resizes on the CPU, per batch, to a patch budget"),
+                    ("aug.aug_repeats", a.aug_repeats > 1 and a.aug_repeats, "not with NaFlex batches (as in timm)"),
+                    ("aug.aug_splits", splits, "not with NaFlex batches (as in timm)"),
+                    (
+                        "aug.cutmix_minmax",
+                        a.cutmix_minmax,
+                        "NaFlex mixup/cutmix has no min/max box ratio (timm drops it): use --cutmix ALPHA",
+                    ),
+                    (
+                        "aug.mixup_mode",
+                        a.mixup_mode != "batch" and a.mixup_mode,
+                        "NaFlex mixup/cutmix pairs neighbouring images of a batch; only 'batch' applies",
+                    ),
+                    ("checkpoint.tta", ck.tta, "flip test-time augmentation needs image tensors, not patches"),
+                    ("run.save_images", self.run.save_images, "NaFlex batches are patch sequences, not images"),
+                    (
+                        "loss.kd_model_name",
+                        lc.kd_model_name,
+                        "the teacher would need the images the patches came from: distillation and --naflex-loader "
+                        "do not mix",
+                    ),
                 )
-            if sum(probs) <= 0:
-                raise ConfigError("data.naflex_patch_size_probs", probs, "must not all be 0")
+            ]
+        return clashes
 
 
 def timm_model_known(name: str) -> bool:

@@ -640,3 +640,25 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 5e-5 and cfg.aug.scale == [0.08, 1.0]
     with pytest.raises(ConfigError):
         load_config(str(path), {"lr": "fast"})
+
+
+# ---- validation per group ------------------------------------------------------------------------------------
+def test_each_group_checks_itself_without_the_others():
+    from raytrain_cls.core.config import GROUPS, AugConfig, DataConfig, SchedConfig
+
+    for name, group in GROUPS.items():
+        (group(dataset="digits") if name == "data" else group()).check()  # defaults pass (an ImageFolder needs a dir)
+    with pytest.raises(ConfigError, match="unknown data set"):
+        DataConfig(dataset="cifar").check()
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        SchedConfig(sched="multistep", decay_milestones=[30, 10]).check()
+    with pytest.raises(ConfigError) as e:
+        AugConfig(aug_splits=2, mixup=0.2).check()
+    assert e.value.key == "aug.aug_splits"
+
+
+def test_cross_group_clashes_are_one_table_and_off_by_default():
+    cfg = load_config("digits", {})
+    assert all(not value for _, value, _ in cfg._clashes())
+    clashing = load_config("digits", {}).update({"mixup": 0.2, "batch_size": 31})
+    assert [key for key, value, _ in clashing._clashes() if value] == ["data.batch_size"]
