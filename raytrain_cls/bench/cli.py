@@ -261,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             env = environment(args.device)
         else:
             numbers = bench_train(cfg)
-            env = environment("cuda" if cfg.resolved.get("use_gpu") else "cpu")
+            env = environment("cuda" if cfg.resolved.use_gpu else "cpu")
         row = dict(
             bench=args.what,
             path=path,

@@ -50,7 +50,7 @@ def _export(src: Path, out: Path, source: str) -> dict:
     meta = read_meta(src)
     cfg = Config.from_dict(meta["config"])
     r = cfg.resolved
-    num_classes = r["num_classes"]
+    num_classes = r.num_classes
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in (MODEL_FILE, EMA_FILE):
@@ -65,8 +65,8 @@ def _export(src: Path, out: Path, source: str) -> dict:
         architecture=cfg.model.model,
         num_classes=num_classes,
         model_args=kwargs,
-        pretrained_cfg=dict(r.get("data_config", {})),
-        label_names=r.get("classes"),
+        pretrained_cfg=dict(r.data_config),
+        label_names=r.classes,
         weights=written,
         epoch=meta.get("epoch"),
         metrics=meta.get("metrics", {}),

@@ -55,11 +55,11 @@ def _load_model(path: Path, use_ema: bool, device: str) -> LoadedModel:
     if (path / META_FILE).is_file():
         cfg = Config.from_dict(read_meta(path)["config"])
         r = cfg.resolved
-        model = timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, r["num_classes"]))
+        model = timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, r.num_classes))
         model = split_bn(cfg, model)  # so a --split-bn checkpoint loads; evaluation uses the main statistics
         load_weights(model, weights)
-        data_config, classes = dict(r["data_config"]), list(r.get("classes") or [])
-        naflex = (r["naflex_patch_size"], cfg.data.naflex_max_seq_len) if cfg.data.naflex_loader else None
+        data_config, classes = dict(r.data_config), list(r.classes or [])
+        naflex = (r.naflex_patch_size, cfg.data.naflex_max_seq_len) if cfg.data.naflex_loader else None
     elif (path / "config.json").is_file():
         info = json.loads((path / "config.json").read_text())
         model = timm.create_model(

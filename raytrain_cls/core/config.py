@@ -22,7 +22,7 @@ import re
 import sys
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -760,6 +760,49 @@ class ScalingConfig:
 
 
 @dataclass
+class Resolved:
+    """What the driver worked out once for the whole run, recorded in config.yaml and carried to every worker:
+    a worker never re-derives these (the LR from the global batch, the classes from a scan of the data)."""
+
+    use_gpu: bool
+    num_workers: int
+    lr: float  # --lr, or --lr-base scaled by the global batch (lr_rule says which)
+    lr_rule: str
+    num_epochs: int  # the scheduler's real length, cooldown included
+    num_classes: int
+    classes: list
+    train_samples: int
+    val_samples: int
+    data_config: dict  # timm's resolved data config: input_size, mean, std, crop_pct, interpolation, ...
+    naflex_patch_size: Optional[int] = None  # --naflex-loader: the model's patch size
+    # Where the run lives, set once its directory is chosen.
+    output: Optional[str] = None
+    experiment: Optional[str] = None
+    run_dir: Optional[str] = None
+    wandb_id: Optional[str] = None  # one W&B run across recoveries and --resume
+    init_checkpoint: Optional[str] = None  # the --resume / --initial-checkpoint a run was started from
+    # This fit's only, handed to the workers: the live progress display's actor and the driver's start-up stamps.
+    progress_board: Any = None
+    startup: Optional[dict] = None
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Optional[Resolved]:
+        """From config.yaml's `resolved` mapping (None or {} before the driver resolved anything)."""
+        if not raw:
+            return None
+        if not isinstance(raw, dict):
+            raise ConfigError("resolved", raw, "expected a mapping")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"resolved.{unknown[0]}", raw[unknown[0]], "unknown key (written by the driver only)")
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in raw and f.default is MISSING)
+        if missing:
+            raise ConfigError(f"resolved.{missing[0]}", None, "missing (written by the driver only)")
+        return cls(**raw)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -773,7 +816,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     # What the driver worked out once for the whole run (lr, epochs, workers, ...): never set by hand.
-    resolved: dict = field(default_factory=dict)
+    resolved: Optional[Resolved] = None
 
     # ---- plain-dict round trip -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -795,9 +838,7 @@ class Config:
             raise ConfigError("<config>", raw, "expected a mapping of keys to values")
         for key, value in raw.items():
             if key == "resolved":
-                if not isinstance(value, dict):
-                    raise ConfigError(key, value, "expected a mapping")
-                self.resolved = dict(value)
+                self.resolved = Resolved.from_dict(value)
             elif key in GROUPS and value is None:
                 continue  # a section whose entries are all commented out
             elif key in GROUPS and isinstance(value, dict):

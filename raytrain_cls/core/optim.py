@@ -32,7 +32,9 @@ def resolve_lr(cfg: Config, num_workers: int) -> tuple[float, str]:
 def optimizer_kwargs(cfg: Config) -> dict:
     o = cfg.optim
     # The driver's resolved LR (scaled by the global batch when --lr is unset) wins over the raw setting.
-    kwargs = dict(opt=o.opt, lr=cfg.resolved.get("lr", o.lr), weight_decay=o.weight_decay, momentum=o.momentum)
+    kwargs = dict(
+        opt=o.opt, lr=cfg.resolved.lr if cfg.resolved else o.lr, weight_decay=o.weight_decay, momentum=o.momentum
+    )
     if o.opt_eps is not None:
         kwargs["eps"] = o.opt_eps
     if o.opt_betas is not None:

@@ -34,7 +34,7 @@ def train_dataset(cfg: Config):
     import ray.data
 
     d = cfg.data
-    data_config = cfg.resolved["data_config"]
+    data_config = cfg.resolved.data_config
     fs, paths = shard_files(d.data_dir, manifest_split(read_parquet_manifest(d.data_dir), d.data_dir, d.train_split))
     ds = ray.data.read_parquet(paths, filesystem=fs)
     # Shuffle the blocks (shards) each epoch; the workers add a local shuffle buffer on top.

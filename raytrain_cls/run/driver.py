@@ -22,7 +22,7 @@ from typing import Optional, TextIO
 
 import torch
 
-from raytrain_cls.core.config import Config, ConfigError, dump_yaml, read_yaml
+from raytrain_cls.core.config import Config, ConfigError, Resolved, dump_yaml, read_yaml
 from raytrain_cls.core.model import meta_model
 from raytrain_cls.core.onednn import onednn_env
 from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
@@ -289,7 +289,7 @@ def resolve(cfg: Config, cluster: dict) -> Config:
             cfg.data.input_img_mode,
             f"the model takes {chans}-channel input (set --in-chans to match, or drop --input-img-mode)",
         )
-    cfg.resolved = dict(
+    cfg.resolved = Resolved(
         use_gpu=use_gpu,
         num_workers=num_workers,
         lr=lr,
@@ -466,8 +466,8 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
         train_loop_config=cfg.to_dict(),
         datasets=datasets or None,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=r["num_workers"],
-            use_gpu=r["use_gpu"],
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
             resources_per_worker=cfg.scaling.resources_per_worker,
             placement_strategy=cfg.scaling.placement_strategy,
         ),
@@ -494,16 +494,16 @@ def worker_env(cfg: Config) -> dict[str, str]:
     """Environment variables of the train workers, set before they import anything."""
     # Ray's print patch sends worker prints through a logger that also echoes them: each line twice.
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    env.update(onednn_env(cfg.precision, cfg.resolved["use_gpu"]))  # CPU bf16: keep off AMX's NaN-leaking kernel
+    env.update(onednn_env(cfg.precision, cfg.resolved.use_gpu))  # CPU bf16: keep off AMX's NaN-leaking kernel
     return env
 
 
-def wandb_run_id(cfg: Config, earlier: dict) -> str:
+def wandb_run_id(cfg: Config, earlier: Optional[Resolved]) -> str:
     """One W&B run per training run: --wandb-resume-id, else the id a continued run already had, else a new one.
     Chosen on the driver, so a worker group restarted by Ray (or a --resume of the run) logs to the same run."""
     if cfg.run.wandb_resume_id:
         return cfg.run.wandb_resume_id
-    return earlier.get("wandb_id") or secrets.token_hex(4)
+    return (earlier and earlier.wandb_id) or secrets.token_hex(4)
 
 
 def explain_failure(err: BaseException) -> str:
@@ -552,31 +552,31 @@ def fit_run(
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)  # read by the controller fit() starts
     cluster = connect()
     stamp(stamps, "ray_ready")
-    earlier = dict(cfg.resolved or {})  # a continued run's own decisions (its config.yaml)
+    earlier = cfg.resolved  # a continued run's own decisions (its config.yaml), or None
     resolve(cfg, cluster)
     stamp(stamps, "resolved")
     r = cfg.resolved
-    r.update(output=paths.output, experiment=paths.experiment, run_dir=paths.run_dir)
+    r.output, r.experiment, r.run_dir = paths.output, paths.experiment, paths.run_dir
     if cfg.run.log_wandb:
-        r["wandb_id"] = wandb_run_id(cfg, earlier)
+        r.wandb_id = wandb_run_id(cfg, earlier)
     if start_from:
-        r["init_checkpoint"] = start_from
+        r.init_checkpoint = start_from
     write_text(join(paths.run_dir, CONFIG_FILE), dump_yaml(cfg))
     echo(f"Run directory: {paths.run_dir}")
     echo(
-        f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r['train_samples']} train / "
-        f"{r['val_samples']} val images, {r['num_classes']} classes) with {r['num_workers']} "
-        f"{'GPU' if r['use_gpu'] else 'CPU'} workers for {r['num_epochs']} epochs; lr {r['lr']:.4g} ({r['lr_rule']})"
+        f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r.train_samples} train / "
+        f"{r.val_samples} val images, {r.num_classes} classes) with {r.num_workers} "
+        f"{'GPU' if r.use_gpu else 'CPU'} workers for {r.num_epochs} epochs; lr {r.lr:.4g} ({r.lr_rule})"
     )
-    note = waiting_note(cluster, run_needs(cfg, r["use_gpu"], r["num_workers"]))
+    note = waiting_note(cluster, run_needs(cfg, r.use_gpu, r.num_workers))
     if note:
         echo(note)
     stop_display = None
-    r["progress_board"] = None
+    r.progress_board = None
     if use_bar(cfg.run.progress, console):
-        r["progress_board"], stop_display = start_live_display(r["num_epochs"], console)
+        r.progress_board, stop_display = start_live_display(r.num_epochs, console)
     stamp(stamps, "fit")
-    r["startup"] = stamps  # rank 0 adds its own stamps and reports them all back
+    r.startup = stamps  # rank 0 adds its own stamps and reports them all back
     try:
         result = build_trainer(cfg, paths, extra_callbacks).fit()
     except ray.train.TrainingFailedError as e:

@@ -29,7 +29,7 @@ class Trackers:
 
     def __init__(self, cfg: Config):
         self.tb = self.mlflow = self.wandb = None
-        run_dir: Optional[str] = cfg.resolved.get("run_dir")
+        run_dir: Optional[str] = cfg.resolved.run_dir
         if cfg.run.log_tensorboard and run_dir and not is_uri(run_dir):
             from torch.utils.tensorboard import SummaryWriter
 
@@ -37,9 +37,9 @@ class Trackers:
         if cfg.run.log_mlflow:
             import mlflow
 
-            mlflow.set_experiment(cfg.resolved.get("experiment") or "raytrain-cls")
+            mlflow.set_experiment(cfg.resolved.experiment or "raytrain-cls")
             self.mlflow = mlflow
-            mlflow.start_run(run_name=cfg.resolved.get("experiment"))
+            mlflow.start_run(run_name=cfg.resolved.experiment)
             mlflow.log_params({k: v for k, v in cfg.flat().items() if v is not None and v != ""})
         if cfg.run.log_wandb:
             self.wandb = start_wandb(cfg, run_dir)
@@ -74,19 +74,19 @@ class Trackers:
 
 
 def start_wandb(cfg: Config, run_dir: Optional[str]):
-    """A W&B run keyed by the id the driver chose (cfg.resolved["wandb_id"]): "allow" resumes it after a restart,
+    """A W&B run keyed by the id the driver chose (cfg.resolved.wandb_id): "allow" resumes it after a restart,
     "must" when the user named an existing run. Steps and epochs each get their own x axis."""
     import wandb
 
     r = cfg.resolved
     run = wandb.init(
         project=cfg.run.wandb_project or "raytrain-cls",
-        name=r.get("experiment"),
-        id=r.get("wandb_id"),
+        name=r.experiment,
+        id=r.wandb_id,
         resume="must" if cfg.run.wandb_resume_id else "allow",
         tags=list(cfg.run.wandb_tags) or None,
         dir=run_dir if run_dir and not is_uri(run_dir) else None,
-        config={**cfg.flat(), **{k: r[k] for k in ("lr", "num_epochs", "num_workers") if k in r}},
+        config={**cfg.flat(), "lr": r.lr, "num_epochs": r.num_epochs, "num_workers": r.num_workers},
     )
     run.define_metric("global_step")
     run.define_metric("train_step/*", step_metric="global_step")

@@ -226,7 +226,7 @@ def trial_base(base: Config, spec: SearchSpec) -> Config:
     cfg.scaling.resources_per_worker = resources
     cfg.checkpoint.experiment = ""
     cfg.checkpoint.resume = ""
-    cfg.resolved = {}
+    cfg.resolved = None
     return cfg
 
 
@@ -543,7 +543,7 @@ def best_config_yaml(base: Config, best: TrialRow, max_t: int) -> str:
     cfg = base.copy()
     for key, value in best.params.items():
         cfg.set(key, value)
-    cfg.resolved = {}
+    cfg.resolved = None
     cfg.checkpoint.experiment = ""
     cfg.validate()
     raw = cfg.to_dict()

@@ -84,7 +84,7 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
         with checkpoint.as_directory() as d:
             state.load(d, load_optimizer=True, rank=rank, world_size=world)
         return checkpoint.path, True
-    init = cfg.resolved.get("init_checkpoint")
+    init = cfg.resolved.init_checkpoint
     if init:
         with local_dir(init) as d:  # one under a URI (s3://) is downloaded first
             state.load(d, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
@@ -110,7 +110,7 @@ def train_loop_per_worker(config: dict) -> dict:
     res = cfg.resolved
     # This worker's start-up stamps after the driver's (rank 0 reports them; startup.py).
     stamps = {
-        **(res.get("startup") or {}),
+        **(res.startup or {}),
         "worker_process": process_start(),
         "worker_imported": IMPORTED_AT,
         "worker_entered": entered,
@@ -121,16 +121,14 @@ def train_loop_per_worker(config: dict) -> dict:
     seed_everything(cfg.run.seed + rank)
 
     source = build_source(cfg)
-    loaders = build_loaders(cfg, source, res["data_config"], rank, world, device)
+    loaders = build_loaders(cfg, source, res.data_config, rank, world, device)
     if cfg.data.loader == "ray":
         loaders.train = ray_data_train_loader(cfg, world, device)
     stamp(stamps, "data_ready")
-    model = prepare_for_workers(cfg, build_model(cfg, res["num_classes"], device), world)
+    model = prepare_for_workers(cfg, build_model(cfg, res.num_classes, device), world)
     ema = build_ema(cfg, model)
     # the module the loop trains: the model, or (feature distillation) the model with its projection
-    kd = build_distillation(
-        cfg, model, build_train_loss(cfg).to(device), res["num_classes"], res["data_config"], device
-    )
+    kd = build_distillation(cfg, model, build_train_loss(cfg).to(device), res.num_classes, res.data_config, device)
     optimizer = build_optimizer(cfg, kd.train_module)
     updates_per_epoch = math.ceil(len(loaders.train) / cfg.optim.grad_accum_steps)
     scheduler, _ = build_scheduler(cfg, optimizer, updates_per_epoch)
@@ -138,7 +136,7 @@ def train_loop_per_worker(config: dict) -> dict:
     state = TrainState(config, model, optimizer, scheduler, scaler, ema, aux=kd.aux)
 
     nodes = _count_nodes(world)
-    console = WorkerConsole(res.get("progress_board"), res["num_epochs"]) if rank == 0 else None
+    console = WorkerConsole(res.progress_board, res.num_epochs) if rank == 0 else None
     say = console.say if console else print  # rank 0's messages: to the live bar when there is one
     if rank == 0:
         say(f"{world} training worker(s) on {nodes} node(s), device {device}")
@@ -186,7 +184,7 @@ def train_loop_per_worker(config: dict) -> dict:
         device=device,
         autocast=autocast,
         scaler=scaler,
-        mixup=build_mixup(cfg, res["num_classes"]),
+        mixup=build_mixup(cfg, res.num_classes),
         scheduler=scheduler,
         ema=ema,
         ema_source=model,
@@ -198,7 +196,7 @@ def train_loop_per_worker(config: dict) -> dict:
         loss_scale=loss_scale(cfg.data.naflex_loss_scale, cfg.data.batch_size) if cfg.data.naflex_loader else None,
     )
     stamp(stamps, "model_ready")
-    num_epochs = res["num_epochs"]
+    num_epochs = res.num_epochs
     metric = cfg.checkpoint.eval_metric
     batch = cfg.data.batch_size
     trackers = Trackers(cfg) if rank == 0 else None
@@ -276,7 +274,7 @@ def train_loop_per_worker(config: dict) -> dict:
             )
             if rank == 0
             else None,
-            on_log_batch=save_batch_images(res["run_dir"]) if rank == 0 and cfg.run.save_images else None,
+            on_log_batch=save_batch_images(res.run_dir) if rank == 0 and cfg.run.save_images else None,
         )
         state.in_epoch = None
         dealt = loaders.samples_after(len(loaders.train)) - consumed
@@ -299,7 +297,7 @@ def train_loop_per_worker(config: dict) -> dict:
         loaders.val.bad.reset()
         eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last, cfg.checkpoint.tta)
         val_bad = check_bad_samples(
-            "validation", loaders.val.bad, res["val_samples"], cfg.data.max_bad_fraction, epoch, rank, world, say
+            "validation", loaders.val.bad, res.val_samples, cfg.data.max_bad_fraction, epoch, rank, world, say
         )
         metrics = dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad, eval_bad_samples=val_bad)
         if ema is not None:
@@ -381,9 +379,9 @@ def ray_data_train_loader(cfg: Config, world: int, device: torch.device) -> Skip
     a, res = cfg.aug, cfg.resolved
     return ray_data_loader(
         ray.train.get_dataset_shard(RAY_DATASET),
-        rows_per_worker(res["train_samples"], world),
+        rows_per_worker(res.train_samples, world),
         cfg.data.batch_size,
-        res["data_config"],
+        res.data_config,
         device,
         re_prob=a.reprob,
         re_mode=a.remode,

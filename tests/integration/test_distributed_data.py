@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from raytrain_cls.core.config import load_config
+from raytrain_cls.core.config import Resolved, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ def _on_two_ranks(config: dict) -> dict:
     cfg = Config.from_dict(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], rank, world)
+    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved.data_config, rank, world)
     loaders.set_epoch(0)
     train_ids = [key[0] for key in loaders.train.sampler]  # keys: (index, epoch, copy)
     val_ids = list(loaders.val.sampler)
@@ -40,7 +40,16 @@ def _on_two_ranks(config: dict) -> dict:
 
 def digits_config():
     cfg = load_config("digits", {"workers": 0, "batch_size": 32, "model": "test_resnet"})
-    cfg.resolved = dict(
+    cfg.resolved = Resolved(
+        use_gpu=False,
+        num_workers=2,
+        lr=0.1,
+        lr_rule="--lr",
+        num_epochs=1,
+        num_classes=10,
+        classes=[str(i) for i in range(10)],
+        train_samples=1438,
+        val_samples=359,
         data_config=dict(
             input_size=[3, 32, 32],
             interpolation="bicubic",
@@ -48,7 +57,7 @@ def digits_config():
             std=[0.5] * 3,
             crop_pct=1.0,
             crop_mode="center",
-        )
+        ),
     )
     return cfg
 
@@ -103,7 +112,7 @@ def test_top1_over_two_ranks_equals_one_rank_on_an_odd_validation_set(two_ranks)
 
     cfg = digits_config()
     two = two_ranks["metrics"]
-    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], 0, 1)
+    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved.data_config, 0, 1)
     torch.manual_seed(0)
     model = build_model(cfg, 10, torch.device("cpu"))
     one = evaluate(model, loaders.val, torch.device("cpu"), autocast_factory(torch.device("cpu"), False, None))

@@ -66,10 +66,10 @@ def test_config_yaml_is_the_resolved_config(default_run):
     cfg = Config.from_dict(raw).validate()
     assert cfg.data.dataset == "digits" and cfg.sched.epochs == EPOCHS
     r = cfg.resolved
-    assert r["num_workers"] == 2 and r["use_gpu"] is False
-    assert r["num_classes"] == 10 and r["num_epochs"] == EPOCHS
-    assert r["data_config"]["input_size"] == [3, 32, 32]
-    assert r["run_dir"] == str(run_dir)
+    assert r.num_workers == 2 and r.use_gpu is False
+    assert r.num_classes == 10 and r.num_epochs == EPOCHS
+    assert r.data_config["input_size"] == [3, 32, 32]
+    assert r.run_dir == str(run_dir)
 
 
 def test_best_checkpoint_loads_and_reproduces_its_accuracy(default_run):
@@ -79,13 +79,13 @@ def test_best_checkpoint_loads_and_reproduces_its_accuracy(default_run):
     ckpt = Path(result["best_checkpoint"])
     meta = read_meta(ckpt)
     cfg = Config.from_dict(meta["config"])
-    model = build_model(cfg, cfg.resolved["num_classes"], torch.device("cpu"))
+    model = build_model(cfg, cfg.resolved.num_classes, torch.device("cpu"))
     load_weights(model, ckpt / MODEL_FILE)
     cfg.data.workers = 0
-    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], rank=0, world_size=1)
+    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved.data_config, rank=0, world_size=1)
     no_amp = autocast_factory(torch.device("cpu"), False, torch.float32)
     metrics = evaluate(model, loaders.val, torch.device("cpu"), no_amp)
-    assert metrics["samples"] == cfg.resolved["val_samples"]
+    assert metrics["samples"] == cfg.resolved.val_samples
     assert abs(metrics["top1"] - result["best_value"]) <= 100.0 / metrics["samples"] + 1e-6
 
 

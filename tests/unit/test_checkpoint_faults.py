@@ -11,13 +11,22 @@ import torch
 from safetensors.torch import load_file
 
 from raytrain_cls.commands.export import CONFIG_JSON, export_checkpoint
-from raytrain_cls.core.config import Config
+from raytrain_cls.core.config import Config, Resolved
 from raytrain_cls.core.optim import build_optimizer
 from raytrain_cls.core.state import META_FILE, MODEL_FILE, CheckpointError, TrainState, non_finite_tensors, rng_state
 
 CFG = Config().update({"dataset": "digits", "model": "test_resnet", "lr": 0.1, "img_size": 16}).validate()
-CFG.resolved = dict(
-    num_classes=4, classes=["a", "b", "c", "d"], data_config=dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3)
+CFG.resolved = Resolved(
+    use_gpu=False,
+    num_workers=1,
+    lr=0.1,
+    lr_rule="--lr",
+    num_epochs=1,
+    num_classes=4,
+    classes=["a", "b", "c", "d"],
+    train_samples=16,
+    val_samples=8,
+    data_config=dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3),
 )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import math
 
 import pytest
+import yaml
 
 from raytrain_cls.core.config import (
     FIELDS,
@@ -13,6 +14,7 @@ from raytrain_cls.core.config import (
     RECIPES_DIR,
     Config,
     ConfigError,
+    Resolved,
     _coerce,
     dump_yaml,
     iter_fields,
@@ -20,6 +22,19 @@ from raytrain_cls.core.config import (
     read_yaml,
     recipe_names,
     resolve_config_path,
+)
+
+RESOLVED = dict(
+    use_gpu=False,
+    num_workers=2,
+    lr=0.2,
+    lr_rule="--lr",
+    num_epochs=3,
+    num_classes=10,
+    classes=[str(i) for i in range(10)],
+    train_samples=1438,
+    val_samples=359,
+    data_config={"input_size": [3, 32, 32]},
 )
 
 
@@ -197,11 +212,24 @@ def test_update_optional_accepts_none():
     assert cfg.optim.lr is None
 
 
-def test_update_resolved_is_stored_as_a_copy():
-    raw = {"lr": 0.2, "num_classes": 10}
-    cfg = Config().update({"resolved": raw})
-    raw["lr"] = 99
-    assert cfg.resolved == {"lr": 0.2, "num_classes": 10}
+def test_resolved_is_a_typed_record_that_round_trips_through_config_yaml():
+    cfg = Config().update({"resolved": dict(RESOLVED)})
+    assert isinstance(cfg.resolved, Resolved) and cfg.resolved.lr == 0.2 and cfg.resolved.run_dir is None
+    again = Config.from_dict(yaml.safe_load(dump_yaml(cfg)))
+    assert again.resolved == cfg.resolved
+    assert Config().update({"resolved": {}}).resolved is None  # nothing resolved yet
+
+
+@pytest.mark.parametrize("change, key", [(dict(num_workerz=2), "resolved.num_workerz"), ("drop lr", "resolved.lr")])
+def test_a_resolved_record_with_unknown_or_missing_keys_is_refused_by_name(change, key):
+    raw = dict(RESOLVED)
+    if change == "drop lr":
+        del raw["lr"]
+    else:
+        raw.update(change)
+    with pytest.raises(ConfigError) as e:
+        Config().update({"resolved": raw})
+    assert e.value.key == key
 
 
 # ---- dict / YAML round trip ----------------------------------------------------------------------------------
@@ -216,7 +244,7 @@ def _non_default() -> Config:
             "mean": [0.1, 0.2, 0.3],
             "use_gpu": False,
             "decay_milestones": [3, 7],
-            "resolved": {"lr": 0.25, "epochs": 12},
+            "resolved": {**RESOLVED, "lr": 0.25, "num_epochs": 12},
         }
     )
 
@@ -225,7 +253,7 @@ def test_to_dict_from_dict_round_trip():
     cfg = _non_default()
     raw = cfg.to_dict()
     assert set(raw) == set(GROUPS) | {"resolved"}
-    assert raw["optim"]["lr"] == 0.25 and raw["resolved"] == {"lr": 0.25, "epochs": 12}
+    assert raw["optim"]["lr"] == 0.25 and raw["resolved"]["lr"] == 0.25 and raw["resolved"]["num_epochs"] == 12
     assert Config.from_dict(raw) == cfg
     assert Config.from_dict(raw) != Config()
 

@@ -212,7 +212,7 @@ def test_the_driver_refuses_a_model_that_takes_images_and_records_the_patch_size
     cfg = naflex_config()
     cfg.validate()
     resolve(cfg, {"CPU": 2})
-    assert cfg.resolved["naflex_patch_size"] == 4 and cfg.resolved["data_config"]["input_size"][0] == 1
+    assert cfg.resolved.naflex_patch_size == 4 and cfg.resolved.data_config["input_size"][0] == 1
     cfg = naflex_config(model="resnet10t", model_kwargs={})
     with pytest.raises(ConfigError, match="NaFlexVit"):
         resolve(cfg.validate(), {"CPU": 2})
@@ -229,7 +229,7 @@ def test_the_loaders_give_patch_batches_that_the_model_takes():
         resolve(cfg.validate(), {"CPU": 2})
     cfg.model.model_kwargs["enable_patch_interpolator"] = True
     resolve(cfg.validate(), {"CPU": 2})
-    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved["data_config"], 0, 2)
+    loaders = build_loaders(cfg, build_source(cfg), cfg.resolved.data_config, 0, 2)
     loaders.set_epoch(0)
     model = timm.create_model(cfg.model.model, num_classes=10, in_chans=1, **cfg.model.model_kwargs)
     lengths, patch_pixels = set(), set()

@@ -89,9 +89,25 @@ def test_cosine_scheduler_warmup_and_decay():
 
 
 # ---- optimizer -----------------------------------------------------------------------------------------------
+def resolved(lr: float) -> dict:
+    """A config.yaml `resolved` record whose LR is ``lr``."""
+    return dict(
+        use_gpu=False,
+        num_workers=2,
+        lr=lr,
+        lr_rule="--lr",
+        num_epochs=3,
+        num_classes=10,
+        classes=[str(i) for i in range(10)],
+        train_samples=1438,
+        val_samples=359,
+        data_config={},
+    )
+
+
 def test_optimizer_uses_the_resolved_lr():
     """The driver's resolved LR wins: every worker builds its optimizer with the same, recorded value."""
-    c = cfg().update({"resolved": {"lr": 0.37}})
+    c = cfg().update({"resolved": resolved(0.37)})
     assert c.optim.lr is None
     optimizer = build_optimizer(c, model())
     assert {g["lr"] for g in optimizer.param_groups} == {0.37}
@@ -100,7 +116,7 @@ def test_optimizer_uses_the_resolved_lr():
 def test_optimizer_falls_back_to_the_configured_lr():
     optimizer = build_optimizer(cfg(lr=0.2), model())
     assert {g["lr"] for g in optimizer.param_groups} == {0.2}
-    optimizer = build_optimizer(cfg(lr=0.2).update({"resolved": {"lr": 0.05}}), model())
+    optimizer = build_optimizer(cfg(lr=0.2).update({"resolved": resolved(0.05)}), model())
     assert {g["lr"] for g in optimizer.param_groups} == {0.05}
 
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from raytrain_cls.core.config import ConfigError, load_config
+from raytrain_cls.core.config import ConfigError, Resolved, load_config
 from raytrain_cls.run.driver import wandb_run_id
 from raytrain_cls.run.tracking import Trackers
 
@@ -26,9 +26,28 @@ def offline_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+def run_record(**where) -> Resolved:
+    """The driver's record of a 2-epoch digits run, with where it lives."""
+    return Resolved.from_dict(
+        dict(
+            use_gpu=False,
+            num_workers=1,
+            lr=0.05,
+            lr_rule="--lr",
+            num_epochs=2,
+            num_classes=10,
+            classes=[str(i) for i in range(10)],
+            train_samples=1438,
+            val_samples=359,
+            data_config={},
+            **where,
+        )
+    )
+
+
 def test_wandb_run_logs_config_steps_and_epochs_and_resumes_by_id(tmp_path, offline_wandb):
     cfg = load_config("digits", {"log_wandb": True, "wandb_tags": ["smoke", "digits"], "log_tensorboard": False})
-    cfg.resolved = dict(run_dir=str(tmp_path), experiment="wb-run", wandb_id="abc12345", lr=0.05, num_epochs=2)
+    cfg.resolved = run_record(run_dir=str(tmp_path), experiment="wb-run", wandb_id="abc12345")
     trackers = Trackers(cfg)
     run = trackers.wandb
     assert run.id == "abc12345" and run.name == "wb-run" and run.project == "raytrain-cls"
@@ -50,11 +69,12 @@ def test_wandb_run_logs_config_steps_and_epochs_and_resumes_by_id(tmp_path, offl
 
 def test_wandb_run_id_is_kept_by_a_continued_run():
     cfg = load_config("digits", {"log_wandb": True} if importlib.util.find_spec("wandb") else {})
-    assert wandb_run_id(cfg, {"wandb_id": "keepme01"}) == "keepme01"
-    fresh = {wandb_run_id(cfg, {}) for _ in range(3)}
+    earlier = run_record(wandb_id="keepme01")
+    assert wandb_run_id(cfg, earlier) == "keepme01"
+    fresh = {wandb_run_id(cfg, None) for _ in range(3)}
     assert len(fresh) == 3 and all(len(i) == 8 for i in fresh)
     cfg.run.wandb_resume_id = "named042"
-    assert wandb_run_id(cfg, {"wandb_id": "keepme01"}) == "named042"
+    assert wandb_run_id(cfg, earlier) == "named042"
 
 
 @pytest.mark.parametrize("flag,package", [("log_wandb", "wandb"), ("log_mlflow", "mlflow")])

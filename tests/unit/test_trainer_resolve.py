@@ -58,11 +58,11 @@ def test_unschedulable_runs_fail_before_any_worker_starts(overrides, cluster, ke
 def test_resolve_records_every_run_wide_decision():
     cfg = resolve(_cfg(lr=None, lr_base=0.1, lr_base_size=256, batch_size=32), {"CPU": 2.0})
     r = cfg.resolved
-    assert r["num_workers"] == 2 and r["use_gpu"] is False
-    assert r["lr"] == pytest.approx(0.1 * 64 / 256)  # timm's linear rule on the *global* batch
-    assert r["num_classes"] == 10 and len(r["classes"]) == 10
-    assert r["num_epochs"] == cfg.sched.epochs
-    assert r["data_config"]["input_size"] == [3, 32, 32]
+    assert r.num_workers == 2 and r.use_gpu is False
+    assert r.lr == pytest.approx(0.1 * 64 / 256)  # timm's linear rule on the *global* batch
+    assert r.num_classes == 10 and len(r.classes) == 10
+    assert r.num_epochs == cfg.sched.epochs
+    assert r.data_config["input_size"] == [3, 32, 32]
 
 
 def test_batch_larger_than_the_data_is_a_config_error():
@@ -254,7 +254,7 @@ def test_a_fixed_size_model_at_another_image_size_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"model.img_size.*built for 224x224.*--model-kwargs img_size=32"):
         resolve(_cfg(model="deit_tiny_patch16_224", img_size=32), {"CPU": 2.0})
     cfg = resolve(_cfg(model="deit_tiny_patch16_224", img_size=32, model_kwargs={"img_size": 32}), {"CPU": 2.0})
-    assert cfg.resolved["data_config"]["input_size"] == [3, 32, 32]
+    assert cfg.resolved.data_config["input_size"] == [3, 32, 32]
     resolve(_cfg(model="test_resnet", img_size=40), {"CPU": 2.0})  # convolutional: any size
 
 
