@@ -12,6 +12,7 @@ import time
 
 IMPORTED_AT = time.time()  # before the heavy imports: the start-up breakdown's "worker start" ends here
 
+import functools
 import math
 import random
 import tempfile
@@ -101,68 +102,97 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    import ray.train
-    import ray.train.torch
-
+    """The function Ray Train runs on every worker: set up, restore, then the epochs; returns the last metrics."""
     entered = time.time()
     quiet_per_report_logs()
-    cfg = Config.from_dict(config)
-    res = cfg.resolved
-    # This worker's start-up stamps after the driver's (rank 0 reports them; startup.py).
-    stamps = {
-        **(res.startup or {}),
-        "worker_process": process_start(),
-        "worker_imported": IMPORTED_AT,
-        "worker_entered": entered,
-    }
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    seed_everything(cfg.run.seed + rank)
+    return WorkerRun(config, entered).run()
 
-    source = build_source(cfg)
-    loaders = build_loaders(cfg, source, res.data_config, rank, world, device)
-    if cfg.data.loader == "ray":
-        loaders.train = ray_data_train_loader(cfg, world, device)
-    stamp(stamps, "data_ready")
-    model = prepare_for_workers(cfg, build_model(cfg, res.num_classes, device), world)
-    ema = build_ema(cfg, model)
-    # the module the loop trains: the model, or (feature distillation) the model with its projection
-    kd = build_distillation(cfg, model, build_train_loss(cfg).to(device), res.num_classes, res.data_config, device)
-    optimizer = build_optimizer(cfg, kd.train_module)
-    updates_per_epoch = math.ceil(len(loaders.train) / cfg.optim.grad_accum_steps)
-    scheduler, _ = build_scheduler(cfg, optimizer, updates_per_epoch)
-    autocast, scaler = amp_parts(cfg.precision, device)
-    state = TrainState(config, model, optimizer, scheduler, scaler, ema, aux=kd.aux)
 
-    nodes = _count_nodes(world)
-    console = WorkerConsole(res.progress_board, res.num_epochs) if rank == 0 else None
-    say = console.say if console else print  # rank 0's messages: to the live bar when there is one
-    if rank == 0:
-        say(f"{world} training worker(s) on {nodes} node(s), device {device}")
-        if cfg.data.data_on_device:
-            held = [loaders.train.dataset, loaders.val.dataset]
-            say(
+class WorkerRun:
+    """One worker's part of a run, in timm's order: set-up (data, model, EMA, optimizer, scheduler), restore, the
+    DDP wrap, then per epoch: train (with recovery checkpoints on the way), end of epoch (evaluate, schedule,
+    checkpoint). Everything a checkpoint carries is registered in ``self.state`` (core.state.TrainState)."""
+
+    def __init__(self, config: dict, entered: float):
+        import ray.train
+        import ray.train.torch
+
+        cfg = self.cfg = Config.from_dict(config)
+        res = self.res = cfg.resolved
+        # This worker's start-up stamps after the driver's (rank 0 reports them; startup.py).
+        self.stamps = {
+            **(res.startup or {}),
+            "worker_process": process_start(),
+            "worker_imported": IMPORTED_AT,
+            "worker_entered": entered,
+        }
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.is_primary = self.rank == 0
+        self.device = device = ray.train.torch.get_device()
+        seed_everything(cfg.run.seed + self.rank)
+
+        self.loaders = build_loaders(cfg, build_source(cfg), res.data_config, self.rank, self.world, device)
+        if cfg.data.loader == "ray":
+            self.loaders.train = ray_data_train_loader(cfg, self.world, device)
+        stamp(self.stamps, "data_ready")
+        self.model = prepare_for_workers(cfg, build_model(cfg, res.num_classes, device), self.world)
+        self.ema = build_ema(cfg, self.model)
+        # the module the loop trains: the model, or (feature distillation) the model with its projection
+        self.kd = build_distillation(
+            cfg, self.model, build_train_loss(cfg).to(device), res.num_classes, res.data_config, device
+        )
+        self.optimizer = build_optimizer(cfg, self.kd.train_module)
+        self.updates_per_epoch = math.ceil(len(self.loaders.train) / cfg.optim.grad_accum_steps)
+        self.scheduler, _ = build_scheduler(cfg, self.optimizer, self.updates_per_epoch)
+        self.autocast, self.scaler = amp_parts(cfg.precision, device)
+        self.state = TrainState(
+            config, self.model, self.optimizer, self.scheduler, self.scaler, self.ema, aux=self.kd.aux
+        )
+
+        self.nodes = _count_nodes(self.world)
+        self.console = WorkerConsole(res.progress_board, res.num_epochs) if self.is_primary else None
+        self.say = self.console.say if self.console else print  # to the live bar when there is one
+        self.trackers = Trackers(cfg) if self.is_primary else None
+        # Ray Data streams cannot resume mid-epoch, so a checkpoint there would not save the epoch's work.
+        self.preemption = PreemptionNotice(cfg.checkpoint.preemption_check_interval if cfg.data.loader != "ray" else 0)
+        self.metric = cfg.checkpoint.eval_metric
+        self.last_eval = None  # the latest evaluated metric, for the scheduler on epochs without evaluation
+        if self.is_primary:
+            self.announce()
+
+    def announce(self) -> None:
+        self.say(f"{self.world} training worker(s) on {self.nodes} node(s), device {self.device}")
+        if self.cfg.data.data_on_device:
+            held = [self.loaders.train.dataset, self.loaders.val.dataset]
+            self.say(
                 f"Data on the device: {sum(len(h.images) - h.images.count(None) for h in held):,} images, "
                 f"{sum(h.nbytes for h in held) / 2**20:.1f} MiB per worker"
             )
-    loaded, own_checkpoint = restore(state, cfg, rank, world, say)  # own: recovery, or --resume RUN
-    if cfg.sched.start_epoch is not None and not own_checkpoint:
-        start_at_epoch(state, scheduler, cfg.sched.start_epoch, updates_per_epoch, cfg.sched.sched_on_updates)
-        if rank == 0:
-            say(f"Starting at epoch {cfg.sched.start_epoch} (--start-epoch)")
-    resumed_from = state.num_updates if loaded else -1
-    if loaded:
-        if state.rank_states is not None and len(state.rank_states) != world:
+
+    # ---- restore ---------------------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """The run's own latest checkpoint (recovery, --resume RUN), else --resume CHECKPOINT, else a fresh start;
+        then timm's --start-epoch and --no-resume-opt."""
+        cfg, state, scheduler = self.cfg, self.state, self.scheduler
+        loaded, own_checkpoint = restore(state, cfg, self.rank, self.world, self.say)
+        if cfg.sched.start_epoch is not None and not own_checkpoint:
+            start_at_epoch(state, scheduler, cfg.sched.start_epoch, self.updates_per_epoch, cfg.sched.sched_on_updates)
+            if self.is_primary:
+                self.say(f"Starting at epoch {cfg.sched.start_epoch} (--start-epoch)")
+        self.resumed_from = state.num_updates if loaded else -1
+        if not loaded:
+            return
+        if state.rank_states is not None and len(state.rank_states) != self.world:
             # Written by a different number of ranks: no RNG stream to continue, start fresh ones for this point.
-            seed_everything(cfg.run.seed + rank + 7919 * state.num_updates)
-        if rank == 0:
+            seed_everything(cfg.run.seed + self.rank + 7919 * state.num_updates)
+        if self.is_primary:
             where = (
                 f"epoch {state.in_epoch['epoch']} after batch {state.in_epoch['batches']}"
                 if state.in_epoch
                 else f"the end of epoch {state.epoch}"
             )
-            say(f"Resumed from {loaded} at {where} (update {state.num_updates})")
+            self.say(f"Resumed from {loaded} at {where} (update {state.num_updates})")
         if (
             scheduler is not None
             and cfg.checkpoint.no_resume_opt
@@ -171,145 +201,162 @@ def train_loop_per_worker(config: dict) -> dict:
         ):
             scheduler.step(state.start_epoch)  # the optimizer's LR was not restored: set it from the schedule
 
-    train_model = kd.train_module
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
+    def train_parts(self) -> TrainParts:
+        """What one optimizer step touches, with the model wrapped in DDP (after restore, as timm) and compiled."""
+        cfg, device = self.cfg, self.device
+        train_model = self.kd.train_module
+        if self.world > 1:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                train_model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        train_model = compile_model(cfg, train_model)  # after DDP, as timm does
+        naflex_scale = loss_scale(cfg.data.naflex_loss_scale, cfg.data.batch_size) if cfg.data.naflex_loader else None
+        return TrainParts(
+            model=train_model,
+            optimizer=self.optimizer,
+            loss_fn=self.kd.loss,
+            device=device,
+            autocast=self.autocast,
+            scaler=self.scaler,
+            mixup=build_mixup(cfg, self.res.num_classes),
+            scheduler=self.scheduler,
+            ema=self.ema,
+            ema_source=self.model,
+            clip_grad=cfg.optim.clip_grad,
+            clip_mode=cfg.optim.clip_mode,
+            accum_steps=cfg.optim.grad_accum_steps,
+            channels_last=cfg.model.channels_last,
+            input_dtype=model_dtype(cfg),
+            loss_scale=naflex_scale,
         )
-    train_model = compile_model(cfg, train_model)  # after DDP, as timm does
-    parts = TrainParts(
-        model=train_model,
-        optimizer=optimizer,
-        loss_fn=kd.loss,
-        device=device,
-        autocast=autocast,
-        scaler=scaler,
-        mixup=build_mixup(cfg, res.num_classes),
-        scheduler=scheduler,
-        ema=ema,
-        ema_source=model,
-        clip_grad=cfg.optim.clip_grad,
-        clip_mode=cfg.optim.clip_mode,
-        accum_steps=cfg.optim.grad_accum_steps,
-        channels_last=cfg.model.channels_last,
-        input_dtype=model_dtype(cfg),
-        loss_scale=loss_scale(cfg.data.naflex_loss_scale, cfg.data.batch_size) if cfg.data.naflex_loader else None,
-    )
-    stamp(stamps, "model_ready")
-    num_epochs = res.num_epochs
-    metric = cfg.checkpoint.eval_metric
-    batch = cfg.data.batch_size
-    trackers = Trackers(cfg) if rank == 0 else None
 
-    def log_step(m: dict) -> None:
-        console.step(m)
-        trackers.step(m)
+    # ---- the epochs ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.restore()
+        self.parts = self.train_parts()
+        stamp(self.stamps, "model_ready")
+        last = {}
+        for epoch in range(self.state.start_epoch, self.res.num_epochs):
+            train_metrics, consumed = self.train_epoch(epoch)
+            last = self.end_of_epoch(epoch, train_metrics, consumed) or last
+        if self.trackers is not None:
+            self.trackers.close()
+        return last
 
-    log = log_step if rank == 0 else None
-    last, last_eval = {}, None
-    # Ray Data streams cannot resume mid-epoch, so a checkpoint there would not save the epoch's work.
-    preemption = PreemptionNotice(cfg.checkpoint.preemption_check_interval if cfg.data.loader != "ray" else 0)
-    for epoch in range(state.start_epoch, num_epochs):
+    def train_epoch(self, epoch: int) -> tuple[dict, int]:
+        """One pass over this rank's share of the epoch (the rest of it, after a mid-epoch recovery checkpoint).
+        Returns the training metrics and the global samples the epoch had already trained on when it started."""
+        cfg, state = self.cfg, self.state
         position = state.in_epoch if state.in_epoch and state.in_epoch["epoch"] == epoch else None
         consumed = position["samples"] if position else 0  # global samples of this epoch already trained on
-        start_batch, carry = _continue_epoch(position, state.rank_states, rank, world, batch)
-        loaders.set_epoch(epoch, consumed)
-        mixing = cfg.aug.mixup_off_epoch == 0 or epoch < cfg.aug.mixup_off_epoch
-
-        def on_update(progress: EpochProgress, epoch=epoch, consumed=consumed, start_batch=start_batch) -> None:
-            if progress.batches_done >= progress.total_batches:
-                return  # the epoch's own checkpoint comes next
-            interval = cfg.checkpoint.recovery_interval
-            due = bool(interval) and progress.num_updates % interval == 0
-            notice = preemption.check(progress.num_updates)  # every rank asks: it is a collective
-            if not (due or notice):
-                return
-            if notice and rank == 0:
-                say(f"Preemption notice: {notice}; recovery checkpoint at epoch {epoch}, update {progress.num_updates}")
-            progress.ensure_finite()  # never a recovery checkpoint past --nan-patience
-            state.num_updates = progress.num_updates
-            state.in_epoch = dict(
-                epoch=epoch,
-                batches=progress.batches_done,
-                world_size=world,
-                batch_size=batch,
-                samples=loaders.samples_after(progress.batches_done - start_batch),
-            )
-            metrics = dict(
-                epoch=epoch,
-                step=progress.batches_done,
-                num_updates=progress.num_updates,
-                recovery=1,
-                resumed_from=resumed_from,
-                **{f"eval_{metric}": recovery_score(metric)},
-            )
-            if notice:
-                metrics["preemption"] = 1
-            report(
-                state,
-                metrics,
-                rank,
-                world,
-                f"{CHECKPOINT_PREFIX}{epoch:04d}-step-{progress.num_updates:07d}",
-                progress.loss_sum.item(),
-                progress.seen.item(),
-            )
-
+        start_batch, carry = _continue_epoch(position, state.rank_states, self.rank, self.world, cfg.data.batch_size)
+        self.loaders.set_epoch(epoch, consumed)
         train_metrics, state.num_updates = train_one_epoch(
             epoch,
-            loaders.train,
-            parts,
+            self.loaders.train,
+            self.parts,
             state.num_updates,
-            use_mixup=mixing,
+            use_mixup=cfg.aug.mixup_off_epoch == 0 or epoch < cfg.aug.mixup_off_epoch,
             log_interval=cfg.run.log_interval,
-            log=log,
+            log=self.log_step if self.is_primary else None,
             start_batch=start_batch,
             carry=carry,
             nan_patience=cfg.checkpoint.nan_patience,
-            on_update=on_update,
-            on_step=(
-                lambda step, steps, elapsed, e=epoch, b=start_batch: first_step_then(console.tick, stamps, device)(
-                    e, step, steps, elapsed, b
-                )
-            )
-            if rank == 0
-            else None,
-            on_log_batch=save_batch_images(res.run_dir) if rank == 0 and cfg.run.save_images else None,
+            on_update=functools.partial(self.recovery_checkpoint, epoch, start_batch),
+            on_step=functools.partial(self.tick, epoch, start_batch) if self.is_primary else None,
+            on_log_batch=save_batch_images(self.res.run_dir) if self.is_primary and cfg.run.save_images else None,
         )
         state.in_epoch = None
+        return train_metrics, consumed
+
+    def log_step(self, metrics: dict) -> None:
+        self.console.step(metrics)
+        self.trackers.step(metrics)
+
+    def tick(self, epoch: int, start_batch: int, step: int, steps: int, elapsed: float) -> None:
+        first_step_then(self.console.tick, self.stamps, self.device)(epoch, step, steps, elapsed, start_batch)
+
+    def recovery_checkpoint(self, epoch: int, start_batch: int, progress: EpochProgress) -> None:
+        """After an optimizer update: a mid-epoch checkpoint every --recovery-interval updates, or at once on a
+        preemption notice for one of the run's nodes."""
+        if progress.batches_done >= progress.total_batches:
+            return  # the epoch's own checkpoint comes next
+        interval = self.cfg.checkpoint.recovery_interval
+        due = bool(interval) and progress.num_updates % interval == 0
+        notice = self.preemption.check(progress.num_updates)  # every rank asks: it is a collective
+        if not (due or notice):
+            return
+        if notice and self.is_primary:
+            self.say(
+                f"Preemption notice: {notice}; recovery checkpoint at epoch {epoch}, update {progress.num_updates}"
+            )
+        progress.ensure_finite()  # never a recovery checkpoint past --nan-patience
+        state = self.state
+        state.num_updates = progress.num_updates
+        state.in_epoch = dict(
+            epoch=epoch,
+            batches=progress.batches_done,
+            world_size=self.world,
+            batch_size=self.cfg.data.batch_size,
+            samples=self.loaders.samples_after(progress.batches_done - start_batch),
+        )
+        metrics = dict(
+            epoch=epoch,
+            step=progress.batches_done,
+            num_updates=progress.num_updates,
+            recovery=1,
+            resumed_from=self.resumed_from,
+            **{f"eval_{self.metric}": recovery_score(self.metric)},
+        )
+        if notice:
+            metrics["preemption"] = 1
+        report(
+            state,
+            metrics,
+            self.rank,
+            self.world,
+            f"{CHECKPOINT_PREFIX}{epoch:04d}-step-{progress.num_updates:07d}",
+            progress.loss_sum.item(),
+            progress.seen.item(),
+        )
+
+    def end_of_epoch(self, epoch: int, train_metrics: dict, consumed: int) -> Optional[dict]:
+        """Bad-sample accounting, BatchNorm sync, evaluation (model and EMA), the schedule's step, the best metric,
+        and the epoch's checkpoint. Returns the epoch's metrics, or None on an epoch --val-interval skips."""
+        cfg, state, scheduler, loaders = self.cfg, self.state, self.scheduler, self.loaders
+        rank, world, say = self.rank, self.world, self.say
         dealt = loaders.samples_after(len(loaders.train)) - consumed
         train_bad = check_bad_samples(
             "training", loaders.train.bad, dealt, cfg.data.max_bad_fraction, epoch, rank, world, say
         )
         if world > 1 and cfg.model.dist_bn:
             # As timm: make every rank's BatchNorm statistics the same before evaluating and checkpointing.
-            distribute_bn(model, world, cfg.model.dist_bn == "reduce")
-            if ema is not None:
-                distribute_bn(ema, world, cfg.model.dist_bn == "reduce")
-        if not evaluates(epoch, cfg.checkpoint.val_interval, num_epochs):
+            distribute_bn(self.model, world, cfg.model.dist_bn == "reduce")
+            if self.ema is not None:
+                distribute_bn(self.ema, world, cfg.model.dist_bn == "reduce")
+        if not evaluates(epoch, cfg.checkpoint.val_interval, self.res.num_epochs):
             # timm's --val-interval: no evaluation, so no checkpoint either; the schedule still advances, given
             # the latest evaluated metric as timm does (plateau skips its decision when there is none yet).
             if scheduler is not None:
-                scheduler.step(epoch + 1, last_eval)
-            if rank == 0:
-                console.epoch(dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad))
-            continue
+                scheduler.step(epoch + 1, self.last_eval)
+            if self.is_primary:
+                self.console.epoch(dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad))
+            return None
         loaders.val.bad.reset()
-        eval_metrics = evaluate(model, loaders.val, device, autocast, cfg.model.channels_last, cfg.checkpoint.tta)
+        eval_metrics = self.evaluate(self.model)
         val_bad = check_bad_samples(
-            "validation", loaders.val.bad, res.val_samples, cfg.data.max_bad_fraction, epoch, rank, world, say
+            "validation", loaders.val.bad, self.res.val_samples, cfg.data.max_bad_fraction, epoch, rank, world, say
         )
         metrics = dict(epoch=epoch, **train_metrics, train_bad_samples=train_bad, eval_bad_samples=val_bad)
-        if ema is not None:
+        if self.ema is not None:
             # As timm does: the EMA's accuracy is the run's accuracy; the raw model's is kept alongside.
             metrics.update({f"model_eval_{k}": v for k, v in eval_metrics.items()})
-            eval_metrics = evaluate(
-                ema.module, loaders.val, device, autocast, cfg.model.channels_last, cfg.checkpoint.tta
-            )
+            eval_metrics = self.evaluate(self.ema.module)
         metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-        last_eval = eval_metrics[metric]
+        metric = self.metric
+        self.last_eval = eval_metrics[metric]
         if scheduler is not None:
-            scheduler.step(epoch + 1, last_eval)
+            scheduler.step(epoch + 1, self.last_eval)
         state.epoch = epoch
         if is_better(metric, eval_metrics[metric], state.best_metric):
             state.best_metric, state.best_epoch = eval_metrics[metric], epoch
@@ -317,19 +364,21 @@ def train_loop_per_worker(config: dict) -> dict:
             num_updates=state.num_updates,
             best_metric=state.best_metric,
             best_epoch=state.best_epoch,
-            resumed_from=resumed_from,
-            num_nodes=nodes,
+            resumed_from=self.resumed_from,
+            num_nodes=self.nodes,
         )
-        if rank == 0:
-            console.epoch(metrics)
-            trackers.epoch(metrics)
-        if rank == 0:
-            metrics["startup"] = stamps
+        if self.is_primary:
+            self.console.epoch(metrics)
+            self.trackers.epoch(metrics)
+            metrics["startup"] = self.stamps
         report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}")
-        last = metrics
-    if trackers is not None:
-        trackers.close()
-    return last
+        return metrics
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        cfg = self.cfg
+        return evaluate(
+            model, self.loaders.val, self.device, self.autocast, cfg.model.channels_last, cfg.checkpoint.tta
+        )
 
 
 def first_step_then(fn, stamps: dict, device: torch.device):
