@@ -248,7 +248,7 @@ def base_recipe(args: argparse.Namespace) -> Optional[str]:
     if args.config:
         return args.config
     if getattr(args, "resume", None):
-        from raytrain_cls.run.driver import find_resume_target, resolve_output, run_config_file
+        from raytrain_cls.run.checkpointer import find_resume_target, resolve_output, run_config_file
 
         kind, target = find_resume_target(args.resume, resolve_output(getattr(args, "output", "")))
         if kind == "run" and run_config_file(target):

@@ -15,7 +15,8 @@ from raytrain_cls.core.config import Config, ConfigError
 from raytrain_cls.core.storage import is_uri
 from raytrain_cls.data import DataError, build_source
 from raytrain_cls.run.capacity import LIMITS_ENV, autoscaler_limits
-from raytrain_cls.run.driver import check_reachable, resolve_output, split_address
+from raytrain_cls.run.checkpointer import resolve_output
+from raytrain_cls.run.driver import check_reachable, split_address
 
 # What this release is tested with (pyproject's bounds); outside them, a warning, not a failure.
 SUPPORTED = {

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import secrets
-import shutil
 import socket
 import threading
 import time
@@ -22,24 +21,29 @@ from typing import Optional, TextIO
 
 import torch
 
-from raytrain_cls.core.config import Config, ConfigError, Resolved, dump_yaml, read_yaml
+from raytrain_cls.core.config import Config, ConfigError, Resolved, dump_yaml
 from raytrain_cls.core.model import meta_model
 from raytrain_cls.core.onednn import onednn_env
 from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
-from raytrain_cls.core.state import CHECKPOINT_PREFIX, META_FILE, CheckpointError, read_meta
-from raytrain_cls.core.storage import absolute, exists, is_uri, join, split, write_text
+from raytrain_cls.core.storage import is_uri, join, split, write_text
 from raytrain_cls.data import build_source
 from raytrain_cls.data.ray_data import DATASET_NAME, train_dataset
 from raytrain_cls.data.transforms import data_config_kwargs
 from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, Capacity, connected_capacity, has, waiting_note
+from raytrain_cls.run.checkpointer import (
+    find_resume_target,
+    init_checkpoint,
+    remove_unregistered_checkpoints,
+    resolve_output,
+    run_config_file,
+    run_started,
+)
 from raytrain_cls.run.console import start_live_display, use_bar
 from raytrain_cls.run.ray_trainer import trainer_class
 from raytrain_cls.run.report import CONFIG_FILE, SummaryCallback, build_result, write_result
 from raytrain_cls.run.startup import breakdown, describe, stamp
 from raytrain_cls.run.worker import train_loop_per_worker
 
-DEFAULT_OUTPUT = "output/train"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it into a run directory it has started
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default). A checkpoint
 # reported within that window before a crash is uploaded but never registered (../shared/DESIGN.md), and each
 # start-up step waits for a poll. 0.5 s narrows the window and takes ~1.5 s off every fit (a trivial TorchTrainer
@@ -357,37 +361,6 @@ def default_experiment(cfg: Config) -> str:
     return "-".join(parts)
 
 
-def _run_started(run_dir: str) -> bool:
-    """Ray Train has registered a checkpoint of this run (its snapshot is there), on a local path or a URI."""
-    return exists(join(run_dir, RAY_SNAPSHOT))
-
-
-def resolve_output(output: str) -> str:
-    """--output as Ray's storage_path: a URI as given, a local path made absolute (default ./output/train)."""
-    output = output or DEFAULT_OUTPUT
-    return absolute(output)
-
-
-def find_resume_target(resume: str, output: str) -> tuple[str, str]:
-    """What --resume names: ("run", run_dir) to continue a run, or ("checkpoint", dir) to start from one. A path
-    or URI as given, else a name under --output; local paths and cloud URIs alike."""
-    given = absolute(resume)
-    candidates = [given] if is_uri(resume) or Path(resume).is_absolute() else [given, join(output, resume)]
-    for candidate in candidates:
-        if exists(join(candidate, RAY_SNAPSHOT)):
-            return "run", candidate
-        if exists(join(candidate, META_FILE)):
-            return "checkpoint", candidate
-        if exists(join(candidate, CONFIG_FILE)):  # our run whose driver died before its first checkpoint
-            return "run", candidate
-    raise ConfigError(
-        "checkpoint.resume",
-        resume,
-        f"neither a run directory (with Ray's {RAY_SNAPSHOT} or our "
-        f"{CONFIG_FILE}), a run name under {output}, nor a checkpoint directory (with {META_FILE})",
-    )
-
-
 def run_paths(cfg: Config) -> RunPaths:
     """Where the run goes. A new run never reuses a directory: Ray would silently resume whatever is there."""
     c = cfg.checkpoint
@@ -399,7 +372,7 @@ def run_paths(cfg: Config) -> RunPaths:
             return RunPaths(parent, name, target)
     if c.experiment:
         run_dir = join(output, c.experiment)
-        if _run_started(run_dir):
+        if run_started(run_dir):
             raise ConfigError(
                 "checkpoint.experiment",
                 c.experiment,
@@ -413,43 +386,6 @@ def run_paths(cfg: Config) -> RunPaths:
         n += 1
         name = f"{base}-{n}"
     return RunPaths(output, name, join(output, name))
-
-
-def init_checkpoint(cfg: Config) -> Optional[str]:
-    """The checkpoint the run starts from when it has none of its own, checked readable before any Ray work:
-    for a new run the one --resume names; for a continued run that has not written a checkpoint yet (its driver
-    died first), the one it was itself started from, which its config.yaml records, so that it does not start
-    over from scratch."""
-    if not cfg.checkpoint.resume:
-        return None
-    kind, target = find_resume_target(cfg.checkpoint.resume, resolve_output(cfg.checkpoint.output))
-    if kind == "checkpoint":
-        read_meta(target)  # CheckpointError now, not inside the workers
-        return target
-    if _run_started(target):  # Ray restores the run's own latest checkpoint
-        return None
-    started_from = recorded_init_checkpoint(target)
-    if started_from:
-        try:
-            read_meta(started_from)
-        except CheckpointError as e:
-            raise CheckpointError(
-                f"{target} has no checkpoint of its own yet, and the checkpoint it was started from cannot be read: {e}"
-            ) from None
-    return started_from
-
-
-def recorded_init_checkpoint(run_dir: str) -> Optional[str]:
-    """The --resume CHECKPOINT a run was started from, as its config.yaml recorded it (None when it has none)."""
-    path = run_config_file(run_dir)
-    resolved = read_yaml(path).get("resolved") if path else None
-    return resolved.get("init_checkpoint") if isinstance(resolved, dict) else None
-
-
-def run_config_file(run_dir: str) -> Optional[str]:
-    """The config.yaml of an existing run, to continue it with the same settings."""
-    path = join(run_dir, CONFIG_FILE)
-    return path if exists(path) else None
 
 
 # ---- fit -----------------------------------------------------------------------------------------------------
@@ -602,24 +538,6 @@ def fit_run(
     if payload["startup"]["phases"]:
         echo(describe(payload["startup"]))
     return payload
-
-
-def remove_unregistered_checkpoints(run_dir: str, result) -> list[str]:
-    """Deletes the run's checkpoint folders that Ray never registered; returns their names. A worker that dies
-    within Ray's health-check interval of reporting a checkpoint leaves it written but unregistered; the run goes on
-    from the one before, and a resume on another worker count would never overwrite it. Local run directories
-    only; nothing is deleted when Ray reports no checkpoints at all."""
-    kept = {Path(c.path).name for c, _ in (result.best_checkpoints or [])}
-    if result.checkpoint is not None:
-        kept.add(Path(result.checkpoint.path).name)
-    if is_uri(run_dir) or not kept:
-        return []
-    removed = []
-    for folder in sorted(Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")):
-        if folder.name not in kept and (folder / META_FILE).is_file():
-            shutil.rmtree(folder)
-            removed.append(folder.name)
-    return removed
 
 
 def summary_table(payload: dict, run_dir: str) -> str:

@@ -22,7 +22,8 @@ import yaml
 from raytrain_cls.core.config import FIELDS, Config, ConfigError, _suggest, read_yaml
 from raytrain_cls.core.optim import resolve_num_epochs
 from raytrain_cls.core.storage import absolute, exists, is_uri, join, read_text, split, write_text
-from raytrain_cls.run.driver import RunPaths, connect, fit_run, resolve_output
+from raytrain_cls.run.checkpointer import resolve_output
+from raytrain_cls.run.driver import RunPaths, connect, fit_run
 from raytrain_cls.run.plots import plot_curves
 from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC, RESULT_FILE, trial_run_dir
 from raytrain_cls.run.startup import breakdown

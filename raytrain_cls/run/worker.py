@@ -15,7 +15,6 @@ IMPORTED_AT = time.time()  # before the heavy imports: the start-up breakdown's 
 import functools
 import math
 import random
-import tempfile
 from typing import Optional
 
 import numpy as np
@@ -28,16 +27,16 @@ from raytrain_cls.core.engine import EpochProgress, TrainParts, amp_parts, evalu
 from raytrain_cls.core.loss import build_mixup, build_train_loss
 from raytrain_cls.core.model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from raytrain_cls.core.optim import build_optimizer, build_scheduler
-from raytrain_cls.core.state import CHECKPOINT_PREFIX, MODEL_FILE, TrainState, load_weights, rng_state
-from raytrain_cls.core.storage import join, local_dir, write_bytes
+from raytrain_cls.core.state import TrainState
+from raytrain_cls.core.storage import join, write_bytes
 from raytrain_cls.data import DataError, build_loaders, build_source
 from raytrain_cls.data.loader import BadSampleLog, SkippingLoader
 from raytrain_cls.data.naflex import loss_scale
 from raytrain_cls.data.ray_data import DATASET_NAME as RAY_DATASET
 from raytrain_cls.data.ray_data import ray_data_loader, rows_per_worker
+from raytrain_cls.run.checkpointer import checkpoint_name, report, restore
 from raytrain_cls.run.console import WorkerConsole
 from raytrain_cls.run.preemption import PreemptionNotice
-from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC
 from raytrain_cls.run.startup import process_start, stamp
 from raytrain_cls.run.tracking import Trackers
 
@@ -72,33 +71,6 @@ def recovery_score(metric: str) -> float:
     """The score a mid-epoch recovery checkpoint carries for Ray's retention: worse than any real evaluation, so it
     is never kept as a "best" checkpoint (only as the latest, until the next one replaces it)."""
     return 1e30 if metric == "loss" else -1.0
-
-
-def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) -> tuple[Optional[str], bool]:
-    """Load Ray's latest registered checkpoint (a restarted worker group, a resumed run), else the checkpoint given
-    with --resume CHECKPOINT (a new run started from it). Returns what was loaded (None for a fresh start) and
-    whether it was the run's own checkpoint."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state.load(d, load_optimizer=True, rank=rank, world_size=world)
-        return checkpoint.path, True
-    init = cfg.resolved.init_checkpoint
-    if init:
-        with local_dir(init) as d:  # one under a URI (s3://) is downloaded first
-            state.load(d, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
-        return init, False
-    weights = cfg.checkpoint.initial_checkpoint
-    if weights:  # weights only: the run itself starts at epoch 0 (so this is not a "resume")
-        with local_dir(weights) as path:  # a checkpoint directory under a URI is fetched first
-            load_weights(state.model, path / MODEL_FILE if path.is_dir() else path)
-        if state.ema is not None:
-            state.ema.set(state.model)
-        if rank == 0:
-            say(f"Initial weights from {weights}")
-    return None, False
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -315,7 +287,7 @@ class WorkerRun:
             metrics,
             self.rank,
             self.world,
-            f"{CHECKPOINT_PREFIX}{epoch:04d}-step-{progress.num_updates:07d}",
+            checkpoint_name(epoch, progress.num_updates),
             progress.loss_sum.item(),
             progress.seen.item(),
         )
@@ -371,7 +343,7 @@ class WorkerRun:
             self.console.epoch(metrics)
             self.trackers.epoch(metrics)
             metrics["startup"] = self.stamps
-        report(state, metrics, rank, world, f"{CHECKPOINT_PREFIX}{epoch:04d}")
+        report(state, metrics, rank, world, checkpoint_name(epoch))
         return metrics
 
     def evaluate(self, model: torch.nn.Module) -> dict:
@@ -488,35 +460,3 @@ def _continue_epoch(
     # across ranks at the end of the epoch anyway, so rank 0 carries them all.
     carry = (sum(r["loss_sum"] for r in ranks), sum(r["seen"] for r in ranks)) if rank == 0 else (0.0, 0.0)
     return position["samples"] // (batch * world), carry
-
-
-def placement_group_id() -> Optional[str]:
-    """The hex id of the placement group Ray Train scheduled this worker group into."""
-    from ray.util import get_current_placement_group
-
-    group = get_current_placement_group()
-    return group.id.hex() if group is not None else None
-
-
-def report(
-    state: TrainState, metrics: dict, rank: int, world: int, name: str, loss_sum: float = 0.0, seen: float = 0.0
-) -> None:
-    """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, complete, into a fresh temp dir
-    and only then hands it to Ray. Each rank's RNG states and running loss sums are gathered into it first."""
-    import ray.train
-    import torch.distributed as dist
-
-    mine = dict(rng=rng_state(), loss_sum=float(loss_sum), seen=float(seen))
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-    else:
-        gathered = [mine]
-    state.rank_states = gathered
-    with tempfile.TemporaryDirectory(prefix="raytrain-cls-ckpt-") as tmp:
-        checkpoint = None
-        if rank == 0:
-            state.save(tmp, metrics)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            metrics = dict(metrics, **{PLACEMENT_GROUP_METRIC: placement_group_id()})  # for Ray only
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)

@@ -9,18 +9,14 @@ import yaml
 
 from raytrain_cls.core.config import Config, ConfigError, load_config
 from raytrain_cls.core.state import FORMAT_VERSION, META_FILE, CheckpointError
-from raytrain_cls.run.driver import (
+from raytrain_cls.run.checkpointer import (
     RAY_SNAPSHOT,
-    explain_failure,
     find_resume_target,
     init_checkpoint,
     remove_unregistered_checkpoints,
-    resolve,
-    resolve_data_config,
-    resolve_scaling,
     run_config_file,
-    run_paths,
 )
+from raytrain_cls.run.driver import explain_failure, resolve, resolve_data_config, resolve_scaling, run_paths
 
 
 def _cfg(**overrides) -> Config:

@@ -1,0 +1,183 @@
+"""The checkpoint lifecycle in one place: how checkpoints are named, reported (every rank's part gathered, rank 0
+writing), restored in a worker, found again by --resume, and cleaned up when Ray never registered them.
+
+A checkpoint's contents (model, EMA, optimizer, scaler, scheduler, counters, RNG states, position in the epoch)
+are core.state.TrainState's; this module decides when and where one is written and which one a run continues from.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from raytrain_cls.core.config import Config, ConfigError, read_yaml
+from raytrain_cls.core.state import (
+    CHECKPOINT_PREFIX,
+    META_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    TrainState,
+    load_weights,
+    read_meta,
+    rng_state,
+)
+from raytrain_cls.core.storage import absolute, exists, is_uri, join, local_dir
+from raytrain_cls.run.report import CONFIG_FILE, PLACEMENT_GROUP_METRIC
+
+DEFAULT_OUTPUT = "output/train"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it into a run directory it has started
+
+
+def checkpoint_name(epoch: int, num_updates: Optional[int] = None) -> str:
+    """epoch-NNNN for the checkpoint at an epoch's end; epoch-NNNN-step-NNNNNNN for a mid-epoch recovery one."""
+    name = f"{CHECKPOINT_PREFIX}{epoch:04d}"
+    return name if num_updates is None else f"{name}-step-{num_updates:07d}"
+
+
+def resolve_output(output: str) -> str:
+    """--output as Ray's storage_path: a URI as given, a local path made absolute (default ./output/train)."""
+    output = output or DEFAULT_OUTPUT
+    return absolute(output)
+
+
+def run_config_file(run_dir: str) -> Optional[str]:
+    """The config.yaml of an existing run, to continue it with the same settings."""
+    path = join(run_dir, CONFIG_FILE)
+    return path if exists(path) else None
+
+
+# ---- in the workers ------------------------------------------------------------------------------------------
+def placement_group_id() -> Optional[str]:
+    """The hex id of the placement group Ray Train scheduled this worker group into."""
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    return group.id.hex() if group is not None else None
+
+
+def report(
+    state: TrainState, metrics: dict, rank: int, world: int, name: str, loss_sum: float = 0.0, seen: float = 0.0
+) -> None:
+    """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, complete, into a fresh temp dir
+    and only then hands it to Ray. Each rank's RNG states and running loss sums are gathered into it first."""
+    import ray.train
+    import torch.distributed as dist
+
+    mine = dict(rng=rng_state(), loss_sum=float(loss_sum), seen=float(seen))
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    state.rank_states = gathered
+    with tempfile.TemporaryDirectory(prefix="raytrain-cls-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            state.save(tmp, metrics)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            metrics = dict(metrics, **{PLACEMENT_GROUP_METRIC: placement_group_id()})  # for Ray only
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) -> tuple[Optional[str], bool]:
+    """Load Ray's latest registered checkpoint (a restarted worker group, a resumed run), else the checkpoint given
+    with --resume CHECKPOINT (a new run started from it). Returns what was loaded (None for a fresh start) and
+    whether it was the run's own checkpoint."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state.load(d, load_optimizer=True, rank=rank, world_size=world)
+        return checkpoint.path, True
+    init = cfg.resolved.init_checkpoint
+    if init:
+        with local_dir(init) as d:  # one under a URI (s3://) is downloaded first
+            state.load(d, load_optimizer=not cfg.checkpoint.no_resume_opt, rank=rank, world_size=world)
+        return init, False
+    weights = cfg.checkpoint.initial_checkpoint
+    if weights:  # weights only: the run itself starts at epoch 0 (so this is not a "resume")
+        with local_dir(weights) as path:  # a checkpoint directory under a URI is fetched first
+            load_weights(state.model, path / MODEL_FILE if path.is_dir() else path)
+        if state.ema is not None:
+            state.ema.set(state.model)
+        if rank == 0:
+            say(f"Initial weights from {weights}")
+    return None, False
+
+
+# ---- on the driver -------------------------------------------------------------------------------------------
+def run_started(run_dir: str) -> bool:
+    """Ray Train has registered a checkpoint of this run (its snapshot is there), on a local path or a URI."""
+    return exists(join(run_dir, RAY_SNAPSHOT))
+
+
+def find_resume_target(resume: str, output: str) -> tuple[str, str]:
+    """What --resume names: ("run", run_dir) to continue a run, or ("checkpoint", dir) to start from one. A path
+    or URI as given, else a name under --output; local paths and cloud URIs alike."""
+    given = absolute(resume)
+    candidates = [given] if is_uri(resume) or Path(resume).is_absolute() else [given, join(output, resume)]
+    for candidate in candidates:
+        if exists(join(candidate, RAY_SNAPSHOT)):
+            return "run", candidate
+        if exists(join(candidate, META_FILE)):
+            return "checkpoint", candidate
+        if exists(join(candidate, CONFIG_FILE)):  # our run whose driver died before its first checkpoint
+            return "run", candidate
+    raise ConfigError(
+        "checkpoint.resume",
+        resume,
+        f"neither a run directory (with Ray's {RAY_SNAPSHOT} or our "
+        f"{CONFIG_FILE}), a run name under {output}, nor a checkpoint directory (with {META_FILE})",
+    )
+
+
+def init_checkpoint(cfg: Config) -> Optional[str]:
+    """The checkpoint the run starts from when it has none of its own, checked readable before any Ray work:
+    for a new run the one --resume names; for a continued run that has not written a checkpoint yet (its driver
+    died first), the one it was itself started from, which its config.yaml records, so that it does not start
+    over from scratch."""
+    if not cfg.checkpoint.resume:
+        return None
+    kind, target = find_resume_target(cfg.checkpoint.resume, resolve_output(cfg.checkpoint.output))
+    if kind == "checkpoint":
+        read_meta(target)  # CheckpointError now, not inside the workers
+        return target
+    if run_started(target):  # Ray restores the run's own latest checkpoint
+        return None
+    started_from = recorded_init_checkpoint(target)
+    if started_from:
+        try:
+            read_meta(started_from)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{target} has no checkpoint of its own yet, and the checkpoint it was started from cannot be read: {e}"
+            ) from None
+    return started_from
+
+
+def recorded_init_checkpoint(run_dir: str) -> Optional[str]:
+    """The --resume CHECKPOINT a run was started from, as its config.yaml recorded it (None when it has none)."""
+    path = run_config_file(run_dir)
+    resolved = read_yaml(path).get("resolved") if path else None
+    return resolved.get("init_checkpoint") if isinstance(resolved, dict) else None
+
+
+def remove_unregistered_checkpoints(run_dir: str, result) -> list[str]:
+    """Deletes the run's checkpoint folders that Ray never registered; returns their names. A worker that dies
+    within Ray's health-check interval of reporting a checkpoint leaves it written but unregistered; the run goes on
+    from the one before, and a resume on another worker count would never overwrite it. Local run directories
+    only; nothing is deleted when Ray reports no checkpoints at all."""
+    kept = {Path(c.path).name for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        kept.add(Path(result.checkpoint.path).name)
+    if is_uri(run_dir) or not kept:
+        return []
+    removed = []
+    for folder in sorted(Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")):
+        if folder.name not in kept and (folder / META_FILE).is_file():
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    return removed
