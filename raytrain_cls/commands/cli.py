@@ -2,6 +2,9 @@
 defaults and can never drift from what the YAML accepts.
 
 Precedence, lowest first: timm's defaults -> the config file or bundled recipe (-c) -> flags on the command line.
+
+Each sub-command imports what it runs (torch, timm, Ray, the run side) inside its cmd_* function: `--help`, a usage
+error, `prepare` and `doctor` then answer without paying for the training stack's imports (several seconds).
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ from typing import Optional
 import yaml
 
 from raytrain_cls.core.config import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     GROUPS,
     Config,
     ConfigError,
     iter_fields,
     load_config,
+    read_yaml,
     recipe_names,
+    resolve_config_path,
 )
 from raytrain_cls.core.datasets import PREPARABLE, canonical_dataset
+from raytrain_cls.core.storage import atomic_write_text, exists, join
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
@@ -190,7 +197,6 @@ def _positive_int(text: str) -> int:
 
 
 def add_prepare_parser(sub) -> None:
-    from raytrain_cls.core.config import DEFAULT_MAX_IMAGE_PIXELS
 
     pp = sub.add_parser(
         "prepare",
@@ -302,8 +308,6 @@ def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raytrain_cls.core.config import Config, read_yaml, resolve_config_path
-    from raytrain_cls.core.storage import join
     from raytrain_cls.data import DataError
     from raytrain_cls.run.tune import (
         SEARCH_FILE,
@@ -382,7 +386,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from raytrain_cls.commands.inference import format_predictions, predict
     from raytrain_cls.core.state import CheckpointError
-    from raytrain_cls.core.storage import atomic_write_text
     from raytrain_cls.data import DataError
 
     try:
@@ -403,7 +406,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from raytrain_cls.core.storage import exists, join
     from raytrain_cls.run.plots import plot_run, plot_search
 
     d = args.directory
