@@ -58,8 +58,8 @@ def gpu_checks(
     """Everything issue 4 asks a GPU machine to measure, as one command: device decode parity and throughput,
     loader img/s per path, and two Ray Train epochs per path (the second one's img/s counts), each of at least
     ``train_steps`` steps (passes over the data are repeated to get there); and on request issue 8's bare vs
-    Ray-hosted step pair (``step``, bench_step.py) and the Fashion-MNIST time to accuracy (``tta``,
-    bench_tta.py, on jobs/fashion_mnist_fast.yaml with the IDX files in ``fm_dir``). Each step's result (or its
+    Ray-hosted step pair (``step``, bench/step.py) and the Fashion-MNIST time to accuracy (``tta``,
+    bench/tta.py, on jobs/fashion_mnist_fast.yaml with the IDX files in ``fm_dir``). Each step's result (or its
     error) is appended to OUT/gpu-checks.jsonl as soon as it exists, so a run cut short still leaves what it
     measured. The JPEGs, shards and runs (~600 MB at the defaults) go to ``work_dir``, by default a temporary
     folder removed at the end: OUT holds only the results (on the GPU machines, everything under $OUT is

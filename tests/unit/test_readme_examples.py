@@ -1,8 +1,8 @@
-"""Every `raytrain-cls ...` example in the READMEs parses with the real CLI, and every train/tune example's config
-validates (the flags exist, the values are allowed). The examples that can run on this machine run elsewhere
-as written: the two commands (CI), the cluster block (tests/e2e/test_readme_cluster.py), the default job, eval,
-predict, prepare, plot and doctor (tests/integration). This test catches the drift those cannot: a renamed flag,
-a removed choice, an example for a GPU cluster that no longer validates."""
+"""Every `raytrain-cls ...` example in the READMEs and the user guide (docs/) parses with the real CLI, and every
+train/tune example's config validates (the flags exist, the values are allowed). The examples that can run on this
+machine run elsewhere as written: the two commands (CI), the cluster block (tests/e2e/test_readme_cluster.py), the
+default job, eval, predict, prepare, plot and doctor (tests/integration). This test catches the drift those cannot:
+a renamed flag, a removed choice, an example for a GPU cluster that no longer validates."""
 
 from __future__ import annotations
 
@@ -17,7 +17,16 @@ from raytrain_cls.core.config import load_config
 from raytrain_cls.core.model import check_model_name
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = ("README.md", "jobs/README.md", "docs/benchmarks.md")
+DOCS = (
+    "README.md",
+    "jobs/README.md",
+    "docs/benchmarks.md",
+    "docs/training.md",
+    "docs/data.md",
+    "docs/tune.md",
+    "docs/clusters.md",
+    "docs/tools.md",
+)
 
 
 def examples() -> list[tuple[str, list[str]]]:
