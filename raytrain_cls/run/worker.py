@@ -26,6 +26,7 @@ from raytrain_cls.core.distill import build_distillation
 from raytrain_cls.core.engine import EpochProgress, TrainParts, amp_parts, evaluate, train_one_epoch
 from raytrain_cls.core.loss import build_mixup, build_train_loss
 from raytrain_cls.core.model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
+from raytrain_cls.core.onednn import slow_bf16_note
 from raytrain_cls.core.optim import build_optimizer, build_scheduler
 from raytrain_cls.core.state import TrainState
 from raytrain_cls.core.storage import join, write_bytes
@@ -135,6 +136,9 @@ class WorkerRun:
 
     def announce(self) -> None:
         self.say(f"{self.world} training worker(s) on {self.nodes} node(s), device {self.device}")
+        slow = slow_bf16_note(self.cfg.precision, self.device.type)
+        if slow:
+            self.say(slow)
         if self.cfg.data.data_on_device:
             held = [self.loaders.train.dataset, self.loaders.val.dataset]
             self.say(

@@ -3,7 +3,7 @@
 import pytest
 
 from raytrain_cls.core.config import load_config
-from raytrain_cls.core.onednn import AMX_FREE_ISA, ISA_ENV, onednn_env
+from raytrain_cls.core.onednn import AMX_FREE_ISA, ISA_ENV, onednn_env, slow_bf16_note
 from raytrain_cls.run.driver import resolve, worker_env
 
 
@@ -39,3 +39,13 @@ def test_train_workers_get_the_cap_in_their_runtime_env(monkeypatch):
     fp32 = resolve(load_config("digits", {}), {"CPU": 2.0})
     assert worker_env(bf16) == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", ISA_ENV: AMX_FREE_ISA}
     assert worker_env(fp32) == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_is_named_with_the_way_out():
+    bf16 = _precision(amp=True, amp_dtype="bfloat16")
+    note = slow_bf16_note(bf16, "cpu", has_bf16_kernels=False)
+    assert "no bf16 kernels" in note and "drop --amp" in note
+    assert slow_bf16_note(bf16, "cpu", has_bf16_kernels=True) is None
+    assert slow_bf16_note(bf16, "cuda", has_bf16_kernels=False) is None  # oneDNN is not in a GPU step
+    assert slow_bf16_note(_precision(), "cpu", has_bf16_kernels=False) is None  # fp32: nothing to say
+    assert slow_bf16_note(bf16, "cpu") in (None, note)  # this machine's own answer, whichever it is
