@@ -54,6 +54,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from raytrain_cls.core.config import DEFAULT_MAX_IMAGE_PIXELS, Config
+from raytrain_cls.data.sources import to_rgb8
 
 Encoded = Union[torch.Tensor, bytes, bytearray, memoryview]
 
@@ -125,10 +126,11 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Imag
 
 
 def _decode_with_pil(data: bytes) -> torch.Tensor:
-    """The CPU path's own decode (sources.decode_image): every mode converted by PIL's convert("RGB")."""
+    """The CPU path's own decode (sources.decode_image): every mode converted by sources.to_rgb8, so a 16-bit or
+    float image is scaled to 8 bits here exactly as there, not clipped by PIL's convert("RGB")."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        rgb = np.array(img.convert("RGB"))
+        rgb = np.array(to_rgb8(img))
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 

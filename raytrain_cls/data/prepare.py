@@ -6,14 +6,17 @@ holding them with ``dataset="fashion_mnist"``). Image files are checked by decod
 original bytes (never re-encoded); images held as arrays are stored as lossless PNG. Files that cannot be decoded
 are left out, reported on stderr and listed in the manifest.
 
-DST is a local folder. It is written beside itself as ``DST.partial-<pid>`` and renamed into place only once it is
-complete, so an interrupted run never leaves a half data set under DST and never destroys the previous one. The
+DST is a local folder: a new one, an empty one, or the output of an earlier prepare (its manifest and shards and
+nothing else), which is replaced; any other folder is refused untouched, and prepare never deletes a file it did not
+write. DST is written beside itself as ``DST.partial-<pid>`` and renamed into place only once it is complete, so an
+interrupted run never leaves a half data set under DST and never destroys the previous one. The
 finished folder can be copied to object storage (e.g. ``aws s3 sync DST s3://bucket/prefix``) and trained from with
 ``--dataset parquet --data-dir s3://bucket/prefix``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import multiprocessing
@@ -31,7 +34,7 @@ from PIL import Image
 from raytrain_cls.core.config import DEFAULT_MAX_IMAGE_PIXELS
 from raytrain_cls.core.datasets import PREPARABLE, canonical_dataset
 from raytrain_cls.core.progress import Progress
-from raytrain_cls.data.shards import MANIFEST, Manifest, ShardWriter, SplitInfo
+from raytrain_cls.data.shards import MANIFEST, Manifest, ShardError, ShardWriter, SplitInfo
 from raytrain_cls.data.sources import (
     FASHION_MNIST_DIR,
     ArrayImages,
@@ -135,6 +138,8 @@ def load_plans(
     src: str, kind: str, class_map: Optional[str], train_split: str, val_split: str, max_pixels: int
 ) -> tuple[Source, list[SplitPlan], str]:
     """(the source, one plan per output split, a description of SRC for the manifest)."""
+    if class_map and kind in ("digits", "fashion_mnist"):  # ignoring it would look as if it had been applied
+        raise DataError(f"--class-map names the classes of an ImageFolder SRC; {kind} brings its own: drop it")
     if kind == "digits":
         if canonical_dataset(src) != "digits":
             raise DataError(f"the digits data set is bundled with scikit-learn: SRC must be 'digits', not {src!r}")
@@ -151,7 +156,7 @@ def load_plans(
     if class_map and not Path(class_map).is_file():
         raise DataError(f"class map {class_map}: no such file")
     if (root / MANIFEST).is_file():
-        raise DataError(f"{src} already is a prepared data set ({MANIFEST}); train from it with --dataset parquet")
+        raise DataError(f"{src} already is a prepared data set ({MANIFEST}); train from it with --data-dir {src}")
     source = load_folder_source(src, train_split, val_split, class_map)
     plans = [plan_folder_split(n, ds, root, max_pixels) for n, ds in zip(SPLIT_NAMES, (source.train, source.val))]
     return source, plans, str(root.resolve())
@@ -217,9 +222,13 @@ def fsync_dir(folder: Path) -> None:
 
 
 # ---- the destination: written aside, swapped in whole ---------------------------------------------------------
-def check_destination(src: str, kind: str, dst: str) -> None:
-    """Refuse a DST that is not ours to replace: a URI, a file, a non-empty folder that is not a prepared data set,
-    or a folder that holds (or lies inside) SRC."""
+UNEXPECTED_SHOWN = 5  # how many of the files that block a DST the error names
+
+
+def check_destination(src: str, kind: str, dst: str) -> list[str]:
+    """Refuse a DST that is not ours to replace: a URI, a file, a folder that holds (or lies inside) SRC, or a
+    non-empty folder that is not a complete earlier output of prepare. Returns the names replacing DST may delete
+    (see replaceable_files); touches nothing."""
     if "://" in dst:
         raise DataError(f"DST {dst} must be a local folder: prepare there, then copy it (e.g. `aws s3 sync`)")
     dst = Path(dst)
@@ -229,30 +238,115 @@ def check_destination(src: str, kind: str, dst: str) -> None:
             raise DataError(f"DST {dst} and SRC {src} overlap: write the shards outside the source folder")
     if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
         raise DataError(f"DST {dst} exists and is not a folder")
-    if dst.is_dir() and not (dst / MANIFEST).is_file() and any(dst.iterdir()):
+    return replaceable_files(dst) if dst.is_dir() else []
+
+
+def earlier_manifest(folder: Path) -> tuple[Optional[Manifest], str]:
+    """(the manifest, "") when ``folder/manifest.json`` is one prepare wrote, else (None, why it is not)."""
+    try:
+        text = (folder / MANIFEST).read_bytes().decode("utf-8")
+    except (OSError, ValueError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    try:
+        return Manifest.from_json(text, str(folder / MANIFEST)), ""
+    except ShardError as e:
+        return None, str(e)
+
+
+def replaceable_files(folder: Path) -> list[str]:
+    """The names in ``folder`` that prepare wrote and may delete to replace it: none for an empty folder; the
+    manifest and the shards it lists, for an earlier output of prepare that holds nothing else (each listed shard a
+    plain file of the recorded size; a missing one costs nobody anything). Anything else (a user's file beside a
+    manifest, a manifest that is not ours, a sub-folder, a shard replaced by another file) raises DataError naming
+    the folder and what is in the way, so that a mistyped DST can never cost the user their files."""
+    present = {entry.name: entry for entry in folder.iterdir()}
+    if not present:
+        return []
+    if MANIFEST not in present:
         raise DataError(
-            f"DST {dst} is a non-empty folder that is not a prepared data set (no {MANIFEST}); "
-            "refusing to replace it: choose another DST or remove it yourself"
+            f"DST {folder} is a non-empty folder that is not a prepared data set (no {MANIFEST}; it holds "
+            f"{_some(present)}): refusing to replace it; choose an empty or new folder for DST"
         )
+    manifest, why = earlier_manifest(folder)
+    if manifest is None:
+        raise DataError(
+            f"DST {folder} holds a {MANIFEST} that `raytrain-cls prepare` did not write ({why}) beside "
+            f"{_some(present)}: refusing to replace it; choose an empty or new folder for DST"
+        )
+    ours = {MANIFEST: None} | {shard.file: shard.bytes for split in manifest.splits.values() for shard in split.shards}
+    unexpected = [name for name in present if name not in ours]
+    for name, size in ours.items():
+        if name in present and not (present[name].is_file() and not present[name].is_symlink()):
+            unexpected.append(name)  # a listed name that is now a folder or a link is not a shard we wrote
+        elif name in present and size is not None and present[name].stat().st_size != size:
+            unexpected.append(name)  # replaced since: its bytes may be the user's
+    if unexpected:
+        raise DataError(
+            f"DST {folder} holds files that `raytrain-cls prepare` did not write ({_some(unexpected)}) beside an "
+            "earlier prepared data set: refusing to replace it; choose an empty or new folder for DST "
+            "(or move those files out yourself)"
+        )
+    return [name for name in ours if name in present]
 
 
-def publish(partial: Path, dst: Path) -> None:
-    """Move the complete ``partial`` folder to ``dst``; a previous data set there is set aside first and deleted only
-    once the new one is in place (restored if that move fails)."""
-    if dst.exists():
-        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(dst, old)
+def _some(names) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:UNEXPECTED_SHOWN])
+    return shown + (f" and {len(names) - UNEXPECTED_SHOWN} more" if len(names) > UNEXPECTED_SHOWN else "")
+
+
+def new_sibling(dst: Path, tag: str) -> Path:
+    """A folder name beside DST that nothing uses yet (``DST.<tag>-<pid>``, then ``-1``, ``-2``, ...): prepare only
+    ever writes to, and later removes, a folder it made itself, never one that merely has the expected name."""
+    for attempt in range(1000):
+        candidate = dst.with_name(f"{dst.name}.{tag}-{os.getpid()}" + (f"-{attempt}" if attempt else ""))
+        if not os.path.lexists(candidate):
+            return candidate
+    raise DataError(f"no free name for a {tag} folder beside {dst}: remove the {dst.name}.{tag}-* folders there")
+
+
+def make_partial(dst: Path) -> Path:
+    for _ in range(10):
+        partial = new_sibling(dst, "partial")
         try:
-            os.rename(partial, dst)
-        except BaseException:
-            os.rename(old, dst)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+            partial.mkdir()  # atomic: fails rather than adopting a folder that appeared since the check
+            return partial
+        except FileExistsError:
+            continue
+    raise DataError(f"cannot create a new folder beside {dst} to write into")
+
+
+def publish(partial: Path, dst: Path, replaceable: list[str], log: Callable[[str], None]) -> None:
+    """Move the complete ``partial`` folder to ``dst``. A missing or empty DST is replaced by the rename itself
+    (which fails, rather than deleting anything, if a file appeared there meanwhile). An earlier prepared data set
+    is set aside first (restored if the swap fails), and afterwards only the files of it that passed
+    replaceable_files are deleted, by name: anything that appeared there since is kept and reported."""
+    if not replaceable:
         os.rename(partial, dst)
+        fsync_dir(dst.parent)
+        return
+    old = new_sibling(dst, "old")
+    os.rename(dst, old)
+    try:
+        unexpected = sorted({entry.name for entry in old.iterdir()} - set(replaceable))
+        if unexpected:  # written into DST after the check: hand it back untouched
+            raise DataError(
+                f"DST {dst} changed while prepare ran (new: {_some(unexpected)}): refusing to replace it; "
+                "choose an empty or new folder for DST"
+            )
+        os.rename(partial, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
     fsync_dir(dst.parent)
+    for name in replaceable:
+        # gone, or no longer a file: the rmdir below then keeps the folder and says so
+        with contextlib.suppress(OSError):
+            os.unlink(old / name)
+    try:
+        os.rmdir(old)
+    except OSError:
+        log(f"warning: kept {old}: it holds files prepare did not write (the new data set is in {dst})")
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
@@ -291,16 +385,15 @@ def prepare(
     dst_path = Path(os.path.abspath(dst))  # "." or "x/.." have no name to put a sibling folder beside
 
     dst_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = dst_path.with_name(f"{dst_path.name}.partial-{os.getpid()}")
-    if partial.exists():  # left by an earlier run that had this pid and was killed
-        shutil.rmtree(partial)
-    partial.mkdir()
+    # A new folder of our own, never an existing one: a DST.partial-* left by a killed run is not reused or
+    # removed, as a folder of that name may as well be the user's.
+    partial = make_partial(dst_path)
     try:
         manifest = write_all(plans, source.classes, described, partial, shard_size, workers, log, progress_stream)
-        check_destination(str(src), kind, str(dst))  # it may have changed while we worked
-        publish(partial, dst_path)
+        replaceable = check_destination(str(src), kind, str(dst))  # it may have changed while we worked
+        publish(partial, dst_path, replaceable, log)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)  # ours alone: made by make_partial, filled by write_all
         raise
     log(summary(manifest, dst_path))
     return manifest

@@ -15,7 +15,7 @@ from raytrain_cls.data.sources import (
     Source,
     load_digits_source,
     load_fashion_mnist_source,
-    load_folder_source,
+    load_folder_or_shards,
     load_parquet_source,
     load_synthetic_source,
 )
@@ -23,7 +23,8 @@ from raytrain_cls.data.sources import (
 BUILDERS: dict[str, Callable[[Config], Source]] = {
     "digits": lambda cfg: load_digits_source(),
     "fashion_mnist": lambda cfg: load_fashion_mnist_source(cfg.data.data_dir),
-    "folder": lambda cfg: load_folder_source(
+    # An ImageFolder tree, or prepare's shards when --data-dir holds them (--dataset parquet left out).
+    "folder": lambda cfg: load_folder_or_shards(
         cfg.data.data_dir, cfg.data.train_split, cfg.data.val_split, cfg.data.class_map
     ),
     "parquet": lambda cfg: load_parquet_source(cfg.data.data_dir, cfg.data.train_split, cfg.data.val_split),

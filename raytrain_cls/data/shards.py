@@ -25,12 +25,14 @@ from typing import Optional
 
 import numpy as np
 
+from raytrain_cls.core.errors import UserError
+
 FORMAT = "raytrain-cls-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard folder that is incomplete, altered or unreadable; the message names the file."""
 
 

@@ -23,6 +23,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from raytrain_cls.core.config import DEFAULT_MAX_IMAGE_PIXELS, Config
+from raytrain_cls.core.errors import UserError
 from raytrain_cls.data.shards import MANIFEST, Manifest, ShardError, ShardReader, SplitInfo, read_manifest
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -47,7 +48,7 @@ SPLIT_SYNONYMS = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data set that cannot be used as configured; the message says what is wrong and how to fix it."""
 
 
@@ -57,6 +58,11 @@ class BadImageError(DataError):
     def __init__(self, where: str, reason: str):
         self.where, self.reason = where, reason
         super().__init__(f"cannot read image {where}: {reason}")
+
+    def __reduce__(self):
+        # Ray carries a worker's exception to the driver by pickling it, and the default pickling rebuilds it from
+        # its message alone, which this __init__ does not take.
+        return type(self), (self.where, self.reason), self.__dict__
 
 
 @dataclass
@@ -70,10 +76,52 @@ class Source:
         return len(self.classes)
 
 
+SIXTEEN_BIT_MAX = 65535
+INT32_MAX = 2**31 - 1
+
+
+def grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """The 8-bit levels of a single-channel image of more than 8 bits (mode I;16*, I or F), scaled, not clipped:
+    Pillow's own convert clips these modes to 0..255, which turns a 16-bit image into black and white.
+
+    * I;16, I;16L, I;16B, I;16N (16-bit unsigned): value / 257, rounded, so 65535 -> 255 and 257*v -> v exactly.
+    * I (32-bit signed): a 16-bit PNG opens as I or I;16 depending on the Pillow version, so an I image whose values
+      all lie in 0..65535 is read as 16-bit (value / 257); one with larger values can only be 32-bit data and is
+      scaled from 0..2**31-1. Negative values become 0.
+    * F (32-bit float): values all within [0, 1] are taken as fractions (x 255); any other range is taken as 8-bit
+      levels already, rounded and clipped to 0..255. NaN becomes 0.
+    """
+    if mode.startswith("I;16") or mode == "I":
+        wide = np.clip(values.astype(np.int64), 0, None)
+        sixteen_bit = mode != "I" or wide.size == 0 or wide.max() <= SIXTEEN_BIT_MAX
+        top = SIXTEEN_BIT_MAX if sixteen_bit else INT32_MAX
+        return ((wide * 255 + top // 2) // top).astype(np.uint8)  # rounded: exact for 257 * v
+    if mode == "F":
+        floats = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        if floats.size and floats.min() >= 0.0 and floats.max() <= 1.0:
+            floats = floats * 255.0
+        return np.clip(np.rint(floats), 0, 255).astype(np.uint8)
+    raise ValueError(f"not a single-channel mode of more than 8 bits: {mode}")
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any image Pillow opens, as a new 8-bit RGB image. Modes of more than 8 bits (I;16*, I, F) are scaled by
+    grey_to_uint8; every other mode goes through Pillow's convert, which drops alpha (RGBA, LA, PA, P with a
+    transparent colour) without compositing it onto a background: the colour channels are kept as they are (the
+    premultiplied RGBa and La are un-premultiplied first). Pillow converts La to LA only, so La goes through LA."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return Image.fromarray(grey_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError:  # "conversion from La to RGB not supported"
+        return img.convert("LA").convert("RGB")
+
+
 def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Encoded bytes -> RGB PIL image, fully decoded inside the guard (Image.open alone is lazy and would miss a
-    truncated file). Every mode (L, RGBA, CMYK, P, I;16, ...) is converted; the pixel count is checked from the
-    header before anything is decompressed. LOAD_TRUNCATED_IMAGES is never switched on."""
+    """Encoded bytes -> 8-bit RGB PIL image, fully decoded inside the guard (Image.open alone is lazy and would miss
+    a truncated file). Every mode (L, RGBA, CMYK, P, I;16, I, F, ...) is converted by to_rgb8, 16-bit and float
+    images scaled rather than clipped; the pixel count is checked from the header before anything is decompressed.
+    LOAD_TRUNCATED_IMAGES is never switched on."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
@@ -86,7 +134,7 @@ def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PI
                         f"{max_pixels:,} (a possible decompression bomb)",
                     )
                 img.load()
-                return img.convert("RGB")
+                return to_rgb8(img)
     except BadImageError:
         raise
     except UnidentifiedImageError:
@@ -335,8 +383,8 @@ def load_folder_source(data_dir: str, train_split: str, val_split: str, class_ma
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"--data-dir {root} is not a folder")
-    if (root / MANIFEST).is_file():
-        raise DataError(f"{root} holds Parquet shards ({MANIFEST}): pass --dataset parquet")
+    if (root / MANIFEST).is_file() and not any((root / name).is_dir() for name in split_names(train_split)):
+        raise DataError(f"{root} holds Parquet shards ({MANIFEST}), not an ImageFolder tree: use --dataset parquet")
     train_dir, val_dir = find_split(root, train_split), find_split(root, val_split)
     if class_map:
         classes = load_class_map(class_map)
@@ -364,6 +412,49 @@ def load_folder_source(data_dir: str, train_split: str, val_split: str, class_ma
     return Source(splits[0], splits[1], classes)
 
 
+def split_names(split: str) -> tuple[str, ...]:
+    return SPLIT_SYNONYMS.get(split, (split,))
+
+
+def prepared_manifest(data_dir: str, train_split: str) -> Optional[Manifest]:
+    """The manifest of the shards of ``raytrain-cls prepare`` at ``data_dir``, or None where it holds none (an
+    ImageFolder tree; one that merely holds some other tool's manifest.json beside its split folders stays one).
+    A URI can only hold shards: ImageFolder trees are read from local or mounted folders. A manifest.json that is
+    not a readable one of ours, in a folder without split folders, is neither and raises DataError saying why."""
+    if "://" in data_dir:
+        try:
+            return read_manifest(data_dir)
+        except ShardError as e:
+            raise DataError(f"{e} (an ImageFolder tree must be a local or mounted folder)") from None
+    root = Path(data_dir)
+    if not (root / MANIFEST).is_file():
+        return None
+    try:
+        return read_manifest(data_dir)
+    except ShardError as e:
+        if any((root / name).is_dir() for name in split_names(train_split)):
+            return None
+        raise DataError(
+            f"{e}; {root} has no '{train_split}' split folder either: re-run `raytrain-cls prepare` or point "
+            "--data-dir at an ImageFolder tree"
+        ) from None
+
+
+def load_folder_or_shards(data_dir: str, train_split: str, val_split: str, class_map: Optional[str] = None) -> Source:
+    """The default data set kind: an ImageFolder tree, or, when ``data_dir`` holds the shards of ``raytrain-cls
+    prepare``, those shards, as --dataset parquet would read them. Leaving out --dataset parquet leaves no doubt
+    about what to read, so it is read rather than refused."""
+    manifest = prepared_manifest(data_dir, train_split)
+    if manifest is None:
+        return load_folder_source(data_dir, train_split, val_split, class_map)
+    if class_map:
+        raise DataError(
+            f"{data_dir} holds prepared Parquet shards, which carry their own class list: drop --class-map (give it "
+            "to `raytrain-cls prepare` when writing the shards)"
+        )
+    return parquet_source(manifest, data_dir, train_split, val_split)
+
+
 def read_parquet_manifest(data_dir: str) -> Manifest:
     try:
         return read_manifest(data_dir)
@@ -373,14 +464,17 @@ def read_parquet_manifest(data_dir: str) -> Manifest:
 
 def manifest_split(manifest: Manifest, data_dir: str, split: str) -> SplitInfo:
     """The manifest's split of that name, or of one of timm's synonyms for it (validation: val, valid, test)."""
-    name = next((n for n in SPLIT_SYNONYMS.get(split, (split,)) if n in manifest.splits), None)
+    name = next((n for n in split_names(split) if n in manifest.splits), None)
     if name is None:
         raise DataError(f"{data_dir} has no '{split}' split (it has {sorted(manifest.splits)})")
     return manifest.splits[name]
 
 
 def load_parquet_source(data_dir: str, train_split: str, val_split: str) -> Source:
-    manifest = read_parquet_manifest(data_dir)
+    return parquet_source(read_parquet_manifest(data_dir), data_dir, train_split, val_split)
+
+
+def parquet_source(manifest: Manifest, data_dir: str, train_split: str, val_split: str) -> Source:
     train, val = (ParquetImages(data_dir, manifest_split(manifest, data_dir, s)) for s in (train_split, val_split))
     return Source(train, val, manifest.classes)
 

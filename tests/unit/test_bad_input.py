@@ -238,9 +238,10 @@ def test_class_map_is_validated_before_any_work(tmp_path):
         Config().update({"dataset": "digits", "class_map": __file__}).validate()
 
 
-def test_shard_folder_passed_as_folder_gets_a_hint(tmp_path):
+def test_a_folder_with_a_foreign_manifest_and_no_split_folders_says_both(tmp_path):
+    """Neither prepared shards (a manifest.json that is not ours) nor an ImageFolder tree: the error says why not."""
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(DataError, match="pass --dataset parquet"):
+    with pytest.raises(DataError, match=r"not a raytrain-cls shard manifest.*no 'train' split folder either"):
         build_source(Config().update({"dataset": "folder", "data_dir": str(tmp_path)}))
 
 

@@ -296,14 +296,87 @@ def test_interrupt_in_the_pool_leaves_nothing_behind(tmp_path, two_trees, monkey
     assert not dst.exists() and leftovers(dst) == []
 
 
-def test_a_stale_partial_folder_of_the_same_name_is_replaced(tmp_path, two_trees):
+def test_a_stale_partial_folder_of_the_same_name_is_left_alone(tmp_path, two_trees):
     first, _ = two_trees
     dst = tmp_path / "out"
-    stale = tmp_path / f"out.partial-{os.getpid()}"
+    stale = tmp_path / f"out.partial-{os.getpid()}"  # a killed run's, or a folder of the user's: not ours to delete
     stale.mkdir()
     (stale / "train-00099.parquet").write_bytes(b"junk")
     run_prepare(first, dst)
-    assert not stale.exists() and not (dst / "train-00099.parquet").exists()
+    assert folder_snapshot(stale) == {"train-00099.parquet": b"junk"}
+    assert not (dst / "train-00099.parquet").exists() and leftovers(dst) == [stale.name]
+    verify_folder(str(dst))
+
+
+def test_a_user_file_beside_an_empty_manifest_survives(tmp_path, two_trees):
+    first, _ = two_trees
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / MANIFEST).write_text("{}")
+    (dst / "thesis.tex").write_text("mine")
+    with pytest.raises(DataError, match=rf"(?s){MANIFEST} that .*did not write.*thesis\.tex.*empty or new folder"):
+        run_prepare(first, dst)
+    assert folder_snapshot(dst) == {MANIFEST: b"{}", "thesis.tex": b"mine"} and leftovers(dst) == []
+
+
+@pytest.mark.parametrize("extra", ["file", "folder", "replaced-shard"])
+def test_a_user_file_beside_an_earlier_data_set_survives(tmp_path, two_trees, extra):
+    first, second = two_trees
+    dst = tmp_path / "out"
+    run_prepare(first, dst)
+    if extra == "file":
+        (dst / "notes.txt").write_text("mine")
+    elif extra == "folder":
+        (dst / "mine").mkdir()
+        (dst / "mine" / "photo.jpg").write_bytes(b"precious")
+    else:  # a listed shard name now holds other bytes: they may be the user's
+        (dst / "train-00000.parquet").write_bytes(b"not the shard prepare wrote")
+    before = {p.relative_to(dst): p.read_bytes() for p in sorted(dst.rglob("*")) if p.is_file()}
+    with pytest.raises(DataError, match="did not write .*empty or new folder"):
+        run_prepare(second, dst)
+    assert {p.relative_to(dst): p.read_bytes() for p in sorted(dst.rglob("*")) if p.is_file()} == before
+    assert leftovers(dst) == []
+
+
+def test_an_earlier_data_set_missing_a_shard_is_still_replaced(tmp_path, two_trees):
+    first, second = two_trees
+    dst = tmp_path / "out"
+    run_prepare(first, dst, shard_size=1)
+    (dst / "train-00001.parquet").unlink()  # nothing of the user's is at stake
+    run_prepare(second, dst)
+    assert read_manifest(str(dst)).classes == ["ant"] and leftovers(dst) == []
+    verify_folder(str(dst))
+
+
+def test_a_file_written_into_dst_while_preparing_is_kept(tmp_path, two_trees, monkeypatch):
+    first, second = two_trees
+    dst = tmp_path / "out"
+    run_prepare(first, dst)
+    real_write_all = prepare_module.write_all
+
+    def write_all_then_user_saves(*args, **kwargs):
+        manifest = real_write_all(*args, **kwargs)
+        (dst / "saved-meanwhile.txt").write_text("mine")
+        return manifest
+
+    monkeypatch.setattr(prepare_module, "write_all", write_all_then_user_saves)
+    with pytest.raises(DataError, match="saved-meanwhile.txt"):
+        run_prepare(second, dst)
+    assert (dst / "saved-meanwhile.txt").read_text() == "mine" and read_manifest(str(dst)).classes == ["cat", "dog"]
+    assert leftovers(dst) == []
+
+
+def test_publish_hands_back_a_dst_that_changed_after_the_last_check(tmp_path, two_trees):
+    first, second = two_trees
+    dst, partial = tmp_path / "out", tmp_path / "new"
+    run_prepare(first, dst)
+    run_prepare(second, partial)
+    replaceable = prepare_module.check_destination(str(first), "folder", str(dst))
+    (dst / "late.txt").write_text("mine")  # between the check and the swap
+    with pytest.raises(DataError, match="changed while prepare ran"):
+        prepare_module.publish(partial, dst, replaceable, log=lambda message: None)
+    assert (dst / "late.txt").read_text() == "mine" and read_manifest(str(dst)).classes == ["cat", "dog"]
+    assert leftovers(dst) == [] and (partial / MANIFEST).is_file()
 
 
 def test_an_unrelated_folder_is_never_replaced(tmp_path, two_trees):
@@ -323,6 +396,7 @@ def test_an_empty_folder_or_a_missing_parent_is_fine(tmp_path, two_trees):
     run_prepare(first, tmp_path / "a" / "b" / "out")
     verify_folder(str(tmp_path / "empty"))
     verify_folder(str(tmp_path / "a" / "b" / "out"))
+    assert leftovers(tmp_path / "empty") == [] and leftovers(tmp_path / "a" / "b" / "out") == []
 
 
 @pytest.mark.parametrize("where", ["file", "inside-src", "is-src", "uri"])
@@ -458,7 +532,19 @@ def test_cli_prepare_usage_errors_exit_2_with_one_line(tmp_path, capsys, case):
         argv += ["--class-map", str(tmp_path / "nope.txt")]
     assert main(argv) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("raytrain-cls prepare: error: ")
+    assert len(err) == 1 and err[0].startswith("raytrain-cls: ")
+
+
+def test_cli_prepare_keeps_a_user_file_beside_a_foreign_manifest(tmp_path, capsys):
+    src = make_tree(tmp_path / "src", {"train": {"cat": 1}, "validation": {"cat": 1}})
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / MANIFEST).write_text("{}")
+    (dst / "keep.txt").write_text("mine")
+    assert main(["prepare", str(src), str(dst), "-j", "0"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(dst) in err[0] and "keep.txt" in err[0]
+    assert folder_snapshot(dst) == {MANIFEST: b"{}", "keep.txt": b"mine"} and leftovers(dst) == []
 
 
 @pytest.mark.parametrize("flags", [["--shard-size", "0"], ["--dataset", "parquet"], ["--max-image-pixels", "-5"]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import lzma
 import struct
 from pathlib import Path
@@ -17,6 +18,8 @@ from raytrain_cls.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     DataError,
+    ParquetImages,
+    Source,
     find_split,
     load_digits_source,
     load_fashion_mnist_source,
@@ -296,6 +299,63 @@ def test_build_source_folder(tmp_path):
     cfg = Config().update({"dataset": "", "data_dir": str(tmp_path)})
     src = build_source(cfg)
     assert src.classes == ["ant", "cat"] and (len(src.train), len(src.val)) == (3, 2)
+
+
+# ---- prepared shards given without --dataset parquet: read as shards -----------------------------------------------
+def prepared_shards(tmp_path: Path) -> Path:
+    from raytrain_cls.data.prepare import prepare
+
+    tree = make_tree(tmp_path / "tree", {"train": {"dog": 2, "cat": 3}, "validation": {"cat": 1, "dog": 1}})
+    prepare(
+        str(tree), str(tmp_path / "shards"), shard_size=2, workers=0, log=lambda m: None, progress_stream=io.StringIO()
+    )
+    return tmp_path / "shards"
+
+
+def built(data_dir: str, **options) -> Source:
+    return build_source(Config().update({"data_dir": data_dir, **options}))
+
+
+@pytest.mark.parametrize("dataset", [None, "folder", "imagefolder"])
+def test_prepared_shards_without_dataset_parquet_are_read_as_shards(tmp_path, dataset):
+    shards = prepared_shards(tmp_path)
+    src = built(str(shards), **({} if dataset is None else {"dataset": dataset}))
+    as_parquet = built(str(shards), dataset="parquet")
+    assert isinstance(src.train, ParquetImages) and isinstance(src.val, ParquetImages)
+    assert src.classes == as_parquet.classes == ["cat", "dog"]
+    assert (len(src.train), len(src.val)) == (len(as_parquet.train), len(as_parquet.val)) == (5, 2)
+    assert src.train.targets.tolist() == as_parquet.train.targets.tolist() == [0, 0, 0, 1, 1]
+    img, label = src.train[4]
+    assert img.mode == "RGB" and src.classes[label] == color_class(img) == "dog"
+    assert src.train.max_pixels == Config().data.max_image_pixels  # set by build_source, as for any source
+
+
+def test_prepared_shards_at_a_uri_without_dataset_parquet_are_read_as_shards(tmp_path):
+    shards = prepared_shards(tmp_path)
+    src = built(shards.as_uri())  # file:///...: read through pyarrow's filesystem, as s3:// would be
+    assert src.classes == ["cat", "dog"] and (len(src.train), len(src.val)) == (5, 2)
+    with pytest.raises(DataError, match="holds no manifest.json.*must be a local or mounted folder"):
+        built((tmp_path / "tree").as_uri())
+
+
+def test_prepared_shards_with_a_class_map_are_refused(tmp_path):
+    shards = prepared_shards(tmp_path)
+    (tmp_path / "classes.txt").write_text("dog\ncat\n")
+    with pytest.raises(DataError, match="carry their own class list: drop --class-map"):
+        built(str(shards), class_map=str(tmp_path / "classes.txt"))
+
+
+def test_another_tools_manifest_in_an_image_folder_tree_is_ignored(tmp_path):
+    make_tree(tmp_path, {"train": {"ant": 1, "cat": 2}, "validation": {"ant": 1, "cat": 1}})
+    (tmp_path / "manifest.json").write_text('{"tool": "labelling app"}')
+    src = built(str(tmp_path))
+    assert src.classes == ["ant", "cat"] and (len(src.train), len(src.val)) == (3, 2)
+
+
+def test_load_folder_source_itself_names_prepared_shards(tmp_path):
+    shards = prepared_shards(tmp_path)
+    with pytest.raises(DataError, match="holds Parquet shards .*use --dataset parquet"):
+        load_folder_source(str(shards), "train", "validation")
 
 
 def test_digits_read_from_the_packaged_csv_equal_sklearns_loader_without_importing_sklearn():
