@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from raytrain_cls.bench import decode, step, tta
+from raytrain_cls.bench import checkpoint, decode, step, tta
 from raytrain_cls.bench.common import (
     PATHS,
     bench_config,
@@ -199,6 +199,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     gc.add_argument("--work-dir", default=None, help="folder for the JPEGs and shards (default: a temporary one)")
     step.add_parser(sub)
     tta.add_parser(sub)
+    checkpoint.add_parser(sub)
     for name, alias in ALIASES.items():  # the names issue #8 uses work too
         b = sub.add_parser(
             name, aliases=[alias], help=f"{name} img/s of each input path on the same data (also: {alias})"
@@ -221,8 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         w, h = (int(v) for v in args.size.lower().split("x"))
         make_data(args.dst, args.images, (w, h), args.classes)
         return 0
-    if args.what in ("step", "tta"):
-        return (step.main if args.what == "step" else tta.main)(args)
+    if args.what in ("step", "tta", "checkpoint"):
+        return {"step": step.main, "tta": tta.main, "checkpoint": checkpoint.main}[args.what](args)
     if args.what == "gpu-checks":
         w, h = (int(v) for v in args.size.lower().split("x"))
         only = [c for c in args.only.split(",") if c]

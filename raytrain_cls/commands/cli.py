@@ -10,10 +10,12 @@ error, `prepare` and `doctor` then answer without paying for the training stack'
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional
 
 import yaml
@@ -30,7 +32,8 @@ from raytrain_cls.core.config import (
     resolve_config_path,
 )
 from raytrain_cls.core.datasets import PREPARABLE, canonical_dataset
-from raytrain_cls.core.storage import atomic_write_text, exists, join
+from raytrain_cls.core.errors import UserError
+from raytrain_cls.core.storage import atomic_write_text, exists, join, unwritable_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
@@ -144,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", help="data set root (ImageFolder tree, Parquet shards (path or URI), IDX files)")
     ev.add_argument("--val-split", help="validation split folder name")
     ev.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
-    ev.add_argument("--tta", type=int, default=0, help="test-time augmentation: > 0 averages with flipped images")
-    ev.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the model's)")
-    ev.add_argument("-b", "--batch-size", type=int, default=256)
-    ev.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
+    ev.add_argument("--tta", type=_count, default=0, help="test-time augmentation: > 0 averages with flipped images")
+    ev.add_argument("--crop-pct", type=_fraction, help="center-crop fraction (default: the model's)")
+    ev.add_argument("-b", "--batch-size", type=_positive_int, default=256)
+    ev.add_argument("-j", "--workers", type=_count, default=2, help="data-loading processes")
     ev.add_argument(
         "--ray-workers",
-        type=int,
+        type=_count,
         default=0,
         help="split the validation set across N Ray tasks (RAY_ADDRESS's cluster, else a local Ray; "
         "on GPUs when it has them); 0 = in this process",
@@ -165,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="image files, folders (searched recursively), prepared Parquet shard folders or URIs (every row)",
     )
-    pr.add_argument("--topk", type=int, default=5)
-    pr.add_argument("-b", "--batch-size", type=int, default=64)
+    pr.add_argument("--topk", type=_positive_int, default=5)
+    pr.add_argument("-b", "--batch-size", type=_positive_int, default=64)
     pr.add_argument("--use-ema", action="store_true", help="use the EMA weights")
     pr.add_argument("--format", choices=("csv", "json"), default="csv")
     pr.add_argument("--out", help="write here instead of standard output")
@@ -189,10 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _int_at_least(lowest: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {lowest}"  # argparse names the type in its messages
+    return parse
+
+
+_positive_int, _count = _int_at_least(1), _int_at_least(0)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
     return value
 
 
@@ -220,7 +243,11 @@ def add_prepare_parser(sub) -> None:
     )
     pp.add_argument("--class-map", metavar="FILE", help="class names in index order (.txt, YAML or JSON)")
     pp.add_argument(
-        "-j", "--workers", type=int, metavar="N", help="processes that check/encode images (default: one per CPU)"
+        "-j",
+        "--workers",
+        type=_count,
+        metavar="N",
+        help="processes that check/encode images (default: one per CPU; 0 or 1: in this process)",
     )
     pp.add_argument(
         "--max-image-pixels",
@@ -282,8 +309,6 @@ def overrides_of(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int:
-    from raytrain_cls.core.state import CheckpointError
-    from raytrain_cls.data import DataError
     from raytrain_cls.run.driver import RunInterrupted, TrainingError, train
     from raytrain_cls.run.startup import process_start
 
@@ -292,23 +317,17 @@ def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int
     if process_is_command and process_start() is not None:
         stamps["process"] = process_start()
 
+    cfg = load_config(base_recipe(args), overrides_of(args))
     try:
-        cfg = load_config(base_recipe(args), overrides_of(args))
         train(cfg, console=sys.stdout, stamps=stamps)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except TrainingError as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return _failed(e, EXIT_FAILED)
     except RunInterrupted as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _failed(e, EXIT_INTERRUPTED)
     return EXIT_OK
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raytrain_cls.data import DataError
     from raytrain_cls.run.tune import (
         SEARCH_FILE,
         SearchInterrupted,
@@ -318,53 +337,47 @@ def cmd_tune(args: argparse.Namespace) -> int:
         tune_search,
     )
 
+    if args.resume:
+        if not exists(join(args.resume, SEARCH_FILE)):
+            raise ConfigError("--resume", args.resume, f"not a search directory (no {SEARCH_FILE})")
+        raw, search = load_search_file(join(args.resume, SEARCH_FILE))
+    elif args.config:
+        raw, search = load_search_file(str(resolve_config_path(args.config)))
+    else:
+        recipe = base_recipe(args)
+        raw, search = (read_yaml(resolve_config_path(recipe)) if recipe else {}), {}
+    base = Config().update(raw)
+    if not args.resume:
+        base.update(overrides_of(args))
+    cli = {k[len("search__") :]: v for k, v in vars(args).items() if k.startswith("search__")}
+    spec = parse_search(search, space_from_cli(args.search), cli)
     try:
-        if args.resume:
-            raw, search = load_search_file(join(args.resume, SEARCH_FILE))
-        elif args.config:
-            raw, search = load_search_file(str(resolve_config_path(args.config)))
-        else:
-            recipe = base_recipe(args)
-            raw, search = (read_yaml(resolve_config_path(recipe)) if recipe else {}), {}
-        base = Config().update(raw)
-        if not args.resume:
-            base.update(overrides_of(args))
-        cli = {k[len("search__") :]: v for k, v in vars(args).items() if k.startswith("search__")}
-        spec = parse_search(search, space_from_cli(args.search), cli)
         tune_search(base, spec, resume=args.resume)
-    except (ConfigError, DataError) as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except SearchInterrupted as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _failed(e, EXIT_INTERRUPTED)
     return EXIT_OK
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from raytrain_cls.commands.inference import evaluate_checkpoint, write_eval_results
-    from raytrain_cls.core.state import CheckpointError
-    from raytrain_cls.data import DataError
 
     overrides = {
         k: v
         for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir), ("val_split", args.val_split))
         if v is not None
     }
-    try:
-        res = evaluate_checkpoint(
-            args.checkpoint,
-            overrides,
-            use_ema=args.use_ema,
-            tta=args.tta,
-            crop_pct=args.crop_pct,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            ray_workers=args.ray_workers,
-        )
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    if args.results_file:  # before the evaluation: its result is never lost to a folder that cannot be written
+        _check_writable("--results-file", args.results_file)
+    res = evaluate_checkpoint(
+        args.checkpoint,
+        overrides,
+        use_ema=args.use_ema,
+        tta=args.tta,
+        crop_pct=args.crop_pct,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        ray_workers=args.ray_workers,
+    )
     print(
         f"{res['samples']} images: loss {res['loss']:.4f}  top1 {res['top1']:.2f}  top5 {res['top5']:.2f}"
         f"{'  (EMA)' if res['use_ema'] else ''}{'  (TTA)' if res['tta'] else ''}"
@@ -385,14 +398,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from raytrain_cls.commands.inference import format_predictions, predict
-    from raytrain_cls.core.state import CheckpointError
-    from raytrain_cls.data import DataError
 
-    try:
-        rows = predict(args.checkpoint, args.inputs, topk=args.topk, batch_size=args.batch_size, use_ema=args.use_ema)
-    except (DataError, CheckpointError) as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    if args.out:
+        _check_writable("--out", args.out)
+    rows = predict(args.checkpoint, args.inputs, topk=args.topk, batch_size=args.batch_size, use_ema=args.use_ema)
     text = format_predictions(rows, args.format)
     if args.out:
         atomic_write_text(args.out, text)
@@ -412,8 +421,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     try:
         written = [plot_search(d)] if exists(join(d, "trials.csv")) else plot_run(d)
     except FileNotFoundError as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(e, EXIT_USAGE)
     for path in written:
         print(path)
     return EXIT_OK
@@ -427,12 +435,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir), ("output", args.output))
         if v is not None
     }
-    try:
-        recipe = args.config or default_recipe(args.dataset, args.data_dir)
-        cfg = load_config(recipe, overrides) if recipe else Config().update(overrides)
-    except ConfigError as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    recipe = args.config or default_recipe(args.dataset, args.data_dir)
+    cfg = load_config(recipe, overrides) if recipe else Config().update(overrides)
     checks = run_doctor(cfg)
     for c in checks:
         print(c.line())
@@ -443,13 +447,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from raytrain_cls.commands.export import export_checkpoint
-    from raytrain_cls.core.state import CheckpointError
 
-    try:
-        info = export_checkpoint(args.checkpoint, args.out_dir)
-    except CheckpointError as e:
-        print(f"raytrain-cls: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    info = export_checkpoint(args.checkpoint, args.out_dir)
     print(
         f"Exported {info['architecture']} ({info['num_classes']} classes, epoch {info['epoch']}): "
         f"{', '.join(info['weights'])} and config.json in {args.out_dir}"
@@ -459,28 +458,81 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from raytrain_cls.data.prepare import prepare
-    from raytrain_cls.data.shards import ShardError
-    from raytrain_cls.data.sources import DataError
 
-    try:
-        prepare(
-            args.src,
-            args.dst,
-            dataset=args.dataset,
-            shard_size=args.shard_size,
-            class_map=args.class_map,
-            train_split=args.train_split,
-            val_split=args.val_split,
-            max_image_pixels=args.max_image_pixels,
-            workers=args.workers,
-        )
-    except (DataError, ShardError) as e:
-        print(f"raytrain-cls prepare: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # disk full, permissions: DST was left as it was
-        print(f"raytrain-cls prepare: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    reason = unwritable_reason(args.dst)
+    if reason and not Path(args.dst).is_file():  # DST itself a file: prepare's own message says so
+        raise ConfigError("DST", args.dst, f"cannot be written: {reason}")
+    prepare(
+        args.src,
+        args.dst,
+        dataset=args.dataset,
+        shard_size=args.shard_size,
+        class_map=args.class_map,
+        train_split=args.train_split,
+        val_split=args.val_split,
+        max_image_pixels=args.max_image_pixels,
+        workers=args.workers,
+    )
     return EXIT_OK
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "tune": cmd_tune,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "plot": cmd_plot,
+    "doctor": cmd_doctor,
+    "export": cmd_export,
+    "prepare": cmd_prepare,
+}
+TRACEBACK_ENV = "RAYTRAIN_CLS_TRACEBACK"  # set to 1: an unexpected error shows its traceback
+
+
+def _check_writable(flag: str, file: str) -> None:
+    reason = unwritable_reason(os.path.dirname(os.path.abspath(file)))
+    if reason or os.path.isdir(file):
+        raise ConfigError(flag, file, f"cannot be written: {reason or 'it is a folder'}")
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message without the traceback text some carry inside it (a DataLoader worker's error is re-raised
+    with the worker's traceback in its message): its last line then."""
+    text = str(error).strip()
+    if "Traceback (most recent call last)" in text:
+        text = text.splitlines()[-1].strip()
+    return text or type(error).__name__
+
+
+def _failed(error: BaseException, code: int) -> int:
+    print(f"raytrain-cls: {_one_line(error)}", file=sys.stderr)
+    return code
+
+
+def run_command(args: argparse.Namespace, process_is_command: bool = False) -> int:
+    """Run one sub-command. A user's mistake (UserError: config, data, checkpoint, shards) ends in its message and
+    exit 2; a failing disk or permission in exit 1 with the OS's words; Ctrl-C in 130. Anything else is a bug of
+    this project: one line saying so, with the traceback only when RAYTRAIN_CLS_TRACEBACK=1 asks for it."""
+    try:
+        if args.command == "train":
+            return cmd_train(args, process_is_command=process_is_command)
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        return _failed(e, EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _failed(KeyboardInterrupt("interrupted"), EXIT_INTERRUPTED)
+    except OSError as e:  # disk full, permission denied, a path that vanished: the OS's words and the file
+        return _failed(e, EXIT_FAILED)
+    except Exception as e:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        return _failed(
+            RuntimeError(
+                f"unexpected error {type(e).__name__}: {_one_line(e)}. This is a bug of raytrain-cls: please report "
+                f"it with the traceback that {TRACEBACK_ENV}=1 prints"
+            ),
+            EXIT_FAILED,
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -490,23 +542,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("raytrain-cls bench: run it as `raytrain-cls bench ...` (raytrain_cls.entry)")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":  # from_command_line: or called in a longer-lived process (tests, notebooks)
-        return cmd_train(args, process_is_command=from_command_line)
-    if args.command == "export":
-        return cmd_export(args)
-    if args.command == "tune":
-        return cmd_tune(args)
-    commands = {
-        "eval": cmd_eval,
-        "predict": cmd_predict,
-        "plot": cmd_plot,
-        "doctor": cmd_doctor,
-        "prepare": cmd_prepare,
-    }
-    if args.command in commands:
-        return commands[args.command](args)
-    parser.print_help()
-    return EXIT_USAGE
+    if args.command not in COMMANDS:
+        parser.print_help()
+        return EXIT_USAGE
+    # from_command_line: train's start-up clock starts at the process start only when this process is the command
+    return run_command(args, process_is_command=from_command_line)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,19 @@ import torch
 from safetensors.torch import load_file
 from timm.data import create_transform
 
+from raytrain_cls.commands.export import CONFIG_JSON, read_exported
 from raytrain_cls.core.config import DEFAULT_MAX_IMAGE_PIXELS, Config
 from raytrain_cls.core.engine import to_device, tta_logits
 from raytrain_cls.core.model import architecture_kwargs, split_bn
-from raytrain_cls.core.state import EMA_FILE, META_FILE, MODEL_FILE, CheckpointError, load_weights, read_meta
+from raytrain_cls.core.state import (
+    EMA_FILE,
+    META_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    check_architecture,
+    load_weights,
+    verified_meta,
+)
 from raytrain_cls.core.storage import atomic_write_text, local_dir
 from raytrain_cls.data.loader import SkippingLoader, TransformedDataset, collate_skipping_bad, image_mode
 from raytrain_cls.data.naflex import NaFlexEvalCollate, naflex_eval_transform
@@ -53,27 +62,38 @@ def _load_model(path: Path, use_ema: bool, device: str) -> LoadedModel:
     if use_ema and not weights.is_file():
         raise CheckpointError(f"{path} has no EMA weights ({EMA_FILE}); drop --use-ema")
     if (path / META_FILE).is_file():
-        cfg = Config.from_dict(read_meta(path)["config"])
+        cfg = Config.from_dict(verified_meta(path)["config"])
         r = cfg.resolved
-        model = timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, r.num_classes))
+        model = _create_model(cfg.model.model, **architecture_kwargs(cfg, r.num_classes))
         model = split_bn(cfg, model)  # so a --split-bn checkpoint loads; evaluation uses the main statistics
         load_weights(model, weights)
         data_config, classes = dict(r.data_config), list(r.classes or [])
         naflex = (r.naflex_patch_size, cfg.data.naflex_max_seq_len) if cfg.data.naflex_loader else None
-    elif (path / "config.json").is_file():
-        info = json.loads((path / "config.json").read_text())
-        model = timm.create_model(
-            info["architecture"], pretrained=False, num_classes=info["num_classes"], **info.get("model_args", {})
-        )
+    elif (path / CONFIG_JSON).is_file():
+        info = read_exported(path)
+        model = _create_model(info["architecture"], num_classes=info["num_classes"], **info.get("model_args", {}))
+        check_architecture(model, weights)
         try:
             model.load_state_dict(load_file(str(weights)))
         except Exception as e:
             raise CheckpointError(f"cannot load {weights}: {type(e).__name__}: {e}") from None
         data_config, classes, cfg = dict(info["pretrained_cfg"]), list(info.get("label_names") or []), None
+        naflex = None  # an export carries no NaFlex settings: it is evaluated on images
     else:
         raise CheckpointError(f"{path} is neither a checkpoint ({META_FILE}) nor an exported model (config.json)")
     model.to(device).eval()
     return LoadedModel(model, data_config, classes, cfg, naflex)
+
+
+def _create_model(name: str, **kwargs) -> torch.nn.Module:
+    """The model a checkpoint or an export records; one this timm cannot build is the checkpoint's problem, named."""
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:  # unknown name, or arguments this timm version does not take
+        raise CheckpointError(
+            f"this timm ({timm.__version__}) cannot build the model the checkpoint records, "
+            f"{name}: {type(e).__name__}: {e}"
+        ) from None
 
 
 def eval_transform(data_config: dict, crop_pct: Optional[float] = None):

@@ -30,6 +30,7 @@ import yaml
 
 from raytrain_cls.core.datasets import HF_PREFIX, canonical_dataset, dataset_kind
 from raytrain_cls.core.datasets import NAMES as DATASET_NAMES
+from raytrain_cls.core.errors import UserError
 from raytrain_cls.core.storage import is_uri, read_text
 
 RECIPES_DIR = Path(__file__).parents[1] / "recipes"  # raytrain_cls/recipes
@@ -68,12 +69,17 @@ TIMM_UNSUPPORTED_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, always naming the key (dotted: ``optim.lr``), the offending value and why."""
 
     def __init__(self, key: str, value: Any, reason: str):
         self.key, self.value, self.reason = key, value, reason
         super().__init__(f"config error: {key} = {value!r}: {reason}")
+
+    def __reduce__(self):
+        # Ray carries a worker's exception to the driver by pickling it, and the default pickling rebuilds it from
+        # its message alone, which this __init__ does not take.
+        return type(self), (self.key, self.value, self.reason), self.__dict__
 
 
 def option(
@@ -684,6 +690,14 @@ class CheckpointConfig:
     nan_patience: int = option(5, "stop the run after this many consecutive NaN/Inf losses", min=1)
 
     def check(self) -> None:
+        name = self.experiment
+        if name and (name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip()):
+            raise ConfigError(
+                "checkpoint.experiment",
+                name,
+                "a run name is one folder name under --output (no '/', '\\', '..' or '.', no surrounding spaces): "
+                "choose where runs go with --output",
+            )
         init = self.initial_checkpoint
         if init and not is_uri(init) and not Path(init).exists():
             raise ConfigError("checkpoint.initial_checkpoint", init, "no such checkpoint directory or file")
@@ -1113,12 +1127,19 @@ def read_yaml(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError("--config", str(path), f"not valid YAML: {e}") from None
+        raise ConfigError("--config", str(path), f"not valid YAML: {yaml_problem(e)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError("--config", str(path), "the file must hold a mapping of keys to values")
     return raw
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem and where (its own text spans lines and draws a caret)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def recipe_names() -> list[str]:

@@ -149,6 +149,11 @@ class FiniteWatch:
         _check_finite(worst, self.patience, self.epoch, step)
 
 
+# The keys of the metrics train_one_epoch returns, which the worker reports as they are: `tune --metric` is
+# checked against them (run/worker.py EPOCH_METRICS), so a renamed or added key belongs here too.
+EPOCH_TRAIN_METRICS = ("train_loss", "lr", "train_samples", "train_time", "img_per_sec", "updates_per_epoch")
+
+
 def train_one_epoch(
     epoch: int,
     loader,
@@ -307,6 +312,10 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: int = 0) -> torch.T
     if tta > 0:
         out = (out + model(torch.flip(x, dims=[3])).float()) / 2
     return out
+
+
+# The keys evaluate returns; the worker reports them as eval_<key> (and model_eval_<key> beside an EMA).
+EVALUATION_KEYS = ("loss", "top1", "top5", "samples")
 
 
 @torch.no_grad()

@@ -51,8 +51,32 @@ def meta_model(cfg: Config, num_classes: int) -> torch.nn.Module:
     """The run's architecture on the meta device (no weights allocated): its default data settings
     (pretrained_cfg) and its structure, for checks on the driver."""
     check_model_name(cfg.model.model)
-    with torch.device("meta"):
-        return timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, num_classes))
+    try:
+        with torch.device("meta"):
+            return timm.create_model(cfg.model.model, pretrained=False, **architecture_kwargs(cfg, num_classes))
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:  # an argument the model does not take
+        key = "model.model_kwargs" if cfg.model.model_kwargs else "model.model"
+        value = cfg.model.model_kwargs or cfg.model.model
+        raise ConfigError(
+            key, value, f"timm cannot build {cfg.model.model} with this run's arguments: {type(e).__name__}: {e}"
+        ) from None
+
+
+def check_weights_file(key: str, path: str) -> None:
+    """A local weights file (timm's .safetensors, or a .pth/.pt state dict) that the workers will load is
+    readable, checked on the driver: its header for safetensors, a memory map under torch's weights-only loader
+    otherwise (nothing is read into memory that the map does not touch)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt"):
+                pass
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # not a weights file, truncated, or a pickle that is more than tensors
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ConfigError(key, path, f"not a readable weights file ({type(e).__name__}: {reason})") from None
 
 
 def set_bn(model: torch.nn.Module, momentum: Optional[float], eps: Optional[float]) -> int:

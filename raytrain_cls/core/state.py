@@ -6,13 +6,16 @@ Layout of a checkpoint directory:
     state.pt            optimizer, LR scheduler, grad scaler, counters, RNG states, sampler position, the
                         weights of trainable modules outside the model (a feature-distillation projection);
                         only tensors and plain Python values, loaded with torch.load(weights_only=True)
-    meta.json           format version, the resolved config as a plain dict, epoch, metrics, best metric
-Loading never falls back to unrestricted unpickling.
+    meta.json           format version, the resolved config as a plain dict, epoch, metrics, best metric, and
+                        the size and sha256 of every other file (written last: no meta.json, no checkpoint)
+Loading verifies those checksums first and never falls back to unrestricted unpickling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -21,16 +24,56 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from raytrain_cls.core.errors import UserError
 from raytrain_cls.core.model import unwrap
 from raytrain_cls.core.storage import join, read_text
 
-FORMAT_VERSION = 2  # 2: per-rank RNG and loss sums, mid-epoch position
+FORMAT_VERSION = 3  # 2: per-rank RNG and loss sums, mid-epoch position; 3: a checksum of every file
+UNVERIFIED_VERSION = 2  # read still, without checksums to verify: written by the version before them
 MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = "model.safetensors", "ema.safetensors", "state.pt", "meta.json"
 CHECKPOINT_PREFIX = "epoch-"  # checkpoint folders: epoch-0007, and epoch-0007-step-0000120 mid-epoch
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
+
+
+log = logging.getLogger(__name__)
+
+
+def file_digest(path: Path) -> dict:
+    """A file's size and sha256: what a checkpoint records of each of its files, as a shards manifest does."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return dict(bytes=path.stat().st_size, sha256=digest)
+
+
+def verify_files(directory: str | Path, meta: dict) -> None:
+    """Every file meta.json lists is there, with its recorded size and sha256; else CheckpointError naming it.
+    A bit flipped on disk or in transfer is refused here instead of loading as silently wrong weights."""
+    if meta.get("format_version") == UNVERIFIED_VERSION:
+        log.warning("%s: checkpoint format %d has no checksums: loaded unverified", directory, UNVERIFIED_VERSION)
+        return
+    files = meta.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files or STATE_FILE not in files:
+        raise CheckpointError(f"{directory}: {META_FILE} lists no checksums of {MODEL_FILE} and {STATE_FILE}")
+    d = Path(directory)
+    for name, recorded in sorted(files.items()):
+        path = d / name
+        if Path(name).name != name or not path.is_file():
+            raise CheckpointError(f"{path}: missing from the checkpoint (its {META_FILE} lists it)")
+        if not isinstance(recorded, dict) or file_digest(path) != recorded:
+            raise CheckpointError(
+                f"{path}: corrupt (its size or sha256 differs from the one recorded in {META_FILE} when it was "
+                "written); use another checkpoint of the run"
+            )
+
+
+def verified_meta(directory: str | Path) -> dict:
+    """A local checkpoint's meta.json, after every file it lists has been checked against its checksum."""
+    meta = read_meta(directory)
+    verify_files(directory, meta)
+    return meta
 
 
 def non_finite_tensors(module: torch.nn.Module) -> list[str]:
@@ -60,12 +103,50 @@ def save_weights(module: torch.nn.Module, path: Path) -> None:
     save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases), "format": "pt"})
 
 
-def load_weights(module: torch.nn.Module, path: Path, strict: bool = True):
+def weights_header(path: Path) -> tuple[dict[str, tuple], dict[str, str]]:
+    """(shape of every tensor, aliases: name -> the tensor it shares storage with) of a weights file, from its
+    header alone: nothing is loaded."""
     from safetensors import safe_open
 
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (not iterable)
+    return {**shapes, **{name: shapes[target] for name, target in aliases.items()}}, aliases
+
+
+def check_architecture(module: torch.nn.Module, path: Path, strict: bool = True) -> None:
+    """CheckpointError when the weights file does not fit the module: a checkpoint of another model or another
+    class count. Works on a meta-device module, so the driver checks it before any worker builds the model."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        shapes, _ = weights_header(path)
+    except Exception as e:  # truncated, tampered or missing: name the file
+        raise CheckpointError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
+    expected = {name: tuple(t.shape) for name, t in unwrap(module).state_dict().items()}
+    differ = sorted(n for n in expected.keys() & shapes.keys() if expected[n] != shapes[n])
+    missing = sorted(expected.keys() - shapes.keys()) if strict else []
+    unexpected = sorted(shapes.keys() - expected.keys()) if strict else []
+    problems = []
+    if differ:
+        n = differ[0]
+        problems.append(
+            f"{len(differ)} tensor(s) of another shape (e.g. {n}: {list(shapes[n])} in the file, "
+            f"{list(expected[n])} in the model)"
+        )
+    if missing:
+        problems.append(f"{len(missing)} of the model's tensor(s) missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) the model does not have (e.g. {unexpected[0]})")
+    if problems:
+        raise CheckpointError(
+            f"{path} holds the weights of another architecture than this {type(unwrap(module)).__name__} "
+            f"({'; '.join(problems)}): a checkpoint of another model, or trained with other model options"
+        )
+
+
+def load_weights(module: torch.nn.Module, path: Path, strict: bool = True):
+    check_architecture(module, path, strict)  # a clear refusal instead of load_state_dict's size-mismatch dump
+    try:
+        _, aliases = weights_header(path)
         tensors = load_file(str(path))
     except Exception as e:  # truncated, tampered or missing: name the file, never half-load
         raise CheckpointError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
@@ -161,8 +242,10 @@ class TrainState:
             if self.ema is not None:
                 save_weights(self.ema.module, d / EMA_FILE)
             torch.save(self._state(), d / STATE_FILE)
+            written = [MODEL_FILE, STATE_FILE] + ([EMA_FILE] if self.ema is not None else [])
             meta = dict(
                 format_version=FORMAT_VERSION,
+                files={name: file_digest(d / name) for name in written},
                 epoch=self.epoch,
                 num_updates=self.num_updates,
                 in_epoch=self.in_epoch,
@@ -182,7 +265,7 @@ class TrainState:
         """Restore everything from ``directory``. This rank's RNG states are restored when the checkpoint was written
         by as many ranks as there are now (or ``world_size`` is None); otherwise the caller re-seeds."""
         d = Path(directory)
-        meta = read_meta(d)
+        meta = verified_meta(d)  # nothing is loaded from a checkpoint with a corrupt or missing file
         state = _load_state(d / STATE_FILE)  # checked first: a refused or broken state.pt changes nothing
         load_weights(self.model, d / MODEL_FILE)
         if self.ema is not None and (d / EMA_FILE).is_file():
@@ -221,7 +304,7 @@ def read_meta(directory: str | Path) -> dict:
         raise CheckpointError(f"{directory} is not a readable raytrain-cls checkpoint ({META_FILE}: {e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{directory}: {META_FILE} is not a JSON object")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (FORMAT_VERSION, UNVERIFIED_VERSION):
         raise CheckpointError(
             f"{directory}: checkpoint format {meta.get('format_version')} is not "
             f"{FORMAT_VERSION}, the one this version reads"

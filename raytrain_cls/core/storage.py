@@ -114,3 +114,19 @@ def local_dir(path: str | Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="raytrain-cls-download-") as d:
         pyarrow.fs.copy_files(inner, d, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
         yield Path(d)
+
+
+def unwritable_reason(directory: str | Path) -> Optional[str]:
+    """Why a local directory cannot be created or written to (None when it can; a URI is the store's to judge):
+    checked before any work, so a run, an export or a results file never fails at its very end for it."""
+    if is_uri(directory):
+        return None
+    path = Path(directory).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder" if existing == path else f"it would be inside the file {existing}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None

@@ -22,6 +22,7 @@ from raytrain_cls.core.state import (
     load_weights,
     read_meta,
     rng_state,
+    verified_meta,
 )
 from raytrain_cls.core.storage import absolute, exists, is_uri, join, local_dir
 from raytrain_cls.run.report import CONFIG_FILE, PLACEMENT_GROUP_METRIC
@@ -100,6 +101,8 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
     weights = cfg.checkpoint.initial_checkpoint
     if weights:  # weights only: the run itself starts at epoch 0 (so this is not a "resume")
         with local_dir(weights) as path:  # a checkpoint directory under a URI is fetched first
+            if path.is_dir():
+                verified_meta(path)
             load_weights(state.model, path / MODEL_FILE if path.is_dir() else path)
         if state.ema is not None:
             state.ema.set(state.model)
@@ -143,19 +146,32 @@ def init_checkpoint(cfg: Config) -> Optional[str]:
         return None
     kind, target = find_resume_target(cfg.checkpoint.resume, resolve_output(cfg.checkpoint.output))
     if kind == "checkpoint":
-        read_meta(target)  # CheckpointError now, not inside the workers
+        checked_checkpoint(target)  # CheckpointError now, not inside the workers
         return target
     if run_started(target):  # Ray restores the run's own latest checkpoint
         return None
     started_from = recorded_init_checkpoint(target)
     if started_from:
         try:
-            read_meta(started_from)
+            checked_checkpoint(started_from)
         except CheckpointError as e:
             raise CheckpointError(
                 f"{target} has no checkpoint of its own yet, and the checkpoint it was started from cannot be read: {e}"
             ) from None
     return started_from
+
+
+def checked_checkpoint(path: str) -> dict:
+    """The meta.json of a checkpoint a run will start from, checked on the driver before any Ray work: a local one
+    file by file against its checksums; one under a URI for the presence of every file it lists (the worker
+    verifies their checksums once it has downloaded them)."""
+    if not is_uri(path):
+        return verified_meta(path)
+    meta = read_meta(path)
+    missing = [name for name in (meta.get("files") or {}) if not exists(join(path, name))]
+    if missing:
+        raise CheckpointError(f"{path}: {', '.join(missing)} missing from the checkpoint (its {META_FILE} lists them)")
+    return meta
 
 
 def recorded_init_checkpoint(run_dir: str) -> Optional[str]:

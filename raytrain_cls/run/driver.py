@@ -17,20 +17,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
 import torch
 
 from raytrain_cls.core.config import Config, ConfigError, Resolved, dump_yaml
-from raytrain_cls.core.model import meta_model
+from raytrain_cls.core.model import check_weights_file, meta_model, split_bn
 from raytrain_cls.core.onednn import onednn_env
 from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
-from raytrain_cls.core.storage import is_uri, join, split, write_text
+from raytrain_cls.core.state import MODEL_FILE, check_architecture
+from raytrain_cls.core.storage import is_uri, join, split, unwritable_reason, write_text
 from raytrain_cls.data import build_source
 from raytrain_cls.data.ray_data import DATASET_NAME, train_dataset
 from raytrain_cls.data.transforms import data_config_kwargs
 from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, Capacity, connected_capacity, has, waiting_note
 from raytrain_cls.run.checkpointer import (
+    DEFAULT_OUTPUT,
     find_resume_target,
     init_checkpoint,
     remove_unregistered_checkpoints,
@@ -64,6 +66,11 @@ class RunInterrupted(Exception):
             f"interrupted: the run stopped, its checkpoints are kept. Continue it with: "
             f"raytrain-cls train --resume {run_dir}"
         )
+
+    def __reduce__(self):
+        # Ray carries a worker's exception to the driver by pickling it, and the default pickling rebuilds it from
+        # its message alone, which this __init__ does not take.
+        return type(self), (self.run_dir,), self.__dict__
 
 
 @dataclass
@@ -247,27 +254,30 @@ def resolve_data_config(cfg: Config, num_classes: int, pretrained_cfg: Optional[
     )
 
 
-def resolve(cfg: Config, cluster: dict) -> Config:
-    """Fill cfg.resolved with every run-wide decision; raise ConfigError / DataError before any worker starts."""
+@dataclass
+class Preflight:
+    """What the config says about the run's data and model, found without a cluster: done before Ray starts, so
+    that an unknown model, a bad model argument or a data set that cannot be read costs no cluster start-up."""
+
+    source: Any  # data.sources.DataSource
+    num_classes: int
+    architecture: torch.nn.Module  # on the meta device: structure and defaults, no weights
+    data_config: dict
+    extra: dict  # Resolved fields only some runs have (naflex_patch_size)
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Build the data source and the model's architecture (on the meta device); raise ConfigError / DataError."""
     source = build_source(cfg)
     num_classes = cfg.model.num_classes or source.num_classes
     if num_classes < source.num_classes:
         raise ConfigError("model.num_classes", num_classes, f"the data set has {source.num_classes} classes")
-    use_gpu, num_workers = resolve_scaling(cfg, cluster)
-    if cfg.data.batch_size * num_workers > len(source.train):
+    if cfg.data.batch_size > len(source.train):  # with more workers, resolve() checks the product
         raise ConfigError(
-            "data.batch_size",
-            cfg.data.batch_size,
-            f"x {num_workers} workers is more than the {len(source.train)} training samples",
+            "data.batch_size", cfg.data.batch_size, f"is more than the {len(source.train)} training samples"
         )
-    lr, lr_rule = resolve_lr(cfg, num_workers)
-    num_epochs = resolve_num_epochs(cfg)
-    if cfg.sched.start_epoch is not None and cfg.sched.start_epoch >= num_epochs:
-        raise ConfigError(
-            "sched.start_epoch",
-            cfg.sched.start_epoch,
-            f"the schedule runs {num_epochs} epochs (0..{num_epochs - 1}): nothing would be trained",
-        )
+    if cfg.model.pretrained_path:
+        check_weights_file("model.pretrained_path", cfg.model.pretrained_path)
     architecture = meta_model(cfg, num_classes)
     if (
         cfg.loss.kd_model_name
@@ -293,6 +303,43 @@ def resolve(cfg: Config, cluster: dict) -> Config:
             cfg.data.input_img_mode,
             f"the model takes {chans}-channel input (set --in-chans to match, or drop --input-img-mode)",
         )
+    return Preflight(source, num_classes, architecture, data_config, extra)
+
+
+def check_start_weights(cfg: Config, architecture: torch.nn.Module, start_from: Optional[str]) -> None:
+    """The weights a run starts from (--resume CHECKPOINT, --initial-checkpoint) fit the architecture it builds,
+    read from the files' headers on the driver: a checkpoint of another model fails here, before Ray starts.
+    Local files only; a worker checks one under a URI once it has downloaded it."""
+    weights = [join(start_from, MODEL_FILE)] if start_from else []
+    init = cfg.checkpoint.initial_checkpoint
+    if init:
+        weights.append(join(init, MODEL_FILE) if Path(init).is_dir() else init)
+    model = split_bn(cfg, architecture)
+    for path in weights:
+        if not is_uri(path):
+            check_architecture(model, Path(path))
+
+
+def resolve(cfg: Config, cluster: dict, checked: Optional[Preflight] = None) -> Config:
+    """Fill cfg.resolved with every run-wide decision; raise ConfigError / DataError before any worker starts.
+    ``checked``: the preflight already done for this config before Ray started."""
+    checked = checked or preflight(cfg)
+    source, num_classes = checked.source, checked.num_classes
+    use_gpu, num_workers = resolve_scaling(cfg, cluster)
+    if cfg.data.batch_size * num_workers > len(source.train):
+        raise ConfigError(
+            "data.batch_size",
+            cfg.data.batch_size,
+            f"x {num_workers} workers is more than the {len(source.train)} training samples",
+        )
+    lr, lr_rule = resolve_lr(cfg, num_workers)
+    num_epochs = resolve_num_epochs(cfg)
+    if cfg.sched.start_epoch is not None and cfg.sched.start_epoch >= num_epochs:
+        raise ConfigError(
+            "sched.start_epoch",
+            cfg.sched.start_epoch,
+            f"the schedule runs {num_epochs} epochs (0..{num_epochs - 1}): nothing would be trained",
+        )
     cfg.resolved = Resolved(
         use_gpu=use_gpu,
         num_workers=num_workers,
@@ -303,8 +350,8 @@ def resolve(cfg: Config, cluster: dict) -> Config:
         classes=list(source.classes),
         train_samples=len(source.train),
         val_samples=len(source.val),
-        data_config=data_config,
-        **extra,
+        data_config=checked.data_config,
+        **checked.extra,
     )
     return cfg
 
@@ -461,14 +508,24 @@ def train(cfg: Config, echo=print, console: Optional[TextIO] = None, stamps: Opt
     starts, TrainingError when the run itself fails. ``console``: the stream a live progress bar may use;
     ``stamps``: start-up stamps the caller already has (startup.py; the command's process start)."""
     cfg.validate()
+    check_output(cfg)
     paths = run_paths(cfg)  # before Ray: a name clash is a config error, not a cluster job
     start_from = init_checkpoint(cfg)
+    checked = preflight(cfg)  # before Ray: the model, its arguments and the data set
+    check_start_weights(cfg, checked.architecture, start_from)
     if start_from and run_config_file(paths.run_dir):  # continuing a run that died before its first checkpoint
         echo(
             f"{paths.run_dir} has no checkpoint of its own yet: it starts again from {start_from}, the checkpoint "
             f"it was started from"
         )
-    return fit_run(cfg, paths, start_from=start_from, echo=echo, console=console, stamps=stamps)
+    return fit_run(cfg, paths, start_from=start_from, echo=echo, console=console, stamps=stamps, checked=checked)
+
+
+def check_output(cfg: Config) -> None:
+    """--output can hold the run: creatable and writable, not a file or inside one (a URI is its store's to judge)."""
+    reason = unwritable_reason(resolve_output(cfg.checkpoint.output))
+    if reason:
+        raise ConfigError("checkpoint.output", cfg.checkpoint.output or DEFAULT_OUTPUT, f"cannot hold runs: {reason}")
 
 
 def fit_run(
@@ -479,6 +536,7 @@ def fit_run(
     echo=print,
     console: Optional[TextIO] = None,
     stamps: Optional[dict] = None,
+    checked: Optional[Preflight] = None,
 ) -> dict:
     """Resolve the config on this cluster, write config.yaml, fit, write result.json. Also a Tune trial's body."""
     import ray.train
@@ -489,7 +547,7 @@ def fit_run(
     cluster = connect()
     stamp(stamps, "ray_ready")
     earlier = cfg.resolved  # a continued run's own decisions (its config.yaml), or None
-    resolve(cfg, cluster)
+    resolve(cfg, cluster, checked)
     stamp(stamps, "resolved")
     r = cfg.resolved
     r.output, r.experiment, r.run_dir = paths.output, paths.experiment, paths.run_dir

@@ -22,11 +22,13 @@ import yaml
 from raytrain_cls.core.config import FIELDS, Config, ConfigError, _suggest, read_yaml
 from raytrain_cls.core.optim import resolve_num_epochs
 from raytrain_cls.core.storage import absolute, exists, is_uri, join, read_text, split, write_text
+from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, has
 from raytrain_cls.run.checkpointer import resolve_output
-from raytrain_cls.run.driver import RunPaths, connect, fit_run
+from raytrain_cls.run.driver import RunPaths, check_output, connect, fit_run, preflight, resolve_scaling
 from raytrain_cls.run.plots import plot_curves
 from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC, RESULT_FILE, trial_run_dir
 from raytrain_cls.run.startup import breakdown
+from raytrain_cls.run.worker import EMA_EPOCH_METRICS, EPOCH_METRICS
 
 SEARCH_FILE, TRIALS_FILE, BEST_FILE, PLOT_FILE = "search.yaml", "trials.csv", "best.yaml", "trials.png"
 DEFAULT_OUTPUT = "output/tune"
@@ -69,15 +71,19 @@ SPEC_KEYS = [f.name for f in dataclasses.fields(SearchSpec)]
 def parse_dimension(key: str, spec: Any) -> tuple[str, list]:
     """'loguniform:1e-4:1e-1' | {'loguniform': [1e-4, 1e-1]} | [a, b, c] (a choice) -> (kind, args)."""
     where = f"search.space.{key}"
+    items = None  # the string form's items, still text
     if isinstance(spec, list):
         return "choice", list(spec)
     if isinstance(spec, dict) and len(spec) == 1:
         kind, args = next(iter(spec.items()))
-        args = list(args) if isinstance(args, (list, tuple)) else [args]
+        # `{choice: }` in YAML is None: no values, not the one value None
+        args = [] if args is None else list(args) if isinstance(args, (list, tuple)) else [args]
     elif isinstance(spec, str) and ":" in spec:
         kind, _, rest = spec.partition(":")
         sep = "," if kind in ("choice", "grid") else ":"
-        args = [_scalar(a) for a in rest.split(sep)]
+        # "choice:" split would be [""], which YAML reads as None: one trial value nobody asked for
+        items = rest.split(sep) if rest.strip() else []
+        args = []
     else:
         raise ConfigError(
             where,
@@ -90,6 +96,19 @@ def parse_dimension(key: str, spec: Any) -> tuple[str, list]:
             spec,
             f"unknown distribution '{kind}'; choose one of {list(SPACE_KINDS)}{_suggest(kind, SPACE_KINDS)}",
         )
+    if items is not None:
+        if not items and SPACE_KINDS[kind] is None:
+            raise ConfigError(where, spec, f"{kind} lists no values; give at least one, e.g. {kind}:a,b")
+        empty = [n for n, item in enumerate(items, 1) if not item.strip()]
+        if empty:
+            # An empty item reads as None, a value nobody meant (whoever does, writes null)
+            raise ConfigError(
+                where,
+                spec,
+                f"value {', '.join(map(str, empty))} of {len(items)} is empty: separate values by a single "
+                f"'{sep}' with nothing after the last",
+            )
+        args = [_scalar(item) for item in items]
     return kind, args
 
 
@@ -114,9 +133,15 @@ def parse_search(raw: Optional[dict], cli_space: Optional[dict] = None, cli: Opt
         if key not in SPEC_KEYS:
             raise ConfigError(f"search.{key}", value, f"unknown key{_suggest(key, SPEC_KEYS)}")
         default = getattr(spec, key)
-        if isinstance(default, (int, float)) and not isinstance(value, (int, float)) or isinstance(value, bool):
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"search.{key}", value, "expected a name")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"search.{key}", value, "expected a number")
-        setattr(spec, key, type(default)(value) if isinstance(default, (int, float, str)) else value)
+        elif isinstance(default, int) and not float(value).is_integer():
+            # int() would quietly make num_samples 2.5 into 2 trials
+            raise ConfigError(f"search.{key}", value, "expected a whole number")
+        setattr(spec, key, type(default)(value))
     space = raw.get("space") or {}
     if not isinstance(space, dict):
         raise ConfigError("search.space", space, "expected a mapping of config keys to distributions")
@@ -147,6 +172,12 @@ def validate_search(spec: SearchSpec, base: Config) -> SearchSpec:
         if need is None:
             if not args:
                 raise ConfigError(where, args, f"{kind} needs at least one value")
+            repeated = _repeated(args)
+            if repeated:
+                # A repeated grid value runs the same trials twice; a repeated choice is drawn twice as often.
+                raise ConfigError(
+                    where, args, f"lists {', '.join(map(repr, repeated))} more than once; give each value once"
+                )
             for value in args:
                 _probe(base, key, value, where)
             continue
@@ -163,6 +194,10 @@ def validate_search(spec: SearchSpec, base: Config) -> SearchSpec:
             raise ConfigError(where, args, "randint bounds must be integers")
         for value in (lo, hi):
             _probe(base, key, int(value) if kind.endswith("randint") else value, where)
+    for key in SPEC_KEYS:
+        value = getattr(spec, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"search.{key}", value, "must be a finite number")
     if spec.num_samples < 1:
         raise ConfigError("search.num_samples", spec.num_samples, "must be >= 1")
     if spec.scheduler not in SCHEDULERS:
@@ -208,7 +243,80 @@ def validate_search(spec: SearchSpec, base: Config) -> SearchSpec:
         raise ConfigError("search.gpus_per_worker", g, "must be a fraction in [0, 1] or a whole number")
     if spec.mode and spec.mode not in ("min", "max"):
         raise ConfigError("search.mode", spec.mode, "must be min or max")
+    if spec.metric:
+        check_metric(spec.metric, base)
     return spec
+
+
+def _repeated(values: list) -> list:
+    """The values a list holds more than once. 1 and 1.0 are the same trial; True and 1 are not (a bool key would
+    refuse the 1)."""
+
+    def same(a: Any, b: Any) -> bool:
+        return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+    repeated: list = []  # each as first listed
+    for i, value in enumerate(values):
+        first = next((j for j in range(i) if same(value, values[j])), None)
+        if first is not None and not any(same(value, r) for r in repeated):
+            repeated.append(values[first])
+    return repeated
+
+
+def trial_metrics(base: Config) -> tuple[str, ...]:
+    """The numbers each epoch of a trial of this config reports, by which Tune can score it (run/worker.py)."""
+    return EPOCH_METRICS + (EMA_EPOCH_METRICS if base.ema.model_ema else ())
+
+
+def check_metric(metric: str, base: Config) -> None:
+    """A metric no trial reports would fail only after the first trial trained an epoch, as Tune's own error."""
+    if metric in trial_metrics(base):
+        return
+    if metric in EMA_EPOCH_METRICS:
+        raise ConfigError(
+            "search.metric",
+            metric,
+            "reported only with --model-ema (the raw model's score beside the EMA's eval_*); "
+            f"use {metric.removeprefix('model_')} or add --model-ema",
+        )
+    metrics = trial_metrics(base)
+    raise ConfigError(
+        "search.metric",
+        metric,
+        f"not a metric a trial reports; one of {', '.join(metrics)}{_suggest(metric, metrics)}",
+    )
+
+
+def check_trial_resources(spec: SearchSpec, cluster: dict) -> None:
+    """Refuse trials the cluster can never schedule, before the Tuner starts: otherwise Tune starts every trial
+    into the same failure. ``cluster``: what the cluster has or its autoscaler can grow it to (capacity.py; math.inf
+    for no limit). Totals only: Ray tells no per-node limits of nodes an autoscaler has yet to add."""
+    workers = spec.workers_per_trial
+    for resource, per_worker, option in (
+        ("GPU", spec.gpus_per_worker, "gpus_per_worker"),
+        ("CPU", spec.cpus_per_worker, "cpus_per_worker"),
+    ):
+        available = cluster.get(resource, 0)
+        flag = "--" + option.replace("_", "-")
+        if per_worker > available:
+            on_cpus = f"; {flag} 0 trains on CPUs" if resource == "GPU" and not available else ""
+            raise ConfigError(
+                f"search.{option}",
+                per_worker,
+                f"each trial worker needs {_amount(per_worker, resource)} but {has(cluster, resource)}{on_cpus} "
+                f"({UNREAD_LIMITS_HINT})",
+            )
+        if workers * per_worker > available:
+            raise ConfigError(
+                "search.workers_per_trial",
+                workers,
+                f"a trial's {workers} workers need {_amount(workers * per_worker, resource)} ({per_worker:g} each) "
+                f"but {has(cluster, resource)}; lower --workers-per-trial or {flag} ({UNREAD_LIMITS_HINT})",
+            )
+
+
+def _amount(count: float, resource: str) -> str:
+    return f"{count:g} {resource}{'' if count == 1 else 's'}"
 
 
 def metric_and_mode(spec: SearchSpec, base: Config) -> tuple[str, str]:
@@ -434,11 +542,16 @@ class SearchInterrupted(Exception):
     """Ctrl-C ended the search early; Tune saved its state, and --resume continues it."""
 
     def __init__(self, search_dir: str, finished: int, total: int):
-        self.search_dir = search_dir
+        self.search_dir, self.finished, self.total = search_dir, finished, total
         super().__init__(
             f"search interrupted with {finished} of {total} trials finished (trials.csv has the results "
             f"so far). Continue it with: raytrain-cls tune --resume {search_dir}"
         )
+
+    def __reduce__(self):
+        # Pickling (Ray, multiprocessing) rebuilds an exception from its message alone by default, which this
+        # __init__ does not take.
+        return type(self), (self.search_dir, self.finished, self.total), self.__dict__
 
 
 def saved_states(search_dir: str) -> dict:
@@ -604,13 +717,19 @@ def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, ec
     metric, mode = metric_and_mode(spec, base)
     max_t = max_epochs(base, spec)
     if not resume:
+        check_output(base)
+    preflight(trial_base(base, spec))  # before Ray: the base model, its arguments and the data set
+    # Before the search directory is made: a search the cluster cannot run leaves nothing behind.
+    cluster = connect()
+    check_trial_resources(spec, cluster)
+    resolve_scaling(trial_base(base, spec), cluster)  # what every trial would fail on (sync-BN on CPUs, ...)
+    if not resume:
         raw = base.to_dict()
         raw.pop("resolved")
         raw["search"] = dict(
             dataclasses.asdict(spec), space={k: {kind: args} for k, (kind, args) in spec.space.items()}
         )
         write_text(join(search_dir, SEARCH_FILE), yaml.safe_dump(raw, sort_keys=False))
-    cluster = connect()
     echo(f"Search directory: {search_dir}")
     echo(
         f"Searching {', '.join(spec.space)} over {spec.num_samples} trial(s), {spec.scheduler} scheduler, "

@@ -23,7 +23,15 @@ from timm.utils import distribute_bn
 
 from raytrain_cls.core.config import Config
 from raytrain_cls.core.distill import build_distillation
-from raytrain_cls.core.engine import EpochProgress, TrainParts, amp_parts, evaluate, train_one_epoch
+from raytrain_cls.core.engine import (
+    EPOCH_TRAIN_METRICS,
+    EVALUATION_KEYS,
+    EpochProgress,
+    TrainParts,
+    amp_parts,
+    evaluate,
+    train_one_epoch,
+)
 from raytrain_cls.core.loss import build_mixup, build_train_loss
 from raytrain_cls.core.model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from raytrain_cls.core.onednn import slow_bf16_note
@@ -79,6 +87,24 @@ def train_loop_per_worker(config: dict) -> dict:
     entered = time.time()
     quiet_per_report_logs()
     return WorkerRun(config, entered).run()
+
+
+# The numbers every evaluated epoch reports (WorkerRun.end_of_epoch): the metrics a Tune trial can be scored by,
+# which `tune --metric` is checked against before any trial starts. EMA_EPOCH_METRICS (the raw model's scores
+# beside the EMA's eval_*) come only with --model-ema. resumed_from, startup and the placement group are reported
+# too, but are no numbers to optimise.
+EPOCH_METRICS = (
+    "epoch",
+    *EPOCH_TRAIN_METRICS,
+    "train_bad_samples",
+    "eval_bad_samples",
+    *(f"eval_{key}" for key in EVALUATION_KEYS),
+    "num_updates",
+    "best_metric",
+    "best_epoch",
+    "num_nodes",
+)
+EMA_EPOCH_METRICS = tuple(f"model_eval_{key}" for key in EVALUATION_KEYS)
 
 
 class WorkerRun:

@@ -4,8 +4,9 @@ the validation data, through the same build_source/build_loaders calls the produ
 import sys
 
 import pytest
+from records import resolved_record
 
-from raytrain_cls.core.config import Resolved, load_config
+from raytrain_cls.core.config import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -40,25 +41,8 @@ def _on_two_ranks(config: dict) -> dict:
 
 def digits_config():
     cfg = load_config("digits", {"workers": 0, "batch_size": 32, "model": "test_resnet"})
-    cfg.resolved = Resolved(
-        use_gpu=False,
-        num_workers=2,
-        lr=0.1,
-        lr_rule="--lr",
-        num_epochs=1,
-        num_classes=10,
-        classes=[str(i) for i in range(10)],
-        train_samples=1438,
-        val_samples=359,
-        data_config=dict(
-            input_size=[3, 32, 32],
-            interpolation="bicubic",
-            mean=[0.5] * 3,
-            std=[0.5] * 3,
-            crop_pct=1.0,
-            crop_mode="center",
-        ),
-    )
+    data_config = dict(resolved_record().data_config, input_size=[3, 32, 32], interpolation="bicubic")
+    cfg.resolved = resolved_record(num_workers=2, train_samples=1438, val_samples=359, data_config=data_config)
     return cfg
 
 

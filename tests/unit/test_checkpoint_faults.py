@@ -8,25 +8,26 @@ import json
 import pytest
 import timm
 import torch
+from records import resolved_record
 from safetensors.torch import load_file
 
 from raytrain_cls.commands.export import CONFIG_JSON, export_checkpoint
-from raytrain_cls.core.config import Config, Resolved
+from raytrain_cls.core.config import Config
 from raytrain_cls.core.optim import build_optimizer
-from raytrain_cls.core.state import META_FILE, MODEL_FILE, CheckpointError, TrainState, non_finite_tensors, rng_state
+from raytrain_cls.core.state import (
+    META_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    TrainState,
+    file_digest,
+    non_finite_tensors,
+    rng_state,
+)
 
+DATA_CONFIG = dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3)
 CFG = Config().update({"dataset": "digits", "model": "test_resnet", "lr": 0.1, "img_size": 16}).validate()
-CFG.resolved = Resolved(
-    use_gpu=False,
-    num_workers=1,
-    lr=0.1,
-    lr_rule="--lr",
-    num_epochs=1,
-    num_classes=4,
-    classes=["a", "b", "c", "d"],
-    train_samples=16,
-    val_samples=8,
-    data_config=dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3),
+CFG.resolved = resolved_record(
+    num_classes=4, classes=["a", "b", "c", "d"], train_samples=16, val_samples=8, data_config=DATA_CONFIG
 )
 
 
@@ -72,7 +73,7 @@ def test_a_truncated_weights_file_is_refused_by_name(tmp_path):
     ckpt = new_state().save(tmp_path / "ckpt")
     data = (ckpt / MODEL_FILE).read_bytes()
     (ckpt / MODEL_FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cannot read weights .*model.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt"):
         new_state().load(ckpt)
 
 
@@ -138,3 +139,38 @@ def test_export_of_a_damaged_checkpoint_fails_cleanly(tmp_path):
     with pytest.raises(CheckpointError):
         export_checkpoint(ckpt, tmp_path / "out")
     assert not (tmp_path / "out" / MODEL_FILE).exists()
+    assert not (tmp_path / "out").exists()  # nothing half-made: not even the folder
+
+
+def test_an_export_records_its_checksums_and_a_corrupt_one_is_refused(tmp_path):
+    from raytrain_cls.commands.inference import load_model
+
+    ckpt = new_state().save(tmp_path / "ckpt")
+    info = export_checkpoint(ckpt, tmp_path / "export")
+    assert info["files"][MODEL_FILE]["sha256"] == file_digest(tmp_path / "export" / MODEL_FILE)["sha256"]
+    load_model(tmp_path / "export")  # verifies, then loads
+    weights = tmp_path / "export" / MODEL_FILE
+    data = bytearray(weights.read_bytes())
+    data[-50] ^= 0x04
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt"):
+        load_model(tmp_path / "export")
+
+
+def test_a_failed_export_write_removes_what_it_wrote(tmp_path, monkeypatch):
+    import raytrain_cls.commands.export as export
+
+    ckpt = new_state().save(tmp_path / "ckpt")
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "atomic_write_text", disk_full)  # the weights are written, config.json is not
+    with pytest.raises(OSError, match="No space left"):
+        export_checkpoint(ckpt, tmp_path / "new" / "export")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(OSError):
+        export_checkpoint(ckpt, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]  # a user's folder keeps its files

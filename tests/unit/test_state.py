@@ -1,4 +1,5 @@
-"""raytrain_cls.core.state: checkpoint round trip, and refusal of anything that is not plain data."""
+"""raytrain_cls.core.state: checkpoint round trip, checksums verified before anything loads, weights of another
+architecture refused by name, and refusal of anything that is not plain data."""
 
 from __future__ import annotations
 
@@ -20,10 +21,14 @@ from raytrain_cls.core.state import (
     META_FILE,
     MODEL_FILE,
     STATE_FILE,
+    UNVERIFIED_VERSION,
     CheckpointError,
     TrainState,
+    check_architecture,
+    file_digest,
     load_weights,
     save_weights,
+    verified_meta,
 )
 from raytrain_cls.core.storage import local_dir
 
@@ -179,9 +184,81 @@ def saved(tmp_path):
     return d
 
 
+def reseal(directory) -> None:
+    """Record the current checksums in meta.json: a tampered state.pt whose author also rewrote the checksums,
+    so that what is tested is the unpickling refusal behind them."""
+    meta = json.loads((directory / META_FILE).read_text())
+    meta["files"] = {name: file_digest(directory / name) for name in meta["files"]}
+    (directory / META_FILE).write_text(json.dumps(meta))
+
+
+def flip_one_bit(path, offset_from_end: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_every_file_is_recorded_with_its_size_and_sha256(saved):
+    files = json.loads((saved / META_FILE).read_text())["files"]
+    assert sorted(files) == sorted([MODEL_FILE, EMA_FILE, STATE_FILE])
+    assert files[MODEL_FILE] == file_digest(saved / MODEL_FILE)
+    assert files[MODEL_FILE]["bytes"] == (saved / MODEL_FILE).stat().st_size
+
+
+@pytest.mark.parametrize("name", [MODEL_FILE, EMA_FILE, STATE_FILE])
+def test_a_flipped_bit_is_refused_naming_the_file(saved, name):
+    flip_one_bit(saved / name)  # inside the tensor data: the file still parses, its weights are wrong
+    state = make_state(1)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=f"{name}: corrupt"):
+        state.load(saved)
+    assert_same_tensors(before, state.model.state_dict())  # nothing was loaded
+
+
+def test_a_missing_file_is_refused_naming_it(saved):
+    (saved / EMA_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"{EMA_FILE}: missing"):
+        verified_meta(saved)
+
+
+def test_a_listed_name_outside_the_checkpoint_is_refused(saved):
+    meta = json.loads((saved / META_FILE).read_text())
+    meta["files"]["../elsewhere"] = meta["files"][MODEL_FILE]
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="missing from the checkpoint"):
+        verified_meta(saved)
+
+
+def test_checksums_stripped_from_a_current_checkpoint_are_refused(saved):
+    meta = json.loads((saved / META_FILE).read_text())
+    del meta["files"]
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="lists no checksums"):
+        make_state(1).load(saved)
+
+
+def test_a_checkpoint_of_the_version_before_checksums_still_loads(saved):
+    meta = json.loads((saved / META_FILE).read_text())
+    meta["format_version"] = UNVERIFIED_VERSION
+    del meta["files"]
+    (saved / META_FILE).write_text(json.dumps(meta))
+    make_state(1).load(saved)
+
+
+def test_weights_of_another_architecture_are_refused_by_name(saved):
+    other = timm.create_model("test_resnet", num_classes=7)  # another class count: the head differs
+    with pytest.raises(CheckpointError, match=r"another architecture.*tensor\(s\) of another shape.*fc"):
+        load_weights(other, saved / MODEL_FILE)
+    with torch.device("meta"):  # the driver's check: no weights allocated
+        meta_model = timm.create_model("test_vit", num_classes=4)
+    with pytest.raises(CheckpointError, match="missing"):
+        check_architecture(meta_model, saved / MODEL_FILE)
+
+
 def test_malicious_torch_save_is_refused(saved, tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"optimizer": Exploit(marker)}, saved / STATE_FILE)
+    reseal(saved)
     with pytest.raises(CheckpointError, match="refusing to load"):
         make_state(1).load(saved)
     assert not marker.exists()
@@ -191,6 +268,7 @@ def test_malicious_raw_pickle_is_refused(saved, tmp_path):
     marker = tmp_path / "pwned"
     with open(saved / STATE_FILE, "wb") as f:
         pickle.dump(Exploit(marker), f, protocol=2)
+    reseal(saved)
     with pytest.raises(CheckpointError, match="refusing to load"):
         make_state(1).load(saved)
     assert not marker.exists()
@@ -199,12 +277,14 @@ def test_malicious_raw_pickle_is_refused(saved, tmp_path):
 def test_arbitrary_class_is_refused(saved):
     """Even a harmless custom class is not on weights_only's allow list."""
     torch.save({"counters": Config()}, saved / STATE_FILE)
+    reseal(saved)
     with pytest.raises(CheckpointError, match="refusing to load"):
         make_state(1).load(saved)
 
 
 def test_garbage_state_file(saved):
     (saved / STATE_FILE).write_bytes(b"not a checkpoint")
+    reseal(saved)
     with pytest.raises(CheckpointError):
         make_state(1).load(saved)
 

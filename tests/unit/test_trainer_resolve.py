@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from raytrain_cls.core.config import Config, ConfigError, load_config
-from raytrain_cls.core.state import FORMAT_VERSION, META_FILE, CheckpointError
+from raytrain_cls.core.state import FORMAT_VERSION, META_FILE, MODEL_FILE, STATE_FILE, CheckpointError, file_digest
 from raytrain_cls.run.checkpointer import (
     RAY_SNAPSHOT,
     find_resume_target,
@@ -91,9 +91,20 @@ def _started_run(tmp_path, name="exp"):
 
 
 def _checkpoint(directory: Path, version=FORMAT_VERSION) -> Path:
+    """A checkpoint's files as far as the driver looks at them: present, with their checksums in meta.json."""
     directory.mkdir(parents=True)
-    (directory / META_FILE).write_text(json.dumps({"format_version": version}))
+    for name in (MODEL_FILE, STATE_FILE):
+        (directory / name).write_bytes(name.encode())
+    files = {name: file_digest(directory / name) for name in (MODEL_FILE, STATE_FILE)}
+    (directory / META_FILE).write_text(json.dumps({"format_version": version, "files": files}))
     return directory
+
+
+def test_a_corrupt_start_checkpoint_is_refused_before_ray(tmp_path):
+    ckpt = _checkpoint(tmp_path / "old" / "epoch-0003")
+    (ckpt / STATE_FILE).write_bytes(b"flipped")
+    with pytest.raises(CheckpointError, match="state.pt: corrupt"):
+        init_checkpoint(_cfg(output=str(tmp_path), resume=str(ckpt)))
 
 
 def _run_without_checkpoints(tmp_path, started_from=None) -> Path:

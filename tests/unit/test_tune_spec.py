@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -14,12 +15,14 @@ from raytrain_cls.run.tune import (
     SearchSpec,
     TrialRow,
     best_config_yaml,
+    check_trial_resources,
     max_epochs,
     parse_dimension,
     parse_search,
     space_from_cli,
     summarize,
     trial_base,
+    trial_metrics,
     trial_startup_s,
     validate_search,
     write_trials_csv,
@@ -76,12 +79,155 @@ def test_cli_dimensions_and_options_override_the_file():
         ({"gpus_per_worker": 1.5}, "search.gpus_per_worker", "fraction"),
         ({"reduction_factor": 1}, "search.reduction_factor", "> 1"),
         ({"num_sample": 3}, "search.num_sample", "did you mean 'num_samples'"),
+        # lists that would run trials nobody asked for
+        ({"space": {"lr": "choice:"}}, "search.space.lr", "choice lists no values"),
+        ({"space": {"lr": "grid: "}}, "search.space.lr", "grid lists no values"),
+        ({"space": {"lr": {"choice": None}}}, "search.space.lr", "at least one value"),
+        ({"space": {"lr": {"grid": []}}}, "search.space.lr", "at least one value"),
+        ({"space": {"opt": "choice:sgd,,adamw"}}, "search.space.opt", "value 2 of 3 is empty"),
+        ({"space": {"lr": "grid:0.1,0.2,"}}, "search.space.lr", "value 3 of 3 is empty"),
+        ({"space": {"lr": "uniform::0.1"}}, "search.space.lr", "value 1 of 2 is empty"),
+        ({"space": {"lr": "grid:0.1,0.1"}}, "search.space.lr", "lists 0.1 more than once"),
+        ({"space": {"lr": "grid:0.1,0.2,0.10,0.2"}}, "search.space.lr", "lists 0.1, 0.2 more than once"),
+        ({"space": {"batch_size": "grid:16,16.0"}}, "search.space.batch_size", "lists 16 more than once"),
+        ({"space": {"opt": ["sgd", "adamw", "sgd"]}}, "search.space.opt", "lists 'sgd' more than once"),
+        # the metric, before any trial trains
+        ({"metric": "foo"}, "search.metric", "not a metric a trial reports; one of epoch, train_loss"),
+        ({"metric": "eval_top"}, "search.metric", "did you mean 'eval_top"),
+        ({"metric": "model_eval_top1"}, "search.metric", "only with --model-ema"),
+        ({"metric": "startup"}, "search.metric", "not a metric a trial reports"),
+        # every option in its range
+        ({"mode": "maximize"}, "search.mode", "min or max"),
+        ({"mode": True}, "search.mode", "expected a name"),
+        ({"searcher": "hyperopt"}, "search.searcher", "choose one of"),
+        ({"num_samples": 2.5}, "search.num_samples", "whole number"),
+        ({"num_samples": "4"}, "search.num_samples", "expected a number"),
+        ({"grace_period": 0}, "search.grace_period", ">= 1"),
+        ({"reduction_factor": math.nan}, "search.reduction_factor", "finite"),
+        ({"max_concurrent_trials": -1}, "search.max_concurrent_trials", ">= 0"),
+        ({"workers_per_trial": 0}, "search.workers_per_trial", ">= 1"),
+        ({"cpus_per_worker": 0}, "search.cpus_per_worker", "> 0"),
+        ({"cpus_per_worker": math.inf}, "search.cpus_per_worker", "finite"),
+        ({"gpus_per_worker": -1}, "search.gpus_per_worker", "fraction"),
     ],
 )
 def test_invalid_specs_are_refused_with_key_and_reason(search, key, reason):
     with pytest.raises(ConfigError) as e:
         validate_search(parse_search(search), BASE)
     assert e.value.key == key and reason in str(e.value), str(e.value)
+
+
+def test_an_empty_choice_is_refused_when_parsed_not_run_as_none():
+    """`--search lr=choice:` once became [None], and 8 identical trials ran."""
+    with pytest.raises(ConfigError, match="choice lists no values"):
+        parse_dimension("lr", "choice:")
+    assert parse_dimension("opt", "choice: sgd , adamw") == ("choice", ["sgd", "adamw"])
+    assert parse_dimension("k", "choice:null,1") == ("choice", [None, 1])  # None, when written, is a value
+
+
+def test_a_repeat_is_the_same_trial_value_not_the_same_text():
+    from raytrain_cls.run.tune import _repeated
+
+    assert _repeated([1, True, 1.0, "1", None, None]) == [1, None]  # 1.0 sets what 1 sets; True and "1" do not
+    assert _repeated([[0.5, 0.5], [0.5, 0.5]]) == [[0.5, 0.5]]  # list values (mean, std) compare too
+    spec = validate_search(parse_search({"space": {"channels_last": "grid:true,false"}}), BASE)
+    assert spec.space["channels_last"] == ("grid", [True, False])
+
+
+@pytest.mark.parametrize("metric", ["eval_top1", "eval_loss", "eval_top5", "train_loss", "lr", "epoch"])
+def test_every_metric_a_trial_reports_is_accepted(metric):
+    assert validate_search(parse_search({"metric": metric}), BASE).metric == metric
+
+
+def test_the_raw_model_metrics_are_accepted_with_an_ema():
+    ema = load_config("digits", {"epochs": 6, "model_ema": True})
+    assert "model_eval_top1" in trial_metrics(ema) and "model_eval_top1" not in trial_metrics(BASE)
+    assert validate_search(parse_search({"metric": "model_eval_top1"}), ema).metric == "model_eval_top1"
+
+
+def test_the_metric_list_holds_what_the_epoch_functions_return():
+    """tune --metric is checked against EPOCH_METRICS, built from these constants: they must stay the keys that
+    train_one_epoch and evaluate return, or a valid metric is refused (or a missing one accepted)."""
+    import torch
+
+    from raytrain_cls.core.engine import (
+        EPOCH_TRAIN_METRICS,
+        EVALUATION_KEYS,
+        TrainParts,
+        autocast_factory,
+        evaluate,
+        train_one_epoch,
+    )
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    loader = [(torch.randn(4, 4), torch.randint(0, 3, (4,))) for _ in range(2)]
+    parts = TrainParts(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        device=cpu,
+        autocast=autocast_factory(cpu, False, torch.float32),
+    )
+    trained, _ = train_one_epoch(0, loader, parts, 0)
+    assert tuple(trained) == EPOCH_TRAIN_METRICS
+    assert tuple(evaluate(model, loader, cpu, parts.autocast)) == EVALUATION_KEYS
+    assert {f"eval_{k}" for k in EVALUATION_KEYS} | set(EPOCH_TRAIN_METRICS) <= set(trial_metrics(BASE))
+
+
+@pytest.mark.parametrize(
+    "spec, cluster, key, reason",
+    [
+        (SearchSpec(gpus_per_worker=1), {"CPU": 8}, "search.gpus_per_worker", "the Ray cluster has 0; --gpus-per"),
+        (SearchSpec(gpus_per_worker=2), {"CPU": 8, "GPU": 1}, "search.gpus_per_worker", "needs 2 GPUs"),
+        (
+            SearchSpec(workers_per_trial=2, gpus_per_worker=1),
+            {"CPU": 8, "GPU": 1},
+            "search.workers_per_trial",
+            "2 GPUs",
+        ),
+        (SearchSpec(cpus_per_worker=4), {"CPU": 2}, "search.cpus_per_worker", "needs 4 CPUs but the Ray cluster has 2"),
+        (SearchSpec(workers_per_trial=3), {"CPU": 2}, "search.workers_per_trial", "need 3 CPUs (1 each)"),
+    ],
+)
+def test_a_trial_the_cluster_can_never_schedule_is_refused(spec, cluster, key, reason):
+    with pytest.raises(ConfigError) as e:
+        check_trial_resources(spec, cluster)
+    assert e.value.key == key and reason in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "spec, cluster",
+    [
+        (SearchSpec(), {"CPU": 1}),
+        (SearchSpec(workers_per_trial=2, cpus_per_worker=0.5), {"CPU": 1}),
+        (SearchSpec(workers_per_trial=4, gpus_per_worker=0.25), {"CPU": 4, "GPU": 1}),
+        (SearchSpec(workers_per_trial=8, gpus_per_worker=1), {"CPU": math.inf, "GPU": math.inf}),  # no autoscaler limit
+    ],
+)
+def test_a_trial_the_cluster_can_hold_passes(spec, cluster):
+    check_trial_resources(spec, cluster)
+
+
+def test_the_resource_check_counts_what_an_autoscaler_can_add():
+    from raytrain_cls.run.capacity import cluster_capacity
+
+    capacity = cluster_capacity({"CPU": 4}, {"GPU": 2}, "the cluster YAML")
+    check_trial_resources(SearchSpec(workers_per_trial=2, gpus_per_worker=1), capacity)
+    with pytest.raises(ConfigError, match="has 0 now and its autoscaler can add up to 2 in all"):
+        check_trial_resources(SearchSpec(workers_per_trial=3, gpus_per_worker=1), capacity)
+
+
+def test_a_search_the_cluster_cannot_run_is_refused_before_its_directory_is_made(monkeypatch, tmp_path):
+    import raytrain_cls.run.tune as tune
+
+    monkeypatch.setattr(tune, "connect", lambda: {"CPU": 2})
+    base = load_config("digits", {"epochs": 1, "output": str(tmp_path), "experiment": "s"})
+    spec = validate_search(parse_search({"gpus_per_worker": 1}), base)
+    with pytest.raises(ConfigError) as e:
+        tune.tune_search(base, spec, echo=lambda *a: None)
+    assert e.value.key == "search.gpus_per_worker" and not (tmp_path / "s").exists()
 
 
 def test_asha_max_t_is_the_longest_schedule_in_the_space():
