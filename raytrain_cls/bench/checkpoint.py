@@ -20,7 +20,7 @@ import torch
 
 from raytrain_cls.bench.common import environment, print_table
 from raytrain_cls.core.config import Config
-from raytrain_cls.core.model import build_ema
+from raytrain_cls.core.model import build_ema, check_model_name
 from raytrain_cls.core.optim import build_optimizer
 from raytrain_cls.core.state import META_FILE, TrainState, file_digest, verified_meta
 
@@ -74,6 +74,7 @@ def measure(model_name: str, num_classes: int, optimizer: str, ema: bool, direct
 
 
 def main(args: argparse.Namespace) -> int:
+    check_model_name(args.model)
     rows = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="raytrain-cls-bench-ckpt-", dir=args.dir) as tmp:

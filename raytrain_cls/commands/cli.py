@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -510,13 +510,18 @@ def _failed(error: BaseException, code: int) -> int:
 
 
 def run_command(args: argparse.Namespace, process_is_command: bool = False) -> int:
-    """Run one sub-command. A user's mistake (UserError: config, data, checkpoint, shards) ends in its message and
-    exit 2; a failing disk or permission in exit 1 with the OS's words; Ctrl-C in 130. Anything else is a bug of
-    this project: one line saying so, with the traceback only when RAYTRAIN_CLS_TRACEBACK=1 asks for it."""
+    """Run one sub-command, its errors ended by finish_errors."""
+    if args.command == "train":
+        return finish_errors(lambda: cmd_train(args, process_is_command=process_is_command))
+    return finish_errors(lambda: COMMANDS[args.command](args))
+
+
+def finish_errors(command: Callable[[], int]) -> int:
+    """Run a command. A user's mistake (UserError: config, data, checkpoint, shards) ends in its message and exit
+    2; a failing disk or permission in exit 1 with the OS's words; Ctrl-C in 130. Anything else is a bug of this
+    project: one line saying so, with the traceback only when RAYTRAIN_CLS_TRACEBACK=1 asks for it."""
     try:
-        if args.command == "train":
-            return cmd_train(args, process_is_command=process_is_command)
-        return COMMANDS[args.command](args)
+        return command()
     except UserError as e:
         return _failed(e, EXIT_USAGE)
     except KeyboardInterrupt:

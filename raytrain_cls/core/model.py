@@ -38,13 +38,13 @@ def architecture_kwargs(cfg: Config, num_classes: int) -> dict:
     }
 
 
-def check_model_name(name: str) -> None:
+def check_model_name(name: str, key: str = "model.model") -> None:
     """Fail on a model name timm does not know, suggesting the closest one."""
     arch = name.split(".")[0]
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError("model.model", name, f"not a timm model{hint}")
+        raise ConfigError(key, name, f"not a timm model{hint}")
 
 
 def meta_model(cfg: Config, num_classes: int) -> torch.nn.Module:

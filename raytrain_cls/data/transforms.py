@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from timm.data import create_transform
 
-from raytrain_cls.core.config import Config
+from raytrain_cls.core.config import Config, ConfigError
 from raytrain_cls.data.pillow_compat import install_posterize_fix
 
 install_posterize_fix()  # before any transform is built: timm binds the op when it builds an AugmentOp
@@ -66,6 +66,19 @@ def build_transform(cfg: Config, data_config: dict, is_training: bool) -> Callab
     if is_training and cfg.aug.aug_splits >= 2:
         return build_aug_splits(cfg, data_config)
     return create_transform(**transform_kwargs(cfg, data_config, is_training))
+
+
+def check_transforms(cfg: Config, data_config: dict) -> None:
+    """Build the training and validation transforms once, on the driver: an option timm's transform factory refuses
+    (an --aa policy it does not know, ...) fails here with its key instead of in every worker's first batch."""
+    for is_training in (True, False):
+        try:
+            build_transform(cfg, data_config, is_training)
+        except (AssertionError, ValueError, KeyError, TypeError) as e:
+            key, value = ("aug.aa", cfg.aug.aa) if cfg.aug.aa and is_training else ("data", "transforms")
+            reason = str(e).strip() or type(e).__name__
+            which = "training" if is_training else "validation"
+            raise ConfigError(key, value, f"timm cannot build the {which} transforms: {reason}") from None
 
 
 class AugSplits:

@@ -19,17 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+import timm
 import torch
 
 from raytrain_cls.core.config import Config, ConfigError, Resolved, dump_yaml
-from raytrain_cls.core.model import check_weights_file, meta_model, split_bn
+from raytrain_cls.core.distill import teacher_weights_file
+from raytrain_cls.core.model import check_model_name, check_weights_file, meta_model, split_bn
 from raytrain_cls.core.onednn import onednn_env
 from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
 from raytrain_cls.core.state import MODEL_FILE, check_architecture
 from raytrain_cls.core.storage import is_uri, join, split, unwritable_reason, write_text
 from raytrain_cls.data import build_source
 from raytrain_cls.data.ray_data import DATASET_NAME, train_dataset
-from raytrain_cls.data.transforms import data_config_kwargs
+from raytrain_cls.data.transforms import check_transforms, data_config_kwargs
 from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, Capacity, connected_capacity, has, waiting_note
 from raytrain_cls.run.checkpointer import (
     DEFAULT_OUTPUT,
@@ -296,6 +298,9 @@ def preflight(cfg: Config) -> Preflight:
         extra["naflex_patch_size"] = naflex_model_patch_size(cfg, architecture)
     else:  # NaFlex inputs have no fixed image size
         check_input_size(cfg, architecture, data_config["input_size"])
+        check_transforms(cfg, data_config)
+    if cfg.loss.kd_model_name:
+        check_teacher(cfg, num_classes)
     chans = data_config["input_size"][0]
     if cfg.data.input_img_mode and chans != {"RGB": 3, "L": 1}[cfg.data.input_img_mode]:
         raise ConfigError(
@@ -304,6 +309,20 @@ def preflight(cfg: Config) -> Preflight:
             f"the model takes {chans}-channel input (set --in-chans to match, or drop --input-img-mode)",
         )
     return Preflight(source, num_classes, architecture, data_config, extra)
+
+
+def check_teacher(cfg: Config, num_classes: int) -> None:
+    """The distillation teacher's weights file is readable and, as safetensors, fits the teacher's architecture."""
+    lc = cfg.loss
+    path = teacher_weights_file(lc.kd_model_path)
+    if path.suffix != ".safetensors":
+        check_weights_file("loss.kd_model_path", str(path))
+        return
+    check_model_name(lc.kd_model_name, key="loss.kd_model_name")
+    in_chans = (cfg.model.input_size[0] if cfg.model.input_size else cfg.model.in_chans) or 3
+    with torch.device("meta"):  # as core.distill.build_teacher builds it, without weights
+        teacher = timm.create_model(lc.kd_model_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    check_architecture(teacher, path)
 
 
 def check_start_weights(cfg: Config, architecture: torch.nn.Module, start_from: Optional[str]) -> None:

@@ -108,6 +108,19 @@ CASES = [
     ("train-unknown-model", "train --model resnet_nope", EXIT_USAGE, ["model.model", "not a timm model"]),
     ("train-model-kwargs-typo", "train --model-kwargs drop_rat=0.1", EXIT_USAGE, ["model.model_kwargs", "drop_rat"]),
     ("train-negative-lr", "train --lr -1", EXIT_USAGE, ["optim.lr"]),
+    ("train-unknown-aa-policy", "train --aa nope", EXIT_USAGE, ["aug.aa", "training transforms"]),
+    (
+        "train-teacher-not-weights",
+        "train --kd-model-name test_resnet --kd-model-path {image}",
+        EXIT_USAGE,
+        ["loss.kd_model_path", "not a readable weights file"],
+    ),
+    (
+        "train-teacher-other-architecture",
+        "train --kd-model-name test_resnet --kd-model-path {other_weights}",
+        EXIT_USAGE,
+        ["vit.safetensors", "another architecture"],
+    ),
     ("train-config-not-a-mapping", "train -c {a_file}", EXIT_USAGE, ["--config", "mapping"]),
     ("train-batch-over-the-data", "train --batch-size 100000", EXIT_USAGE, ["data.batch_size", "training samples"]),
     ("train-pretrained-not-weights", "train --pretrained-path {image}", EXIT_USAGE, ["model.pretrained_path"]),
@@ -267,3 +280,9 @@ def test_as_a_process_no_traceback_either(case, corpus):
     assert proc.returncode == expected_code, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("raytrain-cls: ")
+
+
+def test_bench_ends_a_mistake_the_same_way(capsys):
+    assert run(["bench", "checkpoint", "--model", "resnet_nope"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().startswith("raytrain-cls: ") and "not a timm model" in err
