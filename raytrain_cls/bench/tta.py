@@ -61,7 +61,7 @@ def time_to_accuracy(rows: list[dict], start: float, first_step: Optional[float]
 
 
 def run(recipe: Optional[str], overrides: Sequence[str], target: Optional[float]) -> dict:
-    stamps = {"process": process_start(), "driver": time.time()}
+    stamps = {"process": process_start(command=True), "driver": time.time()}
     args = build_parser().parse_args(["train", *(["-c", recipe] if recipe else []), *overrides])
     cfg = load_config(base_recipe(args), overrides_of(args))  # exactly what `raytrain-cls train` would run
     paths = run_paths(cfg)

@@ -314,8 +314,8 @@ def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int
 
     # After the driver's imports (torch, timm); from the process start only when this process is the command.
     stamps = {"driver": time.time()}
-    if process_is_command and process_start() is not None:
-        stamps["process"] = process_start()
+    if process_is_command:
+        stamps["process"] = process_start(command=True)
 
     cfg = load_config(base_recipe(args), overrides_of(args))
     try:

@@ -35,9 +35,32 @@ PHASES = (
 STAMPS = tuple(name for name, _ in PHASES)
 
 
-def process_start() -> Optional[float]:
-    """This process's start (wall clock) from the OS: /proc on Linux, else psutil (Ray puts its own copy on the
-    path once imported); None where neither can tell."""
+# A command's interpreter reaches its first import (raytrain_cls) in well under a second; the OS's figure for the
+# process start is trusted only that far back from it.
+MAX_INTERPRETER_START_S = 3.0
+
+
+def process_start(command: bool = False) -> Optional[float]:
+    """This process's start (wall clock), from the OS; None where it cannot tell.
+
+    ``command``: this process is a raytrain-cls command, whose first import stamped raytrain_cls.IMPORTED_AT. The
+    OS's figure is then checked against that stamp, and replaced by it when the two disagree: /proc's boot-time
+    clock and the wall clock can part on virtual machines (a freshly booted one put the process start 100 s
+    before the command was typed). The stamp misses only the interpreter's own start (tens of ms).
+    A Ray worker process (``command`` False) is used as the OS tells: it may well have started long before."""
+    import raytrain_cls
+
+    started = _os_process_start()
+    if not command:
+        return started
+    imported = raytrain_cls.IMPORTED_AT
+    if started is None or not imported - MAX_INTERPRETER_START_S <= started <= imported:
+        return imported
+    return started
+
+
+def _os_process_start() -> Optional[float]:
+    """/proc on Linux (start ticks against the uptime, both boot-time clocks), else psutil."""
     try:
         import os
 

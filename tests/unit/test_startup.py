@@ -94,3 +94,21 @@ def test_process_start_is_when_the_process_started():
     # /proc counts in 10 ms ticks; the child started after `before` and long before it printed.
     assert before - 0.05 <= float(out) <= time.time()
     assert process_start() <= before
+
+
+def test_a_command_never_trusts_an_os_clock_that_disagrees_with_its_own(monkeypatch):
+    """A fresh VM's /proc put the process start 100 s before the command was typed: the command's own first
+    stamp (raytrain_cls.IMPORTED_AT) replaces a figure from further back than an interpreter start can take."""
+    import raytrain_cls
+    import raytrain_cls.run.startup as startup
+
+    imported = raytrain_cls.IMPORTED_AT
+    monkeypatch.setattr(startup, "_os_process_start", lambda: imported - 104.8)
+    assert process_start(command=True) == imported
+    assert process_start() == imported - 104.8  # a Ray worker's may really be that old
+    monkeypatch.setattr(startup, "_os_process_start", lambda: imported + 1.0)  # after the import: impossible
+    assert process_start(command=True) == imported
+    monkeypatch.setattr(startup, "_os_process_start", lambda: None)
+    assert process_start(command=True) == imported
+    monkeypatch.setattr(startup, "_os_process_start", lambda: imported - 0.04)  # an interpreter's start: kept
+    assert process_start(command=True) == imported - 0.04
