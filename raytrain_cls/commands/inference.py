@@ -48,7 +48,8 @@ class LoadedModel:
     data_config: dict  # input_size, interpolation, mean, std, crop_pct, crop_mode
     classes: list
     config: Optional[Config]  # the training config, for checkpoints (None for an exported model)
-    naflex: Optional[tuple[int, int]] = None  # trained with --naflex-loader: (patch size, validation length)
+    # trained with --naflex-loader: (patch size, validation length, channels-first patches)
+    naflex: Optional[tuple[int, int, bool]] = None
 
 
 def load_model(path: str | Path, use_ema: bool = False, device: str = "cpu") -> LoadedModel:
@@ -68,7 +69,11 @@ def _load_model(path: Path, use_ema: bool, device: str) -> LoadedModel:
         model = split_bn(cfg, model)  # so a --split-bn checkpoint loads; evaluation uses the main statistics
         load_weights(model, weights)
         data_config, classes = dict(r.data_config), list(r.classes or [])
-        naflex = (r.naflex_patch_size, cfg.data.naflex_max_seq_len) if cfg.data.naflex_loader else None
+        naflex = (
+            (r.naflex_patch_size, cfg.data.naflex_max_seq_len, cfg.data.naflex_patchify_channels_first)
+            if cfg.data.naflex_loader
+            else None
+        )
     elif (path / CONFIG_JSON).is_file():
         info = read_exported(path)
         model = _create_model(info["architecture"], num_classes=info["num_classes"], **info.get("model_args", {}))

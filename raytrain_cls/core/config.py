@@ -64,9 +64,32 @@ TIMM_IGNORED_KEYS = {
 
 # Keys of timm's args.yaml for features this service does not have. timm writes every key, so an args.yaml always
 # holds them: at timm's default (the feature off) they are accepted silently; any other value fails by name.
-TIMM_UNSUPPORTED_KEYS = {
-    "kd_loss_type": ("kl", "the distillation loss is timm's KL divergence (its only kind)"),
+_SCHEDULED_SIZES = "scheduled-resolution training (--train-img-sizes and its options) is not built here yet"
+TIMM_UNSUPPORTED_KEYS = {  # key: (timm's default, why it cannot be on)
+    "train_img_sizes": (None, _SCHEDULED_SIZES),
+    "train_batch_sizes": (None, _SCHEDULED_SIZES),
+    "train_size_probs": (None, _SCHEDULED_SIZES),
+    "train_size_schedule": ("constant", _SCHEDULED_SIZES),
+    "train_size_schedule_spread": (0.65, _SCHEDULED_SIZES),
+    "train_size_random_mix": (0.1, _SCHEDULED_SIZES),
+    "train_batches_per_epoch": (None, _SCHEDULED_SIZES),
+    "train_steps_per_epoch": (None, _SCHEDULED_SIZES),
+    "variable_batch_loss_scale": ("none", _SCHEDULED_SIZES),
 }
+
+
+def is_off(value: Any) -> bool:
+    """A value that switches nothing on: None, False, or empty (how timm writes an unused option)."""
+    return value is None or value is False or (isinstance(value, (str, list, dict, tuple)) and not value)
+
+
+def patchify_takes_a_layout() -> bool:
+    """Whether the installed timm's NaFlex Patchify can lay patches out channels first (timm >= 1.0.2x)."""
+    import inspect
+
+    from timm.data.naflex_transforms import Patchify
+
+    return "channels_last" in inspect.signature(Patchify).parameters
 
 
 class ConfigError(UserError, ValueError):
@@ -211,6 +234,11 @@ class DataConfig:
         "NaFlex: scale each batch's loss by its size relative to --batch-size: linear, sqrt, or none",
         choices=("linear", "sqrt", "none"),
     )
+    naflex_patchify_channels_first: bool = option(
+        False,
+        "NaFlex: patches flattened channels first (C, P, P) instead of timm's default (P, P, C), for models that "
+        "take HF/Gemma-style patches (the model must be built for that layout, e.g. through --model-kwargs)",
+    )
 
     def check(self) -> None:
         """The data set exists in the catalogue and has what its kind needs; the loader can read it."""
@@ -289,6 +317,17 @@ class DataConfig:
                 )
             if sum(probs) <= 0:
                 raise ConfigError("data.naflex_patch_size_probs", probs, "must not all be 0")
+        if self.naflex_patchify_channels_first:
+            if not self.naflex_loader:
+                raise ConfigError(
+                    "data.naflex_patchify_channels_first", True, "lays out NaFlex patches: it needs --naflex-loader"
+                )
+            if not patchify_takes_a_layout():
+                raise ConfigError(
+                    "data.naflex_patchify_channels_first",
+                    True,
+                    "the installed timm's NaFlex Patchify has no channels-first layout (a newer timm has it)",
+                )
 
     def _check_hf(self) -> None:
         if importlib.util.find_spec("datasets") is None:
@@ -575,6 +614,9 @@ class LossConfig:
         "features, projected when widths differ), token (the distillation head "
         "of a *_distilled model)",
         choices=("logit", "feature", "token"),
+    )
+    kd_loss_type: str = option(
+        "kl", "logit distillation loss (timm's --kd-loss-type; kl is the one timm has)", choices=("kl",)
     )
     kd_student_feature_dim: Optional[int] = option(
         None, "feature distillation: the student's feature width (default: the model's)", min=1
@@ -875,8 +917,15 @@ class Config:
             elif key == "data" and (value is None or isinstance(value, str)):
                 if value and not self.data.data_dir:  # timm's deprecated positional data dir
                     self.set("data_dir", value)
+            elif is_off(value):  # maybe a newer timm's key: at "off" it asks for nothing, so it can pass
+                print(f"note: ignoring unknown key '{key}' ({value!r}, off: from a newer timm?)", file=sys.stderr)
             else:
-                raise ConfigError(str(key), value, f"unknown key{_suggest(str(key), list(FIELDS) + list(GROUPS))}")
+                raise ConfigError(
+                    str(key),
+                    value,
+                    f"unknown key{_suggest(str(key), list(FIELDS) + list(GROUPS))} (if a newer timm wrote it, this "
+                    "version cannot do what it asks: set it to its default or drop it)",
+                )
         return self
 
     def set(self, name: str, value: Any) -> None:

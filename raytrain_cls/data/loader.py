@@ -355,10 +355,16 @@ def build_naflex_loaders(cfg: Config, source: Source, data_config: dict, rank: i
     train_ds = NaFlexTrainDataset(
         source.train, naflex_train_transforms(cfg, data_config, patch_sizes), mode, cfg.run.seed
     )
-    collate = NaFlexTrainCollate(patch_sizes, build_naflex_mixup(cfg, res.num_classes), cfg.run.seed)
+    collate = NaFlexTrainCollate(
+        patch_sizes, build_naflex_mixup(cfg, res.num_classes), cfg.run.seed, d.naflex_patchify_channels_first
+    )
     train = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, **common)
     val_ds = TransformedDataset(
-        source.val, naflex_eval_transform(data_config, res.naflex_patch_size, d.naflex_max_seq_len), mode
+        source.val,
+        naflex_eval_transform(
+            data_config, res.naflex_patch_size, d.naflex_max_seq_len, d.naflex_patchify_channels_first
+        ),
+        mode,
     )
     val = DataLoader(
         val_ds,

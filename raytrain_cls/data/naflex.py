@@ -179,11 +179,12 @@ class NaFlexTrainCollate:
     """A step's items -> (patch dict, targets, bad samples): unreadable samples replaced by repeats of readable
     ones (every rank keeps the step's batch size), mixup/cutmix on the images, patchify, pad to the step."""
 
-    def __init__(self, patch_sizes: Sequence[int], mixup: Optional[Callable], seed: int):
+    def __init__(self, patch_sizes: Sequence[int], mixup: Optional[Callable], seed: int, channels_first: bool = False):
         from timm.data.naflex_transforms import Patchify
 
         variable = len(patch_sizes) > 1  # timm keeps patches unflattened when their size varies
-        self.patchify = [Patchify(patch_size=(p, p), flatten_patches=not variable) for p in patch_sizes]
+        layout = {"channels_last": False} if channels_first else {}  # older timm: (P, P, C) only
+        self.patchify = [Patchify(patch_size=(p, p), flatten_patches=not variable, **layout) for p in patch_sizes]
         self.mixup, self.seed = mixup, seed
 
     def __call__(self, samples: list):
@@ -239,10 +240,13 @@ def naflex_train_transforms(cfg, data_config: dict, patch_sizes: Sequence[int]) 
     }
 
 
-def naflex_eval_transform(data_config: dict, patch_size: int, max_seq_len: int) -> Callable:
+def naflex_eval_transform(
+    data_config: dict, patch_size: int, max_seq_len: int, channels_first: bool = False
+) -> Callable:
     """timm's NaFlex validation transform: resize (aspect kept) to at most max_seq_len patches, patchify."""
     from timm.data import create_transform
 
+    layout = {"patchify_channels_last": False} if channels_first else {}
     return create_transform(
         input_size=tuple(data_config["input_size"]),
         is_training=False,
@@ -253,6 +257,7 @@ def naflex_eval_transform(data_config: dict, patch_size: int, max_seq_len: int) 
         patch_size=(patch_size, patch_size),
         max_seq_len=max_seq_len,
         patchify=True,
+        **layout,
     )
 
 
