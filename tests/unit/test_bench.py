@@ -282,3 +282,17 @@ def test_a_table_aligns_the_columns_rows_have_and_leaves_the_rest_out():
         ("path", "img_per_sec", "bad", "never"),
     )
     assert text.splitlines() == ["bench x", "path   img_per_sec  bad", "torch  641.5        0", "gpu    12346"]
+
+
+def test_the_startup_benchs_bare_script_reaches_its_first_step_without_ray():
+    """bench startup's bare side: the job's first step in a plain process, timed from that process's start."""
+    from raytrain_cls.bench.startup import _bare
+
+    row = _bare(["--model", "test_resnet", "-b", "16"])
+    assert row["path"] == "bare" and 0 < row["imports_s"] < row["first_step_s"] < 120
+
+
+def test_checkpoint_bench_prints_the_cost_of_checksums(capsys):
+    assert main(["bench", "checkpoint", "--model", "test_resnet", "--num-classes", "4", "--repeats", "1"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["bench"] == "checkpoint" and row["hash_s"] <= row["save_s"] and row["verify_s"] > 0

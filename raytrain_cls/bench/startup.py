@@ -1,0 +1,118 @@
+"""`raytrain-cls bench startup`: a run's start-up against a bare script's, side by side on the same job.
+
+    raytrain-cls bench startup [-c RECIPE] [--repeats 3] [-- TRAIN FLAGS]
+
+Each repeat runs two commands, each in a process of its own, one after the other:
+
+* bare: the same job in one plain Python process without Ray: the project's data source, loader, model and
+  optimizer (rank 0 of 1), until its first training step is done. What a hand-written script would do.
+* train: `raytrain-cls train` with the same flags and ``--epochs 1``, on a fresh private local Ray, or on the
+  cluster RAY_ADDRESS names when it is set (then Ray's own start is not paid).
+
+Both clocks run from the process's start (as run.startup reads it) to the end of the first training step. One JSON
+line per command, then a table of the ratio and of train's breakdown (where its seconds go).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from raytrain_cls.bench.common import environment, print_table
+
+TARGET_RATIO = 2.0  # issue 26: command start to first step within 2x of a bare script's
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("startup", help="command start to first step: raytrain-cls train vs a bare script, the ratio")
+    p.add_argument("-c", "--config", default=None, help="a recipe name or YAML file (as in train)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="train flags after --, e.g. -- --model resnet18 -b 64")
+
+
+def bare_main(argv: Sequence[str]) -> None:
+    """The bare script (run as its own process by ``main``): the job's first step without Ray, timed from the
+    process start; prints one JSON line."""
+    from raytrain_cls.run.startup import process_start  # light: the stamps module imports no Ray
+
+    started = process_start(command=True)
+    import timm.data
+    import torch
+
+    from raytrain_cls.commands.cli import base_recipe, build_parser, overrides_of
+    from raytrain_cls.core.config import load_config
+    from raytrain_cls.core.model import build_model
+    from raytrain_cls.core.optim import build_optimizer
+    from raytrain_cls.data.loader import build_loaders
+    from raytrain_cls.data.registry import build_source
+    from raytrain_cls.data.transforms import data_config_kwargs
+
+    imported = time.time()
+    args = build_parser().parse_args(["train", *argv])
+    cfg = load_config(base_recipe(args), overrides_of(args)).validate()
+    source = build_source(cfg)
+    num_classes = cfg.model.num_classes or source.num_classes
+    model = build_model(cfg, num_classes, torch.device("cpu"))
+    data_config = timm.data.resolve_data_config(args=data_config_kwargs(cfg), model=model)
+    loaders = build_loaders(cfg, source, dict(data_config, input_size=list(data_config["input_size"])), 0, 1)
+    optimizer = build_optimizer(cfg, model)
+    loaders.set_epoch(0)
+    x, y = next(iter(loaders.train))[:2]
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    done = time.time()
+    print(json.dumps(dict(path="bare", first_step_s=round(done - started, 2), imports_s=round(imported - started, 2))))
+
+
+def _bare(argv: Sequence[str]) -> dict:
+    code = "import sys; from raytrain_cls.bench.startup import bare_main; bare_main(sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=900)
+    line = next((s for s in reversed(proc.stdout.splitlines()) if s.startswith("{")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the bare script exited {proc.returncode}: {proc.stderr[-1500:]}")
+    return json.loads(line)
+
+
+def _train(argv: Sequence[str], output: str) -> dict:
+    cmd = [sys.executable, "-m", "raytrain_cls", "train", *argv, "--epochs", "1", "--output", output]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"raytrain-cls train exited {proc.returncode}: {proc.stderr[-1500:]}")
+    result = json.loads(next(Path(output).glob("*/result.json")).read_text())
+    startup = result["startup"]
+    return dict(path="train", first_step_s=startup["total_s"], phases=startup["phases"], until=startup["until"])
+
+
+def main(args: argparse.Namespace) -> int:
+    argv = [*(["-c", args.config] if args.config else []), *args.overrides]
+    rows = []
+    for repeat in range(args.repeats):
+        bare = _bare(argv)
+        with tempfile.TemporaryDirectory(prefix="raytrain-cls-bench-startup-") as out:
+            train = _train(argv, out)
+        ratio = round(train["first_step_s"] / bare["first_step_s"], 2)
+        row = dict(
+            bench="startup",
+            repeat=repeat,
+            cluster=os.environ.get("RAY_ADDRESS") or "fresh local Ray",
+            bare_s=bare["first_step_s"],
+            train_s=train["first_step_s"],
+            ratio=ratio,
+            target=TARGET_RATIO,
+            ok=ratio <= TARGET_RATIO,
+            train_phases=train["phases"],
+        )
+        rows.append(row)
+        print(json.dumps({**row, **environment("cpu")}, default=str), flush=True)
+    print_table("bench startup: command start to first step", rows, ("repeat", "bare_s", "train_s", "ratio", "ok"))
+    last = rows[-1]["train_phases"]
+    print("train's last start-up: " + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in last), file=sys.stderr)
+    return 0
