@@ -532,6 +532,9 @@ def train(cfg: Config, echo=print, console: Optional[TextIO] = None, stamps: Opt
     start_from = init_checkpoint(cfg)
     checked = preflight(cfg)  # before Ray: the model, its arguments and the data set
     check_start_weights(cfg, checked.architecture, start_from)
+    stamps = dict(stamps or {})
+    stamp(stamps, "driver")
+    stamp(stamps, "checked")
     if start_from and run_config_file(paths.run_dir):  # continuing a run that died before its first checkpoint
         echo(
             f"{paths.run_dir} has no checkpoint of its own yet: it starts again from {start_from}, the checkpoint "

@@ -20,8 +20,9 @@ from typing import Optional
 PHASES = (
     ("process", None),
     ("driver", "python start + driver imports (torch, timm)"),
+    ("checked", "pre-Ray checks (data set, model on the meta device, checkpoint)"),
     ("ray_ready", "import ray.train + ray.init / connect"),
-    ("resolved", "config resolution (data set scan)"),
+    ("resolved", "config resolution on the cluster"),
     ("fit", "run directory + trainer set-up"),
     ("worker_process", "Ray Train controller + worker group"),
     # Ray Train imports torch and forms the process group before it hands a worker the train function, so the

@@ -48,14 +48,14 @@ def test_a_tune_trial_without_a_process_stamp_starts_at_the_driver_stamp():
     del stamps["process"]
     result = breakdown(stamps)
     assert result["total_s"] == len(STAMPS) - 2
-    assert result["phases"][0][0] == "import ray.train + ray.init / connect"
+    assert result["phases"][0][0] == "pre-Ray checks (data set, model on the meta device, checkpoint)"
 
 
 def test_a_run_that_never_stepped_says_how_far_it_got():
     stamps = {name: t for name, t in stamps_every_second().items() if name in ("driver", "ray_ready", "resolved")}
     result = breakdown(stamps)
-    assert result["until"] == "resolved" and result["total_s"] == 2.0
-    assert describe(result).startswith("Start-up 2.0 s to resolved: ")
+    assert result["until"] == "resolved" and result["total_s"] == 3.0
+    assert describe(result).startswith("Start-up 3.0 s to resolved: ")
 
 
 def test_no_or_one_stamp_describes_nothing():
