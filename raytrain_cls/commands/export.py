@@ -22,7 +22,15 @@ from safetensors.torch import save
 
 from raytrain_cls.core.config import Config, ConfigError
 from raytrain_cls.core.model import architecture_kwargs, split_bn
-from raytrain_cls.core.state import EMA_FILE, MODEL_FILE, CheckpointError, file_digest, load_weights, verified_meta
+from raytrain_cls.core.state import (
+    EMA_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    check_recorded_files,
+    file_digest,
+    load_weights,
+    verified_meta,
+)
 from raytrain_cls.core.storage import atomic_write_bytes, atomic_write_text, is_uri, local_dir, unwritable_reason
 
 CONFIG_JSON = "config.json"
@@ -114,9 +122,5 @@ def read_exported(path: Path) -> dict:
     ]
     if missing:
         raise CheckpointError(f"{path / CONFIG_JSON} is not an export of raytrain-cls (missing {', '.join(missing)})")
-    for name, recorded in (info.get("files") or {}).items():
-        if Path(name).name != name or not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing from the export (its {CONFIG_JSON} lists it)")
-        if file_digest(path / name) != recorded:
-            raise CheckpointError(f"{path / name}: corrupt (its size or sha256 differs from {CONFIG_JSON}'s record)")
+    check_recorded_files(path, info.get("files") or {}, "export", CONFIG_JSON)
     return info

@@ -16,7 +16,6 @@ from typing import Optional
 
 import timm
 import torch
-from safetensors.torch import load_file
 from timm.data import create_transform
 
 from raytrain_cls.commands.export import CONFIG_JSON, read_exported
@@ -28,7 +27,6 @@ from raytrain_cls.core.state import (
     META_FILE,
     MODEL_FILE,
     CheckpointError,
-    check_architecture,
     load_weights,
     verified_meta,
 )
@@ -77,11 +75,7 @@ def _load_model(path: Path, use_ema: bool, device: str) -> LoadedModel:
     elif (path / CONFIG_JSON).is_file():
         info = read_exported(path)
         model = _create_model(info["architecture"], num_classes=info["num_classes"], **info.get("model_args", {}))
-        check_architecture(model, weights)
-        try:
-            model.load_state_dict(load_file(str(weights)))
-        except Exception as e:
-            raise CheckpointError(f"cannot load {weights}: {type(e).__name__}: {e}") from None
+        load_weights(model, weights)  # strict, refused by name when it does not fit (plain safetensors load too)
         data_config, classes, cfg = dict(info["pretrained_cfg"]), list(info.get("label_names") or []), None
         naflex = None  # an export carries no NaFlex settings: it is evaluated on images
     else:

@@ -57,15 +57,21 @@ def verify_files(directory: str | Path, meta: dict) -> None:
     files = meta.get("files")
     if not isinstance(files, dict) or MODEL_FILE not in files or STATE_FILE not in files:
         raise CheckpointError(f"{directory}: {META_FILE} lists no checksums of {MODEL_FILE} and {STATE_FILE}")
+    check_recorded_files(directory, files, "checkpoint", META_FILE, "; use another checkpoint of the run")
+
+
+def check_recorded_files(directory: str | Path, files: dict, what: str, record: str, hint: str = "") -> None:
+    """Each file ``record`` lists (name -> {bytes, sha256}) is a file directly in ``directory`` with that size and
+    sha256; else CheckpointError naming it. Shared by checkpoints (meta.json) and exports (config.json)."""
     d = Path(directory)
     for name, recorded in sorted(files.items()):
         path = d / name
         if Path(name).name != name or not path.is_file():
-            raise CheckpointError(f"{path}: missing from the checkpoint (its {META_FILE} lists it)")
+            raise CheckpointError(f"{path}: missing from the {what} (its {record} lists it)")
         if not isinstance(recorded, dict) or file_digest(path) != recorded:
             raise CheckpointError(
-                f"{path}: corrupt (its size or sha256 differs from the one recorded in {META_FILE} when it was "
-                "written); use another checkpoint of the run"
+                f"{path}: corrupt (its size or sha256 differs from the one recorded in {record} when it was "
+                f"written){hint}"
             )
 
 
