@@ -62,25 +62,15 @@ TIMM_IGNORED_KEYS = {
     "val_num_samples": "it sizes timm's iterable (streaming) data sets; every source here knows its size",
 }
 
-# Keys of timm's args.yaml for features this service does not have. timm writes every key, so an args.yaml always
-# holds them: at timm's default (the feature off) they are accepted silently; any other value fails by name.
-_SCHEDULED_SIZES = "scheduled-resolution training (--train-img-sizes and its options) is not built here yet"
-TIMM_UNSUPPORTED_KEYS = {  # key: (timm's default, why it cannot be on)
-    "train_img_sizes": (None, _SCHEDULED_SIZES),
-    "train_batch_sizes": (None, _SCHEDULED_SIZES),
-    "train_size_probs": (None, _SCHEDULED_SIZES),
-    "train_size_schedule": ("constant", _SCHEDULED_SIZES),
-    "train_size_schedule_spread": (0.65, _SCHEDULED_SIZES),
-    "train_size_random_mix": (0.1, _SCHEDULED_SIZES),
-    "train_batches_per_epoch": (None, _SCHEDULED_SIZES),
-    "train_steps_per_epoch": (None, _SCHEDULED_SIZES),
-    "variable_batch_loss_scale": ("none", _SCHEDULED_SIZES),
-}
-
 
 def is_off(value: Any) -> bool:
     """A value that switches nothing on: None, False, or empty (how timm writes an unused option)."""
     return value is None or value is False or (isinstance(value, (str, list, dict, tuple)) and not value)
+
+
+def _set(value: Any, default: Any) -> Any:
+    """``value`` where it differs from ``default``, else None: for the tables of settings that need another."""
+    return None if value == default else value
 
 
 def patchify_takes_a_layout() -> bool:
@@ -240,6 +230,49 @@ class DataConfig:
         "take HF/Gemma-style patches (the model must be built for that layout, e.g. through --model-kwargs)",
     )
 
+    # timm's scheduled-resolution training: each batch one of several image sizes, with its own batch size
+    train_img_sizes: Optional[list[int]] = option(
+        None,
+        "scheduled resolution: each training batch resizes its images to one of these square sizes "
+        "(validation stays at the model's input size)",
+        nargs="+",
+        min=1,
+    )
+    train_batch_sizes: Optional[list[int]] = option(
+        None,
+        "scheduled resolution: the per-worker batch size of each image size (default: --batch-size)",
+        nargs="+",
+        min=1,
+    )
+    train_size_probs: Optional[list[float]] = option(
+        None, "scheduled resolution: the base weight of each image size (default: equal)", nargs="+", min=0
+    )
+    train_size_schedule: str = option(
+        "constant",
+        "scheduled resolution: constant (draw with the base weights) or progressive (move from the first size "
+        "to the last over --epochs)",
+        choices=("constant", "progressive"),
+    )
+    train_size_schedule_spread: float = option(
+        0.65, "progressive schedule: the window's standard deviation, in size-choice units (0: the nearest)", min=0
+    )
+    train_size_random_mix: float = option(
+        0.1, "progressive schedule: the share of uniform draws over all allowed sizes", min=0, max=1
+    )
+    train_batches_per_epoch: Optional[int] = option(
+        None,
+        "scheduled resolution: batches per epoch per worker (default: a sample budget, each sample once; "
+        "progressive: inferred from the average batch)",
+        flags=("--train-steps-per-epoch",),
+        min=1,
+    )
+    variable_batch_loss_scale: str = option(
+        "none",
+        "scheduled resolution: scale each batch's loss by its size relative to the policy-average batch: "
+        "none, sqrt or linear",
+        choices=("none", "sqrt", "linear"),
+    )
+
     def check(self) -> None:
         """The data set exists in the catalogue and has what its kind needs; the loader can read it."""
         dataset = canonical_dataset(self.dataset)
@@ -328,6 +361,50 @@ class DataConfig:
                     True,
                     "the installed timm's NaFlex Patchify has no channels-first layout (a newer timm has it)",
                 )
+        self._check_scheduled_sizes()
+
+    def _check_scheduled_sizes(self) -> None:
+        """--train-img-sizes and its options: one entry per size, something to draw, nothing set in vain."""
+        sizes = self.train_img_sizes
+        if not sizes:
+            for key, value in (
+                ("train_batch_sizes", self.train_batch_sizes),
+                ("train_size_probs", self.train_size_probs),
+                ("train_batches_per_epoch", self.train_batches_per_epoch),
+                ("train_size_schedule", _set(self.train_size_schedule, "constant")),
+                ("variable_batch_loss_scale", _set(self.variable_batch_loss_scale, "none")),
+                ("train_size_schedule_spread", _set(self.train_size_schedule_spread, 0.65)),
+                ("train_size_random_mix", _set(self.train_size_random_mix, 0.1)),
+            ):
+                if value:
+                    raise ConfigError(f"data.{key}", value, "a scheduled-resolution option: it needs --train-img-sizes")
+            return
+        for key in ("train_batch_sizes", "train_size_probs"):
+            value = getattr(self, key)
+            if value is not None and len(value) != len(sizes):
+                raise ConfigError(f"data.{key}", value, f"needs one entry per --train-img-sizes size ({len(sizes)})")
+        if self.train_size_probs is not None and sum(self.train_size_probs) <= 0:
+            raise ConfigError("data.train_size_probs", self.train_size_probs, "must not all be 0")
+        if self.train_size_schedule == "progressive" and len(sizes) < 2:
+            raise ConfigError(
+                "data.train_size_schedule",
+                "progressive",
+                "moves from the first size to the last: give two sizes or more",
+            )
+        if self.train_size_schedule != "progressive":
+            for key, default in (("train_size_schedule_spread", 0.65), ("train_size_random_mix", 0.1)):
+                if getattr(self, key) != default:
+                    raise ConfigError(
+                        f"data.{key}",
+                        getattr(self, key),
+                        "shapes a progressive schedule: --train-size-schedule progressive",
+                    )
+        for key, value, reason in (
+            ("naflex_loader", self.naflex_loader, "NaFlex and scheduled sizes are alternative loader modes"),
+            ("loader", self.loader == "ray" and self.loader, "Ray Data batches have one size: --loader torch"),
+        ):
+            if value:
+                raise ConfigError(f"data.{key}", value, f"not with --train-img-sizes: {reason}")
 
     def _check_hf(self) -> None:
         if importlib.util.find_spec("datasets") is None:
@@ -907,10 +984,9 @@ class Config:
             elif key in TIMM_IGNORED_KEYS:
                 if value is not None:  # unset: nothing is being ignored
                     print(f"note: ignoring timm key '{key}' ({TIMM_IGNORED_KEYS[key]})", file=sys.stderr)
-            elif key in TIMM_UNSUPPORTED_KEYS:
-                default, reason = TIMM_UNSUPPORTED_KEYS[key]
-                if value != default and value not in (None, "", [], False):  # set, and not to timm's "off"
-                    raise ConfigError(key, value, f"not supported: {reason}")
+            elif key == "train_steps_per_epoch":  # the second spelling of timm's --train-batches-per-epoch
+                if value is not None:
+                    self.set("train_batches_per_epoch", value)
             elif key == "drop_connect":  # timm's deprecated name for drop_path, still in its args.yaml
                 if value is not None:
                     self.set("drop_path", value)
@@ -986,8 +1062,25 @@ class Config:
             ),
             (
                 "data.batch_size",
-                a.mixing and a.mixup_mode in ("batch", "pair") and d.batch_size % 2 and d.batch_size,
+                a.mixing
+                and a.mixup_mode in ("batch", "pair")
+                and not d.train_batch_sizes  # those replace it for training; validation is never mixed
+                and d.batch_size % 2
+                and d.batch_size,
                 f"mixup/cutmix mode '{a.mixup_mode}' needs an even batch",
+            ),
+            (
+                "data.train_batch_sizes",
+                a.mixing
+                and a.mixup_mode in ("batch", "pair")
+                and any(b % 2 for b in d.train_batch_sizes or [])
+                and d.train_batch_sizes,
+                f"mixup/cutmix mode '{a.mixup_mode}' needs even batches",
+            ),
+            (
+                "aug.aug_splits",
+                d.train_img_sizes and splits > 1 and splits,
+                "augmentation splits are not supported with scheduled sizes (--train-img-sizes), as in timm",
             ),
             (
                 "loss.jsd_loss",

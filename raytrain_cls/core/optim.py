@@ -9,6 +9,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from raytrain_cls.core.config import Config
+from raytrain_cls.core.size_schedule import reference_batch
 
 # timm's train.py picks sqrt scaling for these families when --lr-base-scale is unset.
 _SQRT_SCALED = ("ada", "lamb")
@@ -19,13 +20,15 @@ def resolve_lr(cfg: Config, num_workers: int) -> tuple[float, str]:
     o = cfg.optim
     if o.lr is not None:
         return o.lr, "set explicitly"
-    global_batch = cfg.data.batch_size * num_workers * o.grad_accum_steps
+    batch = reference_batch(cfg)  # --batch-size, or the policy-average batch of scheduled sizes, as timm
+    global_batch = batch * num_workers * o.grad_accum_steps
     rule = o.lr_base_scale or ("sqrt" if any(k in o.opt.lower() for k in _SQRT_SCALED) else "linear")
     ratio = global_batch / o.lr_base_size
     lr = o.lr_base * (math.sqrt(ratio) if rule == "sqrt" else ratio)
+    what = "batch" if cfg.data.train_img_sizes is None else "average scheduled batch"
     return lr, (
-        f"lr_base {o.lr_base} x {rule}(global batch {global_batch} / lr_base_size {o.lr_base_size}) "
-        f"[batch {cfg.data.batch_size} x {num_workers} workers x {o.grad_accum_steps} accum]"
+        f"lr_base {o.lr_base} x {rule}(global batch {global_batch:g} / lr_base_size {o.lr_base_size}) "
+        f"[{what} {batch:g} x {num_workers} workers x {o.grad_accum_steps} accum]"
     )
 
 

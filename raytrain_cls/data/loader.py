@@ -9,11 +9,13 @@ copy number (--aug-repeats) gives each repeat of a sample its own augmentation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 from raytrain_cls.core.config import Config
+from raytrain_cls.core.size_schedule import SizeSchedule, size_schedule
 from raytrain_cls.data.device_transform import build_device_transform
 from raytrain_cls.data.naflex import (
     NaFlexBatchSampler,
@@ -27,29 +29,33 @@ from raytrain_cls.data.naflex import (
 )
 from raytrain_cls.data.resident import DrawnParams, ResidentBatches, check_fits, image_bytes, listed, load_resident
 from raytrain_cls.data.sampler import ResumableDistributedSampler, ShardSampler
-from raytrain_cls.data.samples import BadSample, read_sample, sample_seed, seeded, split_bad, split_key
+from raytrain_cls.data.samples import BadSample, read_sample, sample_seed, seeded, split_bad, split_choice
+from raytrain_cls.data.scheduled import ScheduledBatchSampler
 from raytrain_cls.data.sources import BadImageError, DataError, ImageDataset, ParquetImages, Source
 from raytrain_cls.data.transforms import build_transform
 
 
 class TransformedDataset(torch.utils.data.Dataset):
-    """Applies a transform in the loader process; for training, seeds the RNGs per (seed, epoch, index)."""
+    """Applies a transform in the loader process; for training, seeds the RNGs per (seed, epoch, index).
+    ``transform`` may be one per size choice (--train-img-sizes), picked by the choice the key carries."""
 
     def __init__(self, base: ImageDataset, transform, img_mode: str, seed: int | None = None):
-        self.base, self.transform, self.img_mode, self.seed = base, transform, img_mode, seed
+        self.base, self.img_mode, self.seed = base, img_mode, seed
+        self.transforms = list(transform) if isinstance(transform, (list, tuple)) else [transform]
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key):
-        index, epoch, copy = split_key(key)
+        index, epoch, copy, choice = split_choice(key)
         sample = read_sample(self.base, index, self.img_mode)
         if isinstance(sample, BadSample):
             return sample
         img, target = sample
+        transform = self.transforms[choice]
         if self.seed is None:
-            return self.transform(img), target
-        return seeded(self.transform, img, seed=sample_seed(self.seed, epoch, index, copy)), target
+            return transform(img), target
+        return seeded(transform, img, seed=sample_seed(self.seed, epoch, index, copy)), target
 
 
 def collate_skipping_bad(samples: list):
@@ -91,39 +97,42 @@ class EncodedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        index, epoch, copy = split_key(key)
+        index, epoch, copy, choice = split_choice(key)
         try:
             data, target = self.base.encoded(index)
         except BadImageError as e:
             return BadSample(e.where, e.reason)
         seed = sample_seed(self.seed, epoch, index, copy) if self.seed is not None else 0
         tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        return tensor, target, seed, self.base.describe(index)
+        return tensor, target, seed, self.base.describe(index), choice
 
 
 def collate_encoded(samples: list):
-    """(encoded byte tensors, targets, seeds, where each came from, bad samples): nothing decoded yet."""
+    """(encoded byte tensors, targets, seeds, where each came from, the batch's size choice, bad samples): nothing
+    decoded yet."""
     good, bad = split_bad(samples)
     return (
         [s[0] for s in good],
         torch.tensor([s[1] for s in good], dtype=torch.int64),
         [s[2] for s in good],
         [s[3] for s in good],
+        good[0][4] if good else 0,
         bad,
     )
 
 
 class DeviceDecode:
-    """Turns a collate_encoded batch into (inputs on the device, targets, bad samples) with a DeviceTransform."""
+    """Turns a collate_encoded batch into (inputs on the device, targets, bad samples) with a DeviceTransform
+    (one per size choice with --train-img-sizes)."""
 
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, transforms: list):
+        self.transforms = transforms
 
     def __call__(self, batch):
-        encoded, targets, seeds, wheres, bad = batch
+        encoded, targets, seeds, wheres, choice, bad = batch
         if not encoded:
             return None, None, bad
-        x, y, failed = self.transform(encoded, targets, seeds)
+        x, y, failed = self.transforms[choice](encoded, targets, seeds)
         bad = bad + [
             BadSample(
                 wheres[i], "cannot be decoded (corrupt, truncated, not an image, or more than --max-image-pixels)"
@@ -199,10 +208,16 @@ class Loaders:
     train_sampler: ResumableDistributedSampler  # or, with --naflex-loader, a NaFlexBatchSampler
     batch_size: int = 0  # per rank; NaFlex batches vary by step
 
-    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
-        self.train_sampler.set_epoch(epoch, consumed)
+    def set_epoch(self, epoch: int, consumed: int = 0, batches: int = 0) -> None:
+        """Start (or, after ``batches`` batches up to position ``consumed``, continue) an epoch."""
+        self.train_sampler.set_epoch(epoch, consumed, batches)
         self.train.bad.reset()
         self.val.bad.reset()
+
+    def first_batch(self, estimate: int) -> int:
+        """The index, in the epoch, of the batch the loader continues at: a scheduled-size plan knows it; for the
+        others it is ``estimate`` (the recorded count, or the position over the global batch)."""
+        return getattr(self.train_sampler, "first_batch", estimate)
 
     def samples_after(self, batches: int) -> int:
         """The epoch's global samples consumed once every rank has trained ``batches`` more batches from where
@@ -226,16 +241,23 @@ def build_loaders(
         return build_naflex_loaders(cfg, source, data_config, rank, world_size)
     if d.data_on_device:
         return build_resident_loaders(cfg, source, data_config, rank, world_size, device)
+    schedule = size_schedule(cfg)
+    train_configs = train_data_configs(data_config, schedule)
     if d.gpu_decode:
         train_ds, val_ds = EncodedDataset(source.train, seed=cfg.run.seed), EncodedDataset(source.val)
         collate = collate_encoded
-        decode = [DeviceDecode(build_device_transform(cfg, data_config, training, device)) for training in (1, 0)]
+        decode = [
+            DeviceDecode([build_device_transform(cfg, c, True, device) for c in train_configs]),
+            DeviceDecode([build_device_transform(cfg, data_config, False, device)]),
+        ]
     else:
         mode = image_mode(data_config)
-        train_ds = TransformedDataset(source.train, build_transform(cfg, data_config, True), mode, seed=cfg.run.seed)
+        train_transforms = [build_transform(cfg, c, True) for c in train_configs]
+        train_ds = TransformedDataset(source.train, train_transforms, mode, seed=cfg.run.seed)
         val_ds = TransformedDataset(source.val, build_transform(cfg, data_config, False), mode)
         collate, decode = collate_skipping_bad, [None, None]
     sampler = _train_sampler(cfg, source, rank, world_size)
+    batching, train_sampler = _train_batching(sampler, schedule, d.batch_size)
     # The loader's own generator: otherwise each new iterator draws its base seed from the global torch RNG,
     # which would shift the training RNG stream by where a resumed run restarted.
     common = dict(
@@ -245,7 +267,7 @@ def build_loaders(
         generator=torch.Generator().manual_seed(cfg.run.seed),
         collate_fn=collate,
     )
-    train = DataLoader(train_ds, batch_size=d.batch_size, sampler=_EpochTagged(sampler), drop_last=True, **common)
+    train = DataLoader(train_ds, **batching, **common)
     val = DataLoader(
         val_ds,
         batch_size=d.validation_batch_size or d.batch_size,
@@ -257,9 +279,27 @@ def build_loaders(
     return Loaders(
         SkippingLoader(train, fill=True, decode=decode[0], splits=cfg.aug.aug_splits),
         SkippingLoader(val, fill=False, decode=decode[1]),
-        sampler,
+        train_sampler,
         d.batch_size,
     )
+
+
+def train_data_configs(data_config: dict, schedule: Optional[SizeSchedule]) -> list[dict]:
+    """The data config of each size choice (--train-img-sizes: square sizes, the channels kept), or the one."""
+    if schedule is None:
+        return [data_config]
+    channels = data_config["input_size"][0]
+    return [{**data_config, "input_size": (channels, size, size)} for size in schedule.img_sizes]
+
+
+def _train_batching(
+    sampler: ResumableDistributedSampler, schedule: Optional[SizeSchedule], batch_size: int
+) -> tuple[dict, Sampler]:
+    """(the training DataLoader's batching arguments, the sampler that owns the epoch's position)."""
+    if schedule is None:
+        return dict(batch_size=batch_size, sampler=_EpochTagged(sampler), drop_last=True), sampler
+    batches = ScheduledBatchSampler(sampler, schedule)
+    return dict(batch_sampler=batches), batches
 
 
 def _check_full_batch(batches: int, batch_size: int, world_size: int, samples: int) -> None:
@@ -297,32 +337,35 @@ def build_resident_loaders(
     train = load_resident(source.train, range(len(source.train)), device, mode)
     val = load_resident(source.val, val_order, device, mode)
     sampler = _train_sampler(cfg, source, rank, world_size)
-    transform = build_device_transform(cfg, data_config, True, device)
-    if transform.augments:
+    schedule = size_schedule(cfg)
+    batching, train_sampler = _train_batching(sampler, schedule, d.batch_size)
+    # one per size choice (--train-img-sizes): the crops are resized on the device to the batch's size
+    transforms = [build_device_transform(cfg, c, True, device) for c in train_data_configs(data_config, schedule)]
+    if transforms[0].augments:
         # -j N: loader processes draw the per-sample augmentation parameters ahead; pixels never leave the device.
         draws = DataLoader(
-            DrawnParams(train, transform.draws, cfg.run.seed),
-            batch_size=d.batch_size,
-            sampler=_EpochTagged(sampler),
-            drop_last=True,
+            DrawnParams(train, transforms[0].draws, cfg.run.seed),
+            **batching,
             num_workers=d.workers,
             persistent_workers=d.workers > 0,
             collate_fn=listed,
             generator=torch.Generator().manual_seed(cfg.run.seed),
         )  # not the training RNG stream
-        train_batches = ResidentBatches(train, draws, d.batch_size, True, transform, drawn=True)
+        train_batches = ResidentBatches(train, draws, d.batch_size, True, transforms, drawn=True)
+    elif schedule is not None:  # --no-aug: nothing to draw; the plan's batches of keys
+        train_batches = ResidentBatches(train, train_sampler, d.batch_size, True, transforms, batched=True)
     else:  # --no-aug: nothing to draw
-        train_batches = ResidentBatches(train, _EpochTagged(sampler), d.batch_size, True, transform)
+        train_batches = ResidentBatches(train, _EpochTagged(sampler), d.batch_size, True, transforms)
     val_batches = ResidentBatches(
         val,
         val_order,
         d.validation_batch_size or d.batch_size,
         False,
-        build_device_transform(cfg, data_config, False, device),
+        [build_device_transform(cfg, data_config, False, device)],
     )
     _check_full_batch(len(train_batches), d.batch_size, world_size, len(train))
     return Loaders(
-        SkippingLoader(train_batches, fill=True), SkippingLoader(val_batches, fill=False), sampler, d.batch_size
+        SkippingLoader(train_batches, fill=True), SkippingLoader(val_batches, fill=False), train_sampler, d.batch_size
     )
 
 

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Sampler
 
 from raytrain_cls.core.loss import mixup_active, mixup_kwargs
-from raytrain_cls.data.sampler import ResumableDistributedSampler
+from raytrain_cls.data.sampler import ResumableDistributedSampler, position_after_steps
 from raytrain_cls.data.samples import BadSample, read_sample, sample_seed, seeded, split_bad
 from raytrain_cls.data.sources import ImageDataset
 from raytrain_cls.data.transforms import transform_kwargs
@@ -110,7 +110,7 @@ class NaFlexBatchSampler(Sampler[list]):
     def consumed(self) -> int:
         return self.order.consumed
 
-    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+    def set_epoch(self, epoch: int, consumed: int = 0, batches: int = 0) -> None:
         self.order.set_epoch(epoch, consumed)
         self.steps = self._plan()
 
@@ -139,11 +139,10 @@ class NaFlexBatchSampler(Sampler[list]):
         return len(self.steps)
 
     def position_after(self, steps_done: int) -> int:
-        """The epoch's global samples consumed once ``steps_done`` more steps are trained (all ranks alike)."""
-        if steps_done <= 0 or not self.steps:
-            return self.consumed
-        last = self.steps[min(steps_done, len(self.steps)) - 1]
-        return min(self.order.epoch_length, last.start + last.batch * self.order.world_size)
+        """The epoch's global samples consumed once ``steps_done`` more steps are trained (all ranks alike); the
+        last step's padding wraps to the epoch's start, so never past its length."""
+        position = position_after_steps(self.steps, steps_done, self.consumed, self.order.world_size)
+        return min(self.order.epoch_length, position)
 
 
 @dataclass
@@ -269,12 +268,3 @@ def build_naflex_mixup(cfg, num_classes: int):
         return None
     kwargs = {k: v for k, v in mixup_kwargs(cfg, num_classes).items() if k not in ("mode", "cutmix_minmax")}
     return NaFlexMixup(**kwargs, mixup_off_epoch=cfg.aug.mixup_off_epoch)
-
-
-def loss_scale(mode: str, batch_size: int) -> Callable[[int], float]:
-    """timm's --naflex-loss-scale: a batch's loss times (its size / --batch-size), or the square root of that."""
-    if mode == "none":
-        return lambda n: 1.0
-    if mode == "sqrt":
-        return lambda n: math.sqrt(n / batch_size)
-    return lambda n: n / batch_size

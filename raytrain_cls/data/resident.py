@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from raytrain_cls.data.device_transform import to_device
-from raytrain_cls.data.samples import BadSample, read_sample, sample_seed, split_key
+from raytrain_cls.data.samples import BadSample, read_sample, sample_seed, split_choice
 from raytrain_cls.data.sources import DataError, ImageDataset
 
 # Of the device memory free at load, the resident data set may take at most this share: the model, its
@@ -112,10 +112,11 @@ def load_resident(dataset: ImageDataset, indices: Iterable[int], device: torch.d
 
 
 class DrawnParams(torch.utils.data.Dataset):
-    """Training keys (index, epoch, copy) -> (index, SampleParams), or (index, BadSample) for an image found
-    unreadable at load. Holds only plain data (image sizes, the ParamDraws), so loader processes can draw the
-    next batches' parameters while the training process runs the step: the per-sample random draws, which must
-    stay per-sample (they reproduce timm's CPU transforms seed for seed), are then off the training process."""
+    """Training keys (index, epoch, copy[, size choice]) -> (index, SampleParams, size choice), or (index,
+    BadSample, size choice) for an image found unreadable at load. Holds only plain data (image sizes, the
+    ParamDraws), so loader processes can draw the next batches' parameters while the training process runs the
+    step: the per-sample random draws, which must stay per-sample (they reproduce timm's CPU transforms seed for
+    seed), are then off the training process."""
 
     def __init__(self, split: ResidentImages, draws, seed: int):
         self.sizes = (
@@ -129,32 +130,41 @@ class DrawnParams(torch.utils.data.Dataset):
         return len(self.sizes)
 
     def __getitem__(self, key):
-        index, epoch, copy = split_key(key)
+        index, epoch, copy, choice = split_choice(key)
         if self.sizes[index] is None:
-            return index, self.bad[index]
-        return index, self.draws(*self.sizes[index], sample_seed(self.seed, epoch, index, copy))
+            return index, self.bad[index], choice
+        # The draws do not depend on the output size: every size choice's transform shares them.
+        return index, self.draws(*self.sizes[index], sample_seed(self.seed, epoch, index, copy)), choice
 
 
 def listed(batch: list) -> list:
-    """collate_fn that keeps a batch of (index, params) as it is."""
+    """collate_fn that keeps a batch of (index, params, size choice) as it is."""
     return batch
 
 
 class ResidentBatches:
     """Batches of a ResidentImages split, in SkippingLoader's input form (inputs, targets, bad samples).
 
-    ``keys`` yields either batches of (index, SampleParams | BadSample) (training: a DataLoader over DrawnParams)
-    or single keys, batched here (validation, and training without augmentation: --no-aug)."""
+    ``keys`` yields either batches of (index, SampleParams | BadSample, size choice) (training: a DataLoader over
+    DrawnParams), or batches of keys (training with --no-aug and scheduled sizes: their batch sampler), or single
+    keys, batched here (validation, and training with --no-aug). ``transforms``: one per size choice."""
 
     def __init__(
-        self, split: ResidentImages, keys: Iterable, batch_size: int, drop_last: bool, transform, drawn: bool = False
+        self,
+        split: ResidentImages,
+        keys: Iterable,
+        batch_size: int,
+        drop_last: bool,
+        transforms: list,
+        drawn: bool = False,
+        batched: bool = False,
     ):
         self.split, self.keys, self.batch_size, self.drop_last = split, keys, batch_size, drop_last
-        self.transform, self.drawn = transform, drawn
+        self.transforms, self.drawn, self.batched = transforms, drawn, batched or drawn
         self.dataset = split
 
     def __len__(self) -> int:
-        if self.drawn:
+        if self.batched:
             return len(self.keys)
         n = len(self.keys)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
@@ -164,9 +174,13 @@ class ResidentBatches:
             for batch in self.keys:
                 yield self._batch(batch)
             return
+        if self.batched:
+            for keys in self.keys:
+                yield self._batch([_undrawn(key) for key in keys])
+            return
         batch = []
         for key in self.keys:
-            batch.append((split_key(key)[0], None))
+            batch.append(_undrawn(key))
             if len(batch) == self.batch_size:
                 yield self._batch(batch)
                 batch = []
@@ -175,7 +189,8 @@ class ResidentBatches:
 
     def _batch(self, entries: list):
         indices, params, bad = [], [], []
-        for index, drawn in entries:
+        transform = self.transforms[entries[0][2]]  # a batch has one size choice
+        for index, drawn, _ in entries:
             if self.split.images[index] is None:
                 bad.append(self.split.bad[index])
                 continue
@@ -190,7 +205,13 @@ class ResidentBatches:
             images = [self.split.images[i] for i in indices]
         targets = self.split.labels[picked]
         if self.drawn:
-            x, y = self.transform.from_params(images, targets, params)
+            x, y = transform.from_params(images, targets, params)
         else:
-            x, y = self.transform.from_decoded(images, targets)
+            x, y = transform.from_decoded(images, targets)
         return x, y, bad
+
+
+def _undrawn(key) -> tuple:
+    """A key as a batch entry with nothing drawn: (index, None, size choice)."""
+    index, _, _, choice = split_choice(key)
+    return index, None, choice

@@ -50,6 +50,15 @@ def block_order(block_sizes: Sequence[int], seed: int, epoch: int, window: int) 
     return torch.cat(parts)
 
 
+def position_after_steps(steps: Sequence, steps_done: int, consumed: int, world_size: int) -> int:
+    """For batch plans of steps (each with ``start``, its first position, and ``batch`` per rank): the epoch's
+    global position once ``steps_done`` more of them are trained, all ranks alike."""
+    if steps_done <= 0 or not steps:
+        return consumed
+    last = steps[min(steps_done, len(steps)) - 1]
+    return last.start + last.batch * world_size
+
+
 class ResumableDistributedSampler(Sampler[int]):
     """This rank's share of the epoch's global order, starting after the first ``consumed`` samples.
 
@@ -83,7 +92,8 @@ class ResumableDistributedSampler(Sampler[int]):
         self.passes = max(1, math.ceil(self.epoch_length / (num_samples * self.copies))) if num_samples else 1
         self.epoch, self.consumed = 0, 0
 
-    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+    def set_epoch(self, epoch: int, consumed: int = 0, batches: int = 0) -> None:
+        """``batches`` (done so far) is not needed here: the position says it all."""
         self.epoch, self.consumed = epoch, consumed
 
     def _pass_order(self, p: int) -> torch.Tensor:

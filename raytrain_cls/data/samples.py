@@ -25,6 +25,13 @@ def split_key(key) -> tuple[int, int, int]:
     return key, 0, 0
 
 
+def split_choice(key) -> tuple[int, int, int, int]:
+    """(index, epoch, copy, size choice) from a training key; the choice is 0 unless --train-img-sizes gave one."""
+    if isinstance(key, tuple) and len(key) == 4:
+        return key
+    return (*split_key(key), 0)
+
+
 def read_sample(base: ImageDataset, index: int, img_mode: str):
     """(PIL image in ``img_mode``, target), or a BadSample standing in for an unreadable image."""
     try:

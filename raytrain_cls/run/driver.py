@@ -27,6 +27,7 @@ from raytrain_cls.core.distill import teacher_weights_file
 from raytrain_cls.core.model import check_model_name, check_weights_file, meta_model, split_bn
 from raytrain_cls.core.onednn import onednn_env
 from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
+from raytrain_cls.core.size_schedule import size_schedule
 from raytrain_cls.core.state import MODEL_FILE, check_architecture
 from raytrain_cls.core.storage import is_uri, join, split, unwritable_reason, write_text
 from raytrain_cls.data import build_source
@@ -268,15 +269,24 @@ class Preflight:
     extra: dict  # Resolved fields only some runs have (naflex_patch_size)
 
 
+def _training_batch(cfg: Config) -> tuple[str, int]:
+    """(the key, the smallest per-worker training batch): --batch-size, or of the scheduled sizes' batches."""
+    schedule = size_schedule(cfg)
+    if schedule is None:
+        return "batch_size", cfg.data.batch_size
+    return ("train_batch_sizes" if cfg.data.train_batch_sizes else "batch_size"), schedule.min_batch
+
+
 def preflight(cfg: Config) -> Preflight:
     """Build the data source and the model's architecture (on the meta device); raise ConfigError / DataError."""
     source = build_source(cfg)
     num_classes = cfg.model.num_classes or source.num_classes
     if num_classes < source.num_classes:
         raise ConfigError("model.num_classes", num_classes, f"the data set has {source.num_classes} classes")
-    if cfg.data.batch_size > len(source.train):  # with more workers, resolve() checks the product
+    key, batch = _training_batch(cfg)
+    if batch > len(source.train):  # with more workers, resolve() checks the product
         raise ConfigError(
-            "data.batch_size", cfg.data.batch_size, f"is more than the {len(source.train)} training samples"
+            f"data.{key}", getattr(cfg.data, key), f"is more than the {len(source.train)} training samples"
         )
     if cfg.model.pretrained_path:
         check_weights_file("model.pretrained_path", cfg.model.pretrained_path)
@@ -345,10 +355,11 @@ def resolve(cfg: Config, cluster: dict, checked: Optional[Preflight] = None) -> 
     checked = checked or preflight(cfg)
     source, num_classes = checked.source, checked.num_classes
     use_gpu, num_workers = resolve_scaling(cfg, cluster)
-    if cfg.data.batch_size * num_workers > len(source.train):
+    key, batch = _training_batch(cfg)
+    if batch * num_workers > len(source.train):
         raise ConfigError(
-            "data.batch_size",
-            cfg.data.batch_size,
+            f"data.{key}",
+            getattr(cfg.data, key),
             f"x {num_workers} workers is more than the {len(source.train)} training samples",
         )
     lr, lr_rule = resolve_lr(cfg, num_workers)

@@ -36,11 +36,11 @@ from raytrain_cls.core.loss import build_mixup, build_train_loss
 from raytrain_cls.core.model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from raytrain_cls.core.onednn import slow_bf16_note
 from raytrain_cls.core.optim import build_optimizer, build_scheduler
+from raytrain_cls.core.size_schedule import batch_loss_scale, reference_batch
 from raytrain_cls.core.state import TrainState
 from raytrain_cls.core.storage import join, write_bytes
 from raytrain_cls.data import DataError, build_loaders, build_source
 from raytrain_cls.data.loader import BadSampleLog, SkippingLoader
-from raytrain_cls.data.naflex import loss_scale
 from raytrain_cls.data.ray_data import DATASET_NAME as RAY_DATASET
 from raytrain_cls.data.ray_data import ray_data_loader, rows_per_worker
 from raytrain_cls.run.checkpointer import checkpoint_name, report, restore
@@ -212,7 +212,12 @@ class WorkerRun:
                 train_model, device_ids=[device.index] if device.type == "cuda" else None
             )
         train_model = compile_model(cfg, train_model)  # after DDP, as timm does
-        naflex_scale = loss_scale(cfg.data.naflex_loss_scale, cfg.data.batch_size) if cfg.data.naflex_loader else None
+        if cfg.data.naflex_loader:
+            batch_scale = batch_loss_scale(cfg.data.naflex_loss_scale, cfg.data.batch_size)
+        elif cfg.data.train_img_sizes:
+            batch_scale = batch_loss_scale(cfg.data.variable_batch_loss_scale, reference_batch(cfg))
+        else:
+            batch_scale = None
         return TrainParts(
             model=train_model,
             optimizer=self.optimizer,
@@ -229,7 +234,7 @@ class WorkerRun:
             accum_steps=cfg.optim.grad_accum_steps,
             channels_last=cfg.model.channels_last,
             input_dtype=model_dtype(cfg),
-            loss_scale=naflex_scale,
+            loss_scale=batch_scale,
         )
 
     # ---- the epochs ------------------------------------------------------------------------------------------
@@ -252,7 +257,8 @@ class WorkerRun:
         position = state.in_epoch if state.in_epoch and state.in_epoch["epoch"] == epoch else None
         consumed = position["samples"] if position else 0  # global samples of this epoch already trained on
         start_batch, carry = _continue_epoch(position, state.rank_states, self.rank, self.world, cfg.data.batch_size)
-        self.loaders.set_epoch(epoch, consumed)
+        self.loaders.set_epoch(epoch, consumed, position["batches"] if position else 0)
+        start_batch = self.loaders.first_batch(start_batch)
         train_metrics, state.num_updates = train_one_epoch(
             epoch,
             self.loaders.train,

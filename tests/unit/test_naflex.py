@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from raytrain_cls.core.config import Config, ConfigError
+from raytrain_cls.core.size_schedule import batch_loss_scale as loss_scale
 from raytrain_cls.data.naflex import (
     NaFlexBatchSampler,
     NaFlexItem,
     NaFlexTrainCollate,
     canonical_steps,
-    loss_scale,
     step_batch_size,
 )
 from raytrain_cls.data.sampler import ResumableDistributedSampler

@@ -142,13 +142,32 @@ def test_the_main_branch_args_yaml_with_every_key_at_its_default_loads(capsys):
     assert {"train_img_sizes", "train_size_schedule", "variable_batch_loss_scale"} <= set(raw)
 
 
+def test_a_main_branch_args_yaml_with_a_scheduled_resolution_recipe_loads_with_its_values(tmp_path):
+    import yaml
+
+    recipe = {
+        "train_img_sizes": [160, 192, 224],
+        "train_batch_sizes": [256, 192, 128],
+        "train_size_probs": [1.0, 1.0, 2.0],
+        "train_size_schedule": "progressive",
+        "train_size_schedule_spread": 0.5,
+        "train_size_random_mix": 0.2,
+        "train_batches_per_epoch": 1000,
+        "variable_batch_loss_scale": "sqrt",
+    }
+    raw = {**yaml.safe_load(TIMM_MAIN_ARGS.read_text()), **recipe, "data_dir": "/data"}
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(tmp_path / "args.yaml")).validate()
+    assert {k: cfg.get(k) for k in recipe} == recipe
+
+
 @pytest.mark.parametrize(
     "key,value,words",
     [
         ("kd_loss_type", "mse", "must be one of \\['kl'\\]"),
-        ("train_img_sizes", [128, 160], "not supported: scheduled-resolution"),
-        ("train_size_schedule", "progressive", "not supported: scheduled-resolution"),
-        ("variable_batch_loss_scale", "sqrt", "not supported: scheduled-resolution"),
+        ("train_size_schedule", "progressive", "a scheduled-resolution option: it needs --train-img-sizes"),
+        ("variable_batch_loss_scale", "sqrt", "a scheduled-resolution option: it needs --train-img-sizes"),
+        ("train_batches_per_epoch", 100, "a scheduled-resolution option: it needs --train-img-sizes"),
         ("a_flag_from_the_future", True, "unknown key .*a newer timm"),
         ("a_width_from_the_future", 3, "unknown key .*set it to its default or drop it"),
     ],
