@@ -908,6 +908,8 @@ class Resolved:
     val_samples: int
     data_config: dict  # timm's resolved data config: input_size, mean, std, crop_pct, interpolation, ...
     naflex_patch_size: Optional[int] = None  # --naflex-loader: the model's patch size
+    # What each worker reserves: --resources-per-worker, or the default CPU layout's node-filling CPU count
+    resources_per_worker: Optional[dict] = None
     # Where the run lives, set once its directory is chosen.
     output: Optional[str] = None
     experiment: Optional[str] = None

@@ -46,10 +46,11 @@ class Capacity(dict):
     """Resource name -> amount a run can count on (math.inf: an autoscaler without a limit); ``now``: what is up,
     ``limits_from``: where the autoscaler's limits were read (None: no autoscaler counted)."""
 
-    def __init__(self, resources: dict, limits_from: Optional[str] = None):
+    def __init__(self, resources: dict, limits_from: Optional[str] = None, node_cpus: Optional[list] = None):
         super().__init__(resources)
         self.now = dict(resources)
         self.limits_from = limits_from
+        self.node_cpus = node_cpus  # each live node's CPUs (the default CPU layout fills a node), None: unknown
 
 
 # ---- its limits ----------------------------------------------------------------------------------------------
@@ -164,7 +165,9 @@ def connected_capacity() -> Capacity:
     import ray
 
     port = int(ray.get_runtime_context().gcs_address.rpartition(":")[2])
-    return cluster_capacity(ray.cluster_resources(), *autoscaler_limits(port))
+    capacity = cluster_capacity(ray.cluster_resources(), *autoscaler_limits(port))
+    capacity.node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    return capacity
 
 
 def has(capacity: dict, key: str) -> str:

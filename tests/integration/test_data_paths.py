@@ -74,6 +74,8 @@ def run(tmp_path, name, *args):
     return main(
         [
             "train",
+            "--num-workers",
+            "2",
             "--model",
             "resnet10t",
             "--img-size",

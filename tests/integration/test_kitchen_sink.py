@@ -27,6 +27,8 @@ def test_kitchen_sink_recipe_trains_and_improves(ray_local, tmp_path):
     code = main(
         [
             "train",
+            "--num-workers",
+            "2",
             "--model",
             "resnet10t",
             *save_teacher(tmp_path / "teacher.safetensors"),
@@ -115,6 +117,8 @@ def test_timms_own_args_yaml_runs_with_token_distillation(ray_local, tmp_path):
             "train",
             "-c",
             str(args_yaml),
+            "--num-workers",
+            "2",
             "--dataset",
             "sklearn/digits",
             "--img-size",

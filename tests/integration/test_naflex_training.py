@@ -21,6 +21,8 @@ EPOCHS = 6
 CLASSES = [f"digit-{i}" for i in range(10)]
 # A 4-block NaFlexVit with 4x4-pixel patches: digits (8x8) resized to 4, 16 or 36 patches per training batch.
 NAFLEX = [
+    "--num-workers",
+    "2",
     "--model",
     "naflexvit_base_patch16_gap",
     "--model-kwargs",

@@ -25,6 +25,8 @@ EPOCHS = 5
 UPDATES_PER_EPOCH = 22  # digits: 1438 train samples, batch 32 x 2 workers, drop_last
 # A tiny model keeps checkpoints small, a recovery checkpoint every 4 updates keeps the latest one mid-epoch.
 COMMON = [
+    "--num-workers",  # DDP: a resume on another worker count is part of what is under test
+    "2",
     "--model",
     "test_resnet",
     "--epochs",

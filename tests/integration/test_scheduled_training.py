@@ -83,7 +83,7 @@ def test_a_progressive_args_yaml_trains_and_a_killed_worker_resumes_its_plan_exa
     args_yaml = tmp_path / "args.yaml"
     args_yaml.write_text(yaml.safe_dump({**yaml.safe_load(TIMM_MAIN_ARGS.read_text()), **RECIPE}))
     run_dir = tmp_path / "scheduled"
-    args = ["-c", str(args_yaml), "--max-failures", "1"]
+    args = ["-c", str(args_yaml), "--max-failures", "1", "--num-workers", "2"]
     args += ["--output", str(tmp_path), "--experiment", "scheduled"]
     codes = []
     runner = threading.Thread(target=lambda: codes.append(main(["train", *args])))

@@ -1,4 +1,5 @@
-"""The embedded default job, run as a user runs it (the CLI), on a private local Ray with 2 CPU workers (gloo)."""
+"""The embedded default job, run as a user runs it (the CLI), on a private local Ray of 2 CPUs: the default CPU layout
+gives it one worker that has both as its threads."""
 
 import csv
 import json
@@ -66,7 +67,7 @@ def test_config_yaml_is_the_resolved_config(default_run):
     cfg = Config.from_dict(raw).validate()
     assert cfg.data.dataset == "digits" and cfg.sched.epochs == EPOCHS
     r = cfg.resolved
-    assert r.num_workers == 2 and r.use_gpu is False
+    assert r.num_workers == 1 and r.resources_per_worker == {"CPU": 2} and r.use_gpu is False
     assert r.num_classes == 10 and r.num_epochs == EPOCHS
     assert r.data_config["input_size"] == [3, 32, 32]
     assert r.run_dir == str(run_dir)

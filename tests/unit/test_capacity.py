@@ -65,9 +65,9 @@ def test_a_gpu_job_on_the_autoscaling_cluster_is_sized_by_what_it_can_add():
     # Before: {"CPU": 0} alone refused every GPU run ("the Ray cluster has no GPUs") on aws-gpu.yaml's fresh head.
     capacity = cluster_capacity({"CPU": 0.0}, config_limits(AWS_GPU))
     cfg = load_config("digits", {})
-    assert resolve_scaling(cfg, capacity) == (True, 4)  # one worker per GPU it can have
+    assert resolve_scaling(cfg, capacity)[:2] == (True, 4)  # one worker per GPU it can have
     cfg = load_config("digits", {"num_workers": 2, "use_gpu": True})
-    assert resolve_scaling(cfg, capacity) == (True, 2)
+    assert resolve_scaling(cfg, capacity)[:2] == (True, 2)
     with pytest.raises(ConfigError, match="needs 5 GPUs"):
         resolve_scaling(load_config("digits", {"num_workers": 5, "use_gpu": True}), capacity)
 
@@ -77,7 +77,7 @@ def test_without_a_gpu_limit_the_worker_count_must_be_given():
     with pytest.raises(ConfigError) as e:
         resolve_scaling(load_config("digits", {}), capacity)
     assert e.value.key == "scaling.num_workers" and "--num-workers" in str(e.value)
-    assert resolve_scaling(load_config("digits", {"num_workers": 16}), capacity) == (True, 16)
+    assert resolve_scaling(load_config("digits", {"num_workers": 16}), capacity)[:2] == (True, 16)
 
 
 def test_a_search_runs_as_many_trials_at_once_as_the_cluster_can_grow_to():
@@ -198,3 +198,39 @@ def test_a_run_that_waits_for_the_autoscaler_says_so_and_refusals_say_what_is_up
     with pytest.raises(ConfigError) as e:  # the refusal names the way to tell the driver what it cannot read
         resolve_scaling(load_config("digits", {"use_gpu": True}), Capacity({"CPU": 2.0}))
     assert cap.LIMITS_ENV in str(e.value)
+
+
+def capacity_of(*node_cpus: float) -> Capacity:
+    capacity = cluster_capacity({"CPU": float(sum(node_cpus))})
+    capacity.node_cpus = list(node_cpus)
+    return capacity
+
+
+@pytest.mark.parametrize(
+    "nodes,flat,expected",
+    [
+        ((2.0,), {}, (1, {"CPU": 2})),  # one host: one worker with every core as its threads
+        ((16.0, 16.0, 8.0), {}, (3, {"CPU": 8})),  # one per node, each fitting the smallest node
+        ((0.0, 4.0), {}, (1, {"CPU": 4})),  # a head without CPUs holds no worker
+        ((4.0,), {"loader": "ray", "dataset": "parquet", "data_dir": "/d"}, (1, {"CPU": 3})),  # a CPU for Ray Data
+        ((8.0,), {"num_workers": 2}, (2, {})),  # --num-workers: Ray's 1 CPU each, as before
+        ((8.0,), {"resources_per_worker": {"CPU": 4}}, (1, {"CPU": 4})),  # a CPU count alone: one such worker
+    ],
+)
+def test_the_default_cpu_layout_fills_a_node_with_one_threaded_worker(nodes, flat, expected):
+    use_gpu, num_workers, per_worker = resolve_scaling(load_config("digits", flat), capacity_of(*nodes))
+    assert not use_gpu and (num_workers, per_worker) == expected
+
+
+def test_with_no_cpu_node_up_yet_the_default_is_one_small_worker_for_the_autoscaler_to_place():
+    capacity = cluster_capacity({"CPU": 0.0}, {"CPU": 4})
+    capacity.node_cpus = [0.0]  # the head alone, without CPUs
+    assert resolve_scaling(load_config("digits", {}), capacity) == (False, 1, {"CPU": 1})
+
+
+def test_the_default_cpu_layout_reaches_ray_and_the_resolved_record():
+    from raytrain_cls.run.driver import run_needs
+
+    _, num_workers, per_worker = resolve_scaling(load_config("digits", {}), capacity_of(2.0))
+    assert run_needs(per_worker, False, num_workers) == {"GPU": 0, "CPU": 2}
+    assert resolve_scaling(load_config("digits", {}), {"CPU": 6.0})[1:] == (1, {"CPU": 6})  # no node list: the total

@@ -23,16 +23,17 @@ def _cfg(**overrides) -> Config:
     return load_config("digits", overrides)
 
 
-def test_cpu_cluster_defaults_to_two_cpu_workers():
-    assert resolve_scaling(_cfg(), {"CPU": 2.0}) == (False, 2)
+def test_cpu_cluster_defaults_to_one_worker_with_every_cpu():
+    assert resolve_scaling(_cfg(), {"CPU": 2.0}) == (False, 1, {"CPU": 2})
+    assert resolve_scaling(_cfg(num_workers=2), {"CPU": 2.0}) == (False, 2, {})  # the DDP demonstration
 
 
 def test_gpu_cluster_defaults_to_one_worker_per_gpu():
-    assert resolve_scaling(_cfg(), {"CPU": 16.0, "GPU": 4.0}) == (True, 4)
+    assert resolve_scaling(_cfg(), {"CPU": 16.0, "GPU": 4.0}) == (True, 4, {})
 
 
 def test_no_use_gpu_on_a_gpu_cluster_trains_on_cpus():
-    assert resolve_scaling(_cfg(use_gpu=False, num_workers=3), {"CPU": 16.0, "GPU": 4.0}) == (False, 3)
+    assert resolve_scaling(_cfg(use_gpu=False, num_workers=3), {"CPU": 16.0, "GPU": 4.0}) == (False, 3, {})
 
 
 @pytest.mark.parametrize(
@@ -52,9 +53,9 @@ def test_unschedulable_runs_fail_before_any_worker_starts(overrides, cluster, ke
 
 
 def test_resolve_records_every_run_wide_decision():
-    cfg = resolve(_cfg(lr=None, lr_base=0.1, lr_base_size=256, batch_size=32), {"CPU": 2.0})
+    cfg = resolve(_cfg(lr=None, lr_base=0.1, lr_base_size=256, batch_size=32, num_workers=2), {"CPU": 2.0})
     r = cfg.resolved
-    assert r.num_workers == 2 and r.use_gpu is False
+    assert r.num_workers == 2 and r.use_gpu is False and r.resources_per_worker is None
     assert r.lr == pytest.approx(0.1 * 64 / 256)  # timm's linear rule on the *global* batch
     assert r.num_classes == 10 and len(r.classes) == 10
     assert r.num_epochs == cfg.sched.epochs
@@ -63,7 +64,7 @@ def test_resolve_records_every_run_wide_decision():
 
 def test_batch_larger_than_the_data_is_a_config_error():
     with pytest.raises(ConfigError) as e:
-        resolve(_cfg(batch_size=1000), {"CPU": 2.0})
+        resolve(_cfg(batch_size=1000, num_workers=2), {"CPU": 2.0})
     assert e.value.key == "data.batch_size"
 
 
@@ -305,3 +306,11 @@ def test_a_refused_token_is_found_however_deep_ray_wraps_it():
     except ConnectionError as e:
         assert refused_token(e)
     assert not refused_token(ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379"))
+
+
+def test_the_start_line_names_the_workers_and_their_cpus():
+    from raytrain_cls.run.driver import workers_phrase
+
+    one = resolve(_cfg(), {"CPU": 2.0}).resolved
+    assert workers_phrase(one) == "1 CPU worker (2 CPUs)"
+    assert workers_phrase(resolve(_cfg(num_workers=2), {"CPU": 2.0}).resolved) == "2 CPU workers"
