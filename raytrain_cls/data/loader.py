@@ -29,7 +29,15 @@ from raytrain_cls.data.naflex import (
 )
 from raytrain_cls.data.resident import DrawnParams, ResidentBatches, check_fits, image_bytes, listed, load_resident
 from raytrain_cls.data.sampler import ResumableDistributedSampler, ShardSampler
-from raytrain_cls.data.samples import BadSample, read_sample, sample_seed, seeded, split_bad, split_choice
+from raytrain_cls.data.samples import (
+    BadSample,
+    kept_rngs,
+    read_sample,
+    sample_seed,
+    seeded,
+    split_bad,
+    split_choice,
+)
 from raytrain_cls.data.scheduled import ScheduledBatchSampler
 from raytrain_cls.data.sources import BadImageError, DataError, ImageDataset, ParquetImages, Source
 from raytrain_cls.data.transforms import build_transform
@@ -142,6 +150,9 @@ class DeviceDecode:
         return (x, y, bad) if len(y) else (None, None, bad)
 
 
+_END = object()  # the end of a loader's batches
+
+
 class SkippingLoader:
     """Iterates a DataLoader built with collate_skipping_bad, yielding (inputs, targets) and logging bad samples.
 
@@ -166,8 +177,21 @@ class SkippingLoader:
     def sampler(self):
         return self.loader.sampler
 
+    def _batches(self):
+        """The loader's batches; loaded in this process (-j 0), each inside one kept_rngs() for all its samples."""
+        if getattr(self.loader, "num_workers", 0) > 0:
+            yield from self.loader
+            return
+        batches = iter(self.loader)
+        while True:
+            with kept_rngs():
+                batch = next(batches, _END)
+            if batch is _END:
+                return
+            yield batch
+
     def __iter__(self):
-        for batch in self.loader:
+        for batch in self._batches():
             x, y, bad = self.decode(batch) if self.decode is not None else batch
             if bad:
                 self.bad.add(bad)

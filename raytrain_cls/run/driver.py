@@ -95,9 +95,13 @@ def connect() -> Capacity:
         if address:
             check_reachable(address)
         # address="local" always starts a fresh cluster: a bare ray.init() would silently join any cluster
-        # running on this host, and trip over the stale address file of one that was stopped.
+        # running on this host, and trip over the stale address file of one that was stopped. That private
+        # cluster lives for this command only and goes without Ray's dashboard, whose start took a core for
+        # ~1 s of the start-up (2 cores: 13.4 -> 12.1-13.1 s to the first step); cluster/local/start-head.sh
+        # keeps one with the dashboard alive across commands (RAY_ADDRESS).
+        local = {} if address else {"include_dashboard": False}
         try:
-            ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
+            ray.init(address=address or "local", log_to_driver=True, configure_logging=False, **local)
         except (ConnectionError, RuntimeError) as e:
             if address and refused_token(e):
                 raise ConfigError(

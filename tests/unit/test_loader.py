@@ -160,3 +160,29 @@ def test_aug_repeats_need_the_torch_loader():
 
     with pytest.raises(ConfigError, match="aug.aug_repeats.*--loader torch"):
         Config().update({"dataset": "parquet", "data_dir": "/tmp", "loader": "ray", "aug_repeats": 3}).validate()
+
+
+def test_in_process_loading_keeps_the_rng_streams_and_saves_them_once_per_batch(digits, monkeypatch):
+    """-j 0: every sample is augmented under its own seed in the training process; the training RNG streams
+    (python, numpy, torch) are as before each batch, saved and restored once per batch, not once per sample."""
+    import random
+
+    import numpy as np
+
+    from raytrain_cls.data import samples
+
+    loaders = build_loaders(make_cfg(), digits, DATA_CONFIG, 0, 1)
+    loaders.set_epoch(0)
+    saves = []
+    real = samples.torch.get_rng_state
+    monkeypatch.setattr(samples.torch, "get_rng_state", lambda: saves.append(1) or real())
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    batches = list(itertools.islice(loaders.train, 3))
+    after = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    assert after == (random.random(), np.random.rand(), torch.rand(1).item())
+    assert len(saves) == 3  # one per batch of 4
+    # and the samples are the per-sample seeded ones, whatever loaded them
+    by_index = samples_by_index(make_cfg(), digits, 0, 1, 0, batches=3)
+    order = list(loaders.train_sampler)
+    assert all(torch.equal(x[j], by_index[order[b * 4 + j]]) for b, (x, _) in enumerate(batches) for j in range(4))

@@ -314,3 +314,31 @@ def test_the_start_line_names_the_workers_and_their_cpus():
     one = resolve(_cfg(), {"CPU": 2.0}).resolved
     assert workers_phrase(one) == "1 CPU worker (2 CPUs)"
     assert workers_phrase(resolve(_cfg(num_workers=2), {"CPU": 2.0}).resolved) == "2 CPU workers"
+
+
+@pytest.mark.parametrize("address,dashboard", [(None, False), ("auto", "cluster's own")])
+def test_the_private_local_ray_starts_without_the_dashboard(monkeypatch, address, dashboard):
+    """A command's own local Ray goes without Ray's dashboard (a core for ~1 s of start-up); a cluster named by
+    RAY_ADDRESS is joined as it is."""
+    import ray
+
+    from raytrain_cls.run.driver import connect
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(Stop):
+        connect()
+    assert seen.get("include_dashboard", "cluster's own") == dashboard
