@@ -68,11 +68,6 @@ def is_off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, (str, list, dict, tuple)) and not value)
 
 
-def _set(value: Any, default: Any) -> Any:
-    """``value`` where it differs from ``default``, else None: for the tables of settings that need another."""
-    return None if value == default else value
-
-
 def patchify_takes_a_layout() -> bool:
     """Whether the installed timm's NaFlex Patchify can lay patches out channels first (timm >= 1.0.2x)."""
     import inspect
@@ -366,18 +361,17 @@ class DataConfig:
     def _check_scheduled_sizes(self) -> None:
         """--train-img-sizes and its options: one entry per size, something to draw, nothing set in vain."""
         sizes = self.train_img_sizes
+        progressive_only = ("train_size_schedule_spread", "train_size_random_mix")
         if not sizes:
-            for key, value in (
-                ("train_batch_sizes", self.train_batch_sizes),
-                ("train_size_probs", self.train_size_probs),
-                ("train_batches_per_epoch", self.train_batches_per_epoch),
-                ("train_size_schedule", _set(self.train_size_schedule, "constant")),
-                ("variable_batch_loss_scale", _set(self.variable_batch_loss_scale, "none")),
-                ("train_size_schedule_spread", _set(self.train_size_schedule_spread, 0.65)),
-                ("train_size_random_mix", _set(self.train_size_random_mix, 0.1)),
+            for key, value in self._changed(
+                "train_batch_sizes",
+                "train_size_probs",
+                "train_batches_per_epoch",
+                "train_size_schedule",
+                "variable_batch_loss_scale",
+                *progressive_only,
             ):
-                if value:
-                    raise ConfigError(f"data.{key}", value, "a scheduled-resolution option: it needs --train-img-sizes")
+                raise ConfigError(f"data.{key}", value, "a scheduled-resolution option: it needs --train-img-sizes")
             return
         for key in ("train_batch_sizes", "train_size_probs"):
             value = getattr(self, key)
@@ -392,19 +386,22 @@ class DataConfig:
                 "moves from the first size to the last: give two sizes or more",
             )
         if self.train_size_schedule != "progressive":
-            for key, default in (("train_size_schedule_spread", 0.65), ("train_size_random_mix", 0.1)):
-                if getattr(self, key) != default:
-                    raise ConfigError(
-                        f"data.{key}",
-                        getattr(self, key),
-                        "shapes a progressive schedule: --train-size-schedule progressive",
-                    )
+            for key, value in self._changed(*progressive_only):
+                raise ConfigError(
+                    f"data.{key}", value, "shapes a progressive schedule: --train-size-schedule progressive"
+                )
         for key, value, reason in (
             ("naflex_loader", self.naflex_loader, "NaFlex and scheduled sizes are alternative loader modes"),
             ("loader", self.loader == "ray" and self.loader, "Ray Data batches have one size: --loader torch"),
         ):
             if value:
                 raise ConfigError(f"data.{key}", value, f"not with --train-img-sizes: {reason}")
+
+    def _changed(self, *keys: str) -> list[tuple[str, Any]]:
+        """(key, value) of those of ``keys`` that are set: away from the field's default, and not off."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        values = [(key, getattr(self, key)) for key in keys]
+        return [(key, value) for key, value in values if value != defaults[key] and not is_off(value)]
 
     def _check_hf(self) -> None:
         if importlib.util.find_spec("datasets") is None:

@@ -69,6 +69,15 @@ def _laid_out(choices: list[int], schedule: SizeSchedule, start: int, world: int
     return steps
 
 
+def _budget_plan(schedule: SizeSchedule, seed: int, epoch: int, world: int, start: int, end: int) -> list[SizedStep]:
+    """Positions [start, end) as timm's sample-budget steps (what each rank can take without padding: no sample
+    twice), in an order shuffled by (seed, epoch, start)."""
+    canonical = budget_steps(schedule, max(0, end - start) // world, seed)
+    gen = torch.Generator().manual_seed(sample_seed(seed, epoch, start, _BUDGET))
+    order = torch.randperm(len(canonical), generator=gen).tolist()
+    return _laid_out([canonical[i][0] for i in order], schedule, start, world)
+
+
 def plan_epoch(
     schedule: SizeSchedule, seed: int, epoch: int, world: int, epoch_length: int, start: int = 0, done: int = 0
 ) -> tuple[list[SizedStep], int]:
@@ -78,21 +87,14 @@ def plan_epoch(
     if fixed is not None:
         choices = epoch_choices(schedule, epoch, fixed, seed)[done:]
         return _laid_out(choices, schedule, start, world), min(done, fixed)
-    # The budget is what every rank can take without padding: no sample twice in an epoch.
-    canonical = budget_steps(schedule, epoch_length // world, seed)
-    gen = torch.Generator().manual_seed(sample_seed(seed, epoch, 0, _BUDGET))
-    order = torch.randperm(len(canonical), generator=gen).tolist()
-    full = _laid_out([canonical[i][0] for i in order], schedule, 0, world)
+    full = _budget_plan(schedule, seed, epoch, world, 0, epoch_length)
     for k, step in enumerate(full):
         if step.start == start:  # a step boundary of the epoch's own plan: continue it exactly
             return full[k:], k
     # A position this worker count's plan never stops at (the checkpoint came from another worker count): the rest
     # of the epoch gets a budget plan of its own, shuffled by where it starts.
-    rest = budget_steps(schedule, max(0, epoch_length - start) // world, seed)
-    gen = torch.Generator().manual_seed(sample_seed(seed, epoch, start, _BUDGET))
-    order = torch.randperm(len(rest), generator=gen).tolist()
-    steps = _laid_out([rest[i][0] for i in order], schedule, start, world)
-    return steps, max(0, len(full) - len(steps))
+    rest = _budget_plan(schedule, seed, epoch, world, start, epoch_length)
+    return rest, max(0, len(full) - len(rest))
 
 
 class ScheduledBatchSampler(Sampler[list]):
@@ -105,10 +107,6 @@ class ScheduledBatchSampler(Sampler[list]):
     @property
     def consumed(self) -> int:
         return self.order.consumed
-
-    @property
-    def world_size(self) -> int:
-        return self.order.world_size
 
     def set_epoch(self, epoch: int, consumed: int = 0, batches: int = 0) -> None:
         """``batches``: the steps the epoch had trained when a recovery checkpoint recorded ``consumed``."""

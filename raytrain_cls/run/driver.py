@@ -205,10 +205,10 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int, dict]:
     elif s.num_workers or "CPU" in per_worker:
         num_workers = s.num_workers or 1
     else:
-        known = getattr(cluster, "node_cpus", None)
-        num_workers, layout = default_cpu_layout(
-            cfg, known if known is not None else [cpus] if math.isfinite(cpus) else []
-        )
+        node_cpus = getattr(cluster, "node_cpus", None)
+        if node_cpus is None:  # a plain resource dict: its CPUs as one node, unless an autoscaler has no limit
+            node_cpus = [cpus] if math.isfinite(cpus) else []
+        num_workers, layout = default_cpu_layout(cfg, node_cpus)
         per_worker.update(layout)
     needs = run_needs(per_worker, use_gpu, num_workers)
     need_gpu, need_cpu = needs["GPU"], needs["CPU"]

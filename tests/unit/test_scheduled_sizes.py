@@ -510,8 +510,10 @@ def test_an_odd_batch_size_that_scheduled_batches_replace_does_not_block_mixup()
         {"variable_batch_loss_scale": "linear"},
         {"train_size_schedule_spread": 0.3},
         {"train_size_random_mix": 0.5},
+        {"train_size_schedule_spread": 0.0},  # set, although falsy
+        {"train_size_random_mix": 0.0},
     ],
-    ids=lambda flat: next(iter(flat)),
+    ids=lambda flat: f"{next(iter(flat))}={next(iter(flat.values()))}",
 )
 def test_scheduled_options_without_sizes_are_refused(flat):
     (key,) = flat
