@@ -27,6 +27,7 @@ from raytrain_cls.core.config import (
     ConfigError,
     iter_fields,
     load_config,
+    parse_worker_count,
     read_yaml,
     recipe_names,
     resolve_config_path,
@@ -59,6 +60,18 @@ class _KeyValues(argparse.Action):
         setattr(namespace, self.dest, dict(values))
 
 
+def _parsed_by(parse: Callable):
+    """An argparse type from a config field's own parser: its ConfigError becomes argparse's usage error."""
+
+    def parsed(text: str):
+        try:
+            return parse(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(e.reason) from None
+
+    return parsed
+
+
 def _scalar_type(hint):
     if typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -82,7 +95,9 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
         base = _scalar_type(hint)
         origin = typing.get_origin(base)
-        if base is bool and name.startswith("no_"):
+        if meta.get("parse"):
+            kwargs.update(type=_parsed_by(meta["parse"]), metavar=name.upper())
+        elif base is bool and name.startswith("no_"):
             kwargs["action"] = "store_true"  # --no-aug, not --no-aug / --no-no-aug
         elif base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -269,7 +284,7 @@ SEARCH_FLAGS = (
     ("reduction-factor", float, "ASHA: keep 1/N of the trials at each rung (default 2)"),
     ("searcher", str, "random (default) or optuna (pip install 'raytrain-cls[optuna]')"),
     ("max-concurrent-trials", int, "trials running at once (default: as many as the cluster fits)"),
-    ("workers-per-trial", int, "Ray Train workers per trial (default 1)"),
+    ("workers-per-trial", _parsed_by(parse_worker_count), "Ray Train workers per trial, N or MIN:MAX (default 1)"),
     ("cpus-per-worker", float, "CPUs per trial worker (default 1)"),
     ("gpus-per-worker", float, "GPUs per trial worker; fractions such as 0.25 share a GPU (default 0)"),
 )

@@ -20,6 +20,7 @@ import importlib.util
 import math
 import re
 import sys
+import types
 import typing
 from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field
@@ -101,9 +102,11 @@ def option(
     max: Optional[float] = None,
     nargs: Optional[int | str] = None,
     factory: Any = None,
+    parse: Optional[Any] = None,
 ):
-    """A config field with its CLI help, extra flags, allowed values and numeric bounds."""
-    meta = dict(help=help, flags=flags, choices=choices, min=min, gt=gt, max=max, nargs=nargs)
+    """A config field with its CLI help, extra flags, allowed values and numeric bounds; ``parse`` reads the
+    field's own text forms (the CLI's and YAML's) before the type check."""
+    meta = dict(help=help, flags=flags, choices=choices, min=min, gt=gt, max=max, nargs=nargs, parse=parse)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -867,13 +870,38 @@ class RunConfig:
                 )
 
 
+def parse_worker_count(value: Any) -> Any:
+    """--num-workers N or MIN:MAX (also "MIN:MAX" and [MIN, MAX] in YAML) -> N or [MIN, MAX]; a range whose ends
+    are equal is that fixed count. Anything else is left for the type check to refuse."""
+    if isinstance(value, str):
+        text = value.strip()
+        parts = text.split(":")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            value = [int(p) for p in parts]
+        elif text.isdigit():
+            value = int(text)
+        else:
+            raise ConfigError("scaling.num_workers", value, "expected a worker count N or a range MIN:MAX, e.g. 1:4")
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        return value[0]
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass
 class ScalingConfig:
-    num_workers: Optional[int] = option(
+    num_workers: Optional[int | list[int]] = option(
         None,
-        "Ray training workers (processes, one per GPU); default: one per GPU "
-        "the cluster has or its autoscaler can add, when using GPUs, else 2",
+        "Ray training workers (processes, one per GPU), N or MIN:MAX for elastic training (the run starts with "
+        "at least MIN and grows to MAX as the cluster allows); default: one per GPU the cluster has or its "
+        "autoscaler can add, when using GPUs, else one per node with the node's CPUs as threads",
         min=1,
+        parse=parse_worker_count,
+    )
+    elastic_resize_interval: float = option(
+        60.0,
+        "elastic training (--num-workers MIN:MAX): seconds between Ray Train's checks for more or fewer workers "
+        "(its elastic_resize_monitor_interval_s)",
+        min=0,
     )
     use_gpu: Optional[bool] = option(
         None, "train on GPUs (default: when the Ray cluster has them or its autoscaler can add them)"
@@ -883,10 +911,26 @@ class ScalingConfig:
         "PACK", "how Ray places the workers on nodes", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     )
 
+    def worker_range(self) -> Optional[tuple[int, int]]:
+        """(MIN, MAX) of an elastic run, else None (a fixed worker count, or none given)."""
+        n = self.num_workers
+        return (n[0], n[1]) if isinstance(n, list) else None
+
     def check(self) -> None:
         for k, v in (self.resources_per_worker or {}).items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"scaling.resources_per_worker.{k}", v, "must be a number >= 0")
+        n = self.num_workers
+        if isinstance(n, list) and (len(n) != 2 or n[0] > n[1]):
+            raise ConfigError(
+                "scaling.num_workers", n, "a range is [MIN, MAX] (MIN:MAX on the command line), MIN <= MAX"
+            )
+        if self.elastic_resize_interval != 60.0 and not isinstance(n, list):
+            raise ConfigError(
+                "scaling.elastic_resize_interval",
+                self.elastic_resize_interval,
+                "only for elastic training: give --num-workers MIN:MAX",
+            )
 
 
 @dataclass
@@ -895,7 +939,7 @@ class Resolved:
     a worker never re-derives these (the LR from the global batch, the classes from a scan of the data)."""
 
     use_gpu: bool
-    num_workers: int
+    num_workers: int  # an elastic run's MAX: its global batch and LR are resolved at that size
     lr: float  # --lr, or --lr-base scaled by the global batch (lr_rule says which)
     lr_rule: str
     num_epochs: int  # the scheduler's real length, cooldown included
@@ -905,6 +949,7 @@ class Resolved:
     val_samples: int
     data_config: dict  # timm's resolved data config: input_size, mean, std, crop_pct, interpolation, ...
     naflex_patch_size: Optional[int] = None  # --naflex-loader: the model's patch size
+    min_workers: Optional[int] = None  # an elastic run's MIN (None: a fixed worker count)
     # What each worker reserves: --resources-per-worker, or the default CPU layout's node-filling CPU count
     resources_per_worker: Optional[dict] = None
     # Where the run lives, set once its directory is chosen.
@@ -916,6 +961,7 @@ class Resolved:
     # This fit's only, handed to the workers: the live progress display's actor and the driver's start-up stamps.
     progress_board: Any = None
     startup: Optional[dict] = None
+    checkpoint_requests: Optional[str] = None  # elastic: the actor a resize asks for a checkpoint (run/elastic.py)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Optional[Resolved]:
@@ -1005,6 +1051,9 @@ class Config:
 
     def set(self, name: str, value: Any) -> None:
         group, f = FIELDS[name]
+        parse = f.metadata.get("parse")
+        if parse is not None:
+            value = parse(value)
         setattr(getattr(self, group), name, _coerce(f"{group}.{name}", value, _hint(group, name)))
 
     def get(self, name: str) -> Any:
@@ -1131,6 +1180,31 @@ class Config:
                     ),
                 )
             ]
+        span = self.scaling.worker_range()
+        if span:  # elastic: every update a whole global batch of a resumable order
+            elastic = f" (--num-workers {span[0]}:{span[1]})"
+            clashes += [
+                (key, value, reason + elastic)
+                for key, value, reason in (
+                    (
+                        "data.loader",
+                        ray_data and d.loader,
+                        "a resize restarts the workers mid-epoch, and Ray Data streams have no resumable position: "
+                        "elastic training needs --loader torch",
+                    ),
+                    ("data.naflex_loader", d.naflex_loader, "NaFlex batches vary in size; elastic training keeps one"),
+                    (
+                        "data.train_img_sizes",
+                        d.train_img_sizes,
+                        "scheduled sizes plan each step's batch for a worker count; elastic training changes it",
+                    ),
+                    (
+                        "data.train_batches_per_epoch",
+                        d.train_batches_per_epoch,
+                        "elastic epochs are whole global batches of the data set",
+                    ),
+                )
+            ]
         return clashes
 
 
@@ -1194,10 +1268,16 @@ def _torch_has_nvfuser() -> bool:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check a YAML/CLI value against the field's type; allow only lossless conversions (int -> float)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin in (typing.Union, types.UnionType):  # Optional[X], or X | Y
+        if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        alternatives = [a for a in args if a is not type(None)]
+        for alternative in alternatives[:-1]:  # the first type the value is, else the last one's error
+            try:
+                return _coerce(key, value, alternative)
+            except ConfigError:
+                pass
+        hint = alternatives[-1]
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is bool:
         if isinstance(value, bool):

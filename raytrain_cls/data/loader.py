@@ -335,7 +335,10 @@ def _check_full_batch(batches: int, batch_size: int, world_size: int, samples: i
 
 
 def _train_sampler(cfg: Config, source: Source, rank: int, world_size: int) -> ResumableDistributedSampler:
+    """The epoch's order for this rank. Elastic training (the worker has set its batch and accumulation for the
+    group's size) trains whole global batches only, so every update of every size is one."""
     d = cfg.data
+    elastic = cfg.scaling.worker_range() is not None
     return ResumableDistributedSampler(
         len(source.train),
         rank,
@@ -344,6 +347,7 @@ def _train_sampler(cfg: Config, source: Source, rank: int, world_size: int) -> R
         shuffle=True,
         repeats=d.epoch_repeats,
         aug_repeats=cfg.aug.aug_repeats,
+        whole_batches=d.batch_size * world_size * cfg.optim.grad_accum_steps if elastic else 0,
         **_shard_order(source.train, d.shuffle_window),
     )
 

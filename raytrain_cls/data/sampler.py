@@ -77,6 +77,7 @@ class ResumableDistributedSampler(Sampler[int]):
         window: int = 0,
         repeats: float = 0.0,
         aug_repeats: int = 0,
+        whole_batches: int = 0,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -87,6 +88,8 @@ class ResumableDistributedSampler(Sampler[int]):
         self.blocks, self.window = (list(blocks) if blocks is not None else None), window
         # timm's --epoch-repeats: an epoch is this many passes, each with its own shuffle (0 = one pass)
         self.epoch_length = int(round(num_samples * repeats)) if repeats > 0 else num_samples
+        if whole_batches > 0:  # elastic training: only whole global batches, the same at every worker count
+            self.epoch_length -= self.epoch_length % whole_batches
         # timm's --aug-repeats: the epoch keeps its length but is made of 1/r as many samples, each r times
         self.copies = max(1, int(aug_repeats))
         self.passes = max(1, math.ceil(self.epoch_length / (num_samples * self.copies))) if num_samples else 1

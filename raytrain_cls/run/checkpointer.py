@@ -7,6 +7,7 @@ are core.state.TrainState's; this module decides when and where one is written a
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +30,9 @@ from raytrain_cls.run.report import CONFIG_FILE, PLACEMENT_GROUP_METRIC
 
 DEFAULT_OUTPUT = "output/train"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it into a run directory it has started
+
+
+CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)(?:-step-(\d+))?")
 
 
 def checkpoint_name(epoch: int, num_updates: Optional[int] = None) -> str:
@@ -83,12 +87,27 @@ def report(
 
 
 def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) -> tuple[Optional[str], bool]:
-    """Load Ray's latest registered checkpoint (a restarted worker group, a resumed run), else the checkpoint given
+    """Load the run's own latest checkpoint (a restarted worker group, a resumed run), else the checkpoint given
     with --resume CHECKPOINT (a new run started from it). Returns what was loaded (None for a fresh start) and
-    whether it was the run's own checkpoint."""
+    whether it was the run's own checkpoint.
+
+    The run's own latest is Ray's latest registered checkpoint, or on a local run directory a complete newer one
+    that Ray never registered: written by a worker group that died within Ray's poll interval of reporting it, or
+    the checkpoint an elastic resize waited for (run/elastic.py). Those are registered now, in order, with their
+    metrics, so that Ray's checkpoint list, summary.csv and a Tune search miss none of them. Rank 0 decides
+    what is loaded, for every rank."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    run_dir = cfg.resolved.run_dir
+    missed = []
+    if run_dir and not is_uri(run_dir):
+        after = Path(checkpoint.path).name if checkpoint is not None else None
+        missed = _from_rank_zero(rank, world, lambda: [str(p) for p in unregistered_since(run_dir, after)])
+    if missed:
+        state.load(missed[-1], load_optimizer=True, rank=rank, world_size=world)
+        register_again(missed, rank)
+        return missed[-1], True
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state.load(d, load_optimizer=True, rank=rank, world_size=world)
@@ -109,6 +128,72 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
         if rank == 0:
             say(f"Initial weights from {weights}")
     return None, False
+
+
+def _from_rank_zero(rank: int, world: int, decide):
+    """Rank 0's ``decide()``, on every rank (what is on disk may change between two ranks' looks)."""
+    box = [decide() if rank == 0 else None]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def register_again(folders: list[str], rank: int) -> None:
+    """Report checkpoints already in the run directory to Ray, as written (no copy), with the metrics their
+    meta.json kept; every rank reports (it is a barrier), rank 0 with the checkpoint."""
+    import ray.train
+
+    for folder in folders:
+        metrics = dict(read_meta(folder).get("metrics") or {})
+        checkpoint = None
+        if rank == 0:
+            checkpoint = ray.train.Checkpoint(folder)
+            metrics[PLACEMENT_GROUP_METRIC] = placement_group_id()  # this group's, as report() adds it
+        in_place = ray.train.CheckpointUploadMode.NO_UPLOAD  # it is in the run directory already
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=in_place)
+
+
+def progress_key(name: str) -> Optional[tuple[int, int, int]]:
+    """Where a checkpoint named by checkpoint_name stands in its run: (epoch, 0 mid-epoch / 1 at its end, update);
+    None for any other name."""
+    match = CHECKPOINT_NAME.fullmatch(name)
+    if match is None:
+        return None
+    epoch, step = int(match.group(1)), match.group(2)
+    return (epoch, 0, int(step)) if step is not None else (epoch, 1, 0)
+
+
+def _ranked(run_dir: str | Path, after: Optional[str]) -> list[tuple[tuple, Path]]:
+    """The run directory's checkpoint folders beyond the one named ``after``, by progress, oldest first."""
+    floor = progress_key(after) if after else None
+    ranked = []
+    for folder in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        key = progress_key(folder.name)
+        if key is not None and (floor is None or key > floor):
+            ranked.append((key, folder))
+    return sorted(ranked)
+
+
+def _complete(folder: Path) -> bool:
+    """Every file its meta.json lists is there with its recorded checksum (format 2, without them, never is)."""
+    try:
+        return bool(verified_meta(folder).get("files"))
+    except CheckpointError:
+        return False  # still being copied in, or damaged
+
+
+def newest_written(run_dir: str | Path, after: Optional[str] = None) -> Optional[Path]:
+    """The newest complete checkpoint folder of a local run directory beyond the one named ``after``, or None.
+    Checks from the newest back, so only as many folders as needed are hashed."""
+    return next((folder for _, folder in reversed(_ranked(run_dir, after)) if _complete(folder)), None)
+
+
+def unregistered_since(run_dir: str | Path, registered: Optional[str]) -> list[Path]:
+    """The complete checkpoint folders beyond the one Ray registered last (``registered``, None: none), oldest
+    first, up to the newest complete one."""
+    return [folder for _, folder in _ranked(run_dir, registered) if _complete(folder)]
 
 
 # ---- on the driver -------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 
 from raytrain_cls.core.config import Config, ConfigError, Resolved, dump_yaml
 from raytrain_cls.core.distill import teacher_weights_file
+from raytrain_cls.core.elastic import check_elastic_range
 from raytrain_cls.core.model import check_model_name, check_weights_file, meta_model, split_bn
 from raytrain_cls.core.onednn import onednn_env
 from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
@@ -44,6 +45,7 @@ from raytrain_cls.run.checkpointer import (
     run_started,
 )
 from raytrain_cls.run.console import start_live_display, use_bar
+from raytrain_cls.run.elastic import create_requests, resize_callback
 from raytrain_cls.run.ray_trainer import trainer_class
 from raytrain_cls.run.report import CONFIG_FILE, SummaryCallback, build_result, write_result
 from raytrain_cls.run.startup import breakdown, describe, stamp
@@ -181,8 +183,10 @@ def default_cpu_layout(cfg: Config, node_cpus: list[float]) -> tuple[int, dict]:
 
 def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int, dict]:
     """(use_gpu, num_workers, resources per worker) from the config and the cluster; fails early on what cannot be
-    scheduled."""
+    scheduled. An elastic run (MIN:MAX) is sized at MAX and needs only MIN to start: Ray grows it as it can."""
     s = cfg.scaling
+    span = s.worker_range()
+    given = span[1] if span else s.num_workers  # the run's size at full strength
     gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)  # math.inf: an autoscaler without a limit
     use_gpu = s.use_gpu if s.use_gpu is not None else gpus > 0
     if use_gpu and gpus == 0:
@@ -192,7 +196,7 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int, dict]:
             "the Ray cluster has no GPUs, and no autoscaler that can add "
             f"any: drop --use-gpu to train on CPUs ({UNREAD_LIMITS_HINT})",
         )
-    if use_gpu and not s.num_workers and math.isinf(gpus):
+    if use_gpu and not given and math.isinf(gpus):
         raise ConfigError(
             "scaling.num_workers",
             None,
@@ -201,27 +205,29 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int, dict]:
         )
     per_worker = dict(s.resources_per_worker or {})
     if use_gpu:
-        num_workers = s.num_workers or int(gpus)
-    elif s.num_workers or "CPU" in per_worker:
-        num_workers = s.num_workers or 1
+        num_workers = given or int(gpus)
+    elif given or "CPU" in per_worker:
+        num_workers = given or 1
     else:
         node_cpus = getattr(cluster, "node_cpus", None)
         if node_cpus is None:  # a plain resource dict: its CPUs as one node, unless an autoscaler has no limit
             node_cpus = [cpus] if math.isfinite(cpus) else []
         num_workers, layout = default_cpu_layout(cfg, node_cpus)
         per_worker.update(layout)
-    needs = run_needs(per_worker, use_gpu, num_workers)
+    floor = span[0] if span else num_workers  # what the run needs to start
+    shown = f"{span[0]}:{span[1]}" if span else num_workers
+    needs = run_needs(per_worker, use_gpu, floor)
     need_gpu, need_cpu = needs["GPU"], needs["CPU"]
     if need_gpu > gpus:
         raise ConfigError(
             "scaling.num_workers",
-            num_workers,
+            shown,
             f"needs {need_gpu:g} GPUs but {has(cluster, 'GPU')} ({UNREAD_LIMITS_HINT})",
         )
     if need_cpu > cpus:
         raise ConfigError(
             "scaling.num_workers",
-            num_workers,
+            shown,
             f"needs {need_cpu:g} CPUs ({per_worker.get('CPU', 1):g} per worker) but "
             f"{has(cluster, 'CPU')}; lower --num-workers or resources_per_worker CPU "
             f"({UNREAD_LIMITS_HINT})",
@@ -250,11 +256,13 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int, dict]:
 
 
 def workers_phrase(r: Resolved) -> str:
-    """'2 GPU workers', '1 CPU worker (2 CPUs)': what the start line says the run trains on."""
+    """'2 GPU workers', '1 CPU worker (2 CPUs)', '1 to 4 GPU workers': what the start line says the run trains
+    on."""
     kind = "GPU" if r.use_gpu else "CPU"
     cpus = (r.resources_per_worker or {}).get("CPU")
     each = f" ({cpus:g} CPUs{' each' if r.num_workers > 1 else ''})" if cpus and not r.use_gpu and cpus != 1 else ""
-    return f"{r.num_workers} {kind} worker{'s' if r.num_workers != 1 else ''}{each}"
+    count = f"{r.min_workers} to {r.num_workers}" if r.min_workers else str(r.num_workers)
+    return f"{count} {kind} worker{'s' if r.num_workers != 1 else ''}{each}"
 
 
 def run_needs(per_worker: dict, use_gpu: bool, num_workers: int) -> dict:
@@ -318,6 +326,8 @@ def preflight(cfg: Config) -> Preflight:
     if num_classes < source.num_classes:
         raise ConfigError("model.num_classes", num_classes, f"the data set has {source.num_classes} classes")
     key, batch = _training_batch(cfg)
+    if cfg.scaling.worker_range():
+        check_elastic_range(cfg, even_batches=cfg.aug.mixing and cfg.aug.mixup_mode in ("batch", "pair"))
     if batch > len(source.train):  # with more workers, resolve() checks the product
         raise ConfigError(
             f"data.{key}", getattr(cfg.data, key), f"is more than the {len(source.train)} training samples"
@@ -390,6 +400,14 @@ def resolve(cfg: Config, cluster: dict, checked: Optional[Preflight] = None) -> 
     source, num_classes = checked.source, checked.num_classes
     use_gpu, num_workers, per_worker = resolve_scaling(cfg, cluster)
     key, batch = _training_batch(cfg)
+    span = cfg.scaling.worker_range()
+    if span and batch * num_workers * cfg.optim.grad_accum_steps > len(source.train):
+        raise ConfigError(
+            "data.batch_size",
+            batch,
+            f"x {num_workers} workers x {cfg.optim.grad_accum_steps} accumulation steps (the elastic run's global "
+            f"batch) is more than the {len(source.train)} training samples",
+        )
     if batch * num_workers > len(source.train):
         raise ConfigError(
             f"data.{key}",
@@ -407,6 +425,7 @@ def resolve(cfg: Config, cluster: dict, checked: Optional[Preflight] = None) -> 
     cfg.resolved = Resolved(
         use_gpu=use_gpu,
         num_workers=num_workers,
+        min_workers=span[0] if span else None,
         resources_per_worker=per_worker or None,
         lr=lr,
         lr_rule=lr_rule,
@@ -514,7 +533,8 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
         train_loop_config=cfg.to_dict(),
         datasets=datasets or None,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=r.num_workers,
+            num_workers=(r.min_workers, r.num_workers) if r.min_workers else r.num_workers,
+            elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_interval,
             use_gpu=r.use_gpu,
             resources_per_worker=r.resources_per_worker,
             placement_strategy=cfg.scaling.placement_strategy,
@@ -630,13 +650,15 @@ def fit_run(
         f"{r.val_samples} val images, {r.num_classes} classes) with {workers_phrase(r)} for {r.num_epochs} epochs; "
         f"lr {r.lr:.4g} ({r.lr_rule})"
     )
-    note = waiting_note(cluster, run_needs(r.resources_per_worker or {}, r.use_gpu, r.num_workers))
+    note = waiting_note(cluster, run_needs(r.resources_per_worker or {}, r.use_gpu, r.min_workers or r.num_workers))
     if note:
         echo(note)
     stop_display = None
     r.progress_board = None
     if use_bar(cfg.run.progress, console):
         r.progress_board, stop_display = start_live_display(r.num_epochs, console)
+    resize_callbacks, requests = elastic_resize(cfg)  # the requests actor lives as long as this handle
+    extra_callbacks = [*extra_callbacks, *resize_callbacks]
     stamp(stamps, "fit")
     r.startup = stamps  # rank 0 adds its own stamps and reports them all back
     try:
@@ -664,6 +686,19 @@ def fit_run(
     if payload["startup"]["phases"]:
         echo(describe(payload["startup"]))
     return payload
+
+
+def elastic_resize(cfg: Config) -> tuple[list, Any]:
+    """For an elastic run on a local (or mounted) run directory: the controller callback that makes a resize wait
+    for a checkpoint, and the handle of the request actor it shares with the workers (None otherwise). On cloud
+    storage a resize restarts from the latest checkpoint Ray registered (the restarted workers cannot list the
+    bucket for a newer one)."""
+    r = cfg.resolved
+    r.checkpoint_requests = None
+    if not r.min_workers or is_uri(r.run_dir) or not cfg.checkpoint.preemption_check_interval:
+        return [], None
+    requests, r.checkpoint_requests = create_requests()
+    return [resize_callback(r.checkpoint_requests, r.run_dir)], requests
 
 
 def summary_table(payload: dict, run_dir: str) -> str:

@@ -23,7 +23,17 @@ CONFIG_FILE = "config.yaml"
 # Reported by rank 0 with every epoch: the Tune driver frees a stopped trial's placement group by it (tune.py).
 PLACEMENT_GROUP_METRIC = "ray_placement_group"
 # timm's summary.csv columns, in timm's order.
-SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+SUMMARY_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "eval_loss",
+    "eval_top1",
+    "eval_top5",
+    "lr",
+    "workers",  # the worker count(s) that trained the epoch: "2", or "1,2" where an elastic run grew during it
+    "grad_accum",  # the accumulation steps of each of those sizes
+    "global_batch",
+)
 
 
 def step_line(m: dict, num_epochs: int) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from raytrain_cls.core.config import FIELDS, Config, ConfigError, _suggest, read_yaml
+from raytrain_cls.core.config import FIELDS, Config, ConfigError, _suggest, parse_worker_count, read_yaml
 from raytrain_cls.core.optim import resolve_num_epochs
 from raytrain_cls.core.storage import absolute, exists, is_uri, join, read_text, split, write_text
 from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, has
@@ -59,7 +59,7 @@ class SearchSpec:
     reduction_factor: float = 2.0
     searcher: str = "random"
     max_concurrent_trials: int = 0  # 0: as many as the cluster fits
-    workers_per_trial: int = 1
+    workers_per_trial: int | list = 1  # or [MIN, MAX]: each trial an elastic run
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # fractions (0.25) let small trials share a GPU
 
@@ -133,6 +133,9 @@ def parse_search(raw: Optional[dict], cli_space: Optional[dict] = None, cli: Opt
         if key not in SPEC_KEYS:
             raise ConfigError(f"search.{key}", value, f"unknown key{_suggest(key, SPEC_KEYS)}")
         default = getattr(spec, key)
+        if key == "workers_per_trial":
+            spec.workers_per_trial = _worker_count(value)
+            continue
         if isinstance(default, str):
             if not isinstance(value, str):
                 raise ConfigError(f"search.{key}", value, "expected a name")
@@ -148,6 +151,31 @@ def parse_search(raw: Optional[dict], cli_space: Optional[dict] = None, cli: Opt
     space = {**space, **(cli_space or {})} or dict(DEFAULT_SPACE)
     spec.space = {key: parse_dimension(key, value) for key, value in space.items()}
     return spec
+
+
+def _worker_count(value: Any) -> int | list:
+    """--workers-per-trial N or MIN:MAX (YAML: N or [MIN, MAX]), read as the training config reads --num-workers."""
+    try:
+        count = parse_worker_count(value)
+    except ConfigError as e:
+        raise ConfigError("search.workers_per_trial", value, e.reason) from None
+    ends = count if isinstance(count, list) else [count]
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in ends)
+    if not whole or (isinstance(count, list) and len(count) != 2):
+        raise ConfigError("search.workers_per_trial", value, "expected a worker count N or a range MIN:MAX")
+    if min(ends) < 1 or ends[0] > ends[-1]:
+        raise ConfigError("search.workers_per_trial", value, "must be >= 1, and MIN <= MAX")
+    return count
+
+
+def _shown(count: int | list) -> str:
+    return f"{count[0]}:{count[1]}" if isinstance(count, list) else str(count)
+
+
+def trial_min_workers(spec: SearchSpec) -> int:
+    """The workers a trial needs to start: MIN of an elastic range (Ray grows it as the cluster allows)."""
+    n = spec.workers_per_trial
+    return n[0] if isinstance(n, list) else n
 
 
 # ---- validation (before any Ray work) ------------------------------------------------------------------------
@@ -234,8 +262,6 @@ def validate_search(spec: SearchSpec, base: Config) -> SearchSpec:
         raise ConfigError("search.reduction_factor", spec.reduction_factor, "must be > 1")
     if spec.max_concurrent_trials < 0:
         raise ConfigError("search.max_concurrent_trials", spec.max_concurrent_trials, "must be >= 0 (0 = auto)")
-    if spec.workers_per_trial < 1:
-        raise ConfigError("search.workers_per_trial", spec.workers_per_trial, "must be >= 1")
     if spec.cpus_per_worker <= 0:
         raise ConfigError("search.cpus_per_worker", spec.cpus_per_worker, "must be > 0")
     g = spec.gpus_per_worker
@@ -291,7 +317,7 @@ def check_trial_resources(spec: SearchSpec, cluster: dict) -> None:
     """Refuse trials the cluster can never schedule, before the Tuner starts: otherwise Tune starts every trial
     into the same failure. ``cluster``: what the cluster has or its autoscaler can grow it to (capacity.py; math.inf
     for no limit). Totals only: Ray tells no per-node limits of nodes an autoscaler has yet to add."""
-    workers = spec.workers_per_trial
+    workers = trial_min_workers(spec)
     for resource, per_worker, option in (
         ("GPU", spec.gpus_per_worker, "gpus_per_worker"),
         ("CPU", spec.cpus_per_worker, "cpus_per_worker"),
@@ -471,9 +497,10 @@ def default_concurrency(spec: SearchSpec, cluster: dict) -> int:
     def how_many(available: float, per_trial: float) -> float:
         return available if math.isinf(available) else available // per_trial  # inf // x is nan
 
-    fits = how_many(cluster.get("CPU", 1), spec.workers_per_trial * spec.cpus_per_worker)
+    workers = trial_min_workers(spec)
+    fits = how_many(cluster.get("CPU", 1), workers * spec.cpus_per_worker)
     if spec.gpus_per_worker:
-        fits = min(fits, how_many(cluster.get("GPU", 0), spec.workers_per_trial * spec.gpus_per_worker))
+        fits = min(fits, how_many(cluster.get("GPU", 0), workers * spec.gpus_per_worker))
     return max(1, int(min(fits, MAX_DEFAULT_CONCURRENCY)))
 
 
@@ -733,7 +760,7 @@ def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, ec
     echo(f"Search directory: {search_dir}")
     echo(
         f"Searching {', '.join(spec.space)} over {spec.num_samples} trial(s), {spec.scheduler} scheduler, "
-        f"{metric} ({mode}), up to {max_t} epochs per trial, {spec.workers_per_trial} worker(s) per trial"
+        f"{metric} ({mode}), up to {max_t} epochs per trial, {_shown(spec.workers_per_trial)} worker(s) per trial"
     )
     results = build_tuner(base, spec, search_dir, output, name, cluster, bool(resume)).fit()
     rows = summarize(results, spec, base, max_t, search_dir)

@@ -23,6 +23,7 @@ from timm.utils import distribute_bn
 
 from raytrain_cls.core.config import Config
 from raytrain_cls.core.distill import build_distillation
+from raytrain_cls.core.elastic import split_for
 from raytrain_cls.core.engine import (
     EPOCH_TRAIN_METRICS,
     EVALUATION_KEYS,
@@ -37,7 +38,7 @@ from raytrain_cls.core.model import build_ema, build_model, compile_model, model
 from raytrain_cls.core.onednn import slow_bf16_note
 from raytrain_cls.core.optim import build_optimizer, build_scheduler
 from raytrain_cls.core.size_schedule import batch_loss_scale, reference_batch
-from raytrain_cls.core.state import TrainState
+from raytrain_cls.core.state import CheckpointError, TrainState, read_meta
 from raytrain_cls.core.storage import join, write_bytes
 from raytrain_cls.data import DataError, build_loaders, build_source
 from raytrain_cls.data.loader import BadSampleLog, SkippingLoader
@@ -45,6 +46,7 @@ from raytrain_cls.data.ray_data import DATASET_NAME as RAY_DATASET
 from raytrain_cls.data.ray_data import ray_data_loader, rows_per_worker
 from raytrain_cls.run.checkpointer import checkpoint_name, report, restore
 from raytrain_cls.run.console import WorkerConsole
+from raytrain_cls.run.elastic import ResizeNotice
 from raytrain_cls.run.preemption import PreemptionNotice
 from raytrain_cls.run.startup import process_start, stamp
 from raytrain_cls.run.tracking import Trackers
@@ -103,6 +105,7 @@ EPOCH_METRICS = (
     "best_metric",
     "best_epoch",
     "num_nodes",
+    "global_batch",
 )
 EMA_EPOCH_METRICS = tuple(f"model_eval_{key}" for key in EVALUATION_KEYS)
 
@@ -128,6 +131,10 @@ class WorkerRun:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.is_primary = self.rank == 0
+        # An elastic run's group trains its share of the fixed global batch (more accumulation steps, or smaller
+        # micro-batches, on fewer workers); everything built below reads the batch and accumulation from cfg.
+        self.split = split_for(cfg, self.world)
+        cfg.data.batch_size, cfg.optim.grad_accum_steps = self.split.batch_size, self.split.accum_steps
         self.device = device = ray.train.torch.get_device()
         seed_everything(cfg.run.seed + self.rank)
 
@@ -155,6 +162,10 @@ class WorkerRun:
         self.trackers = Trackers(cfg) if self.is_primary else None
         # Ray Data streams cannot resume mid-epoch, so a checkpoint there would not save the epoch's work.
         self.preemption = PreemptionNotice(cfg.checkpoint.preemption_check_interval if cfg.data.loader != "ray" else 0)
+        self.resize = ResizeNotice(
+            res.checkpoint_requests, cfg.checkpoint.preemption_check_interval, self.rank, self.world
+        )
+        self.epoch_sizes: list = []  # [workers, accumulation steps] of each group that trained the current epoch
         self.metric = cfg.checkpoint.eval_metric
         self.last_eval = None  # the latest evaluated metric, for the scheduler on epochs without evaluation
         if self.is_primary:
@@ -185,6 +196,8 @@ class WorkerRun:
         self.resumed_from = state.num_updates if loaded else -1
         if not loaded:
             return
+        if own_checkpoint:
+            self.stamps = first_group_stamps(loaded, self.stamps)
         if state.rank_states is not None and len(state.rank_states) != self.world:
             # Written by a different number of ranks: no RNG stream to continue, start fresh ones for this point.
             seed_everything(cfg.run.seed + self.rank + 7919 * state.num_updates)
@@ -257,6 +270,9 @@ class WorkerRun:
         position = state.in_epoch if state.in_epoch and state.in_epoch["epoch"] == epoch else None
         consumed = position["samples"] if position else 0  # global samples of this epoch already trained on
         start_batch, carry = _continue_epoch(position, state.rank_states, self.rank, self.world, cfg.data.batch_size)
+        size = [self.world, self.split.accum_steps]
+        earlier = list(position.get("sizes", [])) if position else []
+        self.epoch_sizes = earlier + ([size] if earlier[-1:] != [size] else [])
         self.loaders.set_epoch(epoch, consumed, position["batches"] if position else 0)
         start_batch = self.loaders.first_batch(start_batch)
         train_metrics, state.num_updates = train_one_epoch(
@@ -292,12 +308,15 @@ class WorkerRun:
         interval = self.cfg.checkpoint.recovery_interval
         due = bool(interval) and progress.num_updates % interval == 0
         notice = self.preemption.check(progress.num_updates)  # every rank asks: it is a collective
-        if not (due or notice):
+        resize = self.resize.check(progress.num_updates)  # likewise
+        if not (due or notice or resize):
             return
         if notice and self.is_primary:
             self.say(
                 f"Preemption notice: {notice}; recovery checkpoint at epoch {epoch}, update {progress.num_updates}"
             )
+        if resize and self.is_primary:
+            self.say(f"Ray Train is resizing the run: checkpoint at epoch {epoch}, update {progress.num_updates}")
         progress.ensure_finite()  # never a recovery checkpoint past --nan-patience
         state = self.state
         state.num_updates = progress.num_updates
@@ -307,6 +326,7 @@ class WorkerRun:
             world_size=self.world,
             batch_size=self.cfg.data.batch_size,
             samples=self.loaders.samples_after(progress.batches_done - start_batch),
+            sizes=self.epoch_sizes,
         )
         metrics = dict(
             epoch=epoch,
@@ -314,6 +334,7 @@ class WorkerRun:
             num_updates=progress.num_updates,
             recovery=1,
             resumed_from=self.resumed_from,
+            startup=self.stamps if self.is_primary else None,
             **{f"eval_{self.metric}": recovery_score(self.metric)},
         )
         if notice:
@@ -374,6 +395,7 @@ class WorkerRun:
             best_epoch=state.best_epoch,
             resumed_from=self.resumed_from,
             num_nodes=self.nodes,
+            **self.size_metrics(),
         )
         if self.is_primary:
             self.console.epoch(metrics)
@@ -382,11 +404,30 @@ class WorkerRun:
         report(state, metrics, rank, world, checkpoint_name(epoch))
         return metrics
 
+    def size_metrics(self) -> dict:
+        """The worker counts and accumulation steps that trained the epoch ("1,2" and "2,1" when an elastic run
+        grew from 1 to 2 workers during it) and its global batch: the same in every epoch, whatever the sizes."""
+        return dict(
+            workers=",".join(str(w) for w, _ in self.epoch_sizes),
+            grad_accum=",".join(str(a) for _, a in self.epoch_sizes),
+            global_batch=self.split.global_batch,
+        )
+
     def evaluate(self, model: torch.nn.Module) -> dict:
         cfg = self.cfg
         return evaluate(
             model, self.loaders.val, self.device, self.autocast, cfg.model.channels_last, cfg.checkpoint.tta
         )
+
+
+def first_group_stamps(checkpoint: str, stamps: dict) -> dict:
+    """The start-up stamps to report: a worker group Ray restarted within the same fit continues with the first
+    group's (its checkpoints carry them), so the run's start-up line describes the run's start, not the restart."""
+    try:
+        earlier = read_meta(checkpoint).get("metrics", {}).get("startup") or {}
+    except CheckpointError:  # e.g. a bucket path Ray gives without its scheme: keep this group's stamps
+        return stamps
+    return dict(earlier) if earlier.get("fit") is not None and earlier.get("fit") == stamps.get("fit") else stamps
 
 
 def first_step_then(fn, stamps: dict, device: torch.device):

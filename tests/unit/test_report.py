@@ -23,15 +23,16 @@ def row(epoch: int, loss: float, **extra) -> dict:
     )
 
 
-def test_summary_columns_are_timms():
-    assert SUMMARY_COLUMNS == ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+def test_summary_columns_start_with_timms_then_the_sizes_that_trained_each_epoch():
+    assert SUMMARY_COLUMNS[:6] == ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+    assert SUMMARY_COLUMNS[6:] == ("workers", "grad_accum", "global_batch")
 
 
 def test_write_and_read_summary(tmp_path):
     path = tmp_path / "summary.csv"
     write_summary(path, {1: row(1, 0.5), 0: row(0, 0.9, img_per_sec=123.0)})  # extra keys are dropped
     lines = path.read_text().splitlines()
-    assert lines[0] == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr"
+    assert lines[0] == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr,workers,grad_accum,global_batch"
     assert [line.split(",")[0] for line in lines[1:]] == ["0", "1"]  # sorted by epoch
     rows = read_summary(path)
     assert sorted(rows) == [0, 1]
