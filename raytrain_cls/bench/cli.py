@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from raytrain_cls.bench import checkpoint, decode, startup, step, tta
+from raytrain_cls.bench import checkpoint, decode, resize, startup, step, tta
 from raytrain_cls.bench.common import (
     PATHS,
     bench_config,
@@ -201,6 +201,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     tta.add_parser(sub)
     checkpoint.add_parser(sub)
     startup.add_parser(sub)
+    resize.add_parser(sub)
     for name, alias in ALIASES.items():  # the names issue #8 uses work too
         b = sub.add_parser(
             name, aliases=[alias], help=f"{name} img/s of each input path on the same data (also: {alias})"
@@ -223,7 +224,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         w, h = (int(v) for v in args.size.lower().split("x"))
         make_data(args.dst, args.images, (w, h), args.classes)
         return 0
-    own_mains = {"step": step.main, "tta": tta.main, "checkpoint": checkpoint.main, "startup": startup.main}
+    own_mains = {
+        "step": step.main,
+        "tta": tta.main,
+        "checkpoint": checkpoint.main,
+        "startup": startup.main,
+        "resize": resize.main,
+    }
     if args.what in own_mains:
         return own_mains[args.what](args)
     if args.what == "gpu-checks":

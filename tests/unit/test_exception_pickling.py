@@ -17,6 +17,7 @@ import pkgutil
 import pytest
 
 import raytrain_cls
+from raytrain_cls.bench.resize import ResizeBenchError
 from raytrain_cls.core.config import ConfigError
 from raytrain_cls.core.engine import NonFiniteLossError
 from raytrain_cls.core.errors import UserError
@@ -33,6 +34,7 @@ NOT_IMPORTED = {"raytrain_cls.__main__"}
 # Qualified class name -> a representative instance, built with the arguments the project raises it with.
 EXAMPLES = {
     "raytrain_cls.core.errors.UserError": lambda: UserError("the data set has no validation split"),
+    "raytrain_cls.bench.resize.ResizeBenchError": lambda: ResizeBenchError("no 'Preemption notice' within 120 s"),
     "raytrain_cls.core.config.ConfigError": lambda: ConfigError("optim.lr", -0.1, "must be > 0"),
     "raytrain_cls.core.engine.NonFiniteLossError": lambda: NonFiniteLossError("the loss was NaN for 5 steps"),
     "raytrain_cls.core.state.CheckpointError": lambda: CheckpointError("state.pt is corrupt (sha256 differs)"),
