@@ -47,7 +47,7 @@ from raytrain_cls.run.checkpointer import (
 from raytrain_cls.run.console import start_live_display, use_bar
 from raytrain_cls.run.elastic import create_requests, resize_callback
 from raytrain_cls.run.ray_trainer import trainer_class
-from raytrain_cls.run.report import CONFIG_FILE, SummaryCallback, build_result, write_result
+from raytrain_cls.run.report import CONFIG_FILE, SummaryCallback, build_result, sizes_per_epoch, write_result
 from raytrain_cls.run.startup import breakdown, describe, stamp
 from raytrain_cls.run.worker import train_loop_per_worker
 
@@ -680,6 +680,7 @@ def fit_run(
         echo(f"Removed {len(removed)} checkpoint folder(s) Ray never registered: {', '.join(removed)}")
     metric = f"eval_{cfg.checkpoint.eval_metric}"
     payload = build_result(result, metric, "min" if cfg.checkpoint.eval_metric == "loss" else "max", paths.run_dir)
+    payload["epochs"] = sizes_per_epoch(paths.run_dir)
     payload["startup"] = breakdown({**stamps, **(payload["last_metrics"].get("startup") or {})})
     payload["result_file"] = write_result(paths.run_dir, payload)
     echo(summary_table(payload, paths.run_dir))

@@ -66,6 +66,21 @@ def read_summary(path: str | Path) -> dict[int, dict]:
     return {int(row["epoch"]): row for row in csv.DictReader(io.StringIO(text))}
 
 
+def sizes_per_epoch(run_dir: str) -> list[dict]:
+    """Each epoch's worker count(s), accumulation steps and global batch, from summary.csv: result.json's
+    ``epochs`` (an elastic run's sizes change between and within epochs; a fixed run's never do)."""
+    rows = read_summary(join(run_dir, SUMMARY_FILE))
+    return [
+        dict(
+            epoch=epoch,
+            workers=row.get("workers") or None,
+            grad_accum=row.get("grad_accum") or None,
+            global_batch=int(row["global_batch"]) if row.get("global_batch") else None,
+        )
+        for epoch, row in sorted(rows.items())
+    ]
+
+
 def write_summary(path: str | Path, rows: dict[int, dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")

@@ -54,4 +54,8 @@ def test_an_elastic_run_grows_and_shrinks_and_trains_as_a_fixed_size_run(tmp_pat
         assert e["train_samples"] == f["train_samples"] == 1438 // 64 * 64  # each epoch's samples, once
         assert math.isclose(e["lr"], f["lr"], rel_tol=1e-9), (e, f)
     assert elastic[-1]["eval_top1"] >= fixed[-1]["eval_top1"] - 3.0, (elastic[-1], fixed[-1])
+    recorded = json.loads((tmp_path / "runs" / "elastic" / "result.json").read_text())["epochs"]
+    assert [(r["workers"], r["grad_accum"], r["global_batch"]) for r in recorded] == [
+        (e["workers"], e["grad_accum"], e["global_batch"]) for e in elastic
+    ]
     assert "grow: node joined -> training on 2 workers again in" in done.stdout

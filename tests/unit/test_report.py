@@ -11,6 +11,7 @@ from raytrain_cls.run.report import (
     build_result,
     epoch_line,
     read_summary,
+    sizes_per_epoch,
     step_line,
     write_result,
     write_summary,
@@ -26,6 +27,21 @@ def row(epoch: int, loss: float, **extra) -> dict:
 def test_summary_columns_start_with_timms_then_the_sizes_that_trained_each_epoch():
     assert SUMMARY_COLUMNS[:6] == ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
     assert SUMMARY_COLUMNS[6:] == ("workers", "grad_accum", "global_batch")
+
+
+def test_result_json_gets_each_epochs_sizes_from_the_summary(tmp_path):
+    write_summary(
+        tmp_path / "summary.csv",
+        {
+            0: row(0, 0.9, workers="1", grad_accum="2", global_batch=64),
+            1: row(1, 0.5, workers="1,2", grad_accum="2,1", global_batch=64),
+        },
+    )
+    assert sizes_per_epoch(str(tmp_path)) == [
+        dict(epoch=0, workers="1", grad_accum="2", global_batch=64),
+        dict(epoch=1, workers="1,2", grad_accum="2,1", global_batch=64),
+    ]
+    assert sizes_per_epoch(str(tmp_path / "none")) == []
 
 
 def test_write_and_read_summary(tmp_path):
