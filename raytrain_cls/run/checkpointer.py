@@ -106,7 +106,7 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
         missed = _from_rank_zero(rank, world, lambda: [str(p) for p in unregistered_since(run_dir, after)])
     if missed:
         state.load(missed[-1], load_optimizer=True, rank=rank, world_size=world)
-        register_again(missed, rank)
+        register_again(missed, rank, resumed_from=state.num_updates)
         return missed[-1], True
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -140,13 +140,14 @@ def _from_rank_zero(rank: int, world: int, decide):
     return box[0]
 
 
-def register_again(folders: list[str], rank: int) -> None:
+def register_again(folders: list[str], rank: int, resumed_from: int) -> None:
     """Report checkpoints already in the run directory to Ray, as written (no copy), with the metrics their
-    meta.json kept; every rank reports (it is a barrier), rank 0 with the checkpoint."""
+    meta.json kept, as reports of this worker group (which resumed at update ``resumed_from``); every rank
+    reports (it is a barrier), rank 0 with the checkpoint."""
     import ray.train
 
     for folder in folders:
-        metrics = dict(read_meta(folder).get("metrics") or {})
+        metrics = dict(read_meta(folder).get("metrics") or {}, resumed_from=resumed_from)
         checkpoint = None
         if rank == 0:
             checkpoint = ray.train.Checkpoint(folder)
