@@ -16,7 +16,6 @@ process the bench starts is stopped by its own pid (stop.sh), whatever happens.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -30,6 +29,8 @@ from typing import Optional
 from raytrain_cls.bench.common import environment, print_table
 from raytrain_cls.core.errors import UserError
 from raytrain_cls.core.state import read_meta
+from raytrain_cls.run.checkpointer import checkpoint_name
+from raytrain_cls.run.report import SUMMARY_FILE, read_summary
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 LOCAL = CHECKOUT / "cluster" / "local"
@@ -194,12 +195,9 @@ def fixed_run(args: argparse.Namespace, cluster: LocalCluster, env: dict, out: P
 
 def epochs_of(run_dir: Path, name: str) -> list[dict]:
     """Each epoch of a run from its own records: summary.csv, and the samples each epoch's checkpoint counted."""
-    with (run_dir / "summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
     out = []
-    for row in rows:
-        epoch = int(row["epoch"])
-        meta = read_meta(run_dir / f"epoch-{epoch:04d}")
+    for epoch, row in sorted(read_summary(run_dir / SUMMARY_FILE).items()):
+        meta = read_meta(run_dir / checkpoint_name(epoch))
         out.append(
             dict(
                 run=name,

@@ -45,19 +45,8 @@ def split_global_batch(global_batch: int, batch_size: int, workers: int) -> Opti
 
 
 def global_batch_of(cfg: Config) -> int:
-    """The run's global batch: --batch-size x the largest worker count x --grad-accum-steps."""
-    return cfg.data.batch_size * max_workers(cfg) * cfg.optim.grad_accum_steps
-
-
-def max_workers(cfg: Config) -> int:
-    """The worker count the global batch is resolved at: MAX of an elastic range, else the resolved (or given)
-    fixed count."""
-    span = cfg.scaling.worker_range()
-    if span:
-        return span[1]
-    if cfg.resolved is not None:
-        return cfg.resolved.num_workers
-    return cfg.scaling.num_workers or 1
+    """An elastic run's global batch: --batch-size x MAX workers x --grad-accum-steps."""
+    return cfg.data.batch_size * cfg.scaling.worker_range()[1] * cfg.optim.grad_accum_steps
 
 
 def split_for(cfg: Config, workers: int) -> BatchSplit:
@@ -87,7 +76,7 @@ def check_elastic_range(cfg: Config, even_batches: bool = False) -> dict[int, Ba
     failing = [n for n, s in splits.items() if s is None]
     if not failing:
         return splits
-    total = batch * high * accum
+    total = global_batch_of(cfg)
     why = "an odd micro-batch, which batch or pair mixup cannot take" if even_batches else "no whole share per worker"
     batches = [b for b in range(max(1, batch // 2), batch * 2 + 1) if None not in splits_of(b, low, high).values()]
     nearest = sorted(batches, key=lambda b: (abs(b - batch), b))[:3]

@@ -103,7 +103,7 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
     missed = []
     if run_dir and not is_uri(run_dir):
         after = Path(checkpoint.path).name if checkpoint is not None else None
-        missed = _from_rank_zero(rank, world, lambda: [str(p) for p in unregistered_since(run_dir, after)])
+        missed = from_rank_zero(rank, world, lambda: [str(p) for p in unregistered_since(run_dir, after)])
     if missed:
         state.load(missed[-1], load_optimizer=True, rank=rank, world_size=world)
         register_again(missed, rank, resumed_from=state.num_updates)
@@ -130,8 +130,9 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
     return None, False
 
 
-def _from_rank_zero(rank: int, world: int, decide):
-    """Rank 0's ``decide()``, on every rank (what is on disk may change between two ranks' looks)."""
+def from_rank_zero(rank: int, world: int, decide):
+    """Rank 0's ``decide()``, on every rank (a collective: every rank calls it at the same point). For what only
+    rank 0 may ask, or what could differ between two ranks' looks (files being written)."""
     box = [decide() if rank == 0 else None]
     if world > 1:
         import torch.distributed as dist

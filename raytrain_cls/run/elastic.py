@@ -25,7 +25,7 @@ import time
 import uuid
 from typing import Optional
 
-from raytrain_cls.run.checkpointer import newest_written
+from raytrain_cls.run.checkpointer import from_rank_zero, newest_written
 from raytrain_cls.run.console import NAMESPACE
 
 WAIT_S = 120.0  # the longest a resize waits for its checkpoint (an epoch's validation may come first)
@@ -133,12 +133,7 @@ class ResizeNotice:
     def check(self, num_updates: int) -> bool:
         if not self.interval or num_updates % self.interval:
             return False
-        due = [self._new_request() if self.rank == 0 else False]
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.broadcast_object_list(due, src=0)
-        return bool(due[0])
+        return bool(from_rank_zero(self.rank, self.world, self._new_request))
 
     def _new_request(self) -> bool:
         import ray
