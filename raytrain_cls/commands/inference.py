@@ -202,7 +202,7 @@ def shard_sums(
 def _sums_on_ray(args: tuple, world: int) -> list[dict]:
     import ray
 
-    gpus = connect().get("GPU", 0)
+    gpus = connect(for_ray_train=False).get("GPU", 0)
     task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(shard_sums)
     device = "cuda" if gpus else "cpu"
     return ray.get([task.remote(*args, device=device, rank=r, world=world) for r in range(world)])

@@ -46,6 +46,7 @@ from raytrain_cls.run.checkpointer import (
 )
 from raytrain_cls.run.console import start_live_display, use_bar
 from raytrain_cls.run.elastic import create_requests, resize_callback
+from raytrain_cls.run.local_ray import start_private_ray, started_private_ray
 from raytrain_cls.run.ray_trainer import trainer_class
 from raytrain_cls.run.report import CONFIG_FILE, SummaryCallback, build_result, sizes_per_epoch, write_result
 from raytrain_cls.run.startup import breakdown, describe, stamp
@@ -86,37 +87,40 @@ class RunPaths:
 
 
 # ---- Ray connection ------------------------------------------------------------------------------------------
-def connect() -> Capacity:
+def connect(for_ray_train: bool = True) -> Capacity:
     """Attach to RAY_ADDRESS when set (a cluster, or the job's own cluster under `ray job submit`), else start a
-    private local Ray. Returns what the cluster can give a run: its total resources, or as much as its autoscaler
-    can grow it to (capacity.py)."""
+    private local Ray (run/local_ray.py; ``for_ray_train`` False: for plain Ray tasks). Returns what the cluster
+    can give a run: its total resources, or as much as its autoscaler can grow it to (capacity.py)."""
     import ray
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            check_reachable(address)
-        # address="local" always starts a fresh cluster: a bare ray.init() would silently join any cluster
-        # running on this host, and trip over the stale address file of one that was stopped. That private
-        # cluster lives for this command only and goes without Ray's dashboard, whose start took a core for
-        # ~1 s of the start-up (2 cores: 13.4 -> 12.1-13.1 s to the first step); cluster/local/start-head.sh
-        # keeps one with the dashboard alive across commands (RAY_ADDRESS).
-        local = {} if address else {"include_dashboard": False}
-        try:
-            ray.init(address=address or "local", log_to_driver=True, configure_logging=False, **local)
-        except (ConnectionError, RuntimeError) as e:
-            if address and refused_token(e):
-                raise ConfigError(
-                    "environment RAY_ADDRESS",
-                    address,
-                    "the cluster refused this driver's token "
-                    "(missing or wrong): export RAY_AUTH_MODE=token and the cluster's token as "
-                    "RAY_AUTH_TOKEN (`ray get-auth-token` on its head) or in ~/.ray/auth_token",
-                ) from None
-            raise
-        if not address:  # our own: no autoscaler to ask about
-            return Capacity(ray.cluster_resources())
+            join_cluster(address)
+        else:
+            start_private_ray(for_ray_train)
+    if started_private_ray():  # our own: no autoscaler to ask about
+        return Capacity(ray.cluster_resources())
     return connected_capacity()
+
+
+def join_cluster(address: str) -> None:
+    """ray.init on the cluster RAY_ADDRESS names; a refused token is the user's to mend, said in one line."""
+    import ray
+
+    check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except (ConnectionError, RuntimeError) as e:
+        if refused_token(e):
+            raise ConfigError(
+                "environment RAY_ADDRESS",
+                address,
+                "the cluster refused this driver's token "
+                "(missing or wrong): export RAY_AUTH_MODE=token and the cluster's token as "
+                "RAY_AUTH_TOKEN (`ray get-auth-token` on its head) or in ~/.ray/auth_token",
+            ) from None
+        raise
 
 
 def refused_token(error: BaseException) -> bool:

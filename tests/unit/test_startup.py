@@ -112,3 +112,61 @@ def test_a_command_never_trusts_an_os_clock_that_disagrees_with_its_own(monkeypa
     assert process_start(command=True) == imported
     monkeypatch.setattr(startup, "_os_process_start", lambda: imported - 0.04)  # an interpreter's start: kept
     assert process_start(command=True) == imported - 0.04
+
+
+# ---- the private local Ray's start (run/local_ray.py) -------------------------------------------------------------
+def test_the_private_ray_asks_for_the_coordinator_the_train_controller_waits_for(monkeypatch):
+    """Created as soon as the node is up, Ray Data's coordinator starts while the Train controller does."""
+    import types
+
+    import ray
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+
+    from raytrain_cls.run import local_ray
+
+    calls = []
+    monkeypatch.setattr(
+        ray, "init", lambda **kw: calls.append(("init", kw)) or types.SimpleNamespace(address_info={"gcs_address": "a"})
+    )
+    monkeypatch.setattr(coordinator, "get_or_create_autoscaling_coordinator", lambda: calls.append(("coordinator",)))
+    monkeypatch.setattr(local_ray, "_started", [])
+    local_ray.start_private_ray()
+    assert [c[0] for c in calls] == ["init", "coordinator"]
+    assert calls[0][1]["address"] == "local" and calls[0][1]["include_dashboard"] is False
+    assert local_ray._started == ["a"]
+    calls.clear()
+    local_ray.start_private_ray(for_ray_train=False)  # eval's plain tasks
+    assert [c[0] for c in calls] == ["init"]
+
+
+def test_ray_train_still_gets_or_creates_the_same_named_detached_coordinator():
+    """A Ray upgrade that renames the coordinator or stops Train asking for it makes the early creation useless (or
+    a second actor): this fails first."""
+    import inspect
+
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+    from ray.train.v2._internal.execution.scaling_policy.scaling_policy import ScalingPolicy
+
+    made = inspect.getsource(coordinator.get_or_create_autoscaling_coordinator)
+    for part in ('name="AutoscalingCoordinator"', "get_if_exists=True", 'lifetime="detached"'):
+        assert part in made
+    assert "get_or_create_autoscaling_coordinator()" in inspect.getsource(client.TrainAutoscalingCoordinatorClient)
+    # every run's controller registers its resources with it when it starts, before the workers
+    assert "TrainAutoscalingCoordinatorClient(" in inspect.getsource(ScalingPolicy.after_controller_start)
+
+
+def test_only_the_ray_this_process_started_counts_as_private(monkeypatch):
+    import types
+
+    import ray
+
+    from raytrain_cls.run import local_ray
+
+    monkeypatch.setattr(local_ray, "_started", ["10.0.0.1:6379"])
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    for address, private in (("10.0.0.1:6379", True), ("10.0.0.2:6379", False)):
+        monkeypatch.setattr(ray, "get_runtime_context", lambda a=address: types.SimpleNamespace(gcs_address=a))
+        assert local_ray.started_private_ray() is private
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert local_ray.started_private_ray() is False
