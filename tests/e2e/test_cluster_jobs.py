@@ -164,7 +164,7 @@ def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):
                 "--placement-strategy",
                 "SPREAD",
                 "--epochs",
-                "5",
+                str(EPOCHS_TWO_NODES),
                 "--max-failures",
                 "2",
                 "--preemption-check-interval",
@@ -199,7 +199,12 @@ def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):
     result = json.loads((run_dir / "result.json").read_text())
     assert result["last_metrics"]["resumed_from"] >= notice_updates, (result["last_metrics"], notice_updates)
     with (run_dir / "summary.csv").open() as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(5))
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(EPOCHS_TWO_NODES))
+
+
+# Long enough that the node is killed while the run still trains: the preemption notice can come a few epochs after
+# the drain (CI, 2026-12-05: at epoch 3), and with 5 epochs that run once finished before the kill, never resuming.
+EPOCHS_TWO_NODES = 10
 
 
 def preemption_checkpoint_updates(run_dir: Path):
