@@ -47,7 +47,7 @@ from raytrain_cls.run.checkpointer import (
 from raytrain_cls.run.console import start_live_display, use_bar
 from raytrain_cls.run.elastic import create_requests, resize_callback
 from raytrain_cls.run.local_ray import start_private_ray, started_private_ray
-from raytrain_cls.run.ray_trainer import trainer_class
+from raytrain_cls.run.ray_trainer import RunTrainer
 from raytrain_cls.run.report import CONFIG_FILE, SummaryCallback, build_result, sizes_per_epoch, write_result
 from raytrain_cls.run.startup import breakdown, describe, stamp
 from raytrain_cls.run.worker import train_loop_per_worker
@@ -532,7 +532,7 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
     datasets = {}
     if cfg.data.loader == "ray":
         datasets[DATASET_NAME] = train_dataset(cfg)
-    return trainer_class()(
+    return RunTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         datasets=datasets or None,

@@ -411,12 +411,13 @@ def _epoch_report_callback():
 def _stopped_trial_cleaner(grace_s: float = 5.0):
     """A Tune callback that frees the placement group of every trial that has ended.
 
-    Ray Train removes a run's placement group itself when the run ends, and, if its controller dies instead (as
-    when Tune stops a trial early), from a detached cleaner actor that asks the dashboard's state API whether the
-    controller is gone. Without the dashboard (Ray installed without [default], or a cluster started with
-    --include-dashboard=false) that question never gets an answer: the stopped trial's workers keep their CPUs
-    and GPUs for good, and the search waits forever for resources. So the search driver removes, a few seconds
-    after Tune ended a trial (time for its controller to die with it), the group the trial last reported."""
+    Ray Train removes a run's placement group itself when the run ends, but not when its controller dies while the
+    driver lives on, as when Tune stops a trial early. Ray Train's answer, a detached cleaner actor that asks the
+    dashboard's state API whether the controller is gone, costs every run an actor process that the workers wait
+    for and cannot work at all without the dashboard, so no run starts it (run/ray_trainer.py). Without this
+    callback a stopped trial's workers would keep their CPUs and GPUs for good and the search would wait forever
+    for resources. So the search driver removes, a few seconds after Tune ended a trial (time for its controller
+    to die with it), the group the trial last reported."""
     from ray import PlacementGroupID, tune
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
