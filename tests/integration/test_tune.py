@@ -71,7 +71,7 @@ def test_asha_search_stops_bad_trials_early(asha_search, ray_processes):
     stopped = [r for r in rows if r["status"] == "stopped"]
     assert stopped, rows
     assert all(int(r["epochs"]) < 4 for r in stopped)
-    assert all(float(r["startup_s"]) > 0 for r in rows)  # each trial's fit() to its first step
+    assert all(float(r["startup_s"]) > 0 for r in rows)  # each trial's process taking it to its first step
     assert float(rows[0]["lr"]) in (0.1, 0.05)  # sorted best first
     assert size(join(search_dir, "trials.png")) > 10_000
     for r in rows:  # every trial is a full training run with its own run directory

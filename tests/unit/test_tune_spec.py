@@ -305,6 +305,8 @@ def test_trials_say_what_each_fit_cost_before_its_first_step():
     assert trial_startup_s({f"startup/{k}": v for k, v in stamps.items()}) == 24.25  # as Tune may flatten them
     assert trial_startup_s({"startup": {"driver": 10.0, "fit": 11.0}}) is None  # never reached its first step
     assert trial_startup_s({}) is None
+    # run_trial stamps its process taking the trial: the trial's own imports count too
+    assert trial_startup_s({"startup": {"process": 4.0, **stamps}}) == 30.25
 
 
 def test_best_yaml_is_a_complete_training_config(tmp_path):
@@ -334,3 +336,20 @@ def test_a_search_directory_on_s3_is_resumed_there_and_never_reused(s3_upload, t
 def test_an_initial_checkpoint_file_under_a_uri_is_refused_with_the_alternative():
     with pytest.raises(ConfigError, match="give the checkpoint directory"):
         load_config("digits", {"initial_checkpoint": "s3://bucket/runs/x/epoch-0003/model.safetensors"})
+
+
+def test_a_trial_clocks_its_start_up_from_its_own_process_taking_it(monkeypatch, tmp_path):
+    """run_trial hands fit_run the moment its process first imported raytrain_cls (Tune unpickling the trial
+    function), so a trial's startup_s includes the imports every trial pays again, not only its fit()."""
+    from ray import tune as ray_tune
+
+    import raytrain_cls
+    from raytrain_cls.run import tune as tune_module
+
+    seen = {}
+    monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t_00001"))
+    monkeypatch.setattr(tune_module, "_epoch_report_callback", lambda: "callback")  # needs a Tune session
+    monkeypatch.setattr(tune_module, "fit_run", lambda cfg, paths, **kw: seen.update(kw, lr=cfg.optim.lr))
+    tune_module.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path))
+    assert seen["lr"] == 0.05
+    assert seen["stamps"] == {"process": raytrain_cls.IMPORTED_AT}
