@@ -140,9 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--search", action="append", metavar="KEY=KIND:ARGS", help="a search dimension (repeatable)")
     opts = tune.add_argument_group("search")
     for flag, kind, text in SEARCH_FLAGS:
+        dest = f"search__{flag.replace('-', '_')}"
+        if kind is bool:
+            opts.add_argument(f"--{flag}", dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
+            continue
         opts.add_argument(
             f"--{flag}",
-            dest=f"search__{flag.replace('-', '_')}",
+            dest=dest,
             type=kind,
             default=argparse.SUPPRESS,
             metavar="N" if kind is not str else "NAME",
@@ -287,6 +291,12 @@ SEARCH_FLAGS = (
     ("workers-per-trial", _parsed_by(parse_worker_count), "Ray Train workers per trial, N or MIN:MAX (default 1)"),
     ("cpus-per-worker", float, "CPUs per trial worker (default 1)"),
     ("gpus-per-worker", float, "GPUs per trial worker; fractions such as 0.25 share a GPU (default 0)"),
+    (
+        "in-process",
+        bool,
+        "one-worker trials train in Tune's trial process, which the next trial reuses: no Ray Train run per trial, "
+        "seconds less fixed cost each (local or mounted --output only)",
+    ),
 )
 
 

@@ -7,11 +7,12 @@ are core.state.TrainState's; this module decides when and where one is written a
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 from raytrain_cls.core.config import Config, ConfigError, read_yaml
 from raytrain_cls.core.state import (
@@ -26,7 +27,16 @@ from raytrain_cls.core.state import (
     verified_meta,
 )
 from raytrain_cls.core.storage import absolute, exists, is_uri, join, local_dir
-from raytrain_cls.run.report import CONFIG_FILE, PLACEMENT_GROUP_METRIC
+from raytrain_cls.run.report import (
+    CONFIG_FILE,
+    PLACEMENT_GROUP_METRIC,
+    SUMMARY_FILE,
+    record_epoch,
+    result_payload,
+    sizes_per_epoch,
+    write_result,
+)
+from raytrain_cls.run.startup import breakdown
 
 DEFAULT_OUTPUT = "output/train"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it into a run directory it has started
@@ -63,11 +73,17 @@ def placement_group_id() -> Optional[str]:
 
 
 def report(
-    state: TrainState, metrics: dict, rank: int, world: int, name: str, loss_sum: float = 0.0, seen: float = 0.0
+    state: TrainState,
+    metrics: dict,
+    rank: int,
+    world: int,
+    name: str,
+    loss_sum: float = 0.0,
+    seen: float = 0.0,
+    keeper: Optional[CheckpointKeeper] = None,
 ) -> None:
-    """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint, complete, into a fresh temp dir
-    and only then hands it to Ray. Each rank's RNG states and running loss sums are gathered into it first."""
-    import ray.train
+    """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint. Each rank's RNG states and running
+    loss sums are gathered into it first. ``keeper``: who registers and keeps it (default: Ray Train)."""
     import torch.distributed as dist
 
     mine = dict(rng=rng_state(), loss_sum=float(loss_sum), seen=float(seen))
@@ -77,28 +93,23 @@ def report(
     else:
         gathered = [mine]
     state.rank_states = gathered
-    with tempfile.TemporaryDirectory(prefix="raytrain-cls-ckpt-") as tmp:
-        checkpoint = None
-        if rank == 0:
-            state.save(tmp, metrics)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            metrics = dict(metrics, **{PLACEMENT_GROUP_METRIC: placement_group_id()})  # for Ray only
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    (keeper or RayTrainCheckpoints()).report(state, metrics, rank, name)
 
 
-def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) -> tuple[Optional[str], bool]:
+def restore(
+    state: TrainState, cfg: Config, rank: int, world: int, say=print, keeper: Optional[CheckpointKeeper] = None
+) -> tuple[Optional[str], bool]:
     """Load the run's own latest checkpoint (a restarted worker group, a resumed run), else the checkpoint given
     with --resume CHECKPOINT (a new run started from it). Returns what was loaded (None for a fresh start) and
     whether it was the run's own checkpoint.
 
-    The run's own latest is Ray's latest registered checkpoint, or on a local run directory a complete newer one
-    that Ray never registered: written by a worker group that died within Ray's poll interval of reporting it, or
-    the checkpoint an elastic resize waited for (run/elastic.py). Those are registered now, in order, with their
+    The run's own latest is the keeper's latest registered checkpoint, or on a local run directory a complete newer
+    one that it never registered: written by a worker group that died within Ray's poll interval of reporting it,
+    or the checkpoint an elastic resize waited for (run/elastic.py). Those are registered now, in order, with their
     metrics, so that Ray's checkpoint list, summary.csv and a Tune search miss none of them. Rank 0 decides
     what is loaded, for every rank."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+    keeper = keeper or RayTrainCheckpoints()
+    checkpoint = keeper.registered()
     run_dir = cfg.resolved.run_dir
     missed = []
     if run_dir and not is_uri(run_dir):
@@ -106,7 +117,7 @@ def restore(state: TrainState, cfg: Config, rank: int, world: int, say=print) ->
         missed = from_rank_zero(rank, world, lambda: [str(p) for p in unregistered_since(run_dir, after)])
     if missed:
         state.load(missed[-1], load_optimizer=True, rank=rank, world_size=world)
-        register_again(missed, rank, resumed_from=state.num_updates)
+        keeper.register_again(missed, rank, resumed_from=state.num_updates)
         return missed[-1], True
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -141,20 +152,121 @@ def from_rank_zero(rank: int, world: int, decide):
     return box[0]
 
 
-def register_again(folders: list[str], rank: int, resumed_from: int) -> None:
-    """Report checkpoints already in the run directory to Ray, as written (no copy), with the metrics their
-    meta.json kept, as reports of this worker group (which resumed at update ``resumed_from``); every rank
-    reports (it is a barrier), rank 0 with the checkpoint."""
-    import ray.train
+class CheckpointKeeper(Protocol):
+    """Who registers a run's checkpoints, decides which are kept and hands the latest back on a restart."""
 
-    for folder in folders:
-        metrics = dict(read_meta(folder).get("metrics") or {}, resumed_from=resumed_from)
-        checkpoint = None
-        if rank == 0:
-            checkpoint = ray.train.Checkpoint(folder)
-            metrics[PLACEMENT_GROUP_METRIC] = placement_group_id()  # this group's, as report() adds it
-        in_place = ray.train.CheckpointUploadMode.NO_UPLOAD  # it is in the run directory already
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=in_place)
+    def registered(self) -> Any:
+        """The latest checkpoint it registered (a ray.train.Checkpoint), or None."""
+
+    def report(self, state: TrainState, metrics: dict, rank: int, name: str) -> None:
+        """Every rank's report of ``metrics``; rank 0's with the checkpoint of ``state`` named ``name``."""
+
+    def register_again(self, folders: list[str], rank: int, resumed_from: int) -> None:
+        """Checkpoints already written to the run directory that it has not registered yet."""
+
+
+class RayTrainCheckpoints:
+    """Ray Train registers and keeps the checkpoints (its CheckpointConfig), and restores a restarted worker group
+    from them: every `train` run and every Tune trial that is a Ray Train run."""
+
+    def registered(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, state: TrainState, metrics: dict, rank: int, name: str) -> None:
+        """Rank 0 writes the checkpoint, complete, into a fresh temp dir and only then hands it to Ray."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="raytrain-cls-ckpt-") as tmp:
+            checkpoint = None
+            if rank == 0:
+                state.save(tmp, metrics)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                metrics = dict(metrics, **{PLACEMENT_GROUP_METRIC: placement_group_id()})  # for Ray only
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def register_again(self, folders: list[str], rank: int, resumed_from: int) -> None:
+        """Report checkpoints already in the run directory to Ray, as written (no copy), with the metrics their
+        meta.json kept, as reports of this worker group (which resumed at update ``resumed_from``); every rank
+        reports (it is a barrier), rank 0 with the checkpoint."""
+        import ray.train
+
+        for folder in folders:
+            metrics = dict(read_meta(folder).get("metrics") or {}, resumed_from=resumed_from)
+            checkpoint = None
+            if rank == 0:
+                checkpoint = ray.train.Checkpoint(folder)
+                metrics[PLACEMENT_GROUP_METRIC] = placement_group_id()  # this group's, as report() adds it
+            in_place = ray.train.CheckpointUploadMode.NO_UPLOAD  # it is in the run directory already
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=in_place)
+
+
+class TrialCheckpoints:
+    """The checkpoints of a Tune trial that trains in Tune's own trial process (`tune --in-process`), where no Ray
+    Train run keeps them: written straight into the trial's local run directory (complete under a hidden name,
+    then renamed), kept by Ray Train's rule (the --checkpoint-hist best by the eval metric, and the latest), with
+    summary.csv's row and, for each evaluated epoch, a report to Tune. The run directory is the record: a resumed
+    trial continues from its newest complete checkpoint there (restore)."""
+
+    def __init__(self, run_dir: str, cfg: Config, tell_tune):
+        self.run_dir = Path(run_dir)
+        self.keep = cfg.checkpoint.checkpoint_hist
+        self.metric = f"eval_{cfg.checkpoint.eval_metric}"
+        self.mode = "min" if cfg.checkpoint.eval_metric == "loss" else "max"
+        self.tell_tune = tell_tune  # ray.tune.report, or a stand-in in unit tests
+        self.latest: Optional[Path] = None
+
+    def registered(self):
+        return None  # restore() finds the run directory's newest complete checkpoint instead
+
+    def report(self, state: TrainState, metrics: dict, rank: int, name: str) -> None:
+        final = self.run_dir / name
+        partial = self.run_dir / f".{name}.partial"  # not an epoch-* name: never taken for a checkpoint
+        shutil.rmtree(partial, ignore_errors=True)  # a partial one a killed trial left
+        state.save(partial, metrics)
+        if final.exists():
+            shutil.rmtree(final)  # the same epoch trained again after a restart: the new one replaces it
+        partial.rename(final)
+        self.latest = final
+        self.prune()
+        if metrics.get("recovery"):
+            return  # one Tune iteration per epoch, as the Ray Train path reports
+        record_epoch(join(str(self.run_dir), SUMMARY_FILE), metrics)
+        # Before Tune hears of the epoch: Tune may end the trial's thread inside that report (its last epoch, or
+        # ASHA stopping it), and result.json is what a resumed search reads to skip a finished trial.
+        write_result(self.run_dir, self.result(metrics))
+        self.tell_tune(dict(metrics, checkpoint_path=str(final)))
+
+    def register_again(self, folders: list[str], rank: int, resumed_from: int) -> None:
+        self.latest = Path(folders[-1])  # already in the run directory, which is all the registry there is
+
+    def kept(self) -> list[tuple[str, dict]]:
+        """Each checkpoint in the run directory, oldest first, with the metrics it was reported with."""
+        return [(str(folder), read_meta(folder).get("metrics") or {}) for _, folder in _ranked(self.run_dir, None)]
+
+    def prune(self) -> None:
+        """Deletes all but the latest and the --checkpoint-hist best by the eval metric (ties: the later one)."""
+        kept = self.kept()
+        sign = -1 if self.mode == "min" else 1
+
+        def score(item: tuple[str, dict]) -> tuple[float, int]:
+            value = item[1].get(self.metric)
+            return (sign * value if isinstance(value, (int, float)) else -math.inf, item[1].get("epoch", -1))
+
+        best = {path for path, _ in sorted(kept, key=score, reverse=True)[: self.keep]}
+        latest = str(self.latest) if self.latest else kept[-1][0] if kept else None
+        for path, _ in kept:
+            if path not in best and path != latest:
+                shutil.rmtree(path)
+
+    def result(self, last: dict) -> dict:
+        """result.json for the trial after the epoch that reported ``last``, as a Ray Train run writes it."""
+        latest = str(self.latest) if self.latest else None
+        payload = result_payload(last, latest, self.kept(), self.metric, self.mode, str(self.run_dir))
+        payload["epochs"] = sizes_per_epoch(str(self.run_dir))
+        payload["startup"] = breakdown(last.get("startup") or {})
+        return payload
 
 
 def progress_key(name: str) -> Optional[tuple[int, int, int]]:

@@ -634,26 +634,9 @@ def fit_run(
     import ray.train
 
     stamps = dict(stamps or {})
-    stamp(stamps, "driver")
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)  # read by the controller fit() starts
-    cluster = connect()
-    stamp(stamps, "ray_ready")
-    earlier = cfg.resolved  # a continued run's own decisions (its config.yaml), or None
-    resolve(cfg, cluster, checked)
-    stamp(stamps, "resolved")
+    cluster = prepare_run(cfg, paths, stamps, start_from, checked, echo)
     r = cfg.resolved
-    r.output, r.experiment, r.run_dir = paths.output, paths.experiment, paths.run_dir
-    if cfg.run.log_wandb:
-        r.wandb_id = wandb_run_id(cfg, earlier)
-    if start_from:
-        r.init_checkpoint = start_from
-    write_text(join(paths.run_dir, CONFIG_FILE), dump_yaml(cfg))
-    echo(f"Run directory: {paths.run_dir}")
-    echo(
-        f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r.train_samples} train / "
-        f"{r.val_samples} val images, {r.num_classes} classes) with {workers_phrase(r)} for {r.num_epochs} epochs; "
-        f"lr {r.lr:.4g} ({r.lr_rule})"
-    )
     note = waiting_note(cluster, run_needs(r.resources_per_worker or {}, r.use_gpu, r.min_workers or r.num_workers))
     if note:
         echo(note)
@@ -691,6 +674,38 @@ def fit_run(
     if payload["startup"]["phases"]:
         echo(describe(payload["startup"]))
     return payload
+
+
+def prepare_run(
+    cfg: Config,
+    paths: RunPaths,
+    stamps: dict,
+    start_from: Optional[str] = None,
+    checked: Optional[Preflight] = None,
+    echo=print,
+) -> Capacity:
+    """Connect, resolve the config on this cluster and write it into the run directory as config.yaml: what every
+    run does before it trains, whoever then runs its loop (a Ray Train fit, or a Tune trial's own process)."""
+    stamp(stamps, "driver")
+    cluster = connect()
+    stamp(stamps, "ray_ready")
+    earlier = cfg.resolved  # a continued run's own decisions (its config.yaml), or None
+    resolve(cfg, cluster, checked)
+    stamp(stamps, "resolved")
+    r = cfg.resolved
+    r.output, r.experiment, r.run_dir = paths.output, paths.experiment, paths.run_dir
+    if cfg.run.log_wandb:
+        r.wandb_id = wandb_run_id(cfg, earlier)
+    if start_from:
+        r.init_checkpoint = start_from
+    write_text(join(paths.run_dir, CONFIG_FILE), dump_yaml(cfg))
+    echo(f"Run directory: {paths.run_dir}")
+    echo(
+        f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r.train_samples} train / "
+        f"{r.val_samples} val images, {r.num_classes} classes) with {workers_phrase(r)} for {r.num_epochs} epochs; "
+        f"lr {r.lr:.4g} ({r.lr_rule})"
+    )
+    return cluster
 
 
 def elastic_resize(cfg: Config) -> tuple[list, Any]:

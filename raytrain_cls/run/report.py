@@ -97,19 +97,23 @@ class SummaryCallback(UserCallback):
         self.path = join(run_dir, SUMMARY_FILE)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if not metrics or "epoch" not in metrics[0] or metrics[0].get("recovery"):
-            return  # mid-epoch recovery checkpoints have no evaluation: no summary row
-        m = metrics[0]  # rank 0's metrics; evaluation is already reduced across ranks
-        rows = read_summary(self.path)
-        rows[int(m["epoch"])] = {k: m.get(k) for k in SUMMARY_COLUMNS}
-        write_summary(self.path, rows)
+        if metrics:
+            record_epoch(self.path, metrics[0])  # rank 0's metrics; evaluation is already reduced across ranks
+
+
+def record_epoch(path: str, metrics: dict) -> None:
+    """summary.csv's row for the epoch these metrics report (replacing an earlier one for the same epoch)."""
+    if "epoch" not in metrics or metrics.get("recovery"):
+        return  # mid-epoch recovery checkpoints have no evaluation: no summary row
+    rows = read_summary(path)
+    rows[int(metrics["epoch"])] = {k: metrics.get(k) for k in SUMMARY_COLUMNS}
+    write_summary(path, rows)
 
 
 def build_result(result, metric: str, mode: str, run_dir: Optional[str] = None) -> dict:
-    """result.json: the metric, its best value and epoch, the last metrics and the checkpoint paths. On cloud
-    storage Ray gives bucket-relative paths ("bucket/runs/x/epoch-0003"); with the run's own `run_dir` URI they
-    become URIs the other commands open (s3://bucket/runs/x/epoch-0003?options)."""
-    last = dict(result.metrics or {})
+    """result.json from Ray Train's Result: the metric, its best value and epoch, the last metrics and the
+    checkpoint paths. On cloud storage Ray gives bucket-relative paths ("bucket/runs/x/epoch-0003"); with the run's
+    own `run_dir` URI they become URIs the other commands open (s3://bucket/runs/x/epoch-0003?options)."""
     run_dir = run_dir or result.path
 
     def where(checkpoint) -> Optional[str]:
@@ -117,22 +121,30 @@ def build_result(result, metric: str, mode: str, run_dir: Optional[str] = None) 
             return None
         return join(run_dir, Path(checkpoint.path).name) if is_uri(run_dir) else checkpoint.path
 
+    kept = [(where(c), m) for c, m in result.best_checkpoints or []]
+    return result_payload(dict(result.metrics or {}), where(result.checkpoint), kept, metric, mode, run_dir)
+
+
+def result_payload(
+    last: dict, latest: Optional[str], kept: list[tuple[str, dict]], metric: str, mode: str, run_dir: str
+) -> dict:
+    """result.json: ``last`` the run's last reported metrics, ``latest`` its latest checkpoint, ``kept`` the
+    checkpoints retained with the metrics each was reported with."""
     best_ckpt = None
     best_metrics: dict = {}
-    if result.best_checkpoints:
-        ranked = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None and not m.get("recovery")]
-        if ranked:
-            # Ties go to the later epoch, as in the worker's best tracking and Ray's retention.
-            sign = -1 if mode == "min" else 1
-            best_ckpt, best_metrics = max(ranked, key=lambda cm: (sign * cm[1][metric], cm[1].get("epoch", -1)))
+    ranked = [(c, m) for c, m in kept if m.get(metric) is not None and not m.get("recovery")]
+    if ranked:
+        # Ties go to the later epoch, as in the worker's best tracking and Ray's retention.
+        sign = -1 if mode == "min" else 1
+        best_ckpt, best_metrics = max(ranked, key=lambda cm: (sign * cm[1][metric], cm[1].get("epoch", -1)))
     return dict(
         eval_metric=metric,
         mode=mode,
         best_value=best_metrics.get(metric, last.get("best_metric")),
         best_epoch=best_metrics.get("epoch", last.get("best_epoch")),
         last_metrics=last,
-        latest_checkpoint=where(result.checkpoint),
-        best_checkpoint=where(best_ckpt),
+        latest_checkpoint=latest,
+        best_checkpoint=best_ckpt,
         run_dir=run_dir,
     )
 

@@ -33,7 +33,20 @@ PHASES = (
     ("model_ready", "model, optimizer, checkpoint restore"),
     ("first_step", "first training step"),
 )
+# A Tune trial that trains in its own process (tune --in-process, run/trial_process.py) has no Ray Train run: its
+# "in_process" stamp (the trial entering the process) marks its stamps, and its phases are these.
+IN_PROCESS_PHASES = (
+    ("process", None),  # the trial process's first import of raytrain_cls: its first trial only
+    ("in_process", "trial process imports (torch, timm, raytrain_cls)"),
+    ("ray_ready", "connect"),
+    ("resolved", "config resolution (data set, model on the meta device)"),
+    ("fit", "run directory"),
+    ("data_ready", "data set + loaders"),
+    ("model_ready", "model, optimizer, checkpoint restore"),
+    ("first_step", "first training step"),
+)
 STAMPS = tuple(name for name, _ in PHASES)
+KNOWN_STAMPS = tuple(dict.fromkeys(name for name, _ in PHASES + IN_PROCESS_PHASES))
 
 
 # A command's interpreter reaches its first import (raytrain_cls) in well under a second; the OS's figure for the
@@ -83,8 +96,8 @@ def _os_process_start() -> Optional[float]:
 def stamp(stamps: dict, name: str, at: Optional[float] = None) -> None:
     """Records ``name`` now unless it is already there (a restarted worker group keeps the first stamps), or at
     ``at`` whatever was there."""
-    if name not in STAMPS:
-        raise KeyError(f"unknown start-up stamp {name!r}: one of {STAMPS}")
+    if name not in KNOWN_STAMPS:
+        raise KeyError(f"unknown start-up stamp {name!r}: one of {KNOWN_STAMPS}")
     if at is not None or name not in stamps:
         stamps[name] = time.time() if at is None else at
 
@@ -95,8 +108,9 @@ def breakdown(stamps: dict) -> dict:
     Stamps that are missing or out of order are left out and their phase merges into the next one ("A + B"): a
     Ray worker process may have been started before this run (Ray keeps idle workers), and then only the time
     from the fit to the worker's imports says something."""
+    order = IN_PROCESS_PHASES if "in_process" in stamps else PHASES
     phases, previous, pending = [], None, []
-    for name, label in PHASES:
+    for name, label in order:
         at = stamps.get(name)
         if at is None or (previous is not None and at < stamps[previous]):
             if label is not None and previous is not None:
@@ -105,7 +119,7 @@ def breakdown(stamps: dict) -> dict:
         if previous is not None:
             phases.append((" + ".join([*pending, label]), round(at - stamps[previous], 3)))
         previous, pending = name, []
-    first = next((n for n, _ in PHASES if stamps.get(n) is not None), None)
+    first = next((n for n, _ in order if stamps.get(n) is not None), None)
     total = round(stamps[previous] - stamps[first], 3) if phases else 0.0
     return dict(total_s=total, until=previous if phases else None, phases=phases)
 

@@ -62,6 +62,9 @@ class SearchSpec:
     workers_per_trial: int | list = 1  # or [MIN, MAX]: each trial an elastic run
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # fractions (0.25) let small trials share a GPU
+    # One-worker trials train in Tune's trial process, which the next trial reuses: no Ray Train run per trial
+    # (run/trial_process.py). Seconds less per trial; a search of many short trials spends its time training.
+    in_process: bool = False
 
 
 SPEC_KEYS = [f.name for f in dataclasses.fields(SearchSpec)]
@@ -136,7 +139,10 @@ def parse_search(raw: Optional[dict], cli_space: Optional[dict] = None, cli: Opt
         if key == "workers_per_trial":
             spec.workers_per_trial = _worker_count(value)
             continue
-        if isinstance(default, str):
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"search.{key}", value, "expected true or false")
+        elif isinstance(default, str):
             if not isinstance(value, str):
                 raise ConfigError(f"search.{key}", value, "expected a name")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -271,7 +277,34 @@ def validate_search(spec: SearchSpec, base: Config) -> SearchSpec:
         raise ConfigError("search.mode", spec.mode, "must be min or max")
     if spec.metric:
         check_metric(spec.metric, base)
+    if spec.in_process:
+        check_in_process(spec, base)
     return spec
+
+
+def check_in_process(spec: SearchSpec, base: Config) -> None:
+    """What a trial training in Tune's own process (run/trial_process.py) cannot do, refused before any trial."""
+    if spec.workers_per_trial != 1:
+        raise ConfigError(
+            "search.workers_per_trial",
+            _shown(spec.workers_per_trial),
+            "--in-process trials train on one worker, in the trial's own process; drop --in-process to give each "
+            "trial a Ray Train run of several workers",
+        )
+    if spec.gpus_per_worker > 1:
+        raise ConfigError("search.gpus_per_worker", spec.gpus_per_worker, "an --in-process trial uses one GPU at most")
+    if base.data.loader == "ray":
+        raise ConfigError(
+            "data.loader", "ray", "Ray Data's input reaches Ray Train workers only; drop --in-process or the loader"
+        )
+    output = base.checkpoint.output or DEFAULT_OUTPUT
+    if is_uri(output):
+        raise ConfigError(
+            "checkpoint.output",
+            output,
+            "an --in-process trial keeps its checkpoints in a local (or mounted) search directory; drop "
+            "--in-process to keep them on cloud storage through Ray Train",
+        )
 
 
 def _repeated(values: list) -> list:
@@ -457,8 +490,10 @@ def _stopped_trial_cleaner(grace_s: float = 5.0):
     return FreeEndedTrials()
 
 
-def run_trial(params: dict, base: dict, search_dir: str) -> None:
-    """One Tune trial: the base config with this trial's values, trained by Ray Train like `raytrain-cls train`."""
+def run_trial(params: dict, base: dict, search_dir: str, in_process: bool = False, gpus: float = 0.0) -> None:
+    """One Tune trial: the base config with this trial's values, trained by Ray Train like `raytrain-cls train`,
+    or with ``in_process`` by this very process (run/trial_process.py) on ``gpus`` of a GPU."""
+    entered = time.time()
     from ray import tune
 
     import raytrain_cls
@@ -475,6 +510,11 @@ def run_trial(params: dict, base: dict, search_dir: str) -> None:
         # Finished before the search driver died, but Tune had not yet recorded it: hand Tune the final
         # result instead of starting workers for nothing.
         tune.report(dict(done["last_metrics"], checkpoint_path=done["latest_checkpoint"]))
+        return
+    if in_process:
+        from raytrain_cls.run.trial_process import train_in_trial, trial_stamps
+
+        train_in_trial(cfg, paths, trial_stamps(entered, raytrain_cls.IMPORTED_AT), gpus)
         return
     # The trial's start-up counts from this process's first import of raytrain_cls (Tune unpickling this function
     # in the trial's fresh actor process): its imports (torch, timm, the driver) are paid again by every trial.
@@ -515,9 +555,18 @@ def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, na
     from ray.tune.schedulers import ASHAScheduler
 
     metric, mode = metric_and_mode(spec, base)
-    trainable = tune.with_parameters(run_trial, base=trial_base(base, spec).to_dict(), search_dir=search_dir)
-    # The trial function only drives; its TorchTrainer reserves the workers' CPUs/GPUs itself.
-    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+    trainable = tune.with_parameters(
+        run_trial,
+        base=trial_base(base, spec).to_dict(),
+        search_dir=search_dir,
+        in_process=spec.in_process,
+        gpus=spec.gpus_per_worker,
+    )
+    if spec.in_process:  # the trial trains in its own process: it holds the worker's CPUs/GPUs
+        resources = {"cpu": spec.cpus_per_worker, "gpu": spec.gpus_per_worker}
+    else:  # the trial function only drives; its TorchTrainer reserves the workers' CPUs/GPUs itself
+        resources = {"cpu": 0, "memory": 1}
+    trainable = tune.with_resources(trainable, resources)
     if resume:
         return tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     scheduler = None
@@ -544,6 +593,8 @@ def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, na
             max_concurrent_trials=concurrency,
             scheduler=scheduler,
             search_alg=search_alg,
+            # An in-process trial's process, with its imports, goes on to the next trial
+            reuse_actors=spec.in_process,
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -768,6 +819,7 @@ def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, ec
     echo(
         f"Searching {', '.join(spec.space)} over {spec.num_samples} trial(s), {spec.scheduler} scheduler, "
         f"{metric} ({mode}), up to {max_t} epochs per trial, {_shown(spec.workers_per_trial)} worker(s) per trial"
+        + (", each trial in a reused Tune process" if spec.in_process else "")
     )
     results = build_tuner(base, spec, search_dir, output, name, cluster, bool(resume)).fit()
     rows = summarize(results, spec, base, max_t, search_dir)

@@ -15,6 +15,8 @@ IMPORTED_AT = time.time()  # before the heavy imports: the start-up breakdown's 
 import functools
 import math
 import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -44,7 +46,7 @@ from raytrain_cls.data import DataError, build_loaders, build_source
 from raytrain_cls.data.loader import BadSampleLog, SkippingLoader
 from raytrain_cls.data.ray_data import DATASET_NAME as RAY_DATASET
 from raytrain_cls.data.ray_data import ray_data_loader, rows_per_worker
-from raytrain_cls.run.checkpointer import checkpoint_name, report, restore
+from raytrain_cls.run.checkpointer import CheckpointKeeper, RayTrainCheckpoints, checkpoint_name, report, restore
 from raytrain_cls.run.console import WorkerConsole
 from raytrain_cls.run.elastic import ResizeNotice
 from raytrain_cls.run.preemption import PreemptionNotice
@@ -88,7 +90,36 @@ def train_loop_per_worker(config: dict) -> dict:
     """The function Ray Train runs on every worker: set up, restore, then the epochs; returns the last metrics."""
     entered = time.time()
     quiet_per_report_logs()
-    return WorkerRun(config, entered).run()
+    return WorkerRun(config, entered, WorkerContext.from_ray_train()).run()
+
+
+@dataclass
+class WorkerContext:
+    """Where a worker's loop runs: its rank among ``world`` workers, its device, who keeps its checkpoints, and
+    whether it has been asked to stop between two updates. A Ray Train worker's come from Ray Train; a Tune trial
+    that trains in its own process (run/trial_process.py) has its own."""
+
+    rank: int
+    world: int
+    device: torch.device
+    checkpoints: CheckpointKeeper = field(default_factory=RayTrainCheckpoints)
+    stop_requested: Callable[[], bool] = lambda: False
+
+    @classmethod
+    def from_ray_train(cls) -> WorkerContext:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+class StopRequested(SystemExit):
+    """Tune stopped the trial (ASHA): the loop ends between two updates, quietly (exit code 0, which Tune's trial
+    thread takes for a graceful end)."""
+
+    def __init__(self, code: int = 0):
+        super().__init__(code)
 
 
 # The numbers every evaluated epoch reports (WorkerRun.end_of_epoch): the metrics a Tune trial can be scored by,
@@ -115,10 +146,7 @@ class WorkerRun:
     DDP wrap, then per epoch: train (with recovery checkpoints on the way), end of epoch (evaluate, schedule,
     checkpoint). Everything a checkpoint carries is registered in ``self.state`` (core.state.TrainState)."""
 
-    def __init__(self, config: dict, entered: float):
-        import ray.train
-        import ray.train.torch
-
+    def __init__(self, config: dict, entered: float, where: WorkerContext):
         cfg = self.cfg = Config.from_dict(config)
         res = self.res = cfg.resolved
         # This worker's start-up stamps after the driver's (rank 0 reports them; startup.py).
@@ -128,14 +156,14 @@ class WorkerRun:
             "worker_imported": IMPORTED_AT,
             "worker_entered": entered,
         }
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.where = where
+        self.rank, self.world = where.rank, where.world
         self.is_primary = self.rank == 0
         # An elastic run's group trains its share of the fixed global batch (more accumulation steps, or smaller
         # micro-batches, on fewer workers); everything built below reads the batch and accumulation from cfg.
         self.split = split_for(cfg, self.world)
         cfg.data.batch_size, cfg.optim.grad_accum_steps = self.split.batch_size, self.split.accum_steps
-        self.device = device = ray.train.torch.get_device()
+        self.device = device = where.device
         seed_everything(cfg.run.seed + self.rank)
 
         self.loaders = build_loaders(cfg, build_source(cfg), res.data_config, self.rank, self.world, device)
@@ -188,7 +216,7 @@ class WorkerRun:
         """The run's own latest checkpoint (recovery, --resume RUN), else --resume CHECKPOINT, else a fresh start;
         then timm's --start-epoch and --no-resume-opt."""
         cfg, state, scheduler = self.cfg, self.state, self.scheduler
-        loaded, own_checkpoint = restore(state, cfg, self.rank, self.world, self.say)
+        loaded, own_checkpoint = restore(state, cfg, self.rank, self.world, self.say, self.where.checkpoints)
         if cfg.sched.start_epoch is not None and not own_checkpoint:
             start_at_epoch(state, scheduler, cfg.sched.start_epoch, self.updates_per_epoch, cfg.sched.sched_on_updates)
             if self.is_primary:
@@ -303,6 +331,8 @@ class WorkerRun:
     def recovery_checkpoint(self, epoch: int, start_batch: int, progress: EpochProgress) -> None:
         """After an optimizer update: a mid-epoch checkpoint every --recovery-interval updates, or at once on a
         preemption notice for one of the run's nodes."""
+        if self.where.stop_requested():
+            raise StopRequested
         if progress.batches_done >= progress.total_batches:
             return  # the epoch's own checkpoint comes next
         interval = self.cfg.checkpoint.recovery_interval
@@ -347,6 +377,7 @@ class WorkerRun:
             checkpoint_name(epoch, progress.num_updates),
             progress.loss_sum.item(),
             progress.seen.item(),
+            keeper=self.where.checkpoints,
         )
 
     def end_of_epoch(self, epoch: int, train_metrics: dict, consumed: int) -> Optional[dict]:
@@ -401,7 +432,7 @@ class WorkerRun:
             self.console.epoch(metrics)
             self.trackers.epoch(metrics)
             metrics["startup"] = self.stamps
-        report(state, metrics, rank, world, checkpoint_name(epoch))
+        report(state, metrics, rank, world, checkpoint_name(epoch), keeper=self.where.checkpoints)
         return metrics
 
     def size_metrics(self) -> dict:

@@ -3,11 +3,13 @@ interrupted search resumed without rerunning finished trials."""
 
 import csv
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,37 +32,21 @@ def size(uri: str) -> int:
     return filesystem.get_file_info(inner).size
 
 
+def four_trials(output: str, experiment: str, *options: str) -> list[str]:
+    """4 one-worker trials, two at a time on the 2 CPUs, two good LRs and two hopeless ones: ASHA (the default)
+    must stop a hopeless one (the last at the latest: by its first rung two trials, one good, have recorded theirs)."""
+    grid = "lr=grid:0.1,0.0000005,0.05,0.0000001"
+    return ["tune", *TINY, "--epochs", "4", "--search", grid, "--num-samples", "1", "--max-concurrent-trials", "2",
+            *options, "--output", output, "--experiment", experiment]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def asha_search(ray_local, s3_upload, tmp_path_factory):
-    """4 one-worker trials, two at a time on the 2 CPUs, two good LRs and two hopeless ones: ASHA must stop a
-    hopeless one (the last at the latest: by its first rung two trials, one good, have recorded theirs). The
-    search directory is on S3 (a local moto server), as a multi-node search keeps it."""
+    """The four trials, each a Ray Train run, their search directory on S3 (a local moto server), as a multi-node
+    search keeps it."""
     out = s3_upload(tmp_path_factory.mktemp("empty"), "integration/tune")
-    code = main(
-        [
-            "tune",
-            *TINY,
-            "--epochs",
-            "4",
-            "--search",
-            "lr=grid:0.1,0.0000005,0.05,0.0000001",
-            "--num-samples",
-            "1",
-            "--max-concurrent-trials",
-            "2",
-            "--scheduler",
-            "asha",
-            "--grace-period",
-            "1",
-            "--reduction-factor",
-            "2",
-            "--output",
-            out,
-            "--experiment",
-            "asha",
-        ]
-    )
-    return code, join(out, "asha")
+    asha = ["--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2"]
+    return main(four_trials(out, "asha", *asha)), join(out, "asha")
 
 
 def test_asha_search_stops_bad_trials_early(asha_search, ray_processes):
@@ -80,6 +66,35 @@ def test_asha_search_stops_bad_trials_early(asha_search, ray_processes):
     # The shared Ray has no dashboard: Ray Train's placement-group cleaner could never tell that a stopped trial's
     # controller died and would live on, logging every second (ray_trainer.py); the runs go without it.
     assert not ray_processes("ray::PlacementGroupCleaner")
+
+
+@pytest.fixture(scope="module")
+def in_process_search(ray_local, tmp_path_factory):
+    """The four trials, each trained in Tune's own trial process, which Tune hands on to the next trial."""
+    out = tmp_path_factory.mktemp("in-process")
+    return main(four_trials(str(out), "in-process", "--in-process")), out / "in-process"
+
+
+def test_in_process_trials_stop_early_and_hand_their_process_on(in_process_search):
+    code, search_dir = in_process_search
+    assert code == EXIT_OK
+    rows = trials(search_dir)
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"completed", "stopped"}
+    assert any(r["status"] == "stopped" and int(r["epochs"]) < 4 for r in rows), rows
+    assert float(rows[0]["lr"]) in (0.1, 0.05) and rows[0]["status"] == "completed"
+    first_phases = []
+    for r in rows:  # each trial a full run directory, as a Ray Train trial leaves it
+        run_dir = search_dir / "trials" / f"trial-{r['trial_id']}"
+        assert (run_dir / "config.yaml").is_file()
+        with (run_dir / "summary.csv").open() as f:
+            assert [int(x["epoch"]) for x in csv.DictReader(f)] == list(range(int(r["epochs"])))
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["last_metrics"]["epoch"] == int(r["epochs"]) - 1
+        assert Path(r["checkpoint"], "meta.json").is_file() and r["checkpoint"].startswith(str(run_dir))
+        assert float(r["startup_s"]) > 0
+        first_phases.append(result["startup"]["phases"][0][0])
+    # The first trial in each of the two processes paid their imports; a later trial took a process with them done.
+    assert first_phases.count("trial process imports (torch, timm, raytrain_cls)") < len(rows), first_phases
 
 
 def test_best_yaml_closes_the_loop(asha_search, tmp_path):

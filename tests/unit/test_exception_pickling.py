@@ -27,6 +27,7 @@ from raytrain_cls.data.shards import ShardError
 from raytrain_cls.data.sources import BadImageError, DataError
 from raytrain_cls.run.driver import RunInterrupted, TrainingError
 from raytrain_cls.run.tune import SearchInterrupted
+from raytrain_cls.run.worker import StopRequested
 
 # Modules that cannot be imported without side effects: __main__ runs the command line.
 NOT_IMPORTED = {"raytrain_cls.__main__"}
@@ -45,6 +46,7 @@ EXAMPLES = {
     "raytrain_cls.run.driver.TrainingError": lambda: TrainingError("rank 1 failed: CUDA out of memory"),
     "raytrain_cls.run.driver.RunInterrupted": lambda: RunInterrupted("/runs/digits-1"),
     "raytrain_cls.run.tune.SearchInterrupted": lambda: SearchInterrupted("/searches/s1", 3, 8),
+    "raytrain_cls.run.worker.StopRequested": lambda: StopRequested(),
 }
 
 

@@ -109,6 +109,11 @@ def test_cli_dimensions_and_options_override_the_file():
         ({"cpus_per_worker": 0}, "search.cpus_per_worker", "> 0"),
         ({"cpus_per_worker": math.inf}, "search.cpus_per_worker", "finite"),
         ({"gpus_per_worker": -1}, "search.gpus_per_worker", "fraction"),
+        # trials in Tune's own process: one worker, one GPU at most
+        ({"in_process": "yes"}, "search.in_process", "expected true or false"),
+        ({"in_process": True, "workers_per_trial": 2}, "search.workers_per_trial", "train on one worker"),
+        ({"in_process": True, "workers_per_trial": [1, 2]}, "search.workers_per_trial", "train on one worker"),
+        ({"in_process": True, "gpus_per_worker": 2}, "search.gpus_per_worker", "one GPU at most"),
     ],
 )
 def test_invalid_specs_are_refused_with_key_and_reason(search, key, reason):
@@ -353,3 +358,50 @@ def test_a_trial_clocks_its_start_up_from_its_own_process_taking_it(monkeypatch,
     tune_module.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path))
     assert seen["lr"] == 0.05
     assert seen["stamps"] == {"process": raytrain_cls.IMPORTED_AT}
+
+
+@pytest.mark.parametrize(
+    "setting, key, reason",
+    [
+        (("checkpoint", "output", "s3://bucket/searches"), "checkpoint.output", "local (or mounted) search directory"),
+        (("data", "loader", "ray"), "data.loader", "Ray Train workers only"),
+    ],
+)
+def test_what_an_in_process_trial_cannot_do_is_refused_before_any_trial(setting, key, reason):
+    from raytrain_cls.run.tune import check_in_process
+
+    base = BASE.copy()
+    group, name, value = setting
+    setattr(getattr(base, group), name, value)
+    with pytest.raises(ConfigError) as e:
+        check_in_process(SearchSpec(in_process=True), base)
+    assert e.value.key == key and reason in str(e.value), str(e.value)
+
+
+def test_the_in_process_flag_reaches_the_search_spec():
+    from raytrain_cls.commands.cli import build_parser
+
+    def spec_of(argv: list[str]) -> SearchSpec:
+        args = build_parser().parse_args(argv)
+        options = {k.removeprefix("search__"): v for k, v in vars(args).items() if k.startswith("search__")}
+        return parse_search({}, cli=options)
+
+    assert spec_of(["tune", "--in-process", "--num-samples", "2"]).in_process is True
+    assert spec_of(["tune"]).in_process is False
+
+
+def test_an_in_process_trial_trains_in_its_own_process(monkeypatch, tmp_path):
+    """run_trial hands the trial to trial_process with stamps from this process, not to a Ray Train fit."""
+    from ray import tune as ray_tune
+
+    from raytrain_cls.run import trial_process
+    from raytrain_cls.run import tune as tune_module
+
+    seen = {}
+    monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t_00002"))
+    monkeypatch.setattr(tune_module, "fit_run", lambda *a, **kw: pytest.fail("a Ray Train fit for an in-process trial"))
+    monkeypatch.setattr(
+        trial_process, "train_in_trial", lambda cfg, paths, stamps, gpus: seen.update(stamps=stamps, gpus=gpus)
+    )
+    tune_module.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path), in_process=True, gpus=0.25)
+    assert seen["gpus"] == 0.25 and "in_process" in seen["stamps"]

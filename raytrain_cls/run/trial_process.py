@@ -1,0 +1,83 @@
+"""A Tune trial that trains in Tune's own trial process (`tune --in-process`), without a Ray Train run.
+
+A trial that is a Ray Train run starts a Train controller and a worker process, each importing ray, torch and timm,
+on top of the trial's own process: 19-20 s before its first step on a 2-core machine (docs/benchmarks.md), paid
+again by every trial. A one-worker trial needs neither. Here the trial's process runs the per-worker loop itself
+(worker.WorkerRun, the same code as a Ray Train worker's), its checkpoints kept by checkpointer.TrialCheckpoints,
+and Tune hands the process to the next trial (reuse_actors), imports and all.
+
+What such a trial leaves out, and the search refuses beforehand (tune.validate_search): more than one worker, an
+elastic range, Ray Data input, cloud storage for the search directory. A preempted trial is an errored one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import torch
+
+from raytrain_cls.core.config import Config
+from raytrain_cls.core.onednn import onednn_env
+from raytrain_cls.run.checkpointer import TrialCheckpoints
+from raytrain_cls.run.driver import RunPaths, prepare_run
+from raytrain_cls.run.startup import stamp
+from raytrain_cls.run.worker import WorkerContext, WorkerRun
+
+# Tune reuses a process for the next trial only once the previous trial's training thread has ended, and waits
+# TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default) for it, else the search fails. A stopped trial's loop ends at its
+# next optimizer update (stop_requested), but it may be inside an evaluation pass that takes longer than 2 s.
+THREAD_TIMEOUT_ENV, THREAD_TIMEOUT_S = "TUNE_FUNCTION_THREAD_TIMEOUT_S", "300"
+
+
+def trial_device(gpus: float) -> torch.device:
+    """The trial's GPU (Ray makes the one it granted the process's cuda:0), else the CPU."""
+    return torch.device("cuda:0") if gpus and torch.cuda.is_available() else torch.device("cpu")
+
+
+def tune_stop_requested() -> bool:
+    """Tune has ended this trial (ASHA stopped it, or the search is over) while its loop still trains.
+
+    Tune's trial thread learns of it only at its next report (the end of an epoch), and reusing the process waits
+    for the thread; asked after every update instead, a stopped trial gives its process up within one step. Ray's
+    own flag, not a public API: tests/unit/test_trial_process.py fails when a Ray upgrade moves it."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    return session is not None and session.stop_event.is_set()
+
+
+def train_in_trial(cfg: Config, paths: RunPaths, stamps: dict, gpus: float = 0.0) -> None:
+    """One trial's run, here in the trial's process: resolve, config.yaml, the loop (result.json each epoch)."""
+    from ray import tune
+
+    os.environ.setdefault(THREAD_TIMEOUT_ENV, THREAD_TIMEOUT_S)  # read when Tune hands the process on
+    # What a Ray Train worker gets in its environment (driver.worker_env), set before this process's first oneDNN
+    # call: none ran in it yet, as the trial's checks build the model on the meta device.
+    os.environ.update(onednn_env(cfg.precision, use_gpu=gpus > 0))
+    cfg.checkpoint.preemption_check_interval = 0  # Ray Train's preemption notices: there is no Ray Train run
+    prepare_run(cfg, paths, stamps, echo=lambda *a: None)
+    r = cfg.resolved
+    r.progress_board, r.checkpoint_requests = None, None
+    cpus = (r.resources_per_worker or {}).get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))  # a reused process keeps the previous trial's count otherwise
+    stamp(stamps, "fit")
+    r.startup = stamps
+    keeper = TrialCheckpoints(paths.run_dir, cfg, tune.report)
+    where = WorkerContext(0, 1, trial_device(gpus), keeper, tune_stop_requested)
+    WorkerRun(cfg.to_dict(), time.time(), where).run()  # result.json is written with each epoch's report
+
+
+_trials_taken = 0  # by this process: from the second on, Tune has reused it
+
+
+def trial_stamps(entered: float, imported_at: float) -> dict:
+    """A trial's first start-up stamps: from the process's first import (``imported_at``) for the first trial a
+    process takes; from the trial entering the process (``entered``) when Tune reused it, imports long done."""
+    global _trials_taken
+    _trials_taken += 1
+    stamps: dict[str, Optional[float]] = {"in_process": entered}
+    if _trials_taken == 1:
+        stamps["process"] = imported_at
+    return stamps
