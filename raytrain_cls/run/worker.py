@@ -284,11 +284,13 @@ class WorkerRun:
         self.parts = self.train_parts()
         stamp(self.stamps, "model_ready")
         last = {}
-        for epoch in range(self.state.start_epoch, self.res.num_epochs):
-            train_metrics, consumed = self.train_epoch(epoch)
-            last = self.end_of_epoch(epoch, train_metrics, consumed) or last
-        if self.trackers is not None:
-            self.trackers.close()
+        try:
+            for epoch in range(self.state.start_epoch, self.res.num_epochs):
+                train_metrics, consumed = self.train_epoch(epoch)
+                last = self.end_of_epoch(epoch, train_metrics, consumed) or last
+        finally:  # also when stopped (StopRequested): a Tune trial's reused process would keep its writers open
+            if self.trackers is not None:
+                self.trackers.close()
         return last
 
     def train_epoch(self, epoch: int) -> tuple[dict, int]:

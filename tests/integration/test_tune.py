@@ -122,7 +122,21 @@ def test_best_yaml_closes_the_loop(asha_search, tmp_path):
     assert (tmp_path / "from-best" / "result.json").is_file()
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
+def finished_results(trials_dir) -> dict:
+    """Each trial run's result.json that says it trained both epochs -> its mtime. An in-process trial writes its
+    result.json with every epoch; a Ray Train trial's driver once, at the end."""
+    finished = {}
+    for path in trials_dir.glob("trial-*/result.json"):
+        try:
+            if json.loads(path.read_text())["last_metrics"]["epoch"] == 1:
+                finished[path.parent.name] = path.stat().st_mtime_ns
+        except (OSError, ValueError, KeyError):
+            pass  # replaced (atomically) while read
+    return finished
+
+
+@pytest.mark.parametrize("trials_in", ["ray-train", "in-process"])
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_local, tmp_path, trials_in):
     search_dir = tmp_path / "resumable"
     cmd = [
         sys.executable,
@@ -144,6 +158,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_local,
         str(tmp_path),
         "--experiment",
         "resumable",
+        *(["--in-process"] if trials_in == "in-process" else []),
     ]
     # The search driver joins the shared cluster (one Ray per host: Train's placement-group cleaner needs that).
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -151,14 +166,14 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_local,
     trials_dir = search_dir / "trials"
     try:
         deadline = time.monotonic() + 300
-        while not (list(trials_dir.glob("trial-*/result.json")) and len(list(trials_dir.glob("trial-*"))) >= 2):
+        while not (finished_results(trials_dir) and len(list(trials_dir.glob("trial-*"))) >= 2):
             assert proc.poll() is None, "the search ended before it could be interrupted"
             assert time.monotonic() < deadline, "no finished trial after 300 s"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; the cluster (and its storage) survive
         proc.wait()
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in trials_dir.glob("trial-*/result.json")}
+    finished = finished_results(trials_dir)
     time.sleep(3)  # let the cluster reap the dead driver's trial actors
 
     assert main(["tune", "--resume", str(search_dir)]) == EXIT_OK
