@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from raytrain_cls.bench import checkpoint, decode, resize, startup, step, tta
+from raytrain_cls.bench import checkpoint, decode, resize, startup, step, trials, tta
 from raytrain_cls.bench.common import (
     PATHS,
     bench_config,
@@ -201,6 +201,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     tta.add_parser(sub)
     checkpoint.add_parser(sub)
     startup.add_parser(sub)
+    trials.add_parser(sub)
     resize.add_parser(sub)
     for name, alias in ALIASES.items():  # the names issue #8 uses work too
         b = sub.add_parser(
@@ -229,6 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "tta": tta.main,
         "checkpoint": checkpoint.main,
         "startup": startup.main,
+        "trials": trials.main,
         "resize": resize.main,
     }
     if args.what in own_mains:

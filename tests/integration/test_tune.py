@@ -97,6 +97,19 @@ def test_in_process_trials_stop_early_and_hand_their_process_on(in_process_searc
     assert first_phases.count("trial process imports (torch, timm, raytrain_cls)") < len(rows), first_phases
 
 
+def test_an_in_process_trial_trains_exactly_what_a_ray_train_trial_does(asha_search, in_process_search):
+    """Same loop, seeds and threads: the same LR gives the same curve either way, to the last digit, for every
+    epoch both searches trained it."""
+    curves = []
+    for _, search_dir in (asha_search, in_process_search):
+        row = next(r for r in trials(str(search_dir)) if float(r["lr"]) == 0.1)
+        run_dir = join(join(str(search_dir), "trials"), f"trial-{row['trial_id']}")
+        summary = csv.DictReader(io.StringIO(read_text(join(run_dir, "summary.csv"))))
+        curves.append([(r["train_loss"], r["eval_loss"], r["eval_top1"]) for r in summary])
+    both = min(len(c) for c in curves)
+    assert both >= 1 and curves[0][:both] == curves[1][:both]
+
+
 def test_best_yaml_closes_the_loop(asha_search, tmp_path):
     _, search_dir = asha_search
     best = trials(search_dir)[0]
