@@ -600,7 +600,10 @@ def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, na
             name=name,
             storage_path=output,
             callbacks=[_stopped_trial_cleaner()],
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A Ray Train trial recovers inside its fit() (--max-failures there); an in-process trial that failed
+            # (its process killed, its node gone) is started again by Tune and resumes from its run directory's
+            # newest complete checkpoint.
+            failure_config=tune.FailureConfig(max_failures=base.checkpoint.max_failures if spec.in_process else 0),
         ),
     )
 

@@ -97,6 +97,35 @@ def test_in_process_trials_stop_early_and_hand_their_process_on(in_process_searc
     assert first_phases.count("trial process imports (torch, timm, raytrain_cls)") < len(rows), first_phases
 
 
+def test_a_killed_in_process_trial_resumes_from_its_newest_checkpoint(ray_local, ray_processes, tmp_path):
+    """--max-failures 1: Tune starts the trial again in a new process, which continues from the run directory."""
+    cmd = [sys.executable, "-m", "raytrain_cls", "tune", *TINY, "--epochs", "4", "--search", "lr=grid:0.1",
+           "--num-samples", "1", "--scheduler", "fifo", "--in-process", "--max-failures", "1",
+           "--output", str(tmp_path), "--experiment", "killed"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("killed/trials/trial-*/epoch-0000/meta.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+            time.sleep(0.1)
+        trial_processes = ray_processes("ray::ImplicitFunc")  # Tune names a function trial's actor so
+        assert len(trial_processes) == 1, trial_processes
+        os.kill(trial_processes[0], signal.SIGKILL)  # the trial's process, which our test cluster started
+        assert proc.wait(timeout=300) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    rows = trials(tmp_path / "killed")
+    assert [(r["status"], r["epochs"]) for r in rows] == [("completed", "4")]
+    run_dir = tmp_path / "killed" / "trials" / f"trial-{rows[0]['trial_id']}"
+    with (run_dir / "summary.csv").open() as f:
+        assert [int(x["epoch"]) for x in csv.DictReader(f)] == [0, 1, 2, 3]
+    resumed_from = json.loads((run_dir / "result.json").read_text())["last_metrics"]["resumed_from"]
+    assert resumed_from > 0  # the update count of the checkpoint it continued from: not a fresh start (-1)
+
+
 def test_an_in_process_trial_trains_exactly_what_a_ray_train_trial_does(asha_search, in_process_search):
     """Same loop, seeds and threads: the same LR gives the same curve either way, to the last digit, for every
     epoch both searches trained it."""
