@@ -26,8 +26,9 @@ from raytrain_cls.run.startup import stamp
 from raytrain_cls.run.worker import WorkerContext, WorkerRun
 
 # Tune reuses a process for the next trial only once the previous trial's training thread has ended, and waits
-# TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default) for it, else the search fails. A stopped trial's loop ends at its
-# next optimizer update (stop_requested), but it may be inside an evaluation pass that takes longer than 2 s.
+# TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default) for it, else the search fails. A trial ASHA stopped waits in its
+# epoch's report and ends there at once; one stopped mid-epoch ends at its next optimizer update
+# (stop_requested), but it may be inside an evaluation pass that takes longer than 2 s.
 THREAD_TIMEOUT_ENV, THREAD_TIMEOUT_S = "TUNE_FUNCTION_THREAD_TIMEOUT_S", "300"
 
 
@@ -37,11 +38,13 @@ def trial_device(gpus: float) -> torch.device:
 
 
 def tune_stop_requested() -> bool:
-    """Tune has ended this trial (ASHA stopped it, or the search is over) while its loop still trains.
+    """Tune has ended this trial while its loop still trains (Ctrl-C, the search's end).
 
-    Tune's trial thread learns of it only at its next report (the end of an epoch), and reusing the process waits
-    for the thread; asked after every update instead, a stopped trial gives its process up within one step. Ray's
-    own flag, not a public API: tests/unit/test_trial_process.py fails when a Ray upgrade moves it."""
+    A function trial reports synchronously: after each epoch's report its thread waits until Tune asks for the next
+    epoch, so a trial ASHA stops is ended inside that report. One stopped mid-epoch would learn of it only at its
+    next report, the end of the epoch, and the process (or the search's end) would wait for it; asked after every
+    update instead, it gives its process up within one step. Ray's own flag, not a public API:
+    tests/unit/test_trial_process.py fails when a Ray upgrade moves it."""
     from ray.train._internal.session import get_session
 
     session = get_session()

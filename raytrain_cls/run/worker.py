@@ -115,7 +115,7 @@ class WorkerContext:
 
 
 class StopRequested(SystemExit):
-    """Tune stopped the trial (ASHA): the loop ends between two updates, quietly (exit code 0, which Tune's trial
+    """Tune ended the trial mid-epoch: the loop ends between two updates, quietly (exit code 0, which Tune's trial
     thread takes for a graceful end)."""
 
     def __init__(self, code: int = 0):

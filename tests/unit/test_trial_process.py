@@ -116,9 +116,14 @@ def test_an_in_process_trials_start_up_has_its_own_phases():
     assert not any("Ray Train" in label for label in labels)
 
 
-def test_a_stop_ends_the_loop_as_tune_takes_a_graceful_end():
+def test_a_stop_ends_the_loop_at_the_next_update_as_tune_takes_a_graceful_end():
+    from raytrain_cls.run.worker import WorkerRun
+
+    stopped = SimpleNamespace(where=SimpleNamespace(stop_requested=lambda: True))
+    with pytest.raises(StopRequested) as e:
+        WorkerRun.recovery_checkpoint(stopped, epoch=0, start_batch=0, progress=None)
     # Tune's trial thread treats SystemExit(0) as the function ending without an error (ray.air RunnerThread).
-    assert issubclass(StopRequested, SystemExit) and StopRequested().code == 0
+    assert isinstance(e.value, SystemExit) and e.value.code == 0
 
 
 def test_the_ray_internals_an_in_process_trial_relies_on_are_still_there():
