@@ -50,11 +50,12 @@ def digits_config():
 def two_ranks(ray_local, tmp_path_factory):
     import ray.cloudpickle
     import ray.train
-    from ray.train.torch import TorchTrainer
+
+    from raytrain_cls.run.ray_trainer import RunTrainer  # as runs fit: without the placement-group cleaner
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
     try:
-        trainer = TorchTrainer(
+        trainer = RunTrainer(
             _on_two_ranks,
             train_loop_config=digits_config().to_dict(),
             scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
