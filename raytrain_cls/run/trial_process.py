@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from raytrain_cls.core.config import Config
+from raytrain_cls.core.errors import UserError
 from raytrain_cls.core.onednn import onednn_env
 from raytrain_cls.run.checkpointer import TrialCheckpoints
 from raytrain_cls.run.driver import RunPaths, prepare_run
@@ -32,9 +33,16 @@ from raytrain_cls.run.worker import WorkerContext, WorkerRun
 THREAD_TIMEOUT_ENV, THREAD_TIMEOUT_S = "TUNE_FUNCTION_THREAD_TIMEOUT_S", "300"
 
 
-def trial_device(gpus: float) -> torch.device:
-    """The trial's GPU (Ray makes the one it granted the process's cuda:0), else the CPU."""
-    return torch.device("cuda:0") if gpus and torch.cuda.is_available() else torch.device("cpu")
+def trial_device(use_gpu: bool) -> torch.device:
+    """The trial's GPU (Ray makes the one whose share it granted the process's cuda:0), else the CPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():  # Ray granted a GPU share, yet this process's torch sees no CUDA device
+        raise UserError(
+            "this trial was given a GPU share (--gpus-per-worker) but torch sees no CUDA device on its node "
+            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
+    return torch.device("cuda:0")
 
 
 def tune_stop_requested() -> bool:
@@ -51,14 +59,14 @@ def tune_stop_requested() -> bool:
     return session is not None and session.stop_event.is_set()
 
 
-def train_in_trial(cfg: Config, paths: RunPaths, stamps: dict, gpus: float = 0.0) -> None:
+def train_in_trial(cfg: Config, paths: RunPaths, stamps: dict) -> None:
     """One trial's run, here in the trial's process: resolve, config.yaml, the loop (result.json each epoch)."""
     from ray import tune
 
     os.environ.setdefault(THREAD_TIMEOUT_ENV, THREAD_TIMEOUT_S)  # read when Tune hands the process on
     # What a Ray Train worker gets in its environment (driver.worker_env), set before this process's first oneDNN
     # call: none ran in it yet, as the trial's checks build the model on the meta device.
-    os.environ.update(onednn_env(cfg.precision, use_gpu=gpus > 0))
+    os.environ.update(onednn_env(cfg.precision, use_gpu=bool(cfg.scaling.use_gpu)))
     cfg.checkpoint.preemption_check_interval = 0  # Ray Train's preemption notices: there is no Ray Train run
     prepare_run(cfg, paths, stamps, echo=lambda *a: None)
     r = cfg.resolved
@@ -68,7 +76,7 @@ def train_in_trial(cfg: Config, paths: RunPaths, stamps: dict, gpus: float = 0.0
     stamp(stamps, "fit")
     r.startup = stamps
     keeper = TrialCheckpoints(paths.run_dir, cfg, tune.report)
-    where = WorkerContext(0, 1, trial_device(gpus), keeper, tune_stop_requested)
+    where = WorkerContext(0, 1, trial_device(r.use_gpu), keeper, tune_stop_requested)
     WorkerRun(cfg.to_dict(), time.time(), where).run()  # result.json is written with each epoch's report
 
 

@@ -490,9 +490,9 @@ def _stopped_trial_cleaner(grace_s: float = 5.0):
     return FreeEndedTrials()
 
 
-def run_trial(params: dict, base: dict, search_dir: str, in_process: bool = False, gpus: float = 0.0) -> None:
+def run_trial(params: dict, base: dict, search_dir: str, in_process: bool = False) -> None:
     """One Tune trial: the base config with this trial's values, trained by Ray Train like `raytrain-cls train`,
-    or with ``in_process`` by this very process (run/trial_process.py) on ``gpus`` of a GPU."""
+    or with ``in_process`` by this very process (run/trial_process.py)."""
     entered = time.time()
     from ray import tune
 
@@ -514,7 +514,7 @@ def run_trial(params: dict, base: dict, search_dir: str, in_process: bool = Fals
     if in_process:
         from raytrain_cls.run.trial_process import train_in_trial, trial_stamps
 
-        train_in_trial(cfg, paths, trial_stamps(entered, raytrain_cls.IMPORTED_AT), gpus)
+        train_in_trial(cfg, paths, trial_stamps(entered, raytrain_cls.IMPORTED_AT))
         return
     # The trial's start-up counts from this process's first import of raytrain_cls (Tune unpickling this function
     # in the trial's fresh actor process): its imports (torch, timm, the driver) are paid again by every trial.
@@ -560,7 +560,6 @@ def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, na
         base=trial_base(base, spec).to_dict(),
         search_dir=search_dir,
         in_process=spec.in_process,
-        gpus=spec.gpus_per_worker,
     )
     if spec.in_process:  # the trial trains in its own process: it holds the worker's CPUs/GPUs
         resources = {"cpu": spec.cpus_per_worker, "gpu": spec.gpus_per_worker}

@@ -14,6 +14,7 @@ import timm
 import torch
 
 from raytrain_cls.core.config import load_config
+from raytrain_cls.core.errors import UserError
 from raytrain_cls.core.optim import build_optimizer
 from raytrain_cls.core.state import TrainState, verified_meta
 from raytrain_cls.run import trial_process
@@ -139,6 +140,10 @@ def test_the_ray_internals_an_in_process_trial_relies_on_are_still_there():
     assert trial_process.THREAD_TIMEOUT_ENV in inspect.getsource(FunctionTrainable.reset_config)
 
 
-@pytest.mark.parametrize("gpus, expected", [(0.0, "cpu"), (0.25, "cuda" if torch.cuda.is_available() else "cpu")])
-def test_the_trial_trains_on_the_gpu_ray_granted_it(gpus, expected):
-    assert trial_process.trial_device(gpus).type == expected
+def test_the_trial_trains_on_the_gpu_ray_granted_it_or_says_why_it_cannot():
+    assert trial_process.trial_device(use_gpu=False).type == "cpu"
+    if torch.cuda.is_available():
+        assert trial_process.trial_device(use_gpu=True) == torch.device("cuda:0")
+    else:
+        with pytest.raises(UserError, match="torch sees no CUDA device"):
+            trial_process.trial_device(use_gpu=True)

@@ -400,8 +400,6 @@ def test_an_in_process_trial_trains_in_its_own_process(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t_00002"))
     monkeypatch.setattr(tune_module, "fit_run", lambda *a, **kw: pytest.fail("a Ray Train fit for an in-process trial"))
-    monkeypatch.setattr(
-        trial_process, "train_in_trial", lambda cfg, paths, stamps, gpus: seen.update(stamps=stamps, gpus=gpus)
-    )
-    tune_module.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path), in_process=True, gpus=0.25)
-    assert seen["gpus"] == 0.25 and "in_process" in seen["stamps"]
+    monkeypatch.setattr(trial_process, "train_in_trial", lambda cfg, paths, stamps: seen.update(stamps=stamps))
+    tune_module.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path), in_process=True)
+    assert "in_process" in seen["stamps"]
