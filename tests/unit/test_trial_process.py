@@ -19,6 +19,7 @@ from raytrain_cls.core.optim import build_optimizer
 from raytrain_cls.core.state import TrainState, verified_meta
 from raytrain_cls.run import trial_process
 from raytrain_cls.run.checkpointer import TrialCheckpoints, checkpoint_name, report, restore
+from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC
 from raytrain_cls.run.startup import breakdown
 from raytrain_cls.run.worker import StopRequested
 
@@ -52,6 +53,8 @@ def test_each_epoch_is_written_complete_kept_by_ray_trains_rule_and_told_to_tune
     verified_meta(tmp_path / "epoch-0003")  # complete: every file there with its checksum
     assert [m["epoch"] for m in told] == [0, 1, 2, 3]  # one Tune iteration per epoch
     assert told[-1]["checkpoint_path"] == str(tmp_path / "epoch-0003")
+    # No placement group to report: the search's clean-up would remove Tune's own group of the reused process
+    assert PLACEMENT_GROUP_METRIC not in told[-1]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["best_checkpoint"] == str(tmp_path / "epoch-0001") and result["best_value"] == 80.0
     assert result["latest_checkpoint"] == str(tmp_path / "epoch-0003") and result["last_metrics"]["epoch"] == 3
