@@ -1,9 +1,10 @@
-"""`raytrain-cls tune`: a Ray Tune search over any config key, each trial a full Ray Train run.
+"""`raytrain-cls tune`: a Ray Tune search over any config key, each trial a full training run.
 
 Ray 2.60 (Train V2) cannot take a trainer as a Tune trainable; a trial is a plain function that builds and fits a
-TorchTrainer (trainer.fit_run) and forwards each epoch's metrics to Tune through a Train callback. Each trial's
-Train run is named after its trial id under <search dir>/trials/, so a resumed search resumes each unfinished
-trial from its own checkpoints. Everything in the search spec is checked before any trial starts.
+TorchTrainer (trainer.fit_run) and forwards each epoch's metrics to Tune through a Train callback, or, with
+--in-process, trains its one worker's loop in the trial's own process (run/trial_process.py). Each trial's run
+is named after its trial id under <search dir>/trials/, so a resumed search resumes each unfinished trial from
+its own checkpoints. Everything in the search spec is checked before any trial starts.
 """
 
 from __future__ import annotations
