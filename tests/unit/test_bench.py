@@ -296,3 +296,32 @@ def test_checkpoint_bench_prints_the_cost_of_checksums(capsys):
     assert main(["bench", "checkpoint", "--model", "test_resnet", "--num-classes", "4", "--repeats", "1"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert row["bench"] == "checkpoint" and row["hash_s"] <= row["save_s"] and row["verify_s"] > 0
+
+
+def test_the_trials_bench_searches_distinct_trainable_lrs():
+    from raytrain_cls.bench.trials import lr_grid
+
+    grid = lr_grid(4)
+    lrs = [float(v) for v in grid.removeprefix("lr=grid:").split(",")]
+    assert grid.startswith("lr=grid:") and len(set(lrs)) == 4 and min(lrs) == 0.01 and max(lrs) == 0.1
+
+
+def test_the_trials_bench_reads_each_trials_start_and_the_gap_since_the_one_before(tmp_path):
+    """From the search directory: trials in the order they ran, the gap from one's result.json to the next's first
+    step (a trial's stamps are wall-clock times, the result file's time is when it was written)."""
+    import os
+
+    from raytrain_cls.bench.trials import trial_figures
+
+    rows = [("b", 0.3, 1000.0, 1002.0), ("a", 4.0, 990.0, 999.5)]  # trial, startup_s, first step, result written
+    (tmp_path / "trials.csv").write_text(
+        "trial_id,status,lr,startup_s\n" + "".join(f"{t},completed,0.1,{s}\n" for t, s, _, _ in rows)
+    )
+    for trial, _, first_step, written in rows:
+        result = tmp_path / "trials" / f"trial-{trial}" / "result.json"
+        result.parent.mkdir(parents=True)
+        result.write_text(json.dumps({"last_metrics": {"startup": {"first_step": first_step}}}))
+        os.utime(result, (written, written))
+    figures = trial_figures(tmp_path)
+    assert [f["startup_s"] for f in figures] == [4.0, 0.3]  # "a" ran first
+    assert "gap_s" not in figures[0] and figures[1]["gap_s"] == 0.5
