@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import statistics
@@ -50,7 +49,7 @@ def lr_grid(trials: int) -> str:
 def trial_figures(search_dir: Path) -> list[dict]:
     """Per trial, in the order they ran: its startup_s, and the gap since the previous trial's result.json."""
     with (search_dir / "trials.csv").open() as f:
-        rows = list(csv.DictReader(io.StringIO(f.read())))
+        rows = list(csv.DictReader(f))
     trials = []
     for row in rows:
         result_file = search_dir / "trials" / f"trial-{row['trial_id']}" / "result.json"
