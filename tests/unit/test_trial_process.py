@@ -5,6 +5,7 @@ Ray internals it relies on."""
 from __future__ import annotations
 
 import csv
+import gc
 import inspect
 import json
 from types import SimpleNamespace
@@ -150,3 +151,26 @@ def test_the_trial_trains_on_the_gpu_ray_granted_it_or_says_why_it_cannot():
     else:
         with pytest.raises(UserError, match="torch sees no CUDA device"):
             trial_process.trial_device(use_gpu=True)
+
+
+def test_a_reused_process_frees_what_the_trial_before_it_left_in_reference_cycles():
+    import weakref
+
+    class Run:  # a finished trial's WorkerRun: its loop's callbacks point back at it
+        def __init__(self):
+            self.model = torch.nn.Linear(4, 4)
+            self.callback = self.run
+
+        def run(self):
+            pass
+
+    gc.disable()  # only free_previous_trial may collect here
+    try:
+        left = Run()
+        model = weakref.ref(left.model)
+        del left
+        assert model() is not None  # a cycle: not freed when the last name goes
+        trial_process.free_previous_trial()
+        assert model() is None
+    finally:
+        gc.enable()
