@@ -1,13 +1,14 @@
 """A Tune trial that trains in Tune's own trial process (`tune --in-process`), without a Ray Train run.
 
 A trial that is a Ray Train run starts a Train controller and a worker process, each importing ray, torch and timm,
-on top of the trial's own process: 19-20 s before its first step on a 2-core machine (docs/benchmarks.md), paid
+on top of the trial's own process: 13-23 s before its first step on a 2-core machine (docs/benchmarks.md), paid
 again by every trial. A one-worker trial needs neither. Here the trial's process runs the per-worker loop itself
 (worker.WorkerRun, the same code as a Ray Train worker's), its checkpoints kept by checkpointer.TrialCheckpoints,
 and Tune hands the process to the next trial (reuse_actors), imports and all.
 
 What such a trial leaves out, and the search refuses beforehand (tune.validate_search): more than one worker, an
-elastic range, Ray Data input, cloud storage for the search directory. A preempted trial is an errored one.
+elastic range, Ray Data input, cloud storage for the search directory. A trial whose process dies is Tune's to
+start again (up to --max-failures times), and it continues from its run directory's newest checkpoint.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def train_in_trial(cfg: Config, paths: RunPaths, stamps: dict) -> None:
 
     os.environ.setdefault(THREAD_TIMEOUT_ENV, THREAD_TIMEOUT_S)  # read when Tune hands the process on
     # What a Ray Train worker gets in its environment (driver.worker_env), set before this process's first oneDNN
-    # call: none ran in it yet, as the trial's checks build the model on the meta device.
+    # call: none ran in it yet, as the trial's checks build the model on the meta device (a reused process keeps
+    # what its first trial set: oneDNN reads it once).
     os.environ.update(onednn_env(cfg.precision, use_gpu=bool(cfg.scaling.use_gpu)))
     cfg.checkpoint.preemption_check_interval = 0  # Ray Train's preemption notices: there is no Ray Train run
     prepare_run(cfg, paths, stamps, echo=lambda *a: None)
