@@ -808,6 +808,11 @@ class CheckpointConfig:
     )
     nan_patience: int = option(5, "stop the run after this many consecutive NaN/Inf losses", min=1)
 
+    @property
+    def score_mode(self) -> str:
+        """Which way --eval-metric improves: "min" for the loss, "max" for an accuracy."""
+        return "min" if self.eval_metric == "loss" else "max"
+
     def check(self) -> None:
         name = self.experiment
         if name and (name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip()):

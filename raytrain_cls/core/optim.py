@@ -77,7 +77,7 @@ def scheduler_kwargs(cfg: Config) -> dict:
         cycle_decay=s.lr_cycle_decay,
         cycle_limit=s.lr_cycle_limit,
         k_decay=s.lr_k_decay,
-        plateau_mode="min" if cfg.checkpoint.eval_metric == "loss" else "max",
+        plateau_mode=cfg.checkpoint.score_mode,
         step_on_epochs=not s.sched_on_updates,
     )
 

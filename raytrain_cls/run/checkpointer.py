@@ -213,7 +213,7 @@ class TrialCheckpoints:
         self.run_dir = Path(run_dir)
         self.keep = cfg.checkpoint.checkpoint_hist
         self.metric = f"eval_{cfg.checkpoint.eval_metric}"
-        self.mode = "min" if cfg.checkpoint.eval_metric == "loss" else "max"
+        self.mode = cfg.checkpoint.score_mode
         self.tell_tune = tell_tune  # ray.tune.report, or a stand-in in unit tests
         self.latest: Optional[Path] = None
 

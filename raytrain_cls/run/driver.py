@@ -528,7 +528,6 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
     import ray.train
 
     c, r = cfg.checkpoint, cfg.resolved
-    score_order = "min" if c.eval_metric == "loss" else "max"
     datasets = {}
     if cfg.data.loader == "ray":
         datasets[DATASET_NAME] = train_dataset(cfg)
@@ -552,7 +551,7 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=c.checkpoint_hist,
                 checkpoint_score_attribute=f"eval_{c.eval_metric}",
-                checkpoint_score_order=score_order,
+                checkpoint_score_order=c.score_mode,
             ),
             callbacks=[SummaryCallback(paths.run_dir), *extra_callbacks],
             # Our rank-0 progress lines are the console output; Ray's per-report INFO lines would drown them.
@@ -666,7 +665,7 @@ def fit_run(
     if removed:
         echo(f"Removed {len(removed)} checkpoint folder(s) Ray never registered: {', '.join(removed)}")
     metric = f"eval_{cfg.checkpoint.eval_metric}"
-    payload = build_result(result, metric, "min" if cfg.checkpoint.eval_metric == "loss" else "max", paths.run_dir)
+    payload = build_result(result, metric, cfg.checkpoint.score_mode, paths.run_dir)
     payload["epochs"] = sizes_per_epoch(paths.run_dir)
     payload["startup"] = breakdown({**stamps, **(payload["last_metrics"].get("startup") or {})})
     payload["result_file"] = write_result(paths.run_dir, payload)
