@@ -215,7 +215,12 @@ class TrialCheckpoints:
         self.metric = f"eval_{cfg.checkpoint.eval_metric}"
         self.mode = cfg.checkpoint.score_mode
         self.tell_tune = tell_tune  # ray.tune.report, or a stand-in in unit tests
-        self.latest: Optional[Path] = None
+
+    @property
+    def latest(self) -> Optional[Path]:
+        """The newest checkpoint in the run directory: the one the trial wrote last, or the one it resumed from."""
+        ranked = _ranked(self.run_dir, None)
+        return ranked[-1][1] if ranked else None
 
     def registered(self):
         return None  # restore() finds the run directory's newest complete checkpoint instead
@@ -228,25 +233,25 @@ class TrialCheckpoints:
         if final.exists():
             shutil.rmtree(final)  # the same epoch trained again after a restart: the new one replaces it
         partial.rename(final)
-        self.latest = final
-        self.prune()
+        kept = self.prune()
         if metrics.get("recovery"):
             return  # one Tune iteration per epoch, as the Ray Train path reports
         record_epoch(join(str(self.run_dir), SUMMARY_FILE), metrics)
         # Before Tune hears of the epoch: Tune may end the trial's thread inside that report (its last epoch, or
         # ASHA stopping it), and result.json is what a resumed search reads to skip a finished trial.
-        write_result(self.run_dir, self.result(metrics))
+        write_result(self.run_dir, self.result(metrics, kept))
         self.tell_tune(dict(metrics, checkpoint_path=str(final)))
 
     def register_again(self, folders: list[str], rank: int, resumed_from: int) -> None:
-        self.latest = Path(folders[-1])  # already in the run directory, which is all the registry there is
+        pass  # already in the run directory, which is all the registry there is
 
     def kept(self) -> list[tuple[str, dict]]:
         """Each checkpoint in the run directory, oldest first, with the metrics it was reported with."""
         return [(str(folder), read_meta(folder).get("metrics") or {}) for _, folder in _ranked(self.run_dir, None)]
 
-    def prune(self) -> None:
-        """Deletes all but the latest and the --checkpoint-hist best by the eval metric (ties: the later one)."""
+    def prune(self) -> list[tuple[str, dict]]:
+        """Deletes all but the latest and the --checkpoint-hist best by the eval metric (ties: the later one);
+        returns those it kept, oldest first, with their metrics."""
         kept = self.kept()
         sign = -1 if self.mode == "min" else 1
 
@@ -255,15 +260,17 @@ class TrialCheckpoints:
             return (sign * value if isinstance(value, (int, float)) else -math.inf, item[1].get("epoch", -1))
 
         best = {path for path, _ in sorted(kept, key=score, reverse=True)[: self.keep]}
-        latest = str(self.latest) if self.latest else kept[-1][0] if kept else None
+        latest = kept[-1][0] if kept else None
         for path, _ in kept:
             if path not in best and path != latest:
                 shutil.rmtree(path)
+        return [(path, metrics) for path, metrics in kept if path in best or path == latest]
 
-    def result(self, last: dict) -> dict:
-        """result.json for the trial after the epoch that reported ``last``, as a Ray Train run writes it."""
-        latest = str(self.latest) if self.latest else None
-        payload = result_payload(last, latest, self.kept(), self.metric, self.mode, str(self.run_dir))
+    def result(self, last: dict, kept: list[tuple[str, dict]]) -> dict:
+        """result.json for the trial after the epoch that reported ``last``, as a Ray Train run writes it, with the
+        checkpoints ``kept`` (prune's)."""
+        latest = kept[-1][0] if kept else None
+        payload = result_payload(last, latest, kept, self.metric, self.mode, str(self.run_dir))
         payload["epochs"] = sizes_per_epoch(str(self.run_dir))
         payload["startup"] = breakdown(last.get("startup") or {})
         return payload
