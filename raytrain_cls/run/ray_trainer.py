@@ -1,4 +1,7 @@
-"""The TorchTrainer class a run uses: Ray's own, less two helper actors that a run of this project never needs.
+"""What a Ray Train run is built from: the TorchTrainer class (Ray's own, less two helper actors that a run of this
+project never needs) and the controller callback that writes summary.csv. The one module of the run side that imports
+ray.train at its top: the driver imports it only when it builds a trainer, so a local-mode run never loads Ray Train.
+
 
 Ray Train 2.60 starts, with every ``fit()``, besides the controller and the train workers:
 
@@ -20,9 +23,15 @@ test_ray_trainer.py fails when a Ray upgrade renames or drops them, so that this
 
 from __future__ import annotations
 
+from typing import Any
+
+from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+from raytrain_cls.core.storage import join
+from raytrain_cls.run.report import SUMMARY_FILE, record_epoch
 
 
 class RunTrainer(TorchTrainer):
@@ -33,3 +42,14 @@ class RunTrainer(TorchTrainer):
         if not self.datasets:
             unneeded.append(DatasetsCallback)
         return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, tuple(unneeded))]
+
+
+class SummaryCallback(UserCallback):
+    """Appends (or replaces) one summary.csv row per reported epoch; runs in Ray Train's controller."""
+
+    def __init__(self, run_dir: str):
+        self.path = join(run_dir, SUMMARY_FILE)
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if metrics:
+            record_epoch(self.path, metrics[0])  # rank 0's metrics; evaluation is already reduced across ranks

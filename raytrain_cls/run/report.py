@@ -1,8 +1,10 @@
 """What a run tells its user: console lines on rank 0, summary.csv (timm's columns) and result.json.
 
-summary.csv is written by a Ray Train ``UserCallback``. It runs in the Train controller, on the driver's node,
-after every report, so the file grows live while the run trains and survives a dead driver. Rows are keyed by
-epoch: when a worker-group restart repeats an epoch, its row is replaced, never duplicated.
+summary.csv gets a row per reported epoch (record_epoch): from a Ray Train ``UserCallback`` in the Train controller
+(ray_trainer.SummaryCallback), on the driver's node, so the file grows live while the run trains and survives a
+dead driver; or from the process that trains, where no Ray Train run does (local mode, in-process Tune trials).
+Rows are keyed by epoch: when a worker-group restart repeats an epoch, its row is replaced, never duplicated.
+Ray-free: a run in the command's own process never imports ray.train.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Optional
-
-from ray.train import UserCallback
+from typing import Optional
 
 from raytrain_cls.core.storage import is_uri, join, read_text, write_text
 
@@ -90,17 +90,6 @@ def write_summary(path: str | Path, rows: dict[int, dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-class SummaryCallback(UserCallback):
-    """Appends (or replaces) one summary.csv row per reported epoch; runs in Ray Train's controller."""
-
-    def __init__(self, run_dir: str):
-        self.path = join(run_dir, SUMMARY_FILE)
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if metrics:
-            record_epoch(self.path, metrics[0])  # rank 0's metrics; evaluation is already reduced across ranks
-
-
 def record_epoch(path: str, metrics: dict) -> None:
     """summary.csv's row for the epoch these metrics report (replacing an earlier one for the same epoch)."""
     if "epoch" not in metrics or metrics.get("recovery"):
@@ -153,6 +142,12 @@ def write_result(run_dir: str | Path, payload: dict) -> str:
     path = join(run_dir, RESULT_FILE)
     write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def read_result(run_dir: str | Path) -> Optional[dict]:
+    """A run's result.json, None where it has none yet."""
+    text = read_text(join(run_dir, RESULT_FILE))
+    return json.loads(text) if text else None
 
 
 def trial_run_dir(search_dir: str, trial_id: str) -> str:

@@ -22,12 +22,12 @@ import yaml
 
 from raytrain_cls.core.config import FIELDS, Config, ConfigError, _suggest, parse_worker_count, read_yaml
 from raytrain_cls.core.optim import resolve_num_epochs
-from raytrain_cls.core.storage import absolute, exists, is_uri, join, read_text, split, write_text
+from raytrain_cls.core.storage import absolute, exists, is_uri, join, split, write_text
 from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, has
 from raytrain_cls.run.checkpointer import resolve_output
 from raytrain_cls.run.driver import RunPaths, check_output, connect, fit_run, preflight, resolve_scaling
 from raytrain_cls.run.plots import plot_curves
-from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC, RESULT_FILE, trial_run_dir
+from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC, read_result, trial_run_dir
 from raytrain_cls.run.startup import breakdown
 from raytrain_cls.run.worker import EMA_EPOCH_METRICS, EPOCH_METRICS
 
@@ -525,12 +525,9 @@ def run_trial(params: dict, base: dict, search_dir: str, in_process: bool = Fals
 
 def finished_run(run_dir: str, cfg: Config) -> Optional[dict]:
     """A trial run's result.json when the run trained all its epochs, else None."""
-    import json
-
-    text = read_text(join(run_dir, RESULT_FILE))
-    if not text:
+    result = read_result(run_dir)
+    if result is None:
         return None
-    result = json.loads(text)
     last = result.get("last_metrics") or {}
     return result if last.get("epoch") == resolve_num_epochs(cfg) - 1 else None
 

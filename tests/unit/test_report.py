@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+from raytrain_cls.run.ray_trainer import SummaryCallback
 from raytrain_cls.run.report import (
     SUMMARY_COLUMNS,
-    SummaryCallback,
     build_result,
     epoch_line,
     read_summary,
