@@ -11,6 +11,7 @@ import math
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -202,19 +203,20 @@ class RayTrainCheckpoints:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=in_place)
 
 
-class TrialCheckpoints:
-    """The checkpoints of a Tune trial that trains in Tune's own trial process (`tune --in-process`), where no Ray
-    Train run keeps them: written straight into the trial's local run directory (complete under a hidden name,
-    then renamed), kept by Ray Train's rule (the --checkpoint-hist best by the eval metric, and the latest), with
-    summary.csv's row and, for each evaluated epoch, a report to Tune. The run directory is the record: a resumed
-    trial continues from its newest complete checkpoint there (restore)."""
+class RunDirCheckpoints:
+    """The checkpoints of a run whose only worker trains in the process that asked for the run, where no Ray Train
+    run keeps them: a Tune trial's own process (`tune --in-process`) or the command's (local mode, `train
+    --num-workers 0`). Written straight into the local run directory (complete under a hidden name, then renamed),
+    kept by Ray Train's rule (the --checkpoint-hist best by the eval metric, and the latest), with summary.csv's row
+    and result.json for each evaluated epoch, then (``tell``: Tune's report) told to whoever listens. The run
+    directory is the record: a resumed run continues from its newest complete checkpoint there (restore)."""
 
-    def __init__(self, run_dir: str, cfg: Config, tell_tune):
+    def __init__(self, run_dir: str, cfg: Config, tell: Optional[Callable[[dict], None]] = None):
         self.run_dir = Path(run_dir)
         self.keep = cfg.checkpoint.checkpoint_hist
         self.metric = f"eval_{cfg.checkpoint.eval_metric}"
         self.mode = cfg.checkpoint.score_mode
-        self.tell_tune = tell_tune  # ray.tune.report, or a stand-in in unit tests
+        self.tell = tell  # ray.tune.report in a Tune trial; None in a local run, whose console has said it all
 
     @property
     def latest(self) -> Optional[Path]:
@@ -240,7 +242,8 @@ class TrialCheckpoints:
         # Before Tune hears of the epoch: Tune may end the trial's thread inside that report (its last epoch, or
         # ASHA stopping it), and result.json is what a resumed search reads to skip a finished trial.
         write_result(self.run_dir, self.result(metrics, kept))
-        self.tell_tune(dict(metrics, checkpoint_path=str(final)))
+        if self.tell is not None:
+            self.tell(dict(metrics, checkpoint_path=str(final)))
 
     def register_again(self, folders: list[str], rank: int, resumed_from: int) -> None:
         pass  # already in the run directory, which is all the registry there is

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
 from raytrain_cls.core.progress import format_duration
 from raytrain_cls.run.report import epoch_line, step_line
@@ -60,48 +60,48 @@ def create_board():
 
 
 class WorkerConsole:
-    """Rank 0's side: with a board, events go there; without one, the same information as plain lines."""
+    """Rank 0's side: events to the board actor the driver drains (``board_name``) or straight to a renderer in
+    this process (``draw``: a local run draws its own bar); without either, the same information as plain lines."""
 
-    def __init__(self, board_name: Optional[str], num_epochs: int):
+    def __init__(self, board_name: Optional[str], num_epochs: int, draw: Optional[Callable[[str, Any], None]] = None):
         self.num_epochs = num_epochs
-        self.board = None
+        self.push = draw
         self._last_tick = 0.0
-        if board_name:
+        if board_name and draw is None:
             import ray
 
             try:
-                self.board = ray.get_actor(board_name, namespace=NAMESPACE)
+                board = ray.get_actor(board_name, namespace=NAMESPACE)
             except ValueError:  # the driver that drew the bar is gone (e.g. a restarted job): plain lines
-                self.board = None
+                return
+            self.push = lambda kind, payload: board.push.remote(kind, payload)  # fire and forget
 
     def say(self, text: str) -> None:
-        if self.board is not None:
-            self.board.push.remote("text", text)
+        if self.push is not None:
+            self.push("text", text)
         else:
             print(text, flush=True)
 
     def step(self, m: dict) -> None:
-        if self.board is not None:
-            self.board.push.remote("log", m)
+        if self.push is not None:
+            self.push("log", m)
         else:
             print(step_line(m, self.num_epochs), flush=True)
 
     def epoch(self, m: dict) -> None:
-        if self.board is not None:
-            self.board.push.remote("epoch", m)
+        if self.push is not None:
+            self.push("epoch", m)
         else:
             print(epoch_line(m, self.num_epochs), flush=True)
 
     def tick(self, epoch: int, step: int, steps: int, elapsed: float, done_before: int) -> None:
         """Called every step; sends at most every TICK_INTERVAL_S, and only when there is a bar to draw."""
-        if self.board is None:
+        if self.push is None:
             return
         now = time.monotonic()
         if now - self._last_tick >= TICK_INTERVAL_S or step == steps:
             self._last_tick = now
-            self.board.push.remote(
-                "tick", dict(epoch=epoch, step=step, steps=steps, elapsed=elapsed, done_before=done_before)
-            )
+            self.push("tick", dict(epoch=epoch, step=step, steps=steps, elapsed=elapsed, done_before=done_before))
 
 
 class BarRenderer:

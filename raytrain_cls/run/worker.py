@@ -17,7 +17,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -95,15 +95,17 @@ def train_loop_per_worker(config: dict) -> dict:
 
 @dataclass
 class WorkerContext:
-    """Where a worker's loop runs: its rank among ``world`` workers, its device, who keeps its checkpoints, and
-    whether it has been asked to stop between two updates. A Ray Train worker's come from Ray Train; a Tune trial
-    that trains in its own process (run/trial_process.py) has its own."""
+    """Where a worker's loop runs: its rank among ``world`` workers, its device, who keeps its checkpoints, whether
+    it has been asked to stop between two updates, and (``draw``) where rank 0's console events go when a live bar
+    is drawn in its own process. A Ray Train worker's come from Ray Train; a run that trains in the process that
+    asked for it (a Tune trial's, a local run's: run/in_process.py) has its own."""
 
     rank: int
     world: int
     device: torch.device
     checkpoints: CheckpointKeeper = field(default_factory=RayTrainCheckpoints)
     stop_requested: Callable[[], bool] = lambda: False
+    draw: Optional[Callable[[str, Any], None]] = None
 
     @classmethod
     def from_ray_train(cls) -> WorkerContext:
@@ -185,7 +187,7 @@ class WorkerRun:
         )
 
         self.nodes = _count_nodes(self.world)
-        self.console = WorkerConsole(res.progress_board, res.num_epochs) if self.is_primary else None
+        self.console = WorkerConsole(res.progress_board, res.num_epochs, where.draw) if self.is_primary else None
         self.say = self.console.say if self.console else print  # to the live bar when there is one
         self.trackers = Trackers(cfg) if self.is_primary else None
         # Ray Data streams cannot resume mid-epoch, so a checkpoint there would not save the epoch's work.
@@ -546,12 +548,12 @@ def check_bad_samples(
 
 def _count_nodes(world: int) -> int:
     """How many Ray nodes this worker group spans (shown to the user, reported with every epoch)."""
+    if world == 1:  # also where no Ray runs at all (local mode)
+        return 1
     import ray
     import torch.distributed as dist
 
     node = ray.get_runtime_context().get_node_id()
-    if world == 1:
-        return 1
     ids = [None] * world
     dist.all_gather_object(ids, node)
     return len(set(ids))

@@ -1,6 +1,6 @@
 """Tune trials that train in Tune's own trial process (`tune --in-process`, run/trial_process.py): the checkpoints
-such a trial keeps itself (checkpointer.TrialCheckpoints), what it tells Tune, where its start-up counts from, and the
-Ray internals it relies on."""
+such a trial keeps itself (checkpointer.RunDirCheckpoints), what it tells Tune, where its start-up counts from, and
+the Ray internals it relies on."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from raytrain_cls.core.errors import UserError
 from raytrain_cls.core.optim import build_optimizer
 from raytrain_cls.core.state import TrainState, verified_meta
 from raytrain_cls.run import trial_process
-from raytrain_cls.run.checkpointer import TrialCheckpoints, checkpoint_name, report, restore
+from raytrain_cls.run.checkpointer import RunDirCheckpoints, checkpoint_name, report, restore
+from raytrain_cls.run.in_process import process_device
 from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC
 from raytrain_cls.run.startup import breakdown
 from raytrain_cls.run.worker import StopRequested
@@ -37,7 +38,7 @@ def epoch_metrics(epoch: int, top1: float) -> dict:
     return dict(epoch=epoch, eval_top1=top1, eval_loss=1.0, train_loss=1.0, lr=0.1, workers="1", grad_accum="1")
 
 
-def report_epochs(state: TrainState, keeper: TrialCheckpoints, scores: list[float]) -> None:
+def report_epochs(state: TrainState, keeper: RunDirCheckpoints, scores: list[float]) -> None:
     for epoch, top1 in enumerate(scores):
         state.epoch = epoch
         report(state, epoch_metrics(epoch, top1), 0, 1, checkpoint_name(epoch), keeper=keeper)
@@ -45,7 +46,7 @@ def report_epochs(state: TrainState, keeper: TrialCheckpoints, scores: list[floa
 
 def test_each_epoch_is_written_complete_kept_by_ray_trains_rule_and_told_to_tune(tmp_path):
     told = []
-    keeper = TrialCheckpoints(str(tmp_path), CFG, told.append)
+    keeper = RunDirCheckpoints(str(tmp_path), CFG, told.append)
     report_epochs(make_state(), keeper, [50.0, 80.0, 70.0, 60.0])
 
     # --checkpoint-hist 2: the two best (epochs 1 and 2) and the latest (3); nothing half-written left behind
@@ -65,7 +66,7 @@ def test_each_epoch_is_written_complete_kept_by_ray_trains_rule_and_told_to_tune
 
 def test_a_recovery_checkpoint_is_kept_as_the_latest_until_an_epoch_replaces_it_and_never_told_to_tune(tmp_path):
     told = []
-    keeper = TrialCheckpoints(str(tmp_path), CFG, told.append)
+    keeper = RunDirCheckpoints(str(tmp_path), CFG, told.append)
     state = make_state()
     report_epochs(state, keeper, [50.0, 80.0])
     recovery = dict(epoch=2, step=5, num_updates=105, recovery=1, eval_top1=-1.0)
@@ -79,7 +80,7 @@ def test_a_recovery_checkpoint_is_kept_as_the_latest_until_an_epoch_replaces_it_
 
 
 def test_the_same_epoch_trained_again_replaces_its_checkpoint(tmp_path):
-    keeper = TrialCheckpoints(str(tmp_path), CFG, lambda metrics: None)
+    keeper = RunDirCheckpoints(str(tmp_path), CFG, lambda metrics: None)
     report_epochs(make_state(seed=0), keeper, [50.0])
     first = (tmp_path / "epoch-0000" / "model.safetensors").read_bytes()
     report_epochs(make_state(seed=1), keeper, [55.0])
@@ -88,7 +89,7 @@ def test_the_same_epoch_trained_again_replaces_its_checkpoint(tmp_path):
 
 
 def test_a_restarted_trial_continues_from_its_newest_complete_checkpoint(tmp_path):
-    keeper = TrialCheckpoints(str(tmp_path), CFG, lambda metrics: None)
+    keeper = RunDirCheckpoints(str(tmp_path), CFG, lambda metrics: None)
     report_epochs(make_state(seed=0), keeper, [50.0, 80.0])
     (tmp_path / ".epoch-0002.partial").mkdir()  # what a trial killed while writing leaves
 
@@ -96,7 +97,7 @@ def test_a_restarted_trial_continues_from_its_newest_complete_checkpoint(tmp_pat
         resolved=SimpleNamespace(run_dir=str(tmp_path), init_checkpoint=None),
         checkpoint=SimpleNamespace(initial_checkpoint="", no_resume_opt=False),
     )
-    again = TrialCheckpoints(str(tmp_path), CFG, lambda metrics: None)
+    again = RunDirCheckpoints(str(tmp_path), CFG, lambda metrics: None)
     state = make_state(seed=1)
     loaded, own = restore(state, cfg, 0, 1, keeper=again)
     assert (loaded, own) == (str(tmp_path / "epoch-0001"), True) and state.epoch == 1
@@ -145,12 +146,12 @@ def test_the_ray_internals_an_in_process_trial_relies_on_are_still_there():
 
 
 def test_the_trial_trains_on_the_gpu_ray_granted_it_or_says_why_it_cannot():
-    assert trial_process.trial_device(use_gpu=False).type == "cpu"
+    assert process_device(use_gpu=False).type == "cpu"
     if torch.cuda.is_available():
-        assert trial_process.trial_device(use_gpu=True) == torch.device("cuda:0")
+        assert process_device(use_gpu=True) == torch.device("cuda:0")
     else:
         with pytest.raises(UserError, match="torch sees no CUDA device"):
-            trial_process.trial_device(use_gpu=True)
+            process_device(use_gpu=True)
 
 
 def test_a_reused_process_frees_what_the_trial_before_it_left_in_reference_cycles():
