@@ -889,6 +889,12 @@ def parse_worker_count(value: Any) -> Any:
             raise ConfigError("scaling.num_workers", value, "expected a worker count N or a range MIN:MAX, e.g. 1:4")
     if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
         return value[0]
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], int) and value[0] < 1:
+        raise ConfigError(
+            "scaling.num_workers",
+            list(value),
+            "an elastic range starts at one worker (MIN >= 1); 0 alone is local mode",
+        )
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -898,8 +904,10 @@ class ScalingConfig:
         None,
         "Ray training workers (processes, one per GPU), N or MIN:MAX for elastic training (the run starts with "
         "at least MIN and grows to MAX as the cluster allows); default: one per GPU the cluster has or its "
-        "autoscaler can add, when using GPUs, else one per node with the node's CPUs as threads",
-        min=1,
+        "autoscaler can add, when using GPUs, else one per node with the node's CPUs as threads; 0: Ray Train's "
+        "local mode, the run trains in this command's own process on this machine (its CPUs as threads, or "
+        "its first GPU), no Ray cluster started or joined",
+        min=0,
         parse=parse_worker_count,
     )
     elastic_resize_interval: float = option(
@@ -916,6 +924,11 @@ class ScalingConfig:
         "PACK", "how Ray places the workers on nodes", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     )
 
+    @property
+    def local_mode(self) -> bool:
+        """--num-workers 0, as Ray Train's ScalingConfig(num_workers=0): train in the command's own process."""
+        return self.num_workers == 0
+
     def worker_range(self) -> Optional[tuple[int, int]]:
         """(MIN, MAX) of an elastic run, else None (a fixed worker count, or none given)."""
         n = self.num_workers
@@ -930,6 +943,7 @@ class ScalingConfig:
             raise ConfigError(
                 "scaling.num_workers", n, "a range is [MIN, MAX] (MIN:MAX on the command line), MIN <= MAX"
             )
+
         if self.elastic_resize_interval != 60.0 and not isinstance(n, list):
             raise ConfigError(
                 "scaling.elastic_resize_interval",
@@ -1207,6 +1221,27 @@ class Config:
                         "data.train_batches_per_epoch",
                         d.train_batches_per_epoch,
                         "elastic epochs are whole global batches of the data set",
+                    ),
+                )
+            ]
+        if self.scaling.local_mode:  # one worker, this process, its checkpoints renamed into a local run directory
+            local = " (--num-workers 0: local mode, this process trains)"
+            gpus = (self.scaling.resources_per_worker or {}).get("GPU", 0)
+            clashes += [
+                (key, value, reason + local)
+                for key, value, reason in (
+                    ("data.loader", ray_data and d.loader, "Ray Data's input reaches Ray Train workers only"),
+                    (
+                        "checkpoint.output",
+                        is_uri(ck.output or "") and ck.output,
+                        "a local run keeps its checkpoints in a local (or mounted) directory; give --num-workers 1 "
+                        "to keep them on cloud storage through Ray Train",
+                    ),
+                    ("scaling.resources_per_worker.GPU", gpus > 1 and gpus, "one process trains on one GPU at most"),
+                    (
+                        "scaling.placement_strategy",
+                        self.scaling.placement_strategy != "PACK" and self.scaling.placement_strategy,
+                        "nothing is placed on a cluster",
                     ),
                 )
             ]

@@ -46,11 +46,18 @@ class Capacity(dict):
     """Resource name -> amount a run can count on (math.inf: an autoscaler without a limit); ``now``: what is up,
     ``limits_from``: where the autoscaler's limits were read (None: no autoscaler counted)."""
 
-    def __init__(self, resources: dict, limits_from: Optional[str] = None, node_cpus: Optional[list] = None):
+    def __init__(
+        self,
+        resources: dict,
+        limits_from: Optional[str] = None,
+        node_cpus: Optional[list] = None,
+        holder: str = "the Ray cluster",
+    ):
         super().__init__(resources)
         self.now = dict(resources)
         self.limits_from = limits_from
         self.node_cpus = node_cpus  # each live node's CPUs (the default CPU layout fills a node), None: unknown
+        self.holder = holder  # whose resources these are, as a refusal names it
 
 
 # ---- its limits ----------------------------------------------------------------------------------------------
@@ -170,13 +177,23 @@ def connected_capacity() -> Capacity:
     return capacity
 
 
+def local_capacity() -> Capacity:
+    """What a local-mode run (--num-workers 0) trains on: this machine, as one node with the CPUs this process may
+    run on and the CUDA devices torch sees (counted without initialising CUDA)."""
+    import torch
+
+    cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return Capacity({"CPU": cpus, "GPU": float(torch.cuda.device_count())}, node_cpus=[cpus], holder="this machine")
+
+
 def has(capacity: dict, key: str) -> str:
     """'the Ray cluster has N KEY', with what its autoscaler can add where that counts."""
     now, most = getattr(capacity, "now", capacity).get(key, 0), capacity.get(key, 0)
+    holder = getattr(capacity, "holder", "the Ray cluster")
     if most == now:
-        return f"the Ray cluster has {now:g}"
+        return f"{holder} has {now:g}"
     return (
-        f"the Ray cluster has {now:g} now and its autoscaler can add up to {most:g} in all "
+        f"{holder} has {now:g} now and its autoscaler can add up to {most:g} in all "
         f"(limits from {capacity.limits_from})"
     )
 

@@ -14,6 +14,7 @@ import secrets
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from raytrain_cls.core.config import Config, ConfigError, Resolved, dump_yaml
 from raytrain_cls.core.distill import teacher_weights_file
 from raytrain_cls.core.elastic import check_elastic_range
+from raytrain_cls.core.errors import UserError
 from raytrain_cls.core.model import check_model_name, check_weights_file, meta_model, split_bn
 from raytrain_cls.core.onednn import onednn_env
 from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
@@ -34,9 +36,17 @@ from raytrain_cls.core.storage import is_uri, join, split, unwritable_reason, wr
 from raytrain_cls.data import build_source
 from raytrain_cls.data.ray_data import DATASET_NAME, train_dataset
 from raytrain_cls.data.transforms import check_transforms, data_config_kwargs
-from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, Capacity, connected_capacity, has, waiting_note
+from raytrain_cls.run.capacity import (
+    UNREAD_LIMITS_HINT,
+    Capacity,
+    connected_capacity,
+    has,
+    local_capacity,
+    waiting_note,
+)
 from raytrain_cls.run.checkpointer import (
     DEFAULT_OUTPUT,
+    RunDirCheckpoints,
     find_resume_target,
     init_checkpoint,
     remove_unregistered_checkpoints,
@@ -44,11 +54,10 @@ from raytrain_cls.run.checkpointer import (
     run_config_file,
     run_started,
 )
-from raytrain_cls.run.console import start_live_display, use_bar
+from raytrain_cls.run.console import BarRenderer, start_live_display, use_bar
 from raytrain_cls.run.elastic import create_requests, resize_callback
 from raytrain_cls.run.local_ray import start_private_ray, started_private_ray
-from raytrain_cls.run.ray_trainer import RunTrainer
-from raytrain_cls.run.report import CONFIG_FILE, SummaryCallback, build_result, sizes_per_epoch, write_result
+from raytrain_cls.run.report import CONFIG_FILE, RESULT_FILE, build_result, read_result, sizes_per_epoch, write_result
 from raytrain_cls.run.startup import breakdown, describe, stamp
 from raytrain_cls.run.worker import train_loop_per_worker
 
@@ -189,6 +198,8 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int, dict]:
     """(use_gpu, num_workers, resources per worker) from the config and the cluster; fails early on what cannot be
     scheduled. An elastic run (MIN:MAX) is sized at MAX and needs only MIN to start: Ray grows it as it can."""
     s = cfg.scaling
+    if s.local_mode:
+        return resolve_local_scaling(cfg, cluster)
     span = s.worker_range()
     given = span[1] if span else s.num_workers  # the run's size at full strength
     gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)  # math.inf: an autoscaler without a limit
@@ -245,6 +256,40 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int, dict]:
             "CPUs; lower resources_per_worker CPU (e.g. --resources-per-worker CPU=0.5) or "
             "--num-workers, or add a CPU node",
         )
+    check_device_choices(cfg, use_gpu)
+    return use_gpu, num_workers, per_worker
+
+
+def resolve_local_scaling(cfg: Config, machine: dict) -> tuple[bool, int, dict]:
+    """Local mode (--num-workers 0; ``machine``: capacity.local_capacity): one worker, this process, on its first
+    GPU or on the machine's CPUs as threads (--resources-per-worker CPU=N: N of them)."""
+    s = cfg.scaling
+    gpus, cpus = machine.get("GPU", 0), machine.get("CPU", 1)
+    use_gpu = s.use_gpu if s.use_gpu is not None else gpus > 0
+    if use_gpu and not gpus:
+        raise ConfigError(
+            "scaling.use_gpu",
+            True,
+            "local mode (--num-workers 0) trains on this machine, where torch sees no CUDA device: drop "
+            "--use-gpu, or give --num-workers N to train on a Ray cluster's GPUs",
+        )
+    per_worker = {"CPU": cpus, **(s.resources_per_worker or {})}
+    if per_worker["CPU"] > cpus:
+        raise ConfigError(
+            "scaling.resources_per_worker.CPU",
+            per_worker["CPU"],
+            f"local mode (--num-workers 0) trains with this machine's CPUs as threads, and it has {cpus:g}",
+        )
+    if cfg.model.sync_bn:
+        raise ConfigError(
+            "model.sync_bn", True, "local mode (--num-workers 0) trains in one process: there is no BatchNorm to sync"
+        )
+    check_device_choices(cfg, use_gpu)
+    return use_gpu, 1, per_worker
+
+
+def check_device_choices(cfg: Config, use_gpu: bool) -> None:
+    """What only GPUs can do, refused for a run on CPUs."""
     if cfg.model.sync_bn and not use_gpu:
         raise ConfigError(
             "model.sync_bn",
@@ -256,7 +301,6 @@ def resolve_scaling(cfg: Config, cluster: dict) -> tuple[bool, int, dict]:
         raise ConfigError("precision.model_dtype", "float16", "float16 weights need GPUs; use bfloat16 on CPUs")
     if cfg.precision.amp and cfg.precision.amp_dtype == "float16" and not use_gpu:
         raise ConfigError("precision.amp_dtype", "float16", "float16 AMP needs GPUs; use --amp-dtype bfloat16 on CPUs")
-    return use_gpu, num_workers, per_worker
 
 
 def workers_phrase(r: Resolved) -> str:
@@ -527,6 +571,9 @@ def run_paths(cfg: Config) -> RunPaths:
 def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
     import ray.train
 
+    # Here, not at the top: a local-mode run (--num-workers 0) uses this module's checks and never Ray Train.
+    from raytrain_cls.run.ray_trainer import RunTrainer, SummaryCallback
+
     c, r = cfg.checkpoint, cfg.resolved
     datasets = {}
     if cfg.data.loader == "ray":
@@ -594,7 +641,8 @@ def explain_failure(err: BaseException) -> str:
 def train(cfg: Config, echo=print, console: Optional[TextIO] = None, stamps: Optional[dict] = None) -> dict:
     """Validate, resolve, fit. Returns the result.json payload. Raises ConfigError/DataError before any worker
     starts, TrainingError when the run itself fails. ``console``: the stream a live progress bar may use;
-    ``stamps``: start-up stamps the caller already has (startup.py; the command's process start)."""
+    ``stamps``: start-up stamps the caller already has (startup.py; the command's process start).
+    --num-workers 0 (local mode) trains in this process (fit_here), any other count on Ray Train (fit_run)."""
     cfg.validate()
     check_output(cfg)
     paths = run_paths(cfg)  # before Ray: a name clash is a config error, not a cluster job
@@ -609,7 +657,8 @@ def train(cfg: Config, echo=print, console: Optional[TextIO] = None, stamps: Opt
             f"{paths.run_dir} has no checkpoint of its own yet: it starts again from {start_from}, the checkpoint "
             f"it was started from"
         )
-    return fit_run(cfg, paths, start_from=start_from, echo=echo, console=console, stamps=stamps, checked=checked)
+    fit = fit_here if cfg.scaling.local_mode else fit_run
+    return fit(cfg, paths, start_from=start_from, echo=echo, console=console, stamps=stamps, checked=checked)
 
 
 def check_output(cfg: Config) -> None:
@@ -675,6 +724,54 @@ def fit_run(
     return payload
 
 
+def fit_here(
+    cfg: Config,
+    paths: RunPaths,
+    start_from: Optional[str] = None,
+    echo=print,
+    console: Optional[TextIO] = None,
+    stamps: Optional[dict] = None,
+    checked: Optional[Preflight] = None,
+) -> dict:
+    """Local mode (--num-workers 0, as Ray Train's ScalingConfig(num_workers=0)): the run trains in this process,
+    as its only worker, on this machine; no Ray cluster is started or joined, and Ray is not even imported. The run
+    directory is a Ray Train run's (config.yaml, summary.csv, result.json, epoch-* checkpoints kept by Ray Train's
+    rule), so `--resume`, `eval`, `export` and `plot` take it alike. What it gives up: Ray Train's restarts (a
+    killed process is a killed run: `train --resume RUN` continues from its newest checkpoint) and more workers."""
+    from raytrain_cls.run.in_process import train_here
+
+    stamps = dict(stamps or {})
+    if os.environ.get("RAY_ADDRESS"):
+        echo("Local mode (--num-workers 0): training in this process; the cluster at RAY_ADDRESS is not used")
+    cfg.checkpoint.preemption_check_interval = 0  # Ray Train's preemption notices: there is no Ray Train run
+    prepare_run(cfg, paths, stamps, start_from, checked, echo)
+    r = cfg.resolved
+    r.progress_board, r.checkpoint_requests = None, None
+    renderer = BarRenderer(console, r.num_epochs) if use_bar(cfg.run.progress, console) else None
+    stamp(stamps, "local")
+    r.startup = stamps
+    try:
+        train_here(cfg, RunDirCheckpoints(paths.run_dir, cfg), draw=renderer.handle if renderer else None)
+    except KeyboardInterrupt:
+        raise RunInterrupted(paths.run_dir) from None
+    except UserError:
+        raise
+    except Exception as e:  # as a Ray Train run's failure reads: the cause's last line, the trace above it
+        traceback.print_exc()
+        raise TrainingError(f"training failed: {explain_failure(e)} (run directory {paths.run_dir})") from e
+    finally:
+        if renderer is not None:
+            renderer.close()
+    payload = read_result(paths.run_dir)  # RunDirCheckpoints rewrote it with every evaluated epoch
+    if payload is None:  # nothing left to train (a finished run resumed), and no earlier result.json either
+        raise TrainingError(f"the run trained no epoch and left no result (run directory {paths.run_dir})")
+    payload["result_file"] = join(paths.run_dir, RESULT_FILE)
+    echo(summary_table(payload, paths.run_dir))
+    if payload["startup"]["phases"]:
+        echo(describe(payload["startup"]))
+    return payload
+
+
 def prepare_run(
     cfg: Config,
     paths: RunPaths,
@@ -686,8 +783,11 @@ def prepare_run(
     """Connect, resolve the config on this cluster and write it into the run directory as config.yaml: what every
     run does before it trains, whoever then runs its loop (a Ray Train fit, or a Tune trial's own process)."""
     stamp(stamps, "driver")
-    cluster = connect()
-    stamp(stamps, "ray_ready")
+    if cfg.scaling.local_mode:
+        cluster = local_capacity()
+    else:
+        cluster = connect()
+        stamp(stamps, "ray_ready")
     earlier = cfg.resolved  # a continued run's own decisions (its config.yaml), or None
     resolve(cfg, cluster, checked)
     stamp(stamps, "resolved")
@@ -701,7 +801,8 @@ def prepare_run(
     echo(f"Run directory: {paths.run_dir}")
     echo(
         f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r.train_samples} train / "
-        f"{r.val_samples} val images, {r.num_classes} classes) with {workers_phrase(r)} for {r.num_epochs} epochs; "
+        f"{r.val_samples} val images, {r.num_classes} classes) with {workers_phrase(r)}"
+        f"{' in this process (local mode)' if cfg.scaling.local_mode else ''} for {r.num_epochs} epochs; "
         f"lr {r.lr:.4g} ({r.lr_rule})"
     )
     return cluster

@@ -45,8 +45,20 @@ IN_PROCESS_PHASES = (
     ("model_ready", "model, optimizer, checkpoint restore"),
     ("first_step", "first training step"),
 )
+# A local-mode run (train --num-workers 0, driver.fit_here) trains in the command's own process: no Ray at all. Its
+# "local" stamp (the loop about to start) marks its stamps; the worker's own process stamps are this process's.
+LOCAL_PHASES = (
+    ("process", None),
+    ("driver", "python start + imports (torch, timm)"),
+    ("checked", "checks (data set, model on the meta device, checkpoint)"),
+    ("resolved", "config resolution on this machine"),
+    ("local", "run directory"),
+    ("data_ready", "data set + loaders"),
+    ("model_ready", "model, optimizer, checkpoint restore"),
+    ("first_step", "first training step"),
+)
 STAMPS = tuple(name for name, _ in PHASES)
-KNOWN_STAMPS = tuple(dict.fromkeys(name for name, _ in PHASES + IN_PROCESS_PHASES))
+KNOWN_STAMPS = tuple(dict.fromkeys(name for name, _ in PHASES + IN_PROCESS_PHASES + LOCAL_PHASES))
 
 
 # A command's interpreter reaches its first import (raytrain_cls) in well under a second; the OS's figure for the
@@ -108,7 +120,7 @@ def breakdown(stamps: dict) -> dict:
     Stamps that are missing or out of order are left out and their phase merges into the next one ("A + B"): a
     Ray worker process may have been started before this run (Ray keeps idle workers), and then only the time
     from the fit to the worker's imports says something."""
-    order = IN_PROCESS_PHASES if "in_process" in stamps else PHASES
+    order = IN_PROCESS_PHASES if "in_process" in stamps else LOCAL_PHASES if "local" in stamps else PHASES
     phases, previous, pending = [], None, []
     for name, label in order:
         at = stamps.get(name)

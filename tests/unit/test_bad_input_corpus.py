@@ -95,11 +95,16 @@ class RayContacted(BaseException):
 
 @pytest.fixture
 def ray_forbidden(monkeypatch):
-    def refuse():
+    # Imported here, before the patch: a module that first imports `connect` while it is patched keeps the
+    # refusal for the rest of the session (an integration test's `eval` then fails), where this undoes it.
+    from raytrain_cls.commands import inference
+
+    def refuse(*args, **kwargs):
         raise RayContacted("Ray was contacted before the mistake was reported")
 
     monkeypatch.setattr(raytrain_cls.run.driver, "connect", refuse)
     monkeypatch.setattr(raytrain_cls.run.tune, "connect", refuse)
+    monkeypatch.setattr(inference, "connect", refuse)
 
 
 # (id, command line with {placeholders} for the corpus's paths, exit code, words the message must hold)

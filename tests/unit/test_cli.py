@@ -178,12 +178,14 @@ def test_base_recipe_explicit_config_wins():
 def ray_forbidden(monkeypatch):
     """Fails the test if the command tries to connect to Ray (a session-wide Ray may already be up, so
     `ray.is_initialized()` alone would prove nothing)."""
+    import raytrain_cls.commands.inference  # before the patch, which would otherwise stay in its `connect`
     import raytrain_cls.run.driver
 
-    def refuse():
+    def refuse(*args, **kwargs):
         raise AssertionError("Ray was contacted before the config error was reported")
 
     monkeypatch.setattr(raytrain_cls.run.driver, "connect", refuse)
+    monkeypatch.setattr(raytrain_cls.commands.inference, "connect", refuse)
 
 
 def test_invalid_value_is_a_usage_error_before_ray(capsys, ray_forbidden):
