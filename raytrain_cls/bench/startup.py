@@ -2,7 +2,7 @@
 
     raytrain-cls bench startup [-c RECIPE] [--repeats 3] [-- TRAIN FLAGS]
 
-Each repeat runs three commands, each in a process of its own, one after the other:
+Each repeat runs four commands, each in a process of its own, one after the other:
 
 * bare: the same job in one plain Python process without Ray: the project's data source, loader, model and
   optimizer (rank 0 of 1), until its first training step is done. What a hand-written script would do.
@@ -11,6 +11,8 @@ Each repeat runs three commands, each in a process of its own, one after the oth
   than this; what train spends above it is ours (imports, data, model, first step).
 * train: `raytrain-cls train` with the same flags and ``--epochs 1``, on a fresh private local Ray, or on the
   cluster RAY_ADDRESS names when it is set (then Ray's own start is not paid).
+* local: the same command in local mode (``--num-workers 0``): the run trains in the command's own process, with
+  no Ray at all, so it is the one that can come within 2x of the bare script where Ray Train's floor cannot.
 
 Every clock runs from its process's start (as run.startup reads it) to the end of the first training step (the
 floor's: to its function's first line). One JSON line per command, then a table of the ratio and of train's
@@ -33,7 +35,10 @@ TARGET_RATIO = 2.0  # issue 26: command start to first step within 2x of a bare 
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("startup", help="command start to first step: raytrain-cls train vs a bare script, the ratio")
+    p = sub.add_parser(
+        "startup",
+        help="command start to first step: raytrain-cls train (on Ray, and in local mode) vs a bare script, the ratios",
+    )
     p.add_argument("-c", "--config", default=None, help="a recipe name or YAML file (as in train)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("overrides", nargs="*", help="train flags after --, e.g. -- --model resnet18 -b 64")
@@ -61,15 +66,19 @@ def bare_main(argv: Sequence[str]) -> None:
     cfg = load_config(base_recipe(args), overrides_of(args)).validate()
     source = build_source(cfg)
     num_classes = cfg.model.num_classes or source.num_classes
-    model = build_model(cfg, num_classes, torch.device("cpu"))
+    # the device a run of this config trains on (a hand-written script pays CUDA's start-up too)
+    device = torch.device("cuda:0" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    model = build_model(cfg, num_classes, device)
     data_config = timm.data.resolve_data_config(args=data_config_kwargs(cfg), model=model)
     loaders = build_loaders(cfg, source, dict(data_config, input_size=list(data_config["input_size"])), 0, 1)
     optimizer = build_optimizer(cfg, model)
     loaders.set_epoch(0)
-    x, y = next(iter(loaders.train))[:2]
+    x, y = (t.to(device) for t in next(iter(loaders.train))[:2])
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the step is done when the GPU is, not when its kernels are queued
     done = time.time()
     print(json.dumps(dict(path="bare", first_step_s=round(done - started, 2), imports_s=round(imported - started, 2))))
 
@@ -124,6 +133,7 @@ def _bare(argv: Sequence[str]) -> dict:
 
 
 def _train(argv: Sequence[str], output: str) -> dict:
+    """`raytrain-cls train ARGV --epochs 1`: its start-up from its result.json."""
     cmd = [sys.executable, "-m", "raytrain_cls", "train", *argv, "--epochs", "1", "--output", output]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -145,7 +155,10 @@ def main(args: argparse.Namespace) -> int:
         floor = _ray_train_floor()
         with tempfile.TemporaryDirectory(prefix="raytrain-cls-bench-startup-") as out:
             train = _train(argv, out)
+        with tempfile.TemporaryDirectory(prefix="raytrain-cls-bench-startup-local-") as out:
+            local = _train([*argv, "--num-workers", "0"], out)
         ratio = round(train["first_step_s"] / bare["first_step_s"], 2)
+        local_ratio = round(local["first_step_s"] / bare["first_step_s"], 2)
         row = dict(
             bench="startup",
             repeat=repeat,
@@ -154,17 +167,22 @@ def main(args: argparse.Namespace) -> int:
             ray_train_floor_s=floor["first_step_s"],
             train_s=train["first_step_s"],
             ratio=ratio,
+            local_s=local["first_step_s"],
+            local_ratio=local_ratio,
             target=TARGET_RATIO,
             ok=ratio <= TARGET_RATIO,
+            local_ok=local_ratio <= TARGET_RATIO,
             train_phases=train["phases"],
+            local_phases=local["phases"],
         )
         rows.append(row)
         print(json.dumps({**row, **environment("cpu")}, default=str), flush=True)
     print_table(
         "bench startup: command start to first step (ray_train_floor: an empty train function's first line)",
         rows,
-        ("repeat", "bare_s", "ray_train_floor_s", "train_s", "ratio", "ok"),
+        ("repeat", "bare_s", "ray_train_floor_s", "train_s", "ratio", "ok", "local_s", "local_ratio", "local_ok"),
     )
-    last = rows[-1]["train_phases"]
-    print("train's last start-up: " + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in last), file=sys.stderr)
+    for path in ("train", "local"):
+        last = ", ".join(f"{label} {seconds:.1f} s" for label, seconds in rows[-1][f"{path}_phases"])
+        print(f"{path}'s last start-up: {last}", file=sys.stderr)
     return 0
