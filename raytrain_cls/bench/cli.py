@@ -111,7 +111,7 @@ def gpu_checks(
     if {"loader", "train"} & set(only):
 
         def make_shards() -> dict:
-            make_data(str(data), images, size, classes=10)
+            make_data(str(data), images, size, classes=10, workers=workers)
             manifest = prepare(str(data), str(shards), workers=workers, log=lambda *a, **k: None)
             return dict(train=manifest.splits["train"].num_samples, shards=str(shards))
 
@@ -184,6 +184,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     mk.add_argument("--images", type=int, default=4096)
     mk.add_argument("--size", default="500x375", help="WxH")
     mk.add_argument("--classes", type=int, default=10)
+    mk.add_argument("-j", "--workers", type=int, default=0, help="processes synthesizing pictures (0: one per CPU)")
     gc = sub.add_parser("gpu-checks", help="decode parity + loader + train benchmarks in one go (JSON lines)")
     gc.add_argument("out", help="folder for the data and gpu-checks.jsonl")
     gc.add_argument("--device", default="cuda")
@@ -223,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.what == "make-data":
         w, h = (int(v) for v in args.size.lower().split("x"))
-        make_data(args.dst, args.images, (w, h), args.classes)
+        make_data(args.dst, args.images, (w, h), args.classes, workers=args.workers)
         return 0
     own_mains = {
         "step": step.main,

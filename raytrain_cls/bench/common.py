@@ -3,15 +3,19 @@ Ray Train measurements of one input path (``bench loader`` / ``bench train``).""
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
+import os
 import platform
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from raytrain_cls.bench.decode import photo_like
+from raytrain_cls.bench.decode import save_photos
 from raytrain_cls.commands.cli import build_parser, overrides_of
 from raytrain_cls.core.config import Config
 from raytrain_cls.data import build_loaders, build_source
@@ -49,7 +53,6 @@ def environment(device: str = "cpu") -> dict:
     name = platform.processor() or platform.machine()
     if device.startswith("cuda") and torch.cuda.is_available():
         name = torch.cuda.get_device_name(torch.device(device))
-    import os
 
     return dict(
         device=name,
@@ -60,18 +63,26 @@ def environment(device: str = "cpu") -> dict:
     )
 
 
-def make_data(dst: str, images: int, size: tuple[int, int], classes: int, val_fraction: float = 0.1) -> None:
-    """An ImageFolder tree of photo-like JPEGs (realistic file sizes) for throughput runs."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
+def make_data(
+    dst: str, images: int, size: tuple[int, int], classes: int, val_fraction: float = 0.1, workers: int = 0
+) -> None:
+    """An ImageFolder tree of photo-like JPEGs (realistic file sizes) for throughput runs, synthesized by
+    ``workers`` processes (0: one per CPU). Each picture is seeded by its index, so the tree is the same for any
+    number of workers. One picture takes 60-90 ms: on one core 4,505 of them took 262 s of the first GPU session."""
     root = Path(dst)
     n_val = max(classes, int(images * val_fraction))
-    for i in range(images + n_val):
-        split = "train" if i < images else "validation"
-        folder = root / split / f"class_{i % classes:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        photo_like(size[0], size[1], rng).save(folder / f"{i:07d}.jpg", "JPEG", quality=90)
+    total = images + n_val
+    for i in range(min(total, classes)):
+        for split in ("train", "validation"):
+            (root / split / f"class_{i:03d}").mkdir(parents=True, exist_ok=True)
+    workers = min(workers or os.cpu_count() or 1, total)
+    chunks = [range(start, total, workers) for start in range(workers)]
+    job = functools.partial(save_photos, str(root), images, classes, size)
+    if workers == 1:
+        job(chunks[0])
+    else:  # spawn: the caller may hold CUDA or Ray threads that a fork would copy mid-lock
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(job, chunks))
     print(json.dumps(dict(made=str(root), train=images, validation=n_val, size=list(size), classes=classes)))
 
 

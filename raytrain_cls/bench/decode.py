@@ -20,7 +20,8 @@ import os
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -74,6 +75,16 @@ def photo_like(width: int, height: int, rng: np.random.Generator, grain: float =
     picture = np.where(covered, 0.5 * background + 0.5 * shapes, background)
     picture += rng.normal(0, grain, (height, width, 1)) + rng.normal(0, grain / 2, (height, width, 3))
     return Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8))
+
+
+def save_photos(root: str, images: int, classes: int, size: tuple[int, int], indices: Iterable[int]) -> None:
+    """Writes pictures ``indices`` of bench make-data's ImageFolder under ``root`` (the first ``images`` to train/,
+    the rest to validation/; class = index mod ``classes``), each from its own seed so that any split of the
+    indices among processes writes the same files."""
+    for i in indices:
+        split = "train" if i < images else "validation"
+        picture = photo_like(size[0], size[1], np.random.default_rng([SEED, i]))
+        picture.save(Path(root) / split / f"class_{i % classes:03d}" / f"{i:07d}.jpg", "JPEG", quality=90)
 
 
 def synthesize_jpegs(count: int, width: int, height: int, quality: int, unique: int = 256) -> list[bytes]:
