@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from raytrain_cls.bench import checkpoint, decode, resize, startup, step, trials, tta
+from raytrain_cls.bench import checkpoint, decode, recipes, resize, startup, step, trials, tta
 from raytrain_cls.bench.common import (
     PATHS,
     bench_config,
@@ -36,7 +37,8 @@ from raytrain_cls.bench.common import (
 from raytrain_cls.core.datasets import NAMES as DATASET_NAMES
 from raytrain_cls.data.prepare import prepare
 
-CHECKS = ("decode", "loader", "train", "step", "tta")  # issue 4's three, then issue 8's step pair and time to accuracy
+# issue 4's three, issue 8's step pair and time to accuracy, then issue 27's training variants and start-up
+CHECKS = ("decode", "loader", "train", "step", "tta", "recipe", "startup")
 DEFAULT_CHECKS = ("decode", "loader", "train")
 TTA_RECIPE = str(Path(__file__).resolve().parents[2] / "jobs" / "fashion_mnist_fast.yaml")  # in the checkout
 
@@ -59,7 +61,9 @@ def gpu_checks(
     loader img/s per path, and two Ray Train epochs per path (the second one's img/s counts), each of at least
     ``train_steps`` steps (passes over the data are repeated to get there); and on request issue 8's bare vs
     Ray-hosted step pair (``step``, bench/step.py) and the Fashion-MNIST time to accuracy (``tta``,
-    bench/tta.py, on jobs/fashion_mnist_fast.yaml with the IDX files in ``fm_dir``). Each step's result (or its
+    bench/tta.py, on jobs/fashion_mnist_fast.yaml with the IDX files in ``fm_dir``), and issue 27's training
+    variants of that recipe (``recipe``: bf16, fp16, resume, compile, sync-BN, local mode; bench/recipes.py) and
+    its start-up against a bare script's (``startup``, bench/startup.py). Each step's result (or its
     error) is appended to OUT/gpu-checks.jsonl as soon as it exists, so a run cut short still leaves what it
     measured. The JPEGs, shards and runs (~600 MB at the defaults) go to ``work_dir``, by default a temporary
     folder removed at the end: OUT holds only the results (on the GPU machines, everything under $OUT is
@@ -170,6 +174,18 @@ def gpu_checks(
             *tta_overrides,
         ]
         record("tta", lambda: tta.run_command(TTA_RECIPE, flags, target=93.5))
+    recipe_flags = [*(["--data-dir", fm_dir] if fm_dir else []), *([] if cuda else ["--no-use-gpu"]), *tta_overrides]
+    if {"recipe", "startup"} & set(only) and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()  # the train steps' Ray: each command below starts its own, as it would alone
+    if "recipe" in only:
+        runs = str(Path(work_dir) / "recipe-runs")
+        for variant in recipes.GPU_VARIANTS:
+            record(
+                f"recipe-{variant.name}",
+                lambda variant=variant: recipes.run_variant(TTA_RECIPE, variant, recipe_flags, runs),
+            )
+    if "startup" in only:  # the recipe's data held by the loader: the bare script has no --data-on-device path
+        record("startup", lambda: startup.run_command(TTA_RECIPE, [*recipe_flags, "--no-data-on-device"]))
     return results
 
 
@@ -195,7 +211,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     gc.add_argument("--model", default="resnet50")
     gc.add_argument("--only", default=",".join(DEFAULT_CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
     gc.add_argument("--fm-dir", default=None, help="tta: the Fashion-MNIST IDX files (default: the Debian package's)")
-    gc.add_argument("--tta-flags", default="", help="tta: extra train flags for the recipe, e.g. '--epochs 2'")
+    gc.add_argument(
+        "--tta-flags",
+        default="",
+        help="tta, recipe, startup: extra train flags for the Fashion-MNIST recipe, e.g. '--epochs 2'",
+    )
     gc.add_argument("--train-steps", type=int, default=100, help="at least this many steps per timed epoch")
     gc.add_argument("--work-dir", default=None, help="folder for the JPEGs and shards (default: a temporary one)")
     step.add_parser(sub)
@@ -257,7 +277,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.tta_flags.split(),
         )
         print_table(
-            "bench gpu-checks", rows, ("step", "ok", "img_per_sec", "ratio_to_bare", "reached", "wall_s", "error")
+            "bench gpu-checks",
+            rows,
+            (
+                "step",
+                "ok",
+                "img_per_sec",
+                "ratio_to_bare",
+                "reached",
+                "top1",
+                "ratio",
+                "local_ratio",
+                "wall_s",
+                "error",
+            ),
         )
         return 0 if all(r["ok"] for r in rows) else 1
     paths = [p for p in args.paths.split(",") if p]

@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 TARGET_RATIO = 2.0  # issue 26: command start to first step within 2x of a bare script's
 
@@ -143,6 +144,17 @@ def _train(argv: Sequence[str], output: str) -> dict:
     return dict(path="train", first_step_s=startup["total_s"], phases=startup["phases"], until=startup["until"])
 
 
+def run_command(recipe: Optional[str], overrides: Sequence[str], repeats: int = 1) -> dict:
+    """`raytrain-cls bench startup` in a process of its own (gpu-checks' ``startup`` step): its last repeat's
+    line, with ``ok``/``local_ok`` renamed ``target_met``/``local_target_met`` (a gpu-checks row's ``ok`` says
+    that the step ran)."""
+    cmd = [sys.executable, "-m", "raytrain_cls", "bench", "startup", "--repeats", str(repeats)]
+    cmd += [*(["-c", recipe] if recipe else []), "--", *overrides]
+    line = _json_line_of(cmd, "bench startup")
+    line["target_met"], line["local_target_met"] = line.pop("ok"), line.pop("local_ok")
+    return line
+
+
 def main(args: argparse.Namespace) -> int:
     # Here, not at the top: the bare and floor processes import this module, and bench.common imports the driver
     # (torch, timm, Ray), which would be counted in their start-up.
@@ -176,7 +188,7 @@ def main(args: argparse.Namespace) -> int:
             local_phases=local["phases"],
         )
         rows.append(row)
-        print(json.dumps({**row, **environment("cpu")}, default=str), flush=True)
+        print(json.dumps({**row, **environment("cuda")}, default=str), flush=True)  # the GPU's name if any
     print_table(
         "bench startup: command start to first step (ray_train_floor: an empty train function's first line)",
         rows,
