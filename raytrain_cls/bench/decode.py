@@ -173,6 +173,43 @@ def bench_device(jpegs: list[bytes], img_size: int, batch_size: int, device: tor
     return decode_rate, full_rate
 
 
+def profile_augment(jpegs: list[bytes], img_size: int, batch_size: int, device: torch.device, top: int = 12) -> dict:
+    """Where one decode + augment batch spends its time, after a warm-up batch: the host's parameter draws timed
+    apart, and torch.profiler's ops with the most self time on the device (on the CPU device: on the host), each
+    as [name, calls, self device ms, self host ms]. For when device_decode_augment misses its target."""
+    from torch.profiler import ProfilerActivity, profile
+
+    encoded = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[:batch_size]]
+    seeds = [sample_seed(SEED, 0, i) for i in range(len(encoded))]
+    labels = torch.zeros(len(encoded), dtype=torch.long)
+    transform = DeviceTransform(True, input_size=(3, img_size, img_size), device=device)
+    transform(encoded, labels, seeds)  # warm-up: allocator, kernels, nvJPEG handles
+    _synchronize(device)
+    width, height = Image.open(io.BytesIO(jpegs[0])).size
+    start = time.perf_counter()
+    for seed in seeds:
+        transform.draws(height, width, seed)
+    draws_ms = (time.perf_counter() - start) * 1000
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        transform(encoded, labels, seeds)
+        _synchronize(device)
+    on_device = device.type == "cuda"
+    ops = sorted(
+        prof.key_averages(),
+        key=lambda e: e.self_device_time_total if on_device else e.self_cpu_time_total,
+        reverse=True,
+    )
+    return dict(
+        profile_batch=len(encoded),
+        profile_draws_ms=round(draws_ms, 2),
+        profile_top=[
+            [e.key, e.count, round(e.self_device_time_total / 1000, 2), round(e.self_cpu_time_total / 1000, 2)]
+            for e in ops[:top]
+        ],
+    )
+
+
 def parity_with_cpu(jpegs: list[bytes], img_size: int, device: torch.device, count: int = 32) -> dict:
     """The device's output vs the same transform on the CPU device (libjpeg, CPU kernels) for the first ``count``
     images, in 8-bit levels: a sanity check that nvJPEG and the device kernels agree with what the tests pin."""
@@ -213,6 +250,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers for (a)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-cpu", action="store_true", help="only measure the device path")
+    p.add_argument("--profile", action="store_true", help="profile a decode + augment batch (always on GPUs)")
     return p.parse_args(argv)
 
 
@@ -255,6 +293,11 @@ def main(argv=None) -> dict:
     result["device_decode_img_s"] = round(decode_rate, 1)
     result["device_decode_augment_img_s"] = round(full_rate, 1)
     print(f"(b) on {device}: decode {decode_rate:.1f} img/s, decode + augment {full_rate:.1f} img/s", flush=True)
+    if device.type != "cpu" or args.profile:
+        result.update(profile_augment(jpegs, args.img_size, args.batch_size, device))
+        print(f"host parameter draws per batch: {result['profile_draws_ms']} ms", flush=True)
+        for name, calls, device_ms, host_ms in result["profile_top"]:
+            print(f"  {name[:60]:60s} {calls:6d} calls  {device_ms:9.2f} ms device  {host_ms:9.2f} ms host")
     if device.type != "cpu":
         result.update(parity_with_cpu(jpegs, args.img_size, device))
         print(

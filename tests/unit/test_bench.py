@@ -339,3 +339,18 @@ def test_make_data_writes_the_same_tree_with_any_number_of_processes(tmp_path, c
     assert len(one) == 12 + 3 and one == two
     assert sum(1 for p in one if p.parts[0] == "validation") == 3
     assert {p.parts[1] for p in one} == {"class_000", "class_001", "class_002"}
+
+
+def test_the_decode_bench_profiles_an_augment_batch_where_its_time_goes():
+    # the first GPU session found decode + augment at 2.0x the CPU pipeline against a 3x target, with no profile
+    import torch
+
+    from raytrain_cls.bench.decode import profile_augment, synthesize_jpegs
+
+    result = profile_augment(synthesize_jpegs(8, 96, 80, 90, unique=2), 64, 8, torch.device("cpu"), top=5)
+    assert result["profile_batch"] == 8 and result["profile_draws_ms"] > 0
+    assert len(result["profile_top"]) == 5
+    name, calls, device_ms, host_ms = result["profile_top"][0]
+    assert isinstance(name, str) and calls >= 1 and device_ms == 0 and host_ms > 0
+    host = [row[3] for row in result["profile_top"]]
+    assert host == sorted(host, reverse=True)  # the costliest op first
