@@ -572,7 +572,8 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
     import ray.train
 
     # Here, not at the top: a local-mode run (--num-workers 0) uses this module's checks and never Ray Train.
-    from raytrain_cls.run.ray_trainer import RunTrainer, SummaryCallback
+    from raytrain_cls.run.ray_trainer import RunTrainer
+    from raytrain_cls.run.train_controller import SummaryCallback
 
     c, r = cfg.checkpoint, cfg.resolved
     datasets = {}

@@ -1,6 +1,7 @@
 """What a Ray Train run is built from: the TorchTrainer class (Ray's own, less two helper actors that a run of this
-project never needs) and the controller callback that writes summary.csv. The one module of the run side that imports
-ray.train at its top: the driver imports it only when it builds a trainer, so a local-mode run never loads Ray Train.
+project never needs, and with its torch backend handed to the controller through train_controller). This module and
+train_controller are the ones of the run side that import ray.train at their top: the driver imports them only when
+it builds a trainer, so a local-mode run never loads Ray Train.
 
 
 Ray Train 2.60 starts, with every ``fit()``, besides the controller and the train workers:
@@ -23,33 +24,23 @@ test_ray_trainer.py fails when a Ray upgrade renames or drops them, so that this
 
 from __future__ import annotations
 
-from typing import Any
-
-from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from raytrain_cls.core.storage import join
-from raytrain_cls.run.report import SUMMARY_FILE, record_epoch
+from raytrain_cls.run.train_controller import DeferredTorchConfig
 
 
 class RunTrainer(TorchTrainer):
-    """TorchTrainer without the placement-group cleaner, and without the dataset manager when there is no dataset."""
+    """TorchTrainer without the placement-group cleaner, and without the dataset manager when there is no dataset;
+    its controller loads torch while the workers start, not before (train_controller.DeferredTorchConfig)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("torch_config", DeferredTorchConfig())
+        super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self):
         unneeded = [PlacementGroupCleanerCallback]
         if not self.datasets:
             unneeded.append(DatasetsCallback)
         return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, tuple(unneeded))]
-
-
-class SummaryCallback(UserCallback):
-    """Appends (or replaces) one summary.csv row per reported epoch; runs in Ray Train's controller."""
-
-    def __init__(self, run_dir: str):
-        self.path = join(run_dir, SUMMARY_FILE)
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if metrics:
-            record_epoch(self.path, metrics[0])  # rank 0's metrics; evaluation is already reduced across ranks

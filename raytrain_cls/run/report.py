@@ -1,7 +1,7 @@
 """What a run tells its user: console lines on rank 0, summary.csv (timm's columns) and result.json.
 
 summary.csv gets a row per reported epoch (record_epoch): from a Ray Train ``UserCallback`` in the Train controller
-(ray_trainer.SummaryCallback), on the driver's node, so the file grows live while the run trains and survives a
+(train_controller.SummaryCallback), on the driver's node, so the file grows live while the run trains and survives a
 dead driver; or from the process that trains, where no Ray Train run does (local mode, in-process Tune trials).
 Rows are keyed by epoch: when a worker-group restart repeats an epoch, its row is replaced, never duplicated.
 Ray-free: a run in the command's own process never imports ray.train.

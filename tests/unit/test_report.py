@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from raytrain_cls.run.ray_trainer import SummaryCallback
 from raytrain_cls.run.report import (
     SUMMARY_COLUMNS,
     build_result,
@@ -16,6 +15,7 @@ from raytrain_cls.run.report import (
     write_result,
     write_summary,
 )
+from raytrain_cls.run.train_controller import SummaryCallback
 
 
 def row(epoch: int, loss: float, **extra) -> dict:
