@@ -5,7 +5,7 @@ The cluster is made with this checkout's cluster/local scripts: a head with one 
 added and removed by the bench. The elastic run (--num-workers 1:2) starts on one worker. Once it has trained an
 epoch, the second node joins: Ray grows the run to two workers. Once it has trained an epoch on two, the node gets
 a preemption notice (drain.sh) and is killed (stop.sh --kill): the run shrinks to one worker and finishes. Then
-the same recipe trains on both nodes at the fixed size (--num-workers 2).
+the same recipe trains on both nodes at the fixed size (--num-workers 2), unless --no-fixed-run.
 
 Printed: the seconds from each resource change to training again (the node joined / the node killed, to the
 restarted group's "Resumed from" line, which comes just before its first step), and per epoch of both runs the
@@ -55,6 +55,12 @@ def add_parser(sub) -> None:
         type=float,
         default=15.0,
         help="RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S: how long a group start waits for a node Ray still counts",
+    )
+    p.add_argument(
+        "--fixed-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train the recipe at the fixed size, to compare with (--no-fixed-run: the elastic run alone)",
     )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("overrides", nargs="*", help="more train flags after --, for both runs")
@@ -230,10 +236,11 @@ def main(args: argparse.Namespace) -> int:
     cluster.start()
     try:
         costs = elastic_run(args, cluster, env, out)
-        fixed_run(args, cluster, env, out)
+        if args.fixed_run:
+            fixed_run(args, cluster, env, out)
     finally:
         cluster.stop()
-    epochs = epochs_of(out / "elastic", "elastic") + epochs_of(out / "fixed", "fixed")
+    epochs = epochs_of(out / "elastic", "elastic") + (epochs_of(out / "fixed", "fixed") if args.fixed_run else [])
     result = dict(bench="resize", **costs, epochs=epochs, output=str(out), **environment("cpu"))
     print(json.dumps({k: v for k, v in result.items() if k != "epochs"}), flush=True)
     print_table("bench resize: per epoch", epochs, EPOCH_COLUMNS)
