@@ -6,7 +6,7 @@ fixed-size run (--num-workers 2): each epoch's samples once, in global batches o
 scheduler gives that epoch for the run's own config; and it ends accurate.
 
 The bench's fixed-size run beside it (--fixed-run, its default) is left out here: its records are those same
-numbers (2026-12-06, all 14 LRs equal to the scheduler's, bit for bit), and it cost this test 85 of its 290 s."""
+numbers (2026-12-06, all 14 LRs equal to the scheduler's, bit for bit), and it cost this test 115 of its 290 s."""
 
 from __future__ import annotations
 
