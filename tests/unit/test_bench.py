@@ -354,3 +354,34 @@ def test_the_decode_bench_profiles_an_augment_batch_where_its_time_goes():
     assert isinstance(name, str) and calls >= 1 and device_ms == 0 and host_ms > 0
     host = [row[3] for row in result["profile_top"]]
     assert host == sorted(host, reverse=True)  # the costliest op first
+
+
+def test_the_resize_bench_trains_the_fixed_size_run_unless_told_not_to(tmp_path, monkeypatch, capsys):
+    """The e2e test runs `bench resize --no-fixed-run` (it checks the elastic run against timm's scheduler); a user
+    gets the fixed-size run beside the elastic one by default, and both runs' epochs in the table."""
+    from raytrain_cls.bench import resize
+
+    calls = []
+
+    class Cluster:
+        def __init__(self, port, worker_base):
+            self.env = {}
+
+        def start(self):
+            calls.append("start")
+
+        def stop(self):
+            calls.append("stop")
+
+    monkeypatch.setattr(resize, "LocalCluster", Cluster)
+    monkeypatch.setattr(resize, "elastic_run", lambda *a: calls.append("elastic") or dict(grow_s=1.0, shrink_s=2.0))
+    monkeypatch.setattr(resize, "fixed_run", lambda *a: calls.append("fixed"))
+    monkeypatch.setattr(resize, "epochs_of", lambda run_dir, name: [dict(run=name, epoch=0)])
+    assert main(["bench", "resize", "--output", str(tmp_path / "a"), "--json", str(tmp_path / "a.json")]) == 0
+    assert calls == ["start", "elastic", "fixed", "stop"]
+    assert [e["run"] for e in json.loads((tmp_path / "a.json").read_text())["epochs"]] == ["elastic", "fixed"]
+    calls.clear()
+    argv = ["bench", "resize", "--no-fixed-run", "--output", str(tmp_path / "b"), "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    assert calls == ["start", "elastic", "stop"]
+    assert [e["run"] for e in json.loads((tmp_path / "b.json").read_text())["epochs"]] == ["elastic"]
