@@ -34,6 +34,7 @@ from raytrain_cls.core.config import (
 )
 from raytrain_cls.core.datasets import PREPARABLE, canonical_dataset
 from raytrain_cls.core.errors import UserError
+from raytrain_cls.core.gcpause import collector_held
 from raytrain_cls.core.storage import atomic_write_text, exists, join, unwritable_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -334,8 +335,9 @@ def overrides_of(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int:
-    from raytrain_cls.run.driver import RunInterrupted, TrainingError, train
-    from raytrain_cls.run.startup import process_start
+    with collector_held(freeze=process_is_command):  # torch and timm: core/gcpause.py
+        from raytrain_cls.run.driver import RunInterrupted, TrainingError, train
+        from raytrain_cls.run.startup import process_start
 
     # After the driver's imports (torch, timm); from the process start only when this process is the command.
     stamps = {"driver": time.time()}
@@ -353,14 +355,15 @@ def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raytrain_cls.run.tune import (
-        SEARCH_FILE,
-        SearchInterrupted,
-        load_search_file,
-        parse_search,
-        space_from_cli,
-        tune_search,
-    )
+    with collector_held(freeze=False):  # torch and timm: core/gcpause.py
+        from raytrain_cls.run.tune import (
+            SEARCH_FILE,
+            SearchInterrupted,
+            load_search_file,
+            parse_search,
+            space_from_cli,
+            tune_search,
+        )
 
     if args.resume:
         if not exists(join(args.resume, SEARCH_FILE)):

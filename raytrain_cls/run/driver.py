@@ -604,9 +604,15 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
             callbacks=[SummaryCallback(paths.run_dir), *extra_callbacks],
             # Our rank-0 progress lines are the console output; Ray's per-report INFO lines would drown them.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": worker_env(cfg)},
+            worker_runtime_env=worker_runtime_env(cfg),
         ),
     )
+
+
+def worker_runtime_env(cfg: Config) -> dict:
+    """The train workers' processes: their environment, and the garbage collector held off from their start through
+    their torch and timm imports (core/gcpause.py; the train function's first line gives it back)."""
+    return {"env_vars": worker_env(cfg), "worker_process_setup_hook": "raytrain_cls.core.gcpause.hold_collector"}
 
 
 def worker_env(cfg: Config) -> dict[str, str]:

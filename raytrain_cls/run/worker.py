@@ -35,6 +35,7 @@ from raytrain_cls.core.engine import (
     evaluate,
     train_one_epoch,
 )
+from raytrain_cls.core.gcpause import release_collector
 from raytrain_cls.core.loss import build_mixup, build_train_loss
 from raytrain_cls.core.model import build_ema, build_model, compile_model, model_dtype, prepare_for_workers
 from raytrain_cls.core.onednn import slow_bf16_note
@@ -89,6 +90,7 @@ def recovery_score(metric: str) -> float:
 def train_loop_per_worker(config: dict) -> dict:
     """The function Ray Train runs on every worker: set up, restore, then the epochs; returns the last metrics."""
     entered = time.time()
+    release_collector()  # held since the process started (driver.worker_env's set-up hook)
     quiet_per_report_logs()
     return WorkerRun(config, entered, WorkerContext.from_ray_train()).run()
 
