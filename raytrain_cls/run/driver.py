@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TextIO
@@ -604,15 +604,24 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
             callbacks=[SummaryCallback(paths.run_dir), *extra_callbacks],
             # Our rank-0 progress lines are the console output; Ray's per-report INFO lines would drown them.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            worker_runtime_env=worker_runtime_env(cfg),
+            worker_runtime_env=worker_runtime_env(cfg, ray.get_runtime_context().runtime_env),
         ),
     )
 
 
-def worker_runtime_env(cfg: Config) -> dict:
+GC_HOLD_HOOK = "raytrain_cls.core.gcpause.hold_collector"
+# Where Ray 2.60 keeps a runtime env's set-up hook once it has taken it in (ray_constants; a unit test pins it).
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+
+
+def worker_runtime_env(cfg: Config, job_env: Mapping) -> dict:
     """The train workers' processes: their environment, and the garbage collector held off from their start through
-    their torch and timm imports (core/gcpause.py; the train function's first line gives it back)."""
-    return {"env_vars": worker_env(cfg), "worker_process_setup_hook": "raytrain_cls.core.gcpause.hold_collector"}
+    their torch and timm imports (core/gcpause.py; the train function's first line gives it back). Not where the
+    job (``job_env``: its runtime env) has a set-up hook of its own: a worker process runs one, and the user's wins."""
+    env: dict = {"env_vars": worker_env(cfg)}
+    if not (job_env.get("worker_process_setup_hook") or SETUP_HOOK_ENV in job_env.get("env_vars", {})):
+        env["worker_process_setup_hook"] = GC_HOLD_HOOK
+    return env
 
 
 def worker_env(cfg: Config) -> dict[str, str]:

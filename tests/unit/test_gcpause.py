@@ -68,7 +68,31 @@ def test_the_train_function_releases_before_anything_else():
 def test_every_train_worker_process_gets_the_hold_as_its_set_up_hook():
     from raytrain_cls.run.driver import resolve, worker_runtime_env
 
-    env = worker_runtime_env(resolve(load_config("digits", {}), {"CPU": 2.0}))
+    env = worker_runtime_env(resolve(load_config("digits", {}), {"CPU": 2.0}), job_env={})
     module, _, name = env["worker_process_setup_hook"].rpartition(".")
     assert getattr(importlib.import_module(module), name) is hold_collector  # Ray imports it by this name
     assert env["env_vars"]["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+
+
+@pytest.mark.parametrize(
+    "job_env",
+    [
+        {"worker_process_setup_hook": "logging.basicConfig"},
+        {"env_vars": {"__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR": "logging.basicConfig"}},
+    ],
+)
+def test_a_jobs_own_set_up_hook_is_left_to_run(job_env):
+    """A worker process runs one hook: where the job has its own (ray.init or `ray job submit` runtime env), ours
+    stays out, since a worker's hook would replace the job's."""
+    from raytrain_cls.run.driver import resolve, worker_runtime_env
+
+    env = worker_runtime_env(resolve(load_config("digits", {}), {"CPU": 2.0}), job_env=job_env)
+    assert "worker_process_setup_hook" not in env and "RAY_TRAIN_ENABLE_PRINT_PATCH" in env["env_vars"]
+
+
+def test_rays_name_for_a_taken_in_set_up_hook_is_still_the_one_we_look_for():
+    from ray._private import ray_constants
+
+    from raytrain_cls.run.driver import SETUP_HOOK_ENV
+
+    assert ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR == SETUP_HOOK_ENV
