@@ -7,12 +7,12 @@ user's mistake the same way (commands.cli.finish_errors: one line, never a trace
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
 from raytrain_cls.commands import cli
+from raytrain_cls.core.gcpause import freeze_before_exit
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -26,15 +26,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cli.main(argv)  # None stays None: cli tells a real command line from a call in a longer-lived process
     finally:
         if argv is None:  # the command line's process, which exits next
-            skip_the_final_collections()
-
-
-def skip_the_final_collections() -> None:
-    """Moves every object alive now out of the garbage collector's reach, just before the process exits.
-
-    With torch and timm loaded, the interpreter's teardown spent 1.2-1.3 s of every command's exit in its final
-    garbage collections, walking their millions of objects (2-core machine, 2026-12-06; docs/benchmarks.md); frozen,
-    the teardown takes 0.2 s. What still has to run does: Ray's atexit shutdown, and every object's release by
-    reference count. Only reference cycles that are still alive at exit lose their finalizers, which Python never
-    promised to run at exit anyway."""
-    gc.freeze()
+            freeze_before_exit()  # core/gcpause.py

@@ -27,6 +27,7 @@ from raytrain_cls.core.config import Config, ConfigError, Resolved, dump_yaml
 from raytrain_cls.core.distill import teacher_weights_file
 from raytrain_cls.core.elastic import check_elastic_range
 from raytrain_cls.core.errors import UserError
+from raytrain_cls.core.gcpause import hold_collector
 from raytrain_cls.core.model import check_model_name, check_weights_file, meta_model, split_bn
 from raytrain_cls.core.onednn import onednn_env
 from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
@@ -609,7 +610,7 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
     )
 
 
-GC_HOLD_HOOK = "raytrain_cls.core.gcpause.hold_collector"
+GC_HOLD_HOOK = f"{hold_collector.__module__}.{hold_collector.__qualname__}"  # Ray imports it by name
 # Where Ray 2.60 keeps a runtime env's set-up hook once it has taken it in (ray_constants; a unit test pins it).
 SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 

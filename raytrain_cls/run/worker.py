@@ -90,7 +90,7 @@ def recovery_score(metric: str) -> float:
 def train_loop_per_worker(config: dict) -> dict:
     """The function Ray Train runs on every worker: set up, restore, then the epochs; returns the last metrics."""
     entered = time.time()
-    release_collector()  # held since the process started (driver.worker_env's set-up hook)
+    release_collector()  # held since the process started (driver.worker_runtime_env's set-up hook)
     quiet_per_report_logs()
     return WorkerRun(config, entered, WorkerContext.from_ray_train()).run()
 
