@@ -7,9 +7,12 @@ are core.state.TrainState's; this module decides when and where one is written a
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -153,6 +156,51 @@ def from_rank_zero(rank: int, world: int, decide):
     return box[0]
 
 
+STAGING_PREFIX = "raytrain-cls-ckpt-"  # + host + writer's pid: whose staging dir it is
+
+
+def staging_dir() -> tempfile.TemporaryDirectory:
+    """A fresh temp dir for rank 0 to write a checkpoint into before Ray copies it to the run directory, named by
+    its host and writer's pid. Staging dirs on this host whose writer has died are removed first: a worker killed
+    before Ray took its checkpoint (waiting for the other ranks, or in the copy) never cleans its own up, and each
+    is a whole checkpoint's size."""
+    remove_orphaned_staging()
+    prefix = f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    return tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)  # Ray may have deleted it
+
+
+def staging_dirs(root: Optional[str] = None) -> dict[Path, Optional[int]]:
+    """This host's staging dirs under ``root`` (the temp dir), each with its writer's pid (None: not parsed)."""
+    host = socket.gethostname()
+    found = {}
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{glob.escape(host)}-*"):
+        writer = folder.name[len(STAGING_PREFIX) + len(host) + 1 :].split("-", 1)[0]
+        if folder.is_dir():
+            found[folder] = int(writer) if writer.isdigit() else None
+    return found
+
+
+def remove_orphaned_staging(root: Optional[str] = None) -> list[Path]:
+    """Remove the staging dirs under ``root`` (the temp dir) of this host's writers that no longer run; a dir
+    another host wrote, or one whose name does not parse, is left alone. Returns what it removed."""
+    removed = []
+    for folder, writer in staging_dirs(root).items():
+        if writer is not None and not _process_runs(writer):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user's
+    return True
+
+
 class CheckpointKeeper(Protocol):
     """Who registers a run's checkpoints, decides which are kept and hands the latest back on a restart."""
 
@@ -176,16 +224,22 @@ class RayTrainCheckpoints:
         return ray.train.get_checkpoint()
 
     def report(self, state: TrainState, metrics: dict, rank: int, name: str) -> None:
-        """Rank 0 writes the checkpoint, complete, into a fresh temp dir and only then hands it to Ray."""
+        """Rank 0 writes the checkpoint, complete, into a staging dir and only then hands it to Ray, which copies it
+        into the run directory and deletes the staging dir before it waits for the controller to take the report:
+        a worker killed in that wait (a trial that Tune stops, a group torn down after a failure) leaves nothing
+        behind. The other ranks report the metrics only (a barrier)."""
         import ray.train
 
-        with tempfile.TemporaryDirectory(prefix="raytrain-cls-ckpt-") as tmp:
-            checkpoint = None
-            if rank == 0:
-                state.save(tmp, metrics)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                metrics = dict(metrics, **{PLACEMENT_GROUP_METRIC: placement_group_id()})  # for Ray only
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if rank != 0:
+            ray.train.report(metrics, checkpoint_dir_name=name)
+            return
+        with staging_dir() as tmp:
+            state.save(tmp, metrics)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            metrics = dict(metrics, **{PLACEMENT_GROUP_METRIC: placement_group_id()})  # for Ray only
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=name, delete_local_checkpoint_after_upload=True
+            )
 
     def register_again(self, folders: list[str], rank: int, resumed_from: int) -> None:
         """Report checkpoints already in the run directory to Ray, as written (no copy), with the metrics their

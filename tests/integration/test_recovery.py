@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from raytrain_cls.commands.cli import EXIT_OK, main
 from raytrain_cls.core.state import MODEL_FILE, read_meta
+from raytrain_cls.run.checkpointer import staging_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -91,10 +92,13 @@ def train_killing_a_worker(ray_processes, args: list, run_dir: Path, timeout: fl
 
 def test_a_killed_worker_is_replaced_and_the_result_is_bitwise_the_same(ray_processes, straight_run, tmp_path):
     run_dir = tmp_path / "faulted"
+    staged_before = set(staging_dirs())
     codes = train_killing_a_worker(
         ray_processes, [*COMMON, "--output", str(tmp_path), "--experiment", "faulted"], run_dir
     )
     assert codes == [EXIT_OK]
+    # The torn-down group's rank 0 died holding its staging dir; the new group's first checkpoint removed it.
+    assert not set(staging_dirs()) - staged_before
 
     result = json.loads((run_dir / "result.json").read_text())
     resumed_from = result["last_metrics"]["resumed_from"]

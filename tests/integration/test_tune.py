@@ -16,6 +16,7 @@ import pytest
 from raytrain_cls.commands.cli import EXIT_OK, main
 from raytrain_cls.core.config import load_config
 from raytrain_cls.core.storage import exists, join, read_text
+from raytrain_cls.run.checkpointer import staging_dirs
 
 pytestmark = pytest.mark.integration
 TINY = ["--model", "test_resnet", "--warmup-epochs", "0", "--log-interval", "1000", "--checkpoint-hist", "1"]
@@ -46,11 +47,13 @@ def asha_search(ray_local, s3_upload, tmp_path_factory):
     search keeps it."""
     out = s3_upload(tmp_path_factory.mktemp("empty"), "integration/tune")
     asha = ["--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2"]
-    return main(four_trials(out, "asha", *asha)), join(out, "asha")
+    staged_before = set(staging_dirs())
+    code = main(four_trials(out, "asha", *asha))
+    return code, join(out, "asha"), set(staging_dirs()) - staged_before
 
 
 def test_asha_search_stops_bad_trials_early(asha_search, ray_processes):
-    code, search_dir = asha_search
+    code, search_dir, staging_left = asha_search
     assert code == EXIT_OK
     rows = trials(search_dir)
     assert len(rows) == 4 and {r["status"] for r in rows} <= {"completed", "stopped"}
@@ -66,6 +69,8 @@ def test_asha_search_stops_bad_trials_early(asha_search, ray_processes):
     # The shared Ray has no dashboard: Ray Train's placement-group cleaner could never tell that a stopped trial's
     # controller died and would live on, logging every second (ray_trainer.py); the runs go without it.
     assert not ray_processes("ray::PlacementGroupCleaner")
+    # A stopped trial's workers are killed while they wait in a report: none leaves its checkpoint's staging dir.
+    assert not staging_left
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +135,7 @@ def test_an_in_process_trial_trains_exactly_what_a_ray_train_trial_does(asha_sea
     """Same loop, seeds and threads: the same LR gives the same curve either way, to the last digit, for every
     epoch both searches trained it."""
     curves = []
-    for _, search_dir in (asha_search, in_process_search):
+    for search_dir in (asha_search[1], in_process_search[1]):
         row = next(r for r in trials(str(search_dir)) if float(r["lr"]) == 0.1)
         run_dir = join(join(str(search_dir), "trials"), f"trial-{row['trial_id']}")
         summary = csv.DictReader(io.StringIO(read_text(join(run_dir, "summary.csv"))))
@@ -140,7 +145,7 @@ def test_an_in_process_trial_trains_exactly_what_a_ray_train_trial_does(asha_sea
 
 
 def test_best_yaml_closes_the_loop(asha_search, tmp_path):
-    _, search_dir = asha_search
+    search_dir = asha_search[1]
     best = trials(search_dir)[0]
     cfg = load_config(join(search_dir, "best.yaml"))
     assert cfg.optim.lr == float(best["lr"])

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import timm
@@ -23,6 +30,7 @@ from raytrain_cls.core.state import (
     non_finite_tensors,
     rng_state,
 )
+from raytrain_cls.run.checkpointer import STAGING_PREFIX, remove_orphaned_staging, staging_dir
 
 DATA_CONFIG = dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3)
 CFG = Config().update({"dataset": "digits", "model": "test_resnet", "lr": 0.1, "img_size": 16}).validate()
@@ -174,3 +182,34 @@ def test_a_failed_export_write_removes_what_it_wrote(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export_checkpoint(ckpt, tmp_path / "mine")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]  # a user's folder keeps its files
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_staging_dirs_of_dead_writers_on_this_host_are_removed_and_nothing_else(tmp_path):
+    """A worker killed while Ray still held its checkpoint's staging dir leaves it in the temp dir: the next
+    staging_dir() on the host removes it. A live writer's, another host's and a foreign dir stay."""
+    host = socket.gethostname()
+    dead = tmp_path / f"{STAGING_PREFIX}{host}-{_dead_pid()}-abc"
+    alive = tmp_path / f"{STAGING_PREFIX}{host}-{os.getpid()}-abc"
+    other_host = tmp_path / f"{STAGING_PREFIX}not-{host}-{_dead_pid()}-abc"
+    unparsed = tmp_path / f"{STAGING_PREFIX}{host}-x1-abc"
+    user_dir = tmp_path / "my-checkpoints"
+    for folder in (dead, alive, other_host, unparsed, user_dir):
+        folder.mkdir()
+        (folder / MODEL_FILE).write_bytes(b"weights")
+
+    assert remove_orphaned_staging(str(tmp_path)) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (alive, other_host, unparsed, user_dir))
+
+
+def test_a_staging_dir_names_its_writer_and_tolerates_ray_deleting_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with staging_dir() as folder:
+        assert Path(folder).name.startswith(f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-")
+        shutil.rmtree(folder)  # Ray's delete_local_checkpoint_after_upload
+    assert list(tmp_path.iterdir()) == []
