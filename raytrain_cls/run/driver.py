@@ -119,18 +119,51 @@ def join_cluster(address: str) -> None:
     import ray
 
     check_reachable(address)
+    probe_gcs(address)
     try:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     except (ConnectionError, RuntimeError) as e:
         if refused_token(e):
-            raise ConfigError(
-                "environment RAY_ADDRESS",
-                address,
-                "the cluster refused this driver's token "
-                "(missing or wrong): export RAY_AUTH_MODE=token and the cluster's token as "
-                "RAY_AUTH_TOKEN (`ray get-auth-token` on its head) or in ~/.ray/auth_token",
-            ) from None
+            raise token_refused(address) from None
         raise
+
+
+def probe_gcs(address: str) -> None:
+    """Ask the cluster's GCS for its id once, as ray.init's first step does, and fail at once where ray.init would
+    retry: a refused token (Ray's AuthenticationError, in milliseconds; ray.init retries it once a second for 20
+    s), or a port that is open but no GCS's (no answer in Ray's 40 s; ray.init tries that 20 times). Ray's
+    GcsClient is not a public API: tests/e2e/test_cluster_jobs.py fails when this no longer refuses a wrong token
+    at the first try; any other failure is left to ray.init, which reports it in its own words."""
+    if address in ("auto", "local") or split_address(address)[0]:
+        return  # Ray's to resolve, or a Ray Client server (ray://), which is no GCS
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError, RpcError
+
+    try:
+        GcsClient(address=address)  # it fetches the cluster id as it connects
+    except AuthenticationError:
+        raise token_refused(address) from None
+    except RpcError as e:
+        if "Timed out" not in str(e):
+            return
+        raise ConfigError(
+            "environment RAY_ADDRESS",
+            address,
+            "something listens there but no Ray GCS answered: RAY_ADDRESS is a head node's GCS port "
+            "(6379 for `ray start --head`, 6390 for cluster/local/start-head.sh)",
+        ) from None
+    except Exception:  # noqa: BLE001 - ray.init connects next and says what went wrong
+        return
+
+
+def token_refused(address: str) -> ConfigError:
+    return ConfigError(
+        "environment RAY_ADDRESS",
+        address,
+        "the cluster refused this driver's token "
+        "(missing or wrong): export RAY_AUTH_MODE=token and the cluster's token as "
+        "RAY_AUTH_TOKEN (`ray get-auth-token` on its head) or in ~/.ray/auth_token",
+    )
 
 
 def refused_token(error: BaseException) -> bool:

@@ -113,8 +113,9 @@ def test_submission_without_the_right_token_is_refused(cluster, env, reason):
 
 
 def test_a_driver_with_the_wrong_token_gets_a_clear_error(cluster):
-    """Ray retries a refused token for ~20 s and then raises a ConnectionError several causes deep; the driver
-    says what to set instead (exit 2, before any cluster work)."""
+    """ray.init retries a refused token once a second for 20 s and then raises a ConnectionError several causes
+    deep; the driver asks the GCS once first (driver.probe_gcs, through Ray's private GcsClient) and says what to
+    set instead (exit 2, before any cluster work)."""
     proc = sh(
         sys.executable,
         "-m",
@@ -128,6 +129,8 @@ def test_a_driver_with_the_wrong_token_gets_a_clear_error(cluster):
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the cluster refused this driver's token" in proc.stderr and "ray get-auth-token" in proc.stderr
+    # Ray logs each refused try: one is the probe's; ray.init's 20 mean the probe no longer catches it.
+    assert proc.stderr.count("Failed to get cluster ID") <= 1, proc.stderr[-3000:]
 
 
 def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):

@@ -290,6 +290,38 @@ def test_a_ray_address_nobody_answers_fails_at_once_naming_it():
         assert e.value.key == "environment RAY_ADDRESS" and reason in e.value.reason
 
 
+def test_the_gcs_probe_names_a_refused_token_and_a_port_that_is_no_gcs(monkeypatch):
+    """What probe_gcs makes of each answer of Ray's GcsClient (the real one meets a wrong token in
+    tests/e2e/test_cluster_jobs.py): a refusal and a timeout fail at once, naming RAY_ADDRESS; anything else is
+    left to ray.init; a Ray Client address or 'auto' is never probed."""
+    import ray._raylet
+    from ray.exceptions import AuthenticationError, RpcError
+
+    from raytrain_cls.run.driver import probe_gcs
+
+    answers = {
+        "refused:1": AuthenticationError("RPC error: InvalidAuthToken: Authentication token is missing"),
+        "silent:1": RpcError("Timed out while waiting for GCS to become available."),
+        "odd:1": RpcError("Something else"),
+        "broken:1": OSError("anything"),
+    }
+    asked = []
+
+    def gcs_client(address):
+        asked.append(address)
+        if address in answers:
+            raise answers[address]
+
+    monkeypatch.setattr(ray._raylet, "GcsClient", gcs_client)
+    for address, reason in (("refused:1", "refused this driver's token"), ("silent:1", "no Ray GCS answered")):
+        with pytest.raises(ConfigError) as e:
+            probe_gcs(address)
+        assert e.value.key == "environment RAY_ADDRESS" and reason in e.value.reason
+    for address in ("odd:1", "broken:1", "fine:1", "ray://h:10001", "auto", "local"):
+        probe_gcs(address)
+    assert asked == ["refused:1", "silent:1", "odd:1", "broken:1", "fine:1"]
+
+
 def test_a_refused_token_is_found_however_deep_ray_wraps_it():
     from ray.exceptions import AuthenticationError
 
