@@ -16,7 +16,7 @@ from raytrain_cls.core.storage import is_uri
 from raytrain_cls.data import DataError, build_source
 from raytrain_cls.run.capacity import LIMITS_ENV, autoscaler_limits
 from raytrain_cls.run.checkpointer import resolve_output
-from raytrain_cls.run.driver import check_reachable, split_address
+from raytrain_cls.run.driver import check_reachable, probe_gcs, split_address
 
 # What this release is tested with (pyproject's bounds); outside them, a warning, not a failure.
 SUPPORTED = {
@@ -107,14 +107,15 @@ def check_cluster() -> list[Check]:
     checks = []
     try:
         check_reachable(address, timeout=5)
-        checks.append(Check("ray cluster", True, f"{address} reachable"))
+        accepted = probe_gcs(address)  # the token, asked of the cluster itself
+        checks.append(Check("ray cluster", True, f"{address} reachable" + (", token accepted" if accepted else "")))
     except ConfigError as e:
         checks.append(
             Check(
                 "ray cluster",
                 False,
                 f"RAY_ADDRESS={address}: {e.reason}",
-                "start the cluster (cluster/local/start-head.sh) or fix RAY_ADDRESS",
+                "" if "token" in e.reason else "start the cluster (cluster/local/start-head.sh) or fix RAY_ADDRESS",
             )
         )
     source = token_source()

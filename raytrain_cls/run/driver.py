@@ -128,14 +128,15 @@ def join_cluster(address: str) -> None:
         raise
 
 
-def probe_gcs(address: str) -> None:
+def probe_gcs(address: str) -> bool:
     """Ask the cluster's GCS for its id once, as ray.init's first step does, and fail at once where ray.init would
     retry: a refused token (Ray's AuthenticationError, in milliseconds; ray.init retries it once a second for 20
-    s), or a port that is open but no GCS's (no answer in Ray's 40 s; ray.init tries that 20 times). Ray's
-    GcsClient is not a public API: tests/e2e/test_cluster_jobs.py fails when this no longer refuses a wrong token
-    at the first try; any other failure is left to ray.init, which reports it in its own words."""
+    s), or a port that is open but no GCS's (no answer in Ray's 40 s; ray.init tries that 20 times). True: the
+    GCS answered and took this process's token. Ray's GcsClient is not a public API: tests/e2e/test_cluster_jobs.py
+    fails when this no longer refuses a wrong token at the first try; any other failure is left to ray.init, which
+    reports it in its own words (False)."""
     if address in ("auto", "local") or split_address(address)[0]:
-        return  # Ray's to resolve, or a Ray Client server (ray://), which is no GCS
+        return False  # Ray's to resolve, or a Ray Client server (ray://), which is no GCS
     from ray._raylet import GcsClient
     from ray.exceptions import AuthenticationError, RpcError
 
@@ -145,7 +146,7 @@ def probe_gcs(address: str) -> None:
         raise token_refused(address) from None
     except RpcError as e:
         if "Timed out" not in str(e):
-            return
+            return False
         raise ConfigError(
             "environment RAY_ADDRESS",
             address,
@@ -153,7 +154,8 @@ def probe_gcs(address: str) -> None:
             "(6379 for `ray start --head`, 6390 for cluster/local/start-head.sh)",
         ) from None
     except Exception:  # noqa: BLE001 - ray.init connects next and says what went wrong
-        return
+        return False
+    return True
 
 
 def token_refused(address: str) -> ConfigError:

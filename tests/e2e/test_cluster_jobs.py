@@ -132,6 +132,15 @@ def test_a_driver_with_the_wrong_token_gets_a_clear_error(cluster):
     # Ray logs each refused try: one is the probe's; ray.init's 20 mean the probe no longer catches it.
     assert proc.stderr.count("Failed to get cluster ID") <= 1, proc.stderr[-3000:]
 
+    # doctor asks the cluster the same question, and names the refusal among its checks.
+    env = {"RAY_ADDRESS": f"127.0.0.1:{PORT}"}
+    wrong = sh(sys.executable, "-m", "raytrain_cls", "doctor", env={**env, "RAY_AUTH_TOKEN": "not-the-token"},
+               timeout=180, check=False)  # fmt: skip
+    assert wrong.returncode == 1 and "[FAIL] ray cluster:" in wrong.stdout, wrong.stdout[-3000:]
+    assert "refused this driver's token" in wrong.stdout
+    right = sh(sys.executable, "-m", "raytrain_cls", "doctor", env=env, timeout=180, check=False)
+    assert f"[ok  ] ray cluster: 127.0.0.1:{PORT} reachable, token accepted" in right.stdout, right.stdout[-3000:]
+
 
 def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):
     """2 workers SPREAD over head + a second node. The second node gets a preemption notice (drain.sh, as a spot

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from raytrain_cls.commands import doctor
 from raytrain_cls.commands.cli import main
 from raytrain_cls.commands.doctor import check_autoscaler, check_cluster, check_data, check_storage
 from raytrain_cls.core.config import load_config
@@ -16,7 +17,10 @@ from raytrain_cls.run.report import write_summary
 
 
 @pytest.fixture
-def listening_port():
+def listening_port(monkeypatch):
+    """A port that takes TCP connections, standing in for a cluster's GCS: doctor's question to the GCS itself
+    (driver.probe_gcs, met with a real cluster in tests/e2e/test_cluster_jobs.py) is answered "not asked"."""
+    monkeypatch.setattr(doctor, "probe_gcs", lambda address: False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
