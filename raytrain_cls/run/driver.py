@@ -55,7 +55,7 @@ from raytrain_cls.run.checkpointer import (
     run_config_file,
     run_started,
 )
-from raytrain_cls.run.console import BarRenderer, start_live_display, use_bar
+from raytrain_cls.run.console import BarRenderer, drop_ray_noise, start_live_display, use_bar
 from raytrain_cls.run.elastic import create_requests, resize_callback
 from raytrain_cls.run.local_ray import start_private_ray, started_private_ray
 from raytrain_cls.run.report import CONFIG_FILE, RESULT_FILE, build_result, read_result, sizes_per_epoch, write_result
@@ -109,6 +109,7 @@ def connect(for_ray_train: bool = True) -> Capacity:
             join_cluster(address)
         else:
             start_private_ray(for_ray_train)
+    drop_ray_noise()
     if started_private_ray():  # our own: no autoscaler to ask about
         return Capacity(ray.cluster_resources())
     return connected_capacity()

@@ -208,6 +208,7 @@ def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):
             driver.kill()
         sh("bash", str(LOCAL / "stop.sh"), "--port", str(PORT), "--node", "w1", check=False)
     assert "Preemption notice: node " in log.read_text()
+    assert "PreemptionWatcher" not in log.read_text()  # Ray's error line of every run (console.RAY_NOISE)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["last_metrics"]["resumed_from"] >= notice_updates, (result["last_metrics"], notice_updates)
     with (run_dir / "summary.csv").open() as f:

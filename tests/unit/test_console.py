@@ -109,3 +109,48 @@ def test_worker_console_without_a_board_prints_plain_lines(capsys):
         and out[2].startswith("Epoch 0/1: train_loss")
     )
     assert "\r" not in "".join(out)
+
+
+NOISE = (
+    "[2026-12-06 23:50:07,892 E 27321 27351] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "
+    "ID: '6e95b881a44d22cfb7da6ef702000000' has constructor arguments in the object store and max_restarts > 0. If "
+    "the arguments in the object store go out of scope or are lost, the actor restart will fail. See "
+    "https://github.com/ray-project/ray/issues/53727 for more details."
+)
+
+
+def test_rays_noise_is_dropped_from_what_the_driver_prints_and_nothing_else():
+    """Through Ray's own dispatcher of forwarded output, with a printer registered under the name ray.init gives
+    its own (pinned below): the PreemptionWatcher error line of every run is dropped, other lines pass as they
+    came, and a second call does not wrap twice."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from raytrain_cls.run.console import RAY_PRINT_HANDLER, drop_ray_noise
+
+    printed = []
+    before = list(dispatcher.handlers)
+    dispatcher.add_handler(RAY_PRINT_HANDLER, printed.append)
+    try:
+        drop_ray_noise()
+        drop_ray_noise()
+        assert [name for name, _ in dispatcher.handlers].count(RAY_PRINT_HANDLER) == 1
+        batch = dict(pid=1, is_err=True, job="01000000")
+        dispatcher.emit(
+            dict(batch, lines=[NOISE, "Epoch 0/3: train_loss 1.2", NOISE.replace("PreemptionWatcher", "MyActor")])
+        )
+        dispatcher.emit(dict(batch, lines=[NOISE]))  # nothing left: no empty batch printed
+        kept = ["Epoch 0/3: train_loss 1.2", NOISE.replace("PreemptionWatcher", "MyActor")]
+        assert printed == [dict(batch, lines=kept)]
+    finally:
+        dispatcher.handlers = before
+
+
+def test_ray_init_prints_forwarded_output_through_the_handler_name_the_filter_looks_for():
+    import inspect
+
+    import ray._private.worker
+
+    from raytrain_cls.run.console import RAY_PRINT_HANDLER
+
+    source = inspect.getsource(ray._private.worker.connect)
+    assert f'global_worker_stdstream_dispatcher.add_handler(\n                "{RAY_PRINT_HANDLER}"' in source
