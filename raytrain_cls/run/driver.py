@@ -855,8 +855,8 @@ def prepare_run(
     echo(
         f"Training {cfg.model.model} on {cfg.data.dataset or 'folder'} ({r.train_samples} train / "
         f"{r.val_samples} val images, {r.num_classes} classes) with {workers_phrase(r)}"
-        f"{' in this process (local mode)' if cfg.scaling.local_mode else ''} for {r.num_epochs} epochs; "
-        f"lr {r.lr:.4g} ({r.lr_rule})"
+        f"{' in this process (local mode)' if cfg.scaling.local_mode else ''} for {r.num_epochs} "
+        f"epoch{'s' * (r.num_epochs != 1)}; lr {r.lr:.4g} ({r.lr_rule})"
     )
     return cluster
 
