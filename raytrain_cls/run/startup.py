@@ -16,7 +16,7 @@ import time
 from typing import Optional
 
 # (stamp, the phase that ends at it), in the order they happen. A phase is the time since the previous stamp
-# that is present (a Tune trial's "process" is its actor process's first import of raytrain_cls: tune.run_trial).
+# that is present (a Tune trial's "process" is its actor process's first import of raytrain_cls: trial.run_trial).
 PHASES = (
     ("process", None),
     ("driver", "python start + driver imports (torch, timm)"),

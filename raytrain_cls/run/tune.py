@@ -25,10 +25,11 @@ from raytrain_cls.core.optim import resolve_num_epochs
 from raytrain_cls.core.storage import absolute, exists, is_uri, join, split, write_text
 from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, has
 from raytrain_cls.run.checkpointer import resolve_output
-from raytrain_cls.run.driver import RunPaths, check_output, connect, fit_run, preflight, resolve_scaling
+from raytrain_cls.run.driver import check_output, connect, preflight, resolve_scaling
 from raytrain_cls.run.plots import plot_curves
-from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC, read_result, trial_run_dir
+from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC, trial_run_dir
 from raytrain_cls.run.startup import breakdown
+from raytrain_cls.run.trial import run_trial
 from raytrain_cls.run.worker import EMA_EPOCH_METRICS, EPOCH_METRICS
 
 SEARCH_FILE, TRIALS_FILE, BEST_FILE, PLOT_FILE = "search.yaml", "trials.csv", "best.yaml", "trials.png"
@@ -429,19 +430,6 @@ def to_tune_space(spec: SearchSpec) -> dict:
     return out
 
 
-def _epoch_report_callback():
-    """Tune's Train->Tune bridge, minus our mid-epoch recovery reports: one Tune iteration = one epoch."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class EpochReportCallback(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metrics[0].get("recovery"):
-                return
-            super().after_report(run_context, metrics, checkpoint)
-
-    return EpochReportCallback()
-
-
 def _stopped_trial_cleaner(grace_s: float = 5.0):
     """A Tune callback that frees the placement group of every trial that has ended.
 
@@ -491,47 +479,6 @@ def _stopped_trial_cleaner(grace_s: float = 5.0):
     return FreeEndedTrials()
 
 
-def run_trial(params: dict, base: dict, search_dir: str, in_process: bool = False) -> None:
-    """One Tune trial: the base config with this trial's values, trained by Ray Train like `raytrain-cls train`,
-    or with ``in_process`` by this very process (run/trial_process.py)."""
-    entered = time.time()
-    from ray import tune
-
-    import raytrain_cls
-
-    cfg = Config.from_dict(base)
-    for key, value in params.items():
-        cfg.set(key, value)
-    cfg.validate()
-    # A stable name per trial: when a search is resumed, Ray Train resumes this trial from its own checkpoints.
-    run_dir = trial_run_dir(search_dir, tune.get_context().get_trial_id())
-    paths = RunPaths(*split(run_dir), run_dir)
-    done = finished_run(paths.run_dir, cfg)
-    if done is not None:
-        # Finished before the search driver died, but Tune had not yet recorded it: hand Tune the final
-        # result instead of starting workers for nothing.
-        tune.report(dict(done["last_metrics"], checkpoint_path=done["latest_checkpoint"]))
-        return
-    if in_process:
-        from raytrain_cls.run.trial_process import train_in_trial, trial_stamps
-
-        train_in_trial(cfg, paths, trial_stamps(entered, raytrain_cls.IMPORTED_AT))
-        return
-    # The trial's start-up counts from this process's first import of raytrain_cls (Tune unpickling this function
-    # in the trial's fresh actor process): its imports (torch, timm, the driver) are paid again by every trial.
-    stamps = {"process": raytrain_cls.IMPORTED_AT}
-    fit_run(cfg, paths, extra_callbacks=[_epoch_report_callback()], echo=lambda *a: None, stamps=stamps)
-
-
-def finished_run(run_dir: str, cfg: Config) -> Optional[dict]:
-    """A trial run's result.json when the run trained all its epochs, else None."""
-    result = read_result(run_dir)
-    if result is None:
-        return None
-    last = result.get("last_metrics") or {}
-    return result if last.get("epoch") == resolve_num_epochs(cfg) - 1 else None
-
-
 MAX_DEFAULT_CONCURRENCY = 64  # where an autoscaler has no limit (capacity.py: math.inf); Tune queues the rest
 
 
@@ -554,7 +501,7 @@ def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, na
 
     metric, mode = metric_and_mode(spec, base)
     trainable = tune.with_parameters(
-        run_trial,
+        run_trial,  # run/trial.py: what a trial's process imports as it unpickles this stays light
         base=trial_base(base, spec).to_dict(),
         search_dir=search_dir,
         in_process=spec.in_process,

@@ -96,3 +96,27 @@ def test_rays_name_for_a_taken_in_set_up_hook_is_still_the_one_we_look_for():
     from raytrain_cls.run.driver import SETUP_HOOK_ENV
 
     assert ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR == SETUP_HOOK_ENV
+
+
+TRIAL_PROCESS = """
+import gc, sys
+import ray  # a Tune trial's actor process has Ray already
+import raytrain_cls.run.trial as trial
+light = not {"torch", "timm"} & set(sys.modules)
+full = []
+gc.callbacks.append(lambda phase, info: full.append(1) if phase == "start" and info["generation"] == 2 else None)
+trial.import_run_side()
+print(light, "torch" in sys.modules and trial.RUN_SIDE in sys.modules, len(full), gc.isenabled(),
+      gc.get_freeze_count() > 0)
+"""
+
+
+def test_a_trials_process_imports_the_run_side_with_the_collector_held_and_freezes_it():
+    """What Tune unpickles in every trial's fresh process (run/trial.py) imports neither torch nor timm; the first
+    trial imports them with no full collection on the way (six with the collector on), then freezes them."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TRIAL_PROCESS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "True", "0", "True", "True"], out.stdout

@@ -344,18 +344,18 @@ def test_an_initial_checkpoint_file_under_a_uri_is_refused_with_the_alternative(
 
 
 def test_a_trial_clocks_its_start_up_from_its_own_process_taking_it(monkeypatch, tmp_path):
-    """run_trial hands fit_run the moment its process first imported raytrain_cls (Tune unpickling the trial
+    """A trial hands fit_run the moment its process first imported raytrain_cls (Tune unpickling the trial
     function), so a trial's startup_s includes the imports every trial pays again, not only its fit()."""
     from ray import tune as ray_tune
 
     import raytrain_cls
-    from raytrain_cls.run import tune as tune_module
+    from raytrain_cls.run import driver, trial
 
     seen = {}
     monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t_00001"))
-    monkeypatch.setattr(tune_module, "_epoch_report_callback", lambda: "callback")  # needs a Tune session
-    monkeypatch.setattr(tune_module, "fit_run", lambda cfg, paths, **kw: seen.update(kw, lr=cfg.optim.lr))
-    tune_module.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path))
+    monkeypatch.setattr(trial, "epoch_report_callback", lambda: "callback")  # needs a Tune session
+    monkeypatch.setattr(driver, "fit_run", lambda cfg, paths, **kw: seen.update(kw, lr=cfg.optim.lr))
+    trial.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path))
     assert seen["lr"] == 0.05
     assert seen["stamps"] == {"process": raytrain_cls.IMPORTED_AT}
 
@@ -391,15 +391,14 @@ def test_the_in_process_flag_reaches_the_search_spec():
 
 
 def test_an_in_process_trial_trains_in_its_own_process(monkeypatch, tmp_path):
-    """run_trial hands the trial to trial_process with stamps from this process, not to a Ray Train fit."""
+    """A trial with in_process goes to trial_process with stamps from this process, not to a Ray Train fit."""
     from ray import tune as ray_tune
 
-    from raytrain_cls.run import trial_process
-    from raytrain_cls.run import tune as tune_module
+    from raytrain_cls.run import driver, trial, trial_process
 
     seen = {}
     monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t_00002"))
-    monkeypatch.setattr(tune_module, "fit_run", lambda *a, **kw: pytest.fail("a Ray Train fit for an in-process trial"))
+    monkeypatch.setattr(driver, "fit_run", lambda *a, **kw: pytest.fail("a Ray Train fit for an in-process trial"))
     monkeypatch.setattr(trial_process, "train_in_trial", lambda cfg, paths, stamps: seen.update(stamps=stamps))
-    tune_module.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path), in_process=True)
+    trial.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path), in_process=True)
     assert "in_process" in seen["stamps"]
