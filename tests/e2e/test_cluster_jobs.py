@@ -208,7 +208,8 @@ def test_two_nodes_spread_then_a_preempted_node(cluster, tmp_path):
             driver.kill()
         sh("bash", str(LOCAL / "stop.sh"), "--port", str(PORT), "--node", "w1", check=False)
     assert "Preemption notice: node " in log.read_text()
-    assert "PreemptionWatcher" not in log.read_text()  # Ray's error line of every run (console.RAY_NOISE)
+    # Ray's error line of every run (console.RAY_NOISE) is dropped; the watcher's own "preemption detected" stays.
+    assert "has constructor arguments in the object store" not in log.read_text()
     result = json.loads((run_dir / "result.json").read_text())
     assert result["last_metrics"]["resumed_from"] >= notice_updates, (result["last_metrics"], notice_updates)
     with (run_dir / "summary.csv").open() as f:
