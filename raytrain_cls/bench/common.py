@@ -19,7 +19,8 @@ from raytrain_cls.bench.decode import save_photos
 from raytrain_cls.commands.cli import build_parser, overrides_of
 from raytrain_cls.core.config import Config
 from raytrain_cls.data import build_loaders, build_source
-from raytrain_cls.run.driver import resolve_data_config, train
+from raytrain_cls.run.driver import train
+from raytrain_cls.run.preflight import resolve_data_config
 
 PATHS = ("torch", "gpu", "device", "ray")  # DataLoader + CPU transforms, --gpu-decode, --data-on-device, Ray Data
 

@@ -30,7 +30,7 @@ from raytrain_cls.core.engine import amp_parts
 from raytrain_cls.core.loss import build_train_loss
 from raytrain_cls.core.model import build_model, compile_model
 from raytrain_cls.core.optim import build_optimizer
-from raytrain_cls.run.driver import resolve_data_config
+from raytrain_cls.run.preflight import resolve_data_config
 
 
 def step_config(overrides: Sequence[str], steps: int, compiled: bool):

@@ -337,6 +337,7 @@ def overrides_of(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace, process_is_command: bool = False) -> int:
     with collector_held(freeze=process_is_command):  # torch and timm: core/gcpause.py
         from raytrain_cls.run.driver import RunInterrupted, TrainingError, train
+        from raytrain_cls.run.preflight import preflight  # noqa: F401  train()'s checks before Ray: torch, timm
         from raytrain_cls.run.startup import process_start
 
     # After the driver's imports (torch, timm); from the process start only when this process is the command.

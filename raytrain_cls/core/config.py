@@ -625,7 +625,6 @@ class OptimConfig:
     def check(self) -> None:
         if self.opt_betas is not None and not all(0 <= b < 1 for b in self.opt_betas):
             raise ConfigError("optim.opt_betas", self.opt_betas, "betas must lie in [0, 1)")
-        _check_optimizer("optim.opt", self.opt)
 
 
 @dataclass
@@ -723,8 +722,6 @@ class LossConfig:
                 )
             if not is_uri(self.kd_model_path) and not Path(self.kd_model_path).exists():
                 raise ConfigError("loss.kd_model_path", self.kd_model_path, "no such file or folder")
-            if not timm_model_known(self.kd_model_name):
-                raise ConfigError("loss.kd_model_name", self.kd_model_name, "not a timm model")
         elif self.kd_model_path:
             raise ConfigError(
                 "loss.kd_model_path", self.kd_model_path, "set --kd-model-name (the teacher's architecture) too"
@@ -1082,9 +1079,11 @@ class Config:
         return {name: self.get(name) for name in FIELDS}
 
     # ---- checks ----------------------------------------------------------------------------------------------
-    def validate(self) -> Config:
-        """Check every value, then each group on its own, then the combinations across groups that cannot work;
-        raise the first ConfigError found."""
+    def validate(self, registries: bool = True) -> Config:
+        """Check every value, then each group on its own, then the combinations across groups that cannot work,
+        then (``registries``) the names looked up in timm's registries; raise the first ConfigError found.
+        Without ``registries`` timm is not imported: for a Tune trial whose optimizer and teacher names are its
+        search's, already looked up there (run/trial.py)."""
         for name, (group, f) in FIELDS.items():
             _check_field(f"{group}.{name}", self.get(name), f)
         for group in GROUPS:
@@ -1092,7 +1091,16 @@ class Config:
         for key, value, reason in self._clashes():
             if value:
                 raise ConfigError(key, value, reason)
+        if registries:
+            self._check_registries()
         return self
+
+    def _check_registries(self) -> None:
+        """The optimizer and the distillation teacher are names timm knows (the model's own is checked where it is
+        built on the meta device, before Ray starts)."""
+        _check_optimizer("optim.opt", self.optim.opt)
+        if self.loss.kd_model_name and not timm_model_known(self.loss.kd_model_name):
+            raise ConfigError("loss.kd_model_name", self.loss.kd_model_name, "not a timm model")
 
     def _clashes(self) -> list[tuple[str, Any, str]]:
         """(key, its value where it clashes with another group's setting, else falsy, the reason), in the order they

@@ -170,12 +170,3 @@ def compile_model(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
     if not cfg.model.torchcompile:
         return model
     return torch.compile(model, backend=cfg.model.torchcompile, mode=cfg.model.torchcompile_mode)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DDP (and torch.compile) wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner

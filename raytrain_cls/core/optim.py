@@ -1,12 +1,13 @@
-"""Optimizer and LR schedule through timm's factories, and the run-length / LR rules resolved on the driver."""
+"""Optimizer and LR schedule through timm's factories, and the run-length / LR rules resolved on the driver.
+
+timm is imported by the factories, not at the top: the driver of a Tune trial resolves the LR here without it
+(core/facts.py)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 
 from raytrain_cls.core.config import Config
 from raytrain_cls.core.size_schedule import reference_batch
@@ -52,6 +53,8 @@ def optimizer_kwargs(cfg: Config) -> dict:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2  # here: the LR rules above are the driver's, which may lack timm
+
     return create_optimizer_v2(model, **optimizer_kwargs(cfg))
 
 
@@ -84,6 +87,8 @@ def scheduler_kwargs(cfg: Config) -> dict:
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
     """(timm scheduler or None, number of epochs the schedule really runs, cooldown included)."""
+    from timm.scheduler import create_scheduler_v2
+
     if cfg.sched.sched == "none":
         return None, cfg.sched.epochs
     return create_scheduler_v2(optimizer, **scheduler_kwargs(cfg), updates_per_epoch=updates_per_epoch)
@@ -91,5 +96,5 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_e
 
 def resolve_num_epochs(cfg: Config) -> int:
     """The schedule's true length (epochs + cooldown, + warmup with --warmup-prefix), without a model."""
-    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr or 0.1)
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # no LR changes a schedule's length
     return int(build_scheduler(cfg, dummy, updates_per_epoch=1)[1])

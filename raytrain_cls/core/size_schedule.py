@@ -103,6 +103,14 @@ def size_schedule(cfg: Config) -> Optional[SizeSchedule]:
     )
 
 
+def training_batch(cfg: Config) -> tuple[str, int]:
+    """(the key, the smallest per-worker training batch): --batch-size, or of the scheduled sizes' batches."""
+    schedule = size_schedule(cfg)
+    if schedule is None:
+        return "batch_size", cfg.data.batch_size
+    return ("train_batch_sizes" if cfg.data.train_batch_sizes else "batch_size"), schedule.min_batch
+
+
 def reference_batch(cfg: Config) -> float:
     """The per-worker batch the LR and the loss scale refer to: --batch-size, or the policy average."""
     schedule = size_schedule(cfg)

@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raytrain_cls.core.errors import UserError
-from raytrain_cls.core.model import unwrap
 from raytrain_cls.core.storage import join, read_text
 
 FORMAT_VERSION = 3  # 2: per-rank RNG and loss sums, mid-epoch position; 3: a checksum of every file
@@ -39,6 +38,15 @@ class CheckpointError(UserError, RuntimeError):
 
 
 log = logging.getLogger(__name__)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DDP (and torch.compile) wrappers: the one whose state a checkpoint holds."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def file_digest(path: Path) -> dict:

@@ -20,23 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-import timm
-import torch
-
 from raytrain_cls.core.config import Config, ConfigError, Resolved, dump_yaml
-from raytrain_cls.core.distill import teacher_weights_file
-from raytrain_cls.core.elastic import check_elastic_range
 from raytrain_cls.core.errors import UserError
+from raytrain_cls.core.facts import RunFacts
 from raytrain_cls.core.gcpause import hold_collector
-from raytrain_cls.core.model import check_model_name, check_weights_file, meta_model, split_bn
 from raytrain_cls.core.onednn import onednn_env
-from raytrain_cls.core.optim import resolve_lr, resolve_num_epochs
-from raytrain_cls.core.size_schedule import size_schedule
-from raytrain_cls.core.state import MODEL_FILE, check_architecture
+from raytrain_cls.core.optim import resolve_lr
+from raytrain_cls.core.size_schedule import training_batch
 from raytrain_cls.core.storage import is_uri, join, split, unwritable_reason, write_text
-from raytrain_cls.data import build_source
-from raytrain_cls.data.ray_data import DATASET_NAME, train_dataset
-from raytrain_cls.data.transforms import check_transforms, data_config_kwargs
 from raytrain_cls.run.capacity import (
     UNREAD_LIMITS_HINT,
     Capacity,
@@ -60,7 +51,7 @@ from raytrain_cls.run.elastic import create_requests, resize_callback
 from raytrain_cls.run.local_ray import start_private_ray, started_private_ray
 from raytrain_cls.run.report import CONFIG_FILE, RESULT_FILE, build_result, read_result, sizes_per_epoch, write_result
 from raytrain_cls.run.startup import breakdown, describe, stamp
-from raytrain_cls.run.worker import train_loop_per_worker
+from raytrain_cls.run.worker_entry import train_loop_per_worker
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default). A checkpoint
 # reported within that window before a crash is uploaded but never registered (../shared/DESIGN.md), and each
@@ -358,149 +349,28 @@ def run_needs(per_worker: dict, use_gpu: bool, num_workers: int) -> dict:
     }
 
 
-def resolve_data_config(cfg: Config, num_classes: int, pretrained_cfg: Optional[dict] = None) -> dict:
-    """timm's resolve_data_config from the model's defaults and the user's overrides, as plain lists."""
-    from timm.data import resolve_data_config as timm_resolve
-
-    if pretrained_cfg is None:
-        pretrained_cfg = meta_model(cfg, num_classes).pretrained_cfg
-    dc = timm_resolve(args=data_config_kwargs(cfg), pretrained_cfg=dict(pretrained_cfg))
-    if cfg.model.in_chans and not cfg.model.input_size:
-        # timm takes the channel count from the model's default input size unless --img-size is given too;
-        # --in-chans alone must still size the data for the model it builds
-        dc["input_size"] = (cfg.model.in_chans, *dc["input_size"][1:])
-    chans = dc["input_size"][0]
-    mean, std = list(dc["mean"]), list(dc["std"])
-    if len(mean) != chans:  # e.g. a grey (in_chans=1) model with ImageNet's RGB statistics: one averaged value
-        mean = [sum(mean) / len(mean)] * chans if len(mean) != 1 else mean * chans
-        std = [sum(std) / len(std)] * chans if len(std) != 1 else std * chans
-    return dict(
-        input_size=list(dc["input_size"]),
-        interpolation=dc["interpolation"],
-        mean=mean,
-        std=std,
-        crop_pct=float(dc["crop_pct"]),
-        crop_mode=dc.get("crop_mode", "center"),
-    )
-
-
-@dataclass
-class Preflight:
-    """What the config says about the run's data and model, found without a cluster: done before Ray starts, so
-    that an unknown model, a bad model argument or a data set that cannot be read costs no cluster start-up."""
-
-    source: Any  # data.sources.DataSource
-    num_classes: int
-    architecture: torch.nn.Module  # on the meta device: structure and defaults, no weights
-    data_config: dict
-    extra: dict  # Resolved fields only some runs have (naflex_patch_size)
-
-
-def _training_batch(cfg: Config) -> tuple[str, int]:
-    """(the key, the smallest per-worker training batch): --batch-size, or of the scheduled sizes' batches."""
-    schedule = size_schedule(cfg)
-    if schedule is None:
-        return "batch_size", cfg.data.batch_size
-    return ("train_batch_sizes" if cfg.data.train_batch_sizes else "batch_size"), schedule.min_batch
-
-
-def preflight(cfg: Config) -> Preflight:
-    """Build the data source and the model's architecture (on the meta device); raise ConfigError / DataError."""
-    source = build_source(cfg)
-    num_classes = cfg.model.num_classes or source.num_classes
-    if num_classes < source.num_classes:
-        raise ConfigError("model.num_classes", num_classes, f"the data set has {source.num_classes} classes")
-    key, batch = _training_batch(cfg)
-    if cfg.scaling.worker_range():
-        check_elastic_range(cfg, even_batches=cfg.aug.mixing and cfg.aug.mixup_mode in ("batch", "pair"))
-    if batch > len(source.train):  # with more workers, resolve() checks the product
-        raise ConfigError(
-            f"data.{key}", getattr(cfg.data, key), f"is more than the {len(source.train)} training samples"
-        )
-    if cfg.model.pretrained_path:
-        check_weights_file("model.pretrained_path", cfg.model.pretrained_path)
-    architecture = meta_model(cfg, num_classes)
-    if (
-        cfg.loss.kd_model_name
-        and cfg.loss.kd_distill_type == "token"
-        and not hasattr(architecture, "set_distilled_training")
-    ):
-        raise ConfigError(
-            "loss.kd_distill_type",
-            "token",
-            f"{cfg.model.model} has no distillation token: use a "
-            "*_distilled model (e.g. deit_tiny_distilled_patch16_224), or --kd-distill-type logit",
-        )
-    data_config = resolve_data_config(cfg, num_classes, architecture.pretrained_cfg)
-    extra = {}
-    if cfg.data.naflex_loader:
-        extra["naflex_patch_size"] = naflex_model_patch_size(cfg, architecture)
-    else:  # NaFlex inputs have no fixed image size
-        check_input_size(cfg, architecture, data_config["input_size"])
-        check_transforms(cfg, data_config)
-    if cfg.loss.kd_model_name:
-        check_teacher(cfg, num_classes)
-    chans = data_config["input_size"][0]
-    if cfg.data.input_img_mode and chans != {"RGB": 3, "L": 1}[cfg.data.input_img_mode]:
-        raise ConfigError(
-            "data.input_img_mode",
-            cfg.data.input_img_mode,
-            f"the model takes {chans}-channel input (set --in-chans to match, or drop --input-img-mode)",
-        )
-    return Preflight(source, num_classes, architecture, data_config, extra)
-
-
-def check_teacher(cfg: Config, num_classes: int) -> None:
-    """The distillation teacher's weights file is readable and, as safetensors, fits the teacher's architecture."""
-    lc = cfg.loss
-    path = teacher_weights_file(lc.kd_model_path)
-    if path.suffix != ".safetensors":
-        check_weights_file("loss.kd_model_path", str(path))
-        return
-    check_model_name(lc.kd_model_name, key="loss.kd_model_name")
-    in_chans = (cfg.model.input_size[0] if cfg.model.input_size else cfg.model.in_chans) or 3
-    with torch.device("meta"):  # as core.distill.build_teacher builds it, without weights
-        teacher = timm.create_model(lc.kd_model_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
-    check_architecture(teacher, path)
-
-
-def check_start_weights(cfg: Config, architecture: torch.nn.Module, start_from: Optional[str]) -> None:
-    """The weights a run starts from (--resume CHECKPOINT, --initial-checkpoint) fit the architecture it builds,
-    read from the files' headers on the driver: a checkpoint of another model fails here, before Ray starts.
-    Local files only; a worker checks one under a URI once it has downloaded it."""
-    weights = [join(start_from, MODEL_FILE)] if start_from else []
-    init = cfg.checkpoint.initial_checkpoint
-    if init:
-        weights.append(join(init, MODEL_FILE) if Path(init).is_dir() else init)
-    model = split_bn(cfg, architecture)
-    for path in weights:
-        if not is_uri(path):
-            check_architecture(model, Path(path))
-
-
-def resolve(cfg: Config, cluster: dict, checked: Optional[Preflight] = None) -> Config:
+def resolve(cfg: Config, cluster: dict, facts: Optional[RunFacts] = None) -> Config:
     """Fill cfg.resolved with every run-wide decision; raise ConfigError / DataError before any worker starts.
-    ``checked``: the preflight already done for this config before Ray started."""
-    checked = checked or preflight(cfg)
-    source, num_classes = checked.source, checked.num_classes
+    ``facts``: what the checks before Ray found for this config (run/preflight.py), else they run here."""
+    facts = facts or checked_facts(cfg)
     use_gpu, num_workers, per_worker = resolve_scaling(cfg, cluster)
-    key, batch = _training_batch(cfg)
+    key, batch = training_batch(cfg)
     span = cfg.scaling.worker_range()
-    if span and batch * num_workers * cfg.optim.grad_accum_steps > len(source.train):
+    if span and batch * num_workers * cfg.optim.grad_accum_steps > facts.train_samples:
         raise ConfigError(
             "data.batch_size",
             batch,
             f"x {num_workers} workers x {cfg.optim.grad_accum_steps} accumulation steps (the elastic run's global "
-            f"batch) is more than the {len(source.train)} training samples",
+            f"batch) is more than the {facts.train_samples} training samples",
         )
-    if batch * num_workers > len(source.train):
+    if batch * num_workers > facts.train_samples:
         raise ConfigError(
             f"data.{key}",
             getattr(cfg.data, key),
-            f"x {num_workers} workers is more than the {len(source.train)} training samples",
+            f"x {num_workers} workers is more than the {facts.train_samples} training samples",
         )
     lr, lr_rule = resolve_lr(cfg, num_workers)
-    num_epochs = resolve_num_epochs(cfg)
+    num_epochs = facts.num_epochs
     if cfg.sched.start_epoch is not None and cfg.sched.start_epoch >= num_epochs:
         raise ConfigError(
             "sched.start_epoch",
@@ -515,56 +385,21 @@ def resolve(cfg: Config, cluster: dict, checked: Optional[Preflight] = None) -> 
         lr=lr,
         lr_rule=lr_rule,
         num_epochs=num_epochs,
-        num_classes=num_classes,
-        classes=list(source.classes),
-        train_samples=len(source.train),
-        val_samples=len(source.val),
-        data_config=checked.data_config,
-        **checked.extra,
+        num_classes=facts.num_classes,
+        classes=list(facts.classes),
+        train_samples=facts.train_samples,
+        val_samples=facts.val_samples,
+        data_config=facts.data_config,
+        **facts.extra,
     )
     return cfg
 
 
-def naflex_model_patch_size(cfg: Config, architecture: torch.nn.Module) -> int:
-    """The patch size of a model that takes NaFlex patch dicts (timm's NaFlexVit); any other model is refused
-    here rather than failing on its first batch in every worker."""
-    if not hasattr(architecture, "get_patch_size"):
-        raise ConfigError(
-            "data.naflex_loader",
-            True,
-            f"{cfg.model.model} takes image tensors, not NaFlex patch "
-            "sequences: use a NaFlexVit model (e.g. naflexvit_base_patch16_gap)",
-        )
-    height, width = architecture.get_patch_size()
-    if height != width:
-        raise ConfigError(
-            "model.model", cfg.model.model, f"NaFlex batches use square patches; this model's are {height}x{width}"
-        )
-    sizes = cfg.data.naflex_patch_sizes
-    if sizes and set(sizes) != {height} and not getattr(architecture, "supports_patch_interpolation", False):
-        raise ConfigError(
-            "data.naflex_patch_sizes",
-            sizes,
-            f"this model embeds {height}x{height} patches only: "
-            "build it with --model-kwargs enable_patch_interpolator=True to take other sizes",
-        )
-    return int(height)
+def checked_facts(cfg: Config) -> RunFacts:
+    """The checks before Ray (timm, the data set), run for this config; its facts."""
+    from raytrain_cls.run.preflight import preflight
 
-
-def check_input_size(cfg: Config, architecture: torch.nn.Module, input_size: list) -> None:
-    """A model built for one image size (a ViT's fixed patch grid) fails on other sizes inside every worker;
-    say so here. As in timm, --img-size sizes the data only: the model's size is a model argument."""
-    embed = getattr(architecture, "patch_embed", None)
-    fixed = getattr(embed, "img_size", None) if getattr(embed, "strict_img_size", False) else None
-    if fixed is not None and tuple(fixed) != tuple(input_size[1:]):
-        key, value = ("model.img_size", cfg.model.img_size) if cfg.model.img_size else ("model.input_size", input_size)
-        raise ConfigError(
-            key,
-            value,
-            f"{cfg.model.model} is built for {fixed[0]}x{fixed[1]} images: build it "
-            f"at {input_size[1]}x{input_size[2]} with --model-kwargs img_size={input_size[1]} (or "
-            f"dynamic_img_size=True), or train at {fixed[0]}x{fixed[1]}",
-        )
+    return preflight(cfg).facts
 
 
 # ---- run directory -------------------------------------------------------------------------------------------
@@ -615,6 +450,8 @@ def build_trainer(cfg: Config, paths: RunPaths, extra_callbacks: Sequence = ()):
     c, r = cfg.checkpoint, cfg.resolved
     datasets = {}
     if cfg.data.loader == "ray":
+        from raytrain_cls.data.ray_data import DATASET_NAME, train_dataset  # timm's transforms: only for Ray Data
+
         datasets[DATASET_NAME] = train_dataset(cfg)
     return RunTrainer(
         train_loop_per_worker,
@@ -696,6 +533,8 @@ def train(cfg: Config, echo=print, console: Optional[TextIO] = None, stamps: Opt
     starts, TrainingError when the run itself fails. ``console``: the stream a live progress bar may use;
     ``stamps``: start-up stamps the caller already has (startup.py; the command's process start).
     --num-workers 0 (local mode) trains in this process (fit_here), any other count on Ray Train (fit_run)."""
+    from raytrain_cls.run.preflight import check_start_weights, preflight
+
     cfg.validate()
     check_output(cfg)
     paths = run_paths(cfg)  # before Ray: a name clash is a config error, not a cluster job
@@ -711,7 +550,7 @@ def train(cfg: Config, echo=print, console: Optional[TextIO] = None, stamps: Opt
             f"it was started from"
         )
     fit = fit_here if cfg.scaling.local_mode else fit_run
-    return fit(cfg, paths, start_from=start_from, echo=echo, console=console, stamps=stamps, checked=checked)
+    return fit(cfg, paths, start_from=start_from, echo=echo, console=console, stamps=stamps, facts=checked.facts)
 
 
 def check_output(cfg: Config) -> None:
@@ -729,14 +568,14 @@ def fit_run(
     echo=print,
     console: Optional[TextIO] = None,
     stamps: Optional[dict] = None,
-    checked: Optional[Preflight] = None,
+    facts: Optional[RunFacts] = None,
 ) -> dict:
     """Resolve the config on this cluster, write config.yaml, fit, write result.json. Also a Tune trial's body."""
     import ray.train
 
     stamps = dict(stamps or {})
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)  # read by the controller fit() starts
-    cluster = prepare_run(cfg, paths, stamps, start_from, checked, echo)
+    cluster = prepare_run(cfg, paths, stamps, start_from, facts, echo)
     r = cfg.resolved
     note = waiting_note(cluster, run_needs(r.resources_per_worker or {}, r.use_gpu, r.min_workers or r.num_workers))
     if note:
@@ -784,7 +623,7 @@ def fit_here(
     echo=print,
     console: Optional[TextIO] = None,
     stamps: Optional[dict] = None,
-    checked: Optional[Preflight] = None,
+    facts: Optional[RunFacts] = None,
 ) -> dict:
     """Local mode (--num-workers 0, as Ray Train's ScalingConfig(num_workers=0)): the run trains in this process,
     as its only worker, on this machine; no Ray cluster is started or joined, and Ray is not even imported. The run
@@ -797,7 +636,7 @@ def fit_here(
     if os.environ.get("RAY_ADDRESS"):
         echo("Local mode (--num-workers 0): training in this process; the cluster at RAY_ADDRESS is not used")
     cfg.checkpoint.preemption_check_interval = 0  # Ray Train's preemption notices: there is no Ray Train run
-    prepare_run(cfg, paths, stamps, start_from, checked, echo)
+    prepare_run(cfg, paths, stamps, start_from, facts, echo)
     r = cfg.resolved
     r.progress_board, r.checkpoint_requests = None, None
     renderer = BarRenderer(console, r.num_epochs) if use_bar(cfg.run.progress, console) else None
@@ -830,7 +669,7 @@ def prepare_run(
     paths: RunPaths,
     stamps: dict,
     start_from: Optional[str] = None,
-    checked: Optional[Preflight] = None,
+    facts: Optional[RunFacts] = None,
     echo=print,
 ) -> Capacity:
     """Connect, resolve the config on this cluster and write it into the run directory as config.yaml: what every
@@ -842,7 +681,7 @@ def prepare_run(
         cluster = connect()
         stamp(stamps, "ray_ready")
     earlier = cfg.resolved  # a continued run's own decisions (its config.yaml), or None
-    resolve(cfg, cluster, checked)
+    resolve(cfg, cluster, facts)
     stamp(stamps, "resolved")
     r = cfg.resolved
     r.output, r.experiment, r.run_dir = paths.output, paths.experiment, paths.run_dir

@@ -26,7 +26,8 @@ PHASES = (
     ("fit", "run directory + trainer set-up"),
     ("worker_process", "Ray Train controller + worker group"),
     # Ray Train imports torch and forms the process group before it hands a worker the train function, so the
-    # worker module's first line (worker_imported) comes after both (checked: the group is up there, timm is not).
+    # import of the function's module (run/worker_entry.py: worker_imported) comes after both (checked: the group
+    # is up there, timm is not); the loop's own modules are imported when the function is called.
     ("worker_imported", "worker start (Ray worker, torch, process group)"),
     ("worker_entered", "train function imports (timm, raytrain_cls)"),
     ("data_ready", "data set + loaders"),

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from raytrain_cls.core.config import Config
+from raytrain_cls.core.facts import RunFacts
 from raytrain_cls.run.checkpointer import RunDirCheckpoints
 from raytrain_cls.run.driver import RunPaths, prepare_run
 from raytrain_cls.run.in_process import train_here
@@ -47,13 +48,14 @@ def tune_stop_requested() -> bool:
     return session is not None and session.stop_event.is_set()
 
 
-def train_in_trial(cfg: Config, paths: RunPaths, stamps: dict) -> None:
-    """One trial's run, here in the trial's process: resolve, config.yaml, the loop (result.json each epoch)."""
+def train_in_trial(cfg: Config, paths: RunPaths, stamps: dict, facts: Optional[RunFacts] = None) -> None:
+    """One trial's run, here in the trial's process: resolve (with ``facts``, its search's, where they hold),
+    config.yaml, the loop (result.json each epoch)."""
     from ray import tune
 
     os.environ.setdefault(THREAD_TIMEOUT_ENV, THREAD_TIMEOUT_S)  # read when Tune hands the process on
     cfg.checkpoint.preemption_check_interval = 0  # Ray Train's preemption notices: there is no Ray Train run
-    prepare_run(cfg, paths, stamps, echo=lambda *a: None)
+    prepare_run(cfg, paths, stamps, facts=facts, echo=lambda *a: None)
     r = cfg.resolved
     r.progress_board, r.checkpoint_requests = None, None
     stamp(stamps, "fit")

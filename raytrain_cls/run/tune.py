@@ -21,12 +21,14 @@ from typing import Any, Optional
 import yaml
 
 from raytrain_cls.core.config import FIELDS, Config, ConfigError, _suggest, parse_worker_count, read_yaml
+from raytrain_cls.core.facts import RunFacts
 from raytrain_cls.core.optim import resolve_num_epochs
 from raytrain_cls.core.storage import absolute, exists, is_uri, join, split, write_text
 from raytrain_cls.run.capacity import UNREAD_LIMITS_HINT, has
 from raytrain_cls.run.checkpointer import resolve_output
-from raytrain_cls.run.driver import check_output, connect, preflight, resolve_scaling
+from raytrain_cls.run.driver import check_output, connect, resolve_scaling
 from raytrain_cls.run.plots import plot_curves
+from raytrain_cls.run.preflight import preflight
 from raytrain_cls.run.report import PLACEMENT_GROUP_METRIC, trial_run_dir
 from raytrain_cls.run.startup import breakdown
 from raytrain_cls.run.trial import run_trial
@@ -495,7 +497,18 @@ def default_concurrency(spec: SearchSpec, cluster: dict) -> int:
     return max(1, int(min(fits, MAX_DEFAULT_CONCURRENCY)))
 
 
-def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, name: str, cluster: dict, resume: bool):
+def build_tuner(
+    base: Config,
+    spec: SearchSpec,
+    search_dir: str,
+    output: str,
+    name: str,
+    cluster: dict,
+    resume: bool,
+    facts: Optional[RunFacts] = None,
+):
+    """The Tuner of this search; ``facts``: what the checks found for the trials' base config, which a trial whose
+    searched keys they never read takes over (core/facts.py)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -505,6 +518,7 @@ def build_tuner(base: Config, spec: SearchSpec, search_dir: str, output: str, na
         base=trial_base(base, spec).to_dict(),
         search_dir=search_dir,
         in_process=spec.in_process,
+        base_facts=facts,
     )
     if spec.in_process:  # the trial trains in its own process: it holds the worker's CPUs/GPUs
         resources = {"cpu": spec.cpus_per_worker, "gpu": spec.gpus_per_worker}
@@ -750,7 +764,7 @@ def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, ec
     max_t = max_epochs(base, spec)
     if not resume:
         check_output(base)
-    preflight(trial_base(base, spec))  # before Ray: the base model, its arguments and the data set
+    facts = preflight(trial_base(base, spec)).facts  # before Ray: the base model, its arguments and the data set
     # Before the search directory is made: a search the cluster cannot run leaves nothing behind.
     cluster = connect()
     check_trial_resources(spec, cluster)
@@ -768,7 +782,7 @@ def tune_search(base: Config, spec: SearchSpec, resume: Optional[str] = None, ec
         f"{metric} ({mode}), up to {max_t} epochs per trial, {_shown(spec.workers_per_trial)} worker(s) per trial"
         + (", each trial in a reused Tune process" if spec.in_process else "")
     )
-    results = build_tuner(base, spec, search_dir, output, name, cluster, bool(resume)).fit()
+    results = build_tuner(base, spec, search_dir, output, name, cluster, bool(resume), facts).fit()
     rows = summarize(results, spec, base, max_t, search_dir)
     keys = list(spec.space)
     write_trials_csv(join(search_dir, TRIALS_FILE), rows, keys, metric)

@@ -8,13 +8,10 @@ and restore see the bare model.
 
 from __future__ import annotations
 
-import time
-
-IMPORTED_AT = time.time()  # before the heavy imports: the start-up breakdown's "worker start" ends here
-
 import functools
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -87,12 +84,13 @@ def recovery_score(metric: str) -> float:
     return 1e30 if metric == "loss" else -1.0
 
 
-def train_loop_per_worker(config: dict) -> dict:
-    """The function Ray Train runs on every worker: set up, restore, then the epochs; returns the last metrics."""
+def run_ray_worker(config: dict, imported_at: float) -> dict:
+    """A Ray Train worker's part of the run (the train function, worker_entry.train_loop_per_worker, which was
+    imported at ``imported_at``): set up, restore, then the epochs; returns the last metrics."""
     entered = time.time()
     release_collector()  # held since the process started (driver.worker_runtime_env's set-up hook)
     quiet_per_report_logs()
-    return WorkerRun(config, entered, WorkerContext.from_ray_train()).run()
+    return WorkerRun(config, entered, WorkerContext.from_ray_train(), imported_at=imported_at).run()
 
 
 @dataclass
@@ -150,16 +148,14 @@ class WorkerRun:
     DDP wrap, then per epoch: train (with recovery checkpoints on the way), end of epoch (evaluate, schedule,
     checkpoint). Everything a checkpoint carries is registered in ``self.state`` (core.state.TrainState)."""
 
-    def __init__(self, config: dict, entered: float, where: WorkerContext):
+    def __init__(self, config: dict, entered: float, where: WorkerContext, imported_at: Optional[float] = None):
         cfg = self.cfg = Config.from_dict(config)
         res = self.res = cfg.resolved
-        # This worker's start-up stamps after the driver's (rank 0 reports them; startup.py).
-        self.stamps = {
-            **(res.startup or {}),
-            "worker_process": process_start(),
-            "worker_imported": IMPORTED_AT,
-            "worker_entered": entered,
-        }
+        # This worker's start-up stamps after the driver's (rank 0 reports them; startup.py). ``imported_at``: a
+        # Ray Train worker's receipt of the train function; the loop's imports then end at ``entered``.
+        self.stamps = {**(res.startup or {}), "worker_process": process_start(), "worker_entered": entered}
+        if imported_at is not None:
+            self.stamps["worker_imported"] = imported_at
         self.where = where
         self.rank, self.world = where.rank, where.world
         self.is_primary = self.rank == 0

@@ -251,7 +251,7 @@ def test_the_naflex_job_config_builds_a_model_that_takes_its_batches():
 
     from raytrain_cls.core.config import load_config
     from raytrain_cls.core.model import meta_model
-    from raytrain_cls.run.driver import naflex_model_patch_size
+    from raytrain_cls.run.preflight import naflex_model_patch_size
 
     cfg = load_config(str(Path(__file__).parents[2] / "jobs" / "fashion_mnist_naflexvit.yaml"))
     assert cfg.data.naflex_loader and naflex_model_patch_size(cfg, meta_model(cfg, 10)) == 4

@@ -16,7 +16,8 @@ from raytrain_cls.run.checkpointer import (
     remove_unregistered_checkpoints,
     run_config_file,
 )
-from raytrain_cls.run.driver import explain_failure, resolve, resolve_data_config, resolve_scaling, run_paths
+from raytrain_cls.run.driver import explain_failure, resolve, resolve_scaling, run_paths
+from raytrain_cls.run.preflight import resolve_data_config
 
 
 def _cfg(**overrides) -> Config:

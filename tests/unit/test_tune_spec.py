@@ -360,6 +360,63 @@ def test_a_trial_clocks_its_start_up_from_its_own_process_taking_it(monkeypatch,
     assert seen["stamps"] == {"process": raytrain_cls.IMPORTED_AT}
 
 
+TRIAL_WITH_FACTS = """
+import json, sys, types
+import ray
+from ray import tune
+import raytrain_cls.run.trial as trial
+from raytrain_cls.core.facts import RunFacts
+
+base = json.load(open({base_file!r}))  # the search's base config, as Tune hands it to the trial
+facts = RunFacts(10, [str(i) for i in range(10)], 1437, 360, {{"input_size": [1, 32, 32]}}, 6)
+seen = {{}}
+tune.get_context = lambda: types.SimpleNamespace(get_trial_id=lambda: "t_00003")
+trial.epoch_report_callback = lambda: "callback"
+import raytrain_cls.run.driver as driver
+driver.fit_run = lambda cfg, paths, **kw: seen.update(kw, opt=cfg.optim.opt)
+trial.run_trial({params}, base, {search_dir!r}, base_facts=facts)
+print(seen["facts"] is facts, seen["opt"], "timm" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    "params, takes_facts, timm",
+    [
+        ({"lr": 0.05, "mixup": 0.2, "smoothing": 0.0}, True, False),
+        ({"lr": 0.05, "opt": "adamw"}, False, True),  # the optimizer's name is looked up in timm's registry
+    ],
+)
+def test_a_trial_that_changes_only_fact_free_keys_never_imports_timm(tmp_path, params, takes_facts, timm):
+    """In a trial's fresh process (as Tune's actor), the search's facts for its base config resolve the run, and
+    neither the checks before Ray nor the loop (timm) are imported: only its train workers load them. A trial that
+    changes another key looks its values up itself."""
+    import json
+    import subprocess
+    import sys
+
+    base_file = tmp_path / "base.json"
+    base_file.write_text(json.dumps(BASE.to_dict()))
+    script = TRIAL_WITH_FACTS.format(params=params, search_dir=str(tmp_path), base_file=str(base_file))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [str(takes_facts), params.get("opt", "sgd"), str(timm)], out.stdout
+
+
+def test_a_trial_that_changes_the_schedule_runs_its_own_checks(monkeypatch, tmp_path):
+    from ray import tune as ray_tune
+
+    from raytrain_cls.core.facts import RunFacts
+    from raytrain_cls.run import driver, trial
+
+    seen = {}
+    facts = RunFacts(10, [str(i) for i in range(10)], 1437, 360, {"input_size": [1, 32, 32]}, 6)
+    monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t_00004"))
+    monkeypatch.setattr(trial, "epoch_report_callback", lambda: "callback")
+    monkeypatch.setattr(driver, "fit_run", lambda cfg, paths, **kw: seen.update(kw))
+    trial.run_trial({"lr": 0.05, "epochs": 3}, BASE.to_dict(), str(tmp_path), base_facts=facts)
+    assert seen["facts"] is None  # resolve() runs the checks for this trial's 3-epoch schedule
+
+
 @pytest.mark.parametrize(
     "setting, key, reason",
     [
@@ -399,6 +456,8 @@ def test_an_in_process_trial_trains_in_its_own_process(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t_00002"))
     monkeypatch.setattr(driver, "fit_run", lambda *a, **kw: pytest.fail("a Ray Train fit for an in-process trial"))
-    monkeypatch.setattr(trial_process, "train_in_trial", lambda cfg, paths, stamps: seen.update(stamps=stamps))
+    monkeypatch.setattr(
+        trial_process, "train_in_trial", lambda cfg, paths, stamps, facts: seen.update(stamps=stamps, facts=facts)
+    )
     trial.run_trial({"lr": 0.05}, BASE.to_dict(), str(tmp_path), in_process=True)
     assert "in_process" in seen["stamps"]
